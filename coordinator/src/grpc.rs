@@ -1,0 +1,52 @@
+//! The gRPC server: Messaging, Placement, `grpc.health.v1.Health`, and server reflection
+//! (v1 and v1alpha, so that every grpcurl build can list and describe with no .proto files).
+
+use proto::v1::messaging_server::MessagingServer;
+use proto::v1::placement_server::PlacementServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{MessagingService, PlacementService};
+use crate::messaging::Coordinator;
+
+/// Why the gRPC server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error("reflection descriptor is invalid")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("grpc server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    coordinator: Coordinator,
+    shutdown: CancellationToken,
+) -> Result<(), GrpcError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<MessagingServer<MessagingService>>()
+        .await;
+    health
+        .set_serving::<PlacementServer<PlacementService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(MessagingServer::new(MessagingService(coordinator.clone())))
+        .add_service(PlacementServer::new(PlacementService(coordinator)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

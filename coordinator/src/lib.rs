@@ -1,0 +1,19 @@
+//! The coordinator: the placement directory fed by edge reports, and the gRPC services
+//! backends and operators call.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`placement`] | the directory (sans-io) |
+//! | [`messaging`] | delivery across edges over the bus ([`Coordinator`]) |
+//! | [`api`] | tonic services: proto ↔ domain, errors → `Status` |
+//! | [`grpc`] | the gRPC server with health and reflection |
+
+pub mod api;
+pub mod config;
+pub mod grpc;
+pub mod messaging;
+pub mod placement;
+
+pub use config::CoordinatorConfig;
+pub use messaging::{Coordinator, DeliveryError};
+pub use placement::Directory;

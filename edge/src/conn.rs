@@ -1,0 +1,496 @@
+//! One task owns each socket ([`Conn`]); everyone else holds a [`ConnHandle`].
+//!
+//! **Invariant:** nothing awaits a client. [`ConnHandle::deliver`] never blocks: it queues
+//! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
+//! the slow consumer with 1013).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use ulid::Ulid;
+
+use crate::config::OnFull;
+use crate::protocol::{self, Reply};
+use crate::server::{Route, Shared};
+
+/// Frames written to the socket per flush at most, so that reading is not starved.
+const WRITE_BATCH: usize = 256;
+/// How long a closing handshake may take before the TCP connection is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What is known about a connection, fixed at admission.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub id: Ulid,
+    pub namespace: String,
+    pub user: String,
+    pub remote: SocketAddr,
+    pub connected_at_ms: i64,
+    pub claims: Map<String, Value>,
+    /// Query and path parameters of the upgrade request.
+    pub params: Vec<(String, String)>,
+    pub route: Arc<Route>,
+}
+
+/// The clonable front door of a connection.
+#[derive(Debug, Clone)]
+pub struct ConnHandle(Arc<HandleInner>);
+
+#[derive(Debug)]
+struct HandleInner {
+    info: ConnInfo,
+    tx: mpsc::Sender<Utf8Bytes>,
+    buffered: AtomicUsize,
+    max_bytes: usize,
+    on_full: OnFull,
+    kill: CancellationToken,
+    close: Mutex<Option<CloseRequest>>,
+}
+
+/// The outcome of one [`ConnHandle::deliver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The outbound queue was full (backpressure).
+    Refused,
+    /// The connection is gone.
+    Gone,
+}
+
+/// A request from outside the task to close the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: String,
+    /// Drop the TCP connection without a close frame.
+    pub hard: bool,
+}
+
+impl CloseRequest {
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            hard: false,
+        }
+    }
+}
+
+impl ConnHandle {
+    pub(crate) fn new(info: ConnInfo) -> (Self, mpsc::Receiver<Utf8Bytes>) {
+        let out = &info.route.cfg.outbound;
+        let (tx, rx) = mpsc::channel(out.queue);
+        let inner = HandleInner {
+            tx,
+            buffered: AtomicUsize::new(0),
+            max_bytes: out.max_bytes,
+            on_full: out.on_full,
+            kill: CancellationToken::new(),
+            close: Mutex::new(None),
+            info,
+        };
+        (Self(Arc::new(inner)), rx)
+    }
+
+    pub fn info(&self) -> &ConnInfo {
+        &self.0.info
+    }
+
+    pub fn id(&self) -> Ulid {
+        self.0.info.id
+    }
+
+    /// Bytes queued and not yet written to the socket.
+    pub fn buffered(&self) -> usize {
+        self.0.buffered.load(Ordering::Relaxed)
+    }
+
+    /// Queues a frame. Never awaits: one slow client must not slow anyone else.
+    pub fn deliver(&self, frame: &Utf8Bytes) -> Delivery {
+        let len = frame.len();
+        let before = self.0.buffered.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.0.max_bytes && before > 0 {
+            self.0.buffered.fetch_sub(len, Ordering::Relaxed);
+            return self.refuse();
+        }
+        match self.0.tx.try_send(frame.clone()) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.0.buffered.fetch_sub(len, Ordering::Relaxed);
+                self.refuse()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.0.buffered.fetch_sub(len, Ordering::Relaxed);
+                Delivery::Gone
+            }
+        }
+    }
+
+    /// Asks the task to close; the first request wins.
+    pub fn close(&self, req: CloseRequest) {
+        let mut slot = self.0.close.lock().expect("close slot poisoned");
+        if slot.is_none() {
+            *slot = Some(req);
+        }
+        drop(slot);
+        self.0.kill.cancel();
+    }
+
+    fn refuse(&self) -> Delivery {
+        if self.0.on_full == OnFull::Close {
+            self.close(CloseRequest::new(1013, "slow consumer"));
+        }
+        Delivery::Refused
+    }
+
+    fn take_close(&self) -> Option<CloseRequest> {
+        self.0.close.lock().expect("close slot poisoned").clone()
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("websocket transport failed")]
+    Transport(#[source] tungstenite::Error),
+    #[error("client message larger than {0} bytes")]
+    TooBig(usize),
+    #[error("client sent a text frame that is not UTF-8")]
+    InvalidUtf8,
+    #[error("client sent a binary frame on a text route")]
+    Binary,
+    #[error("no frame from the client for {0:?}")]
+    Idle(Duration),
+    #[error("no pong within {0:?}")]
+    HeartbeatTimeout(Duration),
+    #[error("client exceeded the rate limit repeatedly")]
+    RateLimited,
+    #[error("connect hook refused the connection")]
+    Refused,
+    #[error("too many connections for this user")]
+    TooManyConnections,
+    #[error("closed on request: {} {}", .0.code, .0.reason)]
+    Requested(CloseRequest),
+}
+
+impl ConnError {
+    /// The close frame to send, or `None` to drop the TCP connection without one.
+    pub fn close_frame(&self) -> Option<(u16, String)> {
+        let (code, reason) = match self {
+            Self::ClientClosed | Self::Transport(_) | Self::HeartbeatTimeout(_) => return None,
+            Self::TooBig(_) => (1009, "message too big"),
+            Self::InvalidUtf8 => (1007, "invalid utf-8"),
+            Self::Binary => (1003, "binary frames not accepted"),
+            Self::Idle(_) => (1000, "idle timeout"),
+            Self::RateLimited => (1008, "rate limit exceeded"),
+            Self::Refused => (1008, "connection refused"),
+            Self::TooManyConnections => (1008, "too many connections for this user"),
+            Self::Requested(r) if r.hard => return None,
+            Self::Requested(r) => return Some((r.code, r.reason.clone())),
+        };
+        Some((code, reason.to_owned()))
+    }
+
+    /// The code reported for metrics and the close hook (1006: closed without a frame).
+    pub fn code(&self) -> u16 {
+        self.close_frame().map_or(1006, |(c, _)| c)
+    }
+
+    /// Whether the client is to blame (sets the log level).
+    pub fn client_fault(&self) -> bool {
+        !matches!(self, Self::Requested(_))
+    }
+}
+
+/// The task state of one connection.
+pub(crate) struct Conn<S> {
+    pub(crate) ws: WebSocketStream<S>,
+    pub(crate) handle: ConnHandle,
+    pub(crate) rx: mpsc::Receiver<Utf8Bytes>,
+    pub(crate) shared: Arc<Shared>,
+    /// Topic filters this connection holds.
+    pub(crate) topics: HashSet<String>,
+    pub(crate) inflight: FuturesUnordered<BoxFuture<'static, Reply>>,
+    rate: TokenBucket,
+    refused_in_a_row: u32,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+    pub(crate) fn new(
+        ws: WebSocketStream<S>,
+        handle: ConnHandle,
+        rx: mpsc::Receiver<Utf8Bytes>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let rl = &handle.info().route.cfg.rate_limit;
+        let rate = TokenBucket::new(rl.per_second, rl.burst);
+        Self {
+            ws,
+            handle,
+            rx,
+            shared,
+            topics: HashSet::new(),
+            inflight: FuturesUnordered::new(),
+            rate,
+            refused_in_a_row: 0,
+        }
+    }
+
+    pub(crate) fn route(&self) -> &Arc<Route> {
+        &self.handle.0.info.route
+    }
+
+    /// Runs until the connection ends; sends the close frame; returns why it ended.
+    pub(crate) async fn run(
+        mut self,
+        onconnect: Option<BoxFuture<'static, Reply>>,
+    ) -> (Self, ConnError) {
+        let end = self.serve(onconnect).await;
+        if let Some((code, reason)) = end.close_frame() {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
+        }
+        (self, end)
+    }
+
+    /// Ends a connection that never ran (refused after the upgrade).
+    pub(crate) async fn close_now(mut self, end: ConnError) -> ConnError {
+        if let Some((code, reason)) = end.close_frame() {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
+        }
+        end
+    }
+
+    async fn serve(&mut self, onconnect: Option<BoxFuture<'static, Reply>>) -> ConnError {
+        let cfg = self.route().cfg.clone();
+        let kill = self.handle.0.kill.clone();
+        let idle_after = cfg.idle_timeout;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut idle_at = if idle_after.is_zero() {
+            far
+        } else {
+            Instant::now() + idle_after
+        };
+        let beat = cfg.heartbeat.interval;
+        let mut ping_at = if beat.is_zero() {
+            far
+        } else {
+            Instant::now() + beat
+        };
+        let mut pong_by: Option<Instant> = None;
+        let mut onconnect = onconnect;
+
+        loop {
+            let gate_reads = onconnect.is_some();
+            tokio::select! {
+                biased;
+                () = kill.cancelled() => {
+                    return ConnError::Requested(self.handle.take_close().unwrap_or_else(|| CloseRequest::new(1000, "")));
+                }
+                reply = async {
+                    match onconnect.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    onconnect = None;
+                    let refused = reply.refuse;
+                    if let Err(e) = self.push_reply(reply).await { return e; }
+                    if refused { return ConnError::Refused; }
+                }
+                Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if let Err(e) = self.push_reply(reply).await { return e; }
+                }
+                Some(frame) = self.rx.recv() => {
+                    let write = pin!(self.write_batch(frame));
+                    tokio::select! {
+                        r = write => if let Err(e) = r { return e; },
+                        () = kill.cancelled() => continue,
+                    }
+                }
+                msg = self.ws.next(), if !gate_reads => {
+                    let msg = match msg {
+                        None => return ConnError::ClientClosed,
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return read_error(e, cfg.max_payload),
+                    };
+                    pong_by = None;
+                    match msg {
+                        Message::Text(text) => {
+                            if !idle_after.is_zero() { idle_at = Instant::now() + idle_after; }
+                            self.shared.metrics.frames_in.inc();
+                            if let Err(e) = self.on_text(&text).await { return e; }
+                        }
+                        Message::Binary(_) => return ConnError::Binary,
+                        Message::Ping(_) => {
+                            if !idle_after.is_zero() { idle_at = Instant::now() + idle_after; }
+                            // tungstenite queued the pong; send it now.
+                            if let Err(e) = self.ws.flush().await { return ConnError::Transport(e); }
+                        }
+                        Message::Pong(_) | Message::Frame(_) => {}
+                        Message::Close(_) => {
+                            // tungstenite answers the close; the next read ends the stream.
+                        }
+                    }
+                }
+                () = sleep_until(ping_at) => {
+                    ping_at = Instant::now() + beat;
+                    if pong_by.is_none() { pong_by = Some(Instant::now() + cfg.heartbeat.timeout); }
+                    if let Err(e) = self.ws.send(Message::Ping(Default::default())).await {
+                        return ConnError::Transport(e);
+                    }
+                }
+                () = sleep_until(pong_by.unwrap_or(far)), if pong_by.is_some() => {
+                    return ConnError::HeartbeatTimeout(cfg.heartbeat.timeout);
+                }
+                () = sleep_until(idle_at) => return ConnError::Idle(idle_after),
+            }
+        }
+    }
+
+    /// Writes `first` and whatever else is queued, then flushes once.
+    async fn write_batch(&mut self, first: Utf8Bytes) -> Result<(), ConnError> {
+        let mut bytes = first.len();
+        let mut frames = 1u64;
+        self.ws
+            .feed(Message::Text(first))
+            .await
+            .map_err(ConnError::Transport)?;
+        while frames < WRITE_BATCH as u64 {
+            let Ok(next) = self.rx.try_recv() else { break };
+            bytes += next.len();
+            frames += 1;
+            self.ws
+                .feed(Message::Text(next))
+                .await
+                .map_err(ConnError::Transport)?;
+        }
+        self.ws.flush().await.map_err(ConnError::Transport)?;
+        self.handle.0.buffered.fetch_sub(bytes, Ordering::Relaxed);
+        self.shared.metrics.frames_out.add(frames);
+        Ok(())
+    }
+
+    /// Sends one frame built by this connection (a reply or an error), bypassing the queue.
+    pub(crate) async fn push(&mut self, frame: String) -> Result<(), ConnError> {
+        self.shared.metrics.frames_out.inc();
+        self.ws
+            .send(Message::Text(frame.into()))
+            .await
+            .map_err(ConnError::Transport)
+    }
+
+    async fn push_reply(&mut self, reply: Reply) -> Result<(), ConnError> {
+        match reply.frame {
+            Some(frame) => self.push(frame).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), ConnError> {
+        if !self.rate.take(Instant::now()) {
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= self.route().cfg.rate_limit.close_after {
+                return Err(ConnError::RateLimited);
+            }
+            let key = self.route().cfg.key;
+            let f = proto::frame::error(
+                key,
+                None,
+                proto::frame::ErrorCode::RateLimited,
+                "too many frames; slow down",
+            );
+            return self.push(f).await;
+        }
+        self.refused_in_a_row = 0;
+        protocol::on_text(self, text).await
+    }
+}
+
+fn read_error(e: tungstenite::Error, max: usize) -> ConnError {
+    match e {
+        tungstenite::Error::Capacity(_) => ConnError::TooBig(max),
+        tungstenite::Error::Utf8(_) => ConnError::InvalidUtf8,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            ConnError::ClientClosed
+        }
+        other => ConnError::Transport(other),
+    }
+}
+
+/// A token bucket refilled continuously.
+#[derive(Debug)]
+struct TokenBucket {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32, burst: u32) -> Self {
+        let burst = f64::from(burst);
+        Self {
+            per_second: f64::from(per_second),
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.per_second == 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_refills_at_its_rate() {
+        let mut b = TokenBucket::new(10, 2);
+        let t0 = Instant::now();
+        assert!(b.take(t0));
+        assert!(b.take(t0));
+        assert!(!b.take(t0));
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,33 @@
+//! The edge: terminates client WebSockets, authenticates them, speaks the client protocol,
+//! and delivers what the bus brings to the right sockets.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`config`] | routes, limits, auth, hooks (the `edge:` block of the config file) |
+//! | `server` | accept loop, health/metrics endpoints, upgrade, drain ([`Edge`]) |
+//! | `http` | request head parsing and plain responses |
+//! | `auth` | JWT verification, token sources, namespaces, origins |
+//! | `conn` | the task that owns one socket, and its clonable [`ConnHandle`] |
+//! | `protocol` | built-in verbs and events forwarded through route hooks |
+//! | `registry` | local index of connections and topics; topic fan-out pumps |
+//! | `command` | what coordinators ask of this edge over the bus |
+//! | `report` | placement deltas for the coordinators |
+//! | `metrics` | Prometheus text |
+
+pub mod config;
+pub mod metrics;
+
+mod auth;
+mod command;
+mod conn;
+mod http;
+mod protocol;
+mod registry;
+mod report;
+mod server;
+
+pub use auth::{AuthError, Identity};
+pub use config::EdgeConfig;
+pub use conn::{CloseRequest, ConnError, ConnHandle, ConnInfo, Delivery};
+pub use report::Reporter;
+pub use server::{Edge, EdgeError, Route};

@@ -1,0 +1,470 @@
+//! The edge's local index: connections by id and by user, and topic filters with their
+//! local subscribers. One bus subscription per active (namespace, filter); its pump frames
+//! each publication once per dialect and hands the same bytes to every local subscriber.
+//!
+//! **Invariant:** the index lock is never held across `.await`; fan-out takes one lock per
+//! message, not per recipient.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bus::{Message, Outgoing, Subscription};
+use futures::StreamExt;
+use prost::Message as _;
+use proto::frame::{FrameBuilder, Key, json_or_string};
+use proto::subject;
+use proto::v1::{DeliveryReport, Target, delta};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use ulid::Ulid;
+
+use crate::conn::{CloseRequest, ConnHandle, Delivery};
+use crate::report;
+use crate::server::Shared;
+
+/// How long a subscriber waits for the bus subscription of a new topic.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    conns: HashMap<Ulid, ConnHandle>,
+    users: HashMap<String, Vec<ConnHandle>>,
+    topics: HashMap<(String, String), Arc<Topic>>,
+}
+
+/// One active topic filter in one namespace.
+#[derive(Debug)]
+pub(crate) struct Topic {
+    subscribers: Mutex<Vec<ConnHandle>>,
+    ready: watch::Sender<Ready>,
+    stop: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ready {
+    Pending,
+    Yes,
+    Failed,
+}
+
+/// Why a subscription could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SubscribeError {
+    #[error("bus subscription failed")]
+    Bus(#[from] bus::BusError),
+    #[error("bus subscription not ready in time")]
+    Timeout,
+}
+
+/// Frames of one message, built lazily once per dialect.
+struct Frames<'a> {
+    build: &'a (dyn Fn(Key) -> String + Sync),
+    cache: [Option<Utf8Bytes>; 3],
+}
+
+impl<'a> Frames<'a> {
+    fn new(build: &'a (dyn Fn(Key) -> String + Sync)) -> Self {
+        Self {
+            build,
+            cache: [None, None, None],
+        }
+    }
+
+    fn get(&mut self, key: Key) -> &Utf8Bytes {
+        self.cache[key.index()].get_or_insert_with(|| (self.build)(key).into())
+    }
+}
+
+/// Delivered/refused counts of one fan-out.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Tally {
+    pub(crate) delivered: u64,
+    pub(crate) refused: u64,
+}
+
+impl Tally {
+    fn add(&mut self, d: Delivery) {
+        match d {
+            Delivery::Queued => self.delivered += 1,
+            Delivery::Refused => self.refused += 1,
+            Delivery::Gone => {}
+        }
+    }
+
+    fn report(self) -> DeliveryReport {
+        DeliveryReport {
+            delivered: self.delivered,
+            refused: self.refused,
+            nodes: 1,
+        }
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("registry poisoned")
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    pub(crate) fn topic_count(&self) -> usize {
+        self.lock().topics.len()
+    }
+
+    /// Adds a connection; refuses when its user holds too many on this route.
+    pub(crate) fn attach(&self, shared: &Shared, handle: &ConnHandle) -> bool {
+        let info = handle.info();
+        let limit = info.route.cfg.max_connections_per_user;
+        let mut inner = self.lock();
+        if limit > 0 && !info.user.is_empty() {
+            let held = inner.users.get(&info.user).map_or(0, |v| {
+                v.iter()
+                    .filter(|h| {
+                        h.info().namespace == info.namespace
+                            && Arc::ptr_eq(&h.info().route, &info.route)
+                    })
+                    .count()
+            });
+            if held >= limit {
+                return false;
+            }
+        }
+        inner.conns.insert(info.id, handle.clone());
+        inner
+            .users
+            .entry(info.user.clone())
+            .or_default()
+            .push(handle.clone());
+        shared.reporter.push(delta::Kind::Attach(report::connection(
+            handle,
+            &shared.node_id,
+            &[],
+        )));
+        true
+    }
+
+    /// Removes a connection and its topic subscriptions.
+    pub(crate) fn detach<'a>(
+        &self,
+        shared: &Shared,
+        handle: &ConnHandle,
+        topics: impl Iterator<Item = &'a String>,
+    ) {
+        for filter in topics {
+            self.unsubscribe(shared, handle, filter);
+        }
+        let info = handle.info();
+        let mut inner = self.lock();
+        if inner.conns.remove(&info.id).is_none() {
+            return;
+        }
+        if let Some(list) = inner.users.get_mut(&info.user) {
+            list.retain(|h| h.id() != info.id);
+            if list.is_empty() {
+                inner.users.remove(&info.user);
+            }
+        }
+        shared
+            .reporter
+            .push(delta::Kind::Detach(report::conn_ref(handle)));
+    }
+
+    /// Adds `handle` to the subscribers of `filter`, creating the bus subscription if this
+    /// edge had no subscriber of it; returns once publications are flowing.
+    pub(crate) async fn subscribe(
+        &self,
+        shared: &Arc<Shared>,
+        handle: &ConnHandle,
+        filter: &str,
+    ) -> Result<(), SubscribeError> {
+        let ns = handle.info().namespace.clone();
+        let topic_key = (ns.clone(), filter.to_owned());
+        let (topic, created) = {
+            let mut inner = self.lock();
+            let mut created = false;
+            let topic = inner
+                .topics
+                .entry(topic_key.clone())
+                .or_insert_with(|| {
+                    created = true;
+                    Arc::new(Topic {
+                        subscribers: Mutex::new(Vec::new()),
+                        ready: watch::channel(Ready::Pending).0,
+                        stop: CancellationToken::new(),
+                    })
+                })
+                .clone();
+            topic
+                .subscribers
+                .lock()
+                .expect("topic poisoned")
+                .push(handle.clone());
+            (topic, created)
+        };
+        if created {
+            match open_subscriptions(shared, &ns, filter).await {
+                Ok(subs) => {
+                    topic.ready.send_replace(Ready::Yes);
+                    shared
+                        .tracker
+                        .spawn(pump(Arc::clone(shared), Arc::clone(&topic), subs));
+                }
+                Err(e) => {
+                    topic.ready.send_replace(Ready::Failed);
+                    self.drop_topic(&topic_key, &topic);
+                    return Err(e);
+                }
+            }
+        } else {
+            let mut rx = topic.ready.subscribe();
+            let waited =
+                tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.wait_for(|r| *r != Ready::Pending))
+                    .await;
+            match waited {
+                Ok(Ok(r)) if *r == Ready::Yes => {}
+                Ok(_) => {
+                    self.remove_subscriber(&topic_key, handle);
+                    return Err(SubscribeError::Timeout);
+                }
+                Err(_) => {
+                    self.remove_subscriber(&topic_key, handle);
+                    return Err(SubscribeError::Timeout);
+                }
+            }
+        }
+        let change = report::topic_change(handle, filter);
+        shared.reporter.push(delta::Kind::Subscribe(change));
+        Ok(())
+    }
+
+    pub(crate) fn unsubscribe(&self, shared: &Shared, handle: &ConnHandle, filter: &str) {
+        let key = (handle.info().namespace.clone(), filter.to_owned());
+        if self.remove_subscriber(&key, handle) {
+            shared
+                .reporter
+                .push(delta::Kind::Unsubscribe(report::topic_change(
+                    handle, filter,
+                )));
+        }
+    }
+
+    fn remove_subscriber(&self, key: &(String, String), handle: &ConnHandle) -> bool {
+        let mut inner = self.lock();
+        let Some(topic) = inner.topics.get(key).cloned() else {
+            return false;
+        };
+        let mut subs = topic.subscribers.lock().expect("topic poisoned");
+        let before = subs.len();
+        subs.retain(|h| h.id() != handle.id());
+        let removed = subs.len() < before;
+        if subs.is_empty() {
+            drop(subs);
+            inner.topics.remove(key);
+            topic.stop.cancel();
+        }
+        removed
+    }
+
+    fn drop_topic(&self, key: &(String, String), topic: &Arc<Topic>) {
+        let mut inner = self.lock();
+        if inner.topics.get(key).is_some_and(|t| Arc::ptr_eq(t, topic)) {
+            inner.topics.remove(key);
+        }
+        topic.stop.cancel();
+    }
+
+    /// Every connection, for drain, broadcast and snapshots.
+    pub(crate) fn all(&self) -> Vec<ConnHandle> {
+        self.lock().conns.values().cloned().collect()
+    }
+
+    /// Every connection with its topic filters, taken under the index lock; `during` runs
+    /// under the same lock (the reporter switches back to deltas there).
+    pub(crate) fn snapshot(
+        &self,
+        during: impl FnOnce(),
+    ) -> (Vec<ConnHandle>, HashMap<Ulid, Vec<String>>) {
+        let inner = self.lock();
+        let mut topics: HashMap<Ulid, Vec<String>> = HashMap::new();
+        for ((_, filter), topic) in &inner.topics {
+            for h in topic.subscribers.lock().expect("topic poisoned").iter() {
+                topics.entry(h.id()).or_default().push(filter.clone());
+            }
+        }
+        let conns = inner.conns.values().cloned().collect();
+        during();
+        (conns, topics)
+    }
+
+    /// The connections a command's target names.
+    pub(crate) fn select(&self, target: &Target) -> Vec<ConnHandle> {
+        let inner = self.lock();
+        if !target.conn_ids.is_empty() {
+            return target
+                .conn_ids
+                .iter()
+                .filter_map(|id| Ulid::from_string(id).ok())
+                .filter_map(|id| inner.conns.get(&id).cloned())
+                .filter(|h| target.namespace.is_empty() || h.info().namespace == target.namespace)
+                .collect();
+        }
+        inner
+            .users
+            .get(&target.user)
+            .map(|list| {
+                list.iter()
+                    .filter(|h| {
+                        target.namespace.is_empty() || h.info().namespace == target.namespace
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<ConnHandle> {
+        let id = Ulid::from_string(id).ok()?;
+        self.lock().conns.get(&id).cloned()
+    }
+}
+
+/// Delivers `{"<key>": msg_type, "payload": payload}` to `handles`.
+pub(crate) fn deliver_typed<'h>(
+    shared: &Shared,
+    handles: impl Iterator<Item = &'h ConnHandle>,
+    msg_type: &str,
+    payload: &[u8],
+) -> Tally {
+    let payload = json_or_string(payload);
+    let build = |key: Key| {
+        FrameBuilder::new(key, msg_type)
+            .raw("payload", &payload)
+            .finish()
+    };
+    let mut frames = Frames::new(&build);
+    let mut tally = Tally::default();
+    for h in handles {
+        tally.add(h.deliver(frames.get(h.info().route.cfg.key)));
+    }
+    shared.metrics.record_fanout(tally);
+    tally
+}
+
+/// Closes the connections a Disconnect names.
+pub(crate) fn disconnect(handles: &[ConnHandle], code: u16, reason: &str, hard: bool) -> Tally {
+    let code = if code == 0 { 1000 } else { code };
+    for h in handles {
+        h.close(CloseRequest {
+            code,
+            reason: reason.to_owned(),
+            hard,
+        });
+    }
+    Tally {
+        delivered: handles.len() as u64,
+        refused: 0,
+    }
+}
+
+async fn open_subscriptions(
+    shared: &Shared,
+    ns: &str,
+    filter: &str,
+) -> Result<Vec<Subscription>, SubscribeError> {
+    let mut subs = Vec::new();
+    for s in subject::topic_filter(ns, filter) {
+        subs.push(shared.bus.subscribe(s, None).await?);
+    }
+    // Make sure the server has the subscriptions before the client hears "subscribed".
+    tokio::time::timeout(SUBSCRIBE_TIMEOUT, shared.bus.flush())
+        .await
+        .map_err(|_| SubscribeError::Timeout)??;
+    Ok(subs)
+}
+
+async fn pump(shared: Arc<Shared>, topic: Arc<Topic>, subs: Vec<Subscription>) {
+    let mut messages = futures::stream::select_all(subs);
+    loop {
+        tokio::select! {
+            () = topic.stop.cancelled() => break,
+            m = messages.next() => match m {
+                Some(msg) => publish_local(&shared, &topic, msg).await,
+                None => break,
+            },
+        }
+    }
+}
+
+/// One topic publication to this edge's subscribers of one filter.
+async fn publish_local(shared: &Shared, topic: &Topic, msg: Message) {
+    let Some((_, concrete)) = subject::parse_topic(&msg.subject) else {
+        return;
+    };
+    let origin = msg
+        .headers
+        .get(subject::HEADER_ORIGIN)
+        .and_then(|o| Ulid::from_string(o).ok());
+    let echo = msg.headers.get(subject::HEADER_ECHO).is_some();
+    let skip = if echo { None } else { origin };
+    let payload = json_or_string(&msg.payload);
+    let build = |key: Key| {
+        FrameBuilder::new(key, "message")
+            .str("topic", &concrete)
+            .raw("payload", &payload)
+            .finish()
+    };
+    let mut frames = Frames::new(&build);
+    let mut tally = Tally::default();
+    {
+        let subs = topic.subscribers.lock().expect("topic poisoned");
+        for h in subs.iter() {
+            if Some(h.id()) == skip {
+                continue;
+            }
+            tally.add(h.deliver(frames.get(h.info().route.cfg.key)));
+        }
+    }
+    shared.metrics.record_fanout(tally);
+    if let Some(reply) = msg.reply {
+        let out = Outgoing::new(reply, tally.report().encode_to_vec());
+        if let Err(error) = shared.bus.publish(out).await {
+            tracing::debug!(%error, "publish report not sent");
+        }
+    }
+}
+
+/// Commands from coordinators on this node's subject and the all-edges subject.
+pub(crate) async fn command_pump(
+    shared: Arc<Shared>,
+    subs: Vec<Subscription>,
+    stop: CancellationToken,
+) {
+    let mut messages = futures::stream::select_all(subs);
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            m = messages.next() => match m { Some(m) => m, None => break },
+        };
+        let answer = match proto::v1::EdgeCommand::decode(msg.payload.as_ref()) {
+            Ok(cmd) => crate::command::run(&shared, cmd),
+            Err(error) => {
+                tracing::warn!(%error, subject = %msg.subject, "undecodable edge command");
+                continue;
+            }
+        };
+        if let Some(reply) = msg.reply
+            && let Err(error) = shared.bus.publish(Outgoing::new(reply, answer)).await
+        {
+            tracing::debug!(%error, "command answer not sent");
+        }
+    }
+}

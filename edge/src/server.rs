@@ -1,0 +1,448 @@
+//! The accept loop: request head, health and metrics endpoints, route match, auth, upgrade,
+//! the connection task, and the drain on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bus::SharedBus;
+use proto::subject;
+use proto::v1::ReportBatch;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use ulid::Ulid;
+
+use crate::auth::Verifier;
+use crate::config::{EdgeConfig, RouteConfig};
+use crate::conn::{Conn, ConnError, ConnHandle, ConnInfo};
+use crate::http::{self, RequestHead};
+use crate::metrics::{Gauges, Metrics};
+use crate::protocol;
+use crate::registry::{self, Registry};
+use crate::report::Reporter;
+
+/// Pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Extra time after the drain window for connection tasks to finish.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// A configured route, compiled.
+#[derive(Debug)]
+pub struct Route {
+    pub cfg: RouteConfig,
+    verifier: Verifier,
+    ws: WebSocketConfig,
+}
+
+/// State shared by the accept loop, every connection task and the pumps.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) node_id: String,
+    pub(crate) routes: Vec<Arc<Route>>,
+    pub(crate) bus: SharedBus,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Metrics,
+    pub(crate) reporter: Reporter,
+    pub(crate) request_timeout: Duration,
+    pub(crate) tracker: TaskTracker,
+    cfg: EdgeConfig,
+    draining: AtomicBool,
+    upstream_ready: AtomicBool,
+    limit: Arc<Semaphore>,
+}
+
+/// Why an edge could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("route {path}: {message}")]
+    Route { path: String, message: String },
+    #[error("bus subscription failed")]
+    Bus(#[from] bus::BusError),
+}
+
+/// An edge node: build with [`Edge::new`], run with [`Edge::serve`].
+#[derive(Debug, Clone)]
+pub struct Edge {
+    shared: Arc<Shared>,
+}
+
+impl Edge {
+    /// `rs256_pems[i]` is the public key file content of route `i`, if it names one.
+    pub fn new(
+        node_id: String,
+        cfg: EdgeConfig,
+        rs256_pems: &[Option<Vec<u8>>],
+        bus: SharedBus,
+    ) -> Result<Self, EdgeError> {
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for (i, r) in cfg.routes.iter().enumerate() {
+            let pem = rs256_pems.get(i).and_then(Option::as_deref);
+            let verifier = Verifier::new(r, pem).map_err(|message| EdgeError::Route {
+                path: r.path.clone(),
+                message,
+            })?;
+            let ws = WebSocketConfig::default()
+                .read_buffer_size(4 * 1024)
+                .write_buffer_size(8 * 1024)
+                .max_write_buffer_size(r.outbound.max_bytes.max(64 * 1024) * 2)
+                .max_message_size(Some(r.max_payload))
+                .max_frame_size(Some(r.max_payload));
+            routes.push(Arc::new(Route {
+                cfg: r.clone(),
+                verifier,
+                ws,
+            }));
+        }
+        let shared = Shared {
+            node_id,
+            routes,
+            bus,
+            registry: Registry::default(),
+            metrics: Metrics::default(),
+            reporter: Reporter::default(),
+            request_timeout: cfg.request_timeout,
+            tracker: TaskTracker::new(),
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            draining: AtomicBool::new(false),
+            upstream_ready: AtomicBool::new(true),
+            cfg,
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// Connected to the bus (and, when set, to the coordinators) and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.shared.is_ready()
+    }
+
+    /// Readiness of whatever the edge reports to (the coordinator streams).
+    pub fn set_upstream_ready(&self, ready: bool) {
+        self.shared.upstream_ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The next batch of placement deltas (the first one is a full report).
+    pub async fn next_report(&self, address: &str) -> ReportBatch {
+        self.shared
+            .reporter
+            .next_batch(&self.shared.registry, &self.shared.node_id, address)
+            .await
+    }
+
+    /// Makes the next report batch a full one.
+    pub fn resync_reports(&self) {
+        self.shared.reporter.resync();
+    }
+
+    /// The metrics text `/metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// Serves `listener` until `shutdown` is cancelled, then drains: upgrades are refused
+    /// (503), `/readyz` answers 503, clients are closed with 1001 spread over the drain
+    /// window; returns when every connection is gone or the grace period is over.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), EdgeError> {
+        let shared = &self.shared;
+        let subs = vec![
+            shared
+                .bus
+                .subscribe(subject::node(&shared.node_id), None)
+                .await?,
+            shared
+                .bus
+                .subscribe(subject::EDGES.to_owned(), None)
+                .await?,
+        ];
+        shared.bus.flush().await?;
+        let stop_commands = CancellationToken::new();
+        let pump = tokio::spawn(registry::command_pump(
+            Arc::clone(shared),
+            subs,
+            stop_commands.clone(),
+        ));
+        let conns = TaskTracker::new();
+        let done = CancellationToken::new();
+        let accept = tokio::spawn(accept_loop(
+            Arc::clone(shared),
+            listener,
+            conns.clone(),
+            done.clone(),
+        ));
+
+        shutdown.cancelled().await;
+        shared.draining.store(true, Ordering::Relaxed);
+        tracing::info!(connections = shared.registry.len(), window = ?shared.cfg.drain_window, "draining");
+        drain(shared).await;
+        conns.close();
+        if tokio::time::timeout(DRAIN_GRACE, conns.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(left = conns.len(), "drain grace over; dropping connections");
+        }
+        done.cancel();
+        let _ = accept.await;
+        stop_commands.cancel();
+        let _ = pump.await;
+        shared.tracker.close();
+        let _ = tokio::time::timeout(DRAIN_GRACE, shared.tracker.wait()).await;
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+            && self.bus.is_connected()
+            && self.upstream_ready.load(Ordering::Relaxed)
+    }
+
+    fn metrics_text(&self) -> String {
+        let all = self.registry.all();
+        let gauges = Gauges {
+            connections: all.len(),
+            topics: self.registry.topic_count(),
+            buffered_bytes: all.iter().map(|h| h.buffered() as u64).sum(),
+            bus_connected: self.bus.is_connected(),
+            bus_reconnects: self.bus.reconnects(),
+            draining: self.draining.load(Ordering::Relaxed),
+        };
+        self.metrics.render(gauges)
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    conns: TaskTracker,
+    done: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = done.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let shared = Arc::clone(&shared);
+        conns.spawn(async move { handle_tcp(shared, tcp, peer).await });
+    }
+}
+
+/// Closes every connection with 1001, spread evenly over the drain window.
+async fn drain(shared: &Shared) {
+    let all = shared.registry.all();
+    let n = all.len().max(1) as u32;
+    let start = tokio::time::Instant::now();
+    for (i, h) in all.iter().enumerate() {
+        let at = start + shared.cfg.drain_window * (i as u32) / n;
+        tokio::time::sleep_until(at).await;
+        h.close(crate::conn::CloseRequest::new(1001, "server shutting down"));
+    }
+}
+
+async fn handle_tcp(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let (head, rest) = match http::read_head(&mut tcp, shared.cfg.handshake_timeout).await {
+        Ok(x) => x,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "bad request head");
+            let status = match error {
+                http::HeadError::TooLarge => Some(431),
+                http::HeadError::Malformed(_) => Some(400),
+                _ => None,
+            };
+            if let Some(status) = status {
+                let _ = http::respond(&mut tcp, status, "text/plain", "bad request\n").await;
+            }
+            return;
+        }
+    };
+    let result = match head.path.as_str() {
+        "/healthz" => http::respond(&mut tcp, 200, "text/plain", "ok\n").await,
+        "/readyz" => {
+            let (status, body) = readiness(&shared);
+            http::respond(&mut tcp, status, "text/plain", body).await
+        }
+        "/metrics" => {
+            let body = shared.metrics_text();
+            http::respond(&mut tcp, 200, "text/plain; version=0.0.4", &body).await
+        }
+        _ => {
+            upgrade(shared, tcp, peer, head, rest).await;
+            return;
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "response not written");
+    }
+}
+
+fn readiness(shared: &Shared) -> (u16, &'static str) {
+    if shared.draining.load(Ordering::Relaxed) {
+        (503, "draining\n")
+    } else if !shared.bus.is_connected() {
+        (503, "bus disconnected\n")
+    } else if !shared.upstream_ready.load(Ordering::Relaxed) {
+        (503, "coordinator unreachable\n")
+    } else {
+        (200, "ready\n")
+    }
+}
+
+async fn refuse(shared: &Shared, tcp: &mut TcpStream, status: u16, reason: &str, body: &str) {
+    shared.metrics.upgrades_refused.inc(reason);
+    let _ = http::respond(tcp, status, "text/plain", &format!("{body}\n")).await;
+}
+
+async fn upgrade(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    head: RequestHead,
+    rest: Vec<u8>,
+) {
+    let matched = shared.routes.iter().find_map(|r| {
+        http::match_path(&r.cfg.path, &head.path).map(|params| (Arc::clone(r), params))
+    });
+    let Some((route, path_params)) = matched else {
+        return refuse(&shared, &mut tcp, 404, "no_route", "no route at this path").await;
+    };
+    if head.method != "GET" {
+        return refuse(
+            &shared,
+            &mut tcp,
+            405,
+            "method",
+            "websocket upgrades use GET",
+        )
+        .await;
+    }
+    if !head.is_upgrade() || head.header("sec-websocket-version") != Some("13") {
+        return refuse(
+            &shared,
+            &mut tcp,
+            426,
+            "not_websocket",
+            "this path only speaks websocket version 13",
+        )
+        .await;
+    }
+    let Some(key) = head.header("sec-websocket-key").map(str::to_owned) else {
+        return refuse(
+            &shared,
+            &mut tcp,
+            400,
+            "bad_handshake",
+            "missing sec-websocket-key",
+        )
+        .await;
+    };
+    if shared.draining.load(Ordering::Relaxed) {
+        return refuse(&shared, &mut tcp, 503, "draining", "node is draining").await;
+    }
+    let Ok(permit) = Arc::clone(&shared.limit).try_acquire_owned() else {
+        return refuse(
+            &shared,
+            &mut tcp,
+            503,
+            "capacity",
+            "node is at its connection limit",
+        )
+        .await;
+    };
+    let identity = match route.verifier.admit(&route.cfg, &head) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "upgrade refused");
+            return refuse(&shared, &mut tcp, e.status(), e.reason(), &e.to_string()).await;
+        }
+    };
+    if tcp
+        .write_all(http::switching_protocols(&key).as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(route.ws)).await;
+    let mut params: Vec<(String, String)> = head.query.into_iter().collect();
+    params.extend(path_params);
+    params.sort();
+    let info = ConnInfo {
+        id: Ulid::new(),
+        namespace: identity.namespace,
+        user: identity.user,
+        remote: peer,
+        connected_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+        claims: identity.claims,
+        params,
+        route,
+    };
+    let (handle, rx) = ConnHandle::new(info);
+    let span = tracing::info_span!("conn", conn = %handle.id(), %peer);
+    run_conn(shared, ws, handle, rx).instrument(span).await;
+    drop(permit);
+}
+
+async fn run_conn(
+    shared: Arc<Shared>,
+    ws: WebSocketStream<TcpStream>,
+    handle: ConnHandle,
+    rx: tokio::sync::mpsc::Receiver<tokio_tungstenite::tungstenite::Utf8Bytes>,
+) {
+    let info = handle.info();
+    let mut conn = Conn::new(ws, handle.clone(), rx, Arc::clone(&shared));
+    shared.metrics.upgrades.inc();
+    let attached = shared.registry.attach(&shared, &handle);
+    tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
+    let end = if attached {
+        let onconnect = protocol::onconnect(
+            &handle,
+            &shared.node_id,
+            &shared.bus,
+            shared.request_timeout,
+        );
+        let (c, end) = conn.run(onconnect).await;
+        conn = c;
+        shared.registry.detach(&shared, &handle, conn.topics.iter());
+        end
+    } else {
+        conn.close_now(ConnError::TooManyConnections).await
+    };
+    let code = end.code();
+    shared.metrics.closes.inc(&code.to_string());
+    if end.client_fault() {
+        tracing::info!(code, reason = %end, "connection closed");
+    } else {
+        tracing::info!(code, reason = %end, "connection closed by the server");
+    }
+    if attached {
+        let reason = end.close_frame().map(|(_, r)| r).unwrap_or_default();
+        protocol::onclose(&handle, &shared.node_id, &shared.bus, code, &reason).await;
+    }
+}

@@ -1,0 +1,33 @@
+//! The wire contracts of Switchboard and nothing else: every byte that leaves a process is
+//! defined here.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`v1`] | gRPC services and messages generated from `switchboard/v1/*.proto` |
+//! | [`subject`] | NATS subjects and header names: the only place a subject is spelled |
+//! | [`topic`] | MQTT topic syntax: validation, matching, encoding into subject tokens |
+//! | [`frame`] | client ↔ edge JSON frames and their dialects |
+//!
+//! **Invariant:** this crate pulls in no tokio runtime and no telemetry.
+
+pub mod frame;
+pub mod json;
+pub mod subject;
+pub mod topic;
+
+/// Generated from `switchboard/v1/*.proto`.
+#[allow(
+    clippy::all,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms,
+    clippy::unwrap_used
+)]
+pub mod v1 {
+    tonic::include_proto!("switchboard.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every `.proto` here (with imports), for server
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/switchboard_descriptor.bin"));

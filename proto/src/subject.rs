@@ -1,0 +1,174 @@
+//! NATS subjects and header names. Every subject Switchboard uses is spelled here.
+//!
+//! | subject | who publishes | who subscribes |
+//! | --- | --- | --- |
+//! | `sb.node.<node>` | coordinators: [`EdgeCommand`](crate::v1::EdgeCommand) for one edge | that edge |
+//! | `sb.edges` | coordinators: commands for every edge (broadcast, inspect) | every edge |
+//! | `sb.topic.<ns>.<levels…>` | anyone: a topic publication | edges with a local watcher |
+//! | `sb.event.<ns>.<type>` | edges: client events no route hook maps elsewhere | backends |
+//!
+//! **Invariant:** client-chosen strings (namespaces, topic levels, event types) only ever
+//! enter a subject through [`token`], so they can neither inject a wildcard nor leave their
+//! prefix.
+
+use std::fmt::Write as _;
+
+/// Prefix of topic publication subjects.
+pub const TOPIC_PREFIX: &str = "sb.topic";
+/// Every edge subscribes here for cluster-wide commands.
+pub const EDGES: &str = "sb.edges";
+
+/// Header: the connection that published a topic message (so it can be skipped).
+pub const HEADER_ORIGIN: &str = "Sb-Origin";
+/// Header: the publisher asked to receive its own publication.
+pub const HEADER_ECHO: &str = "Sb-Echo";
+/// Header: the connection context of a client event, as JSON.
+pub const HEADER_CONN: &str = "Sb-Conn";
+/// Header: W3C trace context.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+/// The subject of one edge's command inbox.
+pub fn node(node_id: &str) -> String {
+    format!("sb.node.{}", token(node_id))
+}
+
+/// The default subject of a client event of `event_type` in `namespace`.
+pub fn event(namespace: &str, event_type: &str) -> String {
+    format!("sb.event.{}.{}", token(namespace), token(event_type))
+}
+
+/// The subject a publication to `levels` (already validated) in `namespace` travels on.
+pub fn topic<'a>(namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> String {
+    let mut s = format!("{TOPIC_PREFIX}.{}", token(namespace));
+    for level in levels {
+        s.push('.');
+        push_token(&mut s, level);
+    }
+    s
+}
+
+/// The subjects that carry every publication matching the MQTT `filter` (already
+/// validated) in `namespace`. A trailing `#` also matches its parent level, so it needs two
+/// subjects.
+pub fn topic_filter(namespace: &str, filter: &str) -> Vec<String> {
+    let (head, multi) = match filter.strip_suffix("#") {
+        Some(head) => (head.strip_suffix('/').unwrap_or(head), true),
+        None => (filter, false),
+    };
+    let mut base = format!("{TOPIC_PREFIX}.{}", token(namespace));
+    if !(multi && head.is_empty()) {
+        for level in head.split('/') {
+            base.push('.');
+            if level == "+" {
+                base.push('*');
+            } else {
+                push_token(&mut base, level);
+            }
+        }
+    }
+    match (multi, head.is_empty()) {
+        (false, _) => vec![base],
+        (true, true) => vec![format!("{base}.>")],
+        (true, false) => vec![format!("{base}.>"), base],
+    }
+}
+
+/// Splits a topic publication subject back into its namespace and MQTT topic.
+pub fn parse_topic(subject: &str) -> Option<(String, String)> {
+    let rest = subject.strip_prefix(TOPIC_PREFIX)?.strip_prefix('.')?;
+    let mut tokens = rest.split('.');
+    let namespace = untoken(tokens.next()?)?;
+    let mut topic = String::new();
+    for (i, t) in tokens.enumerate() {
+        if i > 0 {
+            topic.push('/');
+        }
+        topic.push_str(&untoken(t)?);
+    }
+    Some((namespace, topic))
+}
+
+/// Encodes any string as one subject token: ASCII letters, digits, `-` and `_` stand for
+/// themselves, every other byte is `~XX` (hex), and the empty string is `~`.
+pub fn token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    push_token(&mut out, s);
+    out
+}
+
+fn push_token(out: &mut String, s: &str) {
+    if s.is_empty() {
+        out.push('~');
+        return;
+    }
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "~{b:02X}");
+        }
+    }
+}
+
+/// Decodes a token made by [`token`].
+pub fn untoken(t: &str) -> Option<String> {
+    if t == "~" {
+        return Some(String::new());
+    }
+    if !t.contains('~') {
+        return Some(t.to_owned());
+    }
+    let mut bytes = Vec::with_capacity(t.len());
+    let mut it = t.bytes();
+    while let Some(b) = it.next() {
+        if b == b'~' {
+            let hi = (it.next()? as char).to_digit(16)?;
+            let lo = (it.next()? as char).to_digit(16)?;
+            bytes.push(u8::try_from(hi * 16 + lo).ok()?);
+        } else {
+            bytes.push(b);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_cannot_inject_wildcards_or_separators() {
+        for s in ["a.b", "*", ">", "a b", "", "~", "x\ty", "ü", "a>"] {
+            let t = token(s);
+            assert!(!t.is_empty());
+            assert!(!t.contains(['.', '*', '>', ' ', '\t']), "{s:?} -> {t:?}");
+            assert_eq!(untoken(&t).as_deref(), Some(s));
+        }
+        assert_eq!(token("room-1_x"), "room-1_x");
+    }
+
+    #[test]
+    fn topic_subjects_round_trip() {
+        let s = topic("acme", "scores/42/eu".split('/'));
+        assert_eq!(s, "sb.topic.acme.scores.42.eu");
+        assert_eq!(
+            parse_topic(&s),
+            Some(("acme".into(), "scores/42/eu".into()))
+        );
+        let odd = topic("a.b", "x.y//*".split('/'));
+        assert_eq!(parse_topic(&odd), Some(("a.b".into(), "x.y//*".into())));
+    }
+
+    #[test]
+    fn filters_map_to_wildcard_subjects() {
+        assert_eq!(
+            topic_filter("ns", "scores/+/eu"),
+            vec!["sb.topic.ns.scores.*.eu"]
+        );
+        assert_eq!(
+            topic_filter("ns", "scores/#"),
+            vec!["sb.topic.ns.scores.>", "sb.topic.ns.scores"]
+        );
+        assert_eq!(topic_filter("ns", "#"), vec!["sb.topic.ns.>"]);
+    }
+}

@@ -1,0 +1,302 @@
+//! The effective configuration: defaults < YAML file < `SWITCHBOARD_…` environment < flags,
+//! validated once. Every mistake names its key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use coordinator::CoordinatorConfig;
+use edge::EdgeConfig;
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+
+/// Environment variables that override config keys: `SWITCHBOARD_EDGE__LISTEN` sets
+/// `edge.listen` (`__` separates levels; names are lower-cased).
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This process's id in placement and on the bus. Default: `<mode>-<random>`.
+    pub node_id: Option<String>,
+    pub log: LogConfig,
+    pub nats: NatsConfig,
+    pub edge: EdgeConfig,
+    pub coordinator: CoordinatorConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`. Default `pretty`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `edge=debug`; `RUST_LOG` wins. Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// NATS server URL(s), comma-separated. Empty: the in-process bus (embedded mode).
+    pub url: String,
+}
+
+/// Flags that override config keys.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub grpc_listen: Option<SocketAddr>,
+    pub node_id: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration mistake.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{key}: {message}")]
+    Key { key: String, message: String },
+}
+
+impl ConfigError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Secrets and keys the config refers to, read at load time.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    pub config: Config,
+    /// RS256 public key PEM per edge route.
+    pub rs256_pems: Vec<Option<Vec<u8>>>,
+}
+
+impl Config {
+    /// Loads `file` (if any), applies `env` overrides and `flags`, validates, and reads the
+    /// files and variables the config names. `base` gives the mode's defaults.
+    pub fn load(
+        base: &Config,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Resolved, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut tree = serde_yaml_ng::to_value(base)
+            .map_err(|e| ConfigError::key("(defaults)", e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let doc: Value = serde_yaml_ng::from_str(&text)
+                .map_err(|e| ConfigError::key("(file)", e.to_string()))?;
+            if !doc.is_null() {
+                merge(&mut tree, doc);
+            }
+        }
+        for (name, value) in &env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX).filter(|p| p.contains("__")) else {
+                continue;
+            };
+            let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            let parsed: Value =
+                serde_yaml_ng::from_str(value).unwrap_or_else(|_| Value::String(value.clone()));
+            set(&mut tree, &keys, parsed).map_err(|m| ConfigError::key(name.clone(), m))?;
+        }
+        let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::key(
+                if key == "." { "(root)".into() } else { key },
+                e.into_inner().to_string(),
+            )
+        })?;
+        if let Some(a) = flags.listen {
+            config.edge.listen = a;
+        }
+        if let Some(a) = flags.grpc_listen {
+            config.coordinator.grpc_listen = a;
+        }
+        if let Some(id) = &flags.node_id {
+            config.node_id = Some(id.clone());
+        }
+        if let Some(f) = flags.log_format {
+            config.log.format = f;
+        }
+        config
+            .edge
+            .validate()
+            .map_err(|e| ConfigError::key(e.key, e.message))?;
+        if config
+            .node_id
+            .as_deref()
+            .is_some_and(|id| id.is_empty() || id.contains(char::is_whitespace))
+        {
+            return Err(ConfigError::key(
+                "node_id",
+                "must be non-empty, without spaces",
+            ));
+        }
+        let mut rs256_pems = Vec::new();
+        for (i, route) in config.edge.routes.iter_mut().enumerate() {
+            let key = |k: &str| format!("edge.routes[{i}].auth.{k}");
+            if let Some(var) = &route.auth.hs256_secret_env {
+                let secret = env.iter().find(|(n, _)| n == var).map(|(_, v)| v.clone());
+                match secret {
+                    Some(s) if !s.is_empty() => route.auth.hs256_secret = Some(s),
+                    _ => {
+                        return Err(ConfigError::key(
+                            key("hs256_secret_env"),
+                            format!("environment variable {var} is not set"),
+                        ));
+                    }
+                }
+            }
+            let pem = match &route.auth.rs256_public_key_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    ConfigError::key(
+                        key("rs256_public_key_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?),
+                None => None,
+            };
+            rs256_pems.push(pem);
+        }
+        Ok(Resolved { config, rs256_pems })
+    }
+
+    /// The effective config as YAML, secrets redacted.
+    pub fn to_yaml(&self) -> String {
+        let mut shown = self.clone();
+        for r in &mut shown.edge.routes {
+            if r.auth.hs256_secret.is_some() {
+                r.auth.hs256_secret = Some("<redacted>".into());
+            }
+        }
+        serde_yaml_ng::to_string(&shown).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+/// Deep-merges `over` into `base`: mappings merge key by key, anything else replaces.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn set(tree: &mut Value, keys: &[String], value: Value) -> Result<(), String> {
+    let Some((first, rest)) = keys.split_first() else {
+        return Ok(());
+    };
+    let Value::Mapping(map) = tree else {
+        return Err(format!("{first}: parent is not a mapping"));
+    };
+    let k = Value::String(first.clone());
+    if rest.is_empty() {
+        map.insert(k, value);
+        return Ok(());
+    }
+    let child = map
+        .entry(k)
+        .or_insert_with(|| Value::Mapping(Default::default()));
+    set(child, rest, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Resolved, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("sb-config-{}", ulid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let env = env.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned()));
+        let r = Config::load(&Config::default(), Some(&path), env, &Overrides::default());
+        std::fs::remove_dir_all(&dir).unwrap();
+        r
+    }
+
+    fn ulid_like() -> String {
+        format!("{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], "")
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load(
+            "edge:\n  routes:\n    - path: /x\n      anonymous: true\n      bogus: 1\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("edge.routes[0]"), "{e}");
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_and_contradictions_are_named() {
+        let e = load("edge:\n  drain_window: soon\n", &[]).unwrap_err();
+        assert!(e.to_string().starts_with("edge.drain_window"), "{e}");
+        let e = load("edge:\n  routes:\n    - path: /x\n", &[]).unwrap_err();
+        assert!(e.to_string().starts_with("edge.routes[0].auth"), "{e}");
+        let e = load(
+            "edge:\n  routes:\n    - path: /x\n      auth: { hs256_secret_env: NOPE_X }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("NOPE_X is not set"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let r = load(
+            "edge:\n  listen: 127.0.0.1:1\n  routes: [{ path: /x, anonymous: true }]\n",
+            &[("SWITCHBOARD_EDGE__LISTEN", "127.0.0.1:2")],
+        )
+        .unwrap();
+        assert_eq!(r.config.edge.listen.port(), 2);
+        let r = load(
+            "edge:\n  routes:\n    - path: /x\n      auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET }\n",
+            &[("SWITCHBOARD_JWT_SECRET", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(
+            r.config.edge.routes[0].auth.hs256_secret.as_deref(),
+            Some("s3cret")
+        );
+        assert!(!r.config.to_yaml().contains("s3cret"));
+    }
+}

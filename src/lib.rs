@@ -1,0 +1,12 @@
+//! The `switchboard` binary's library half: configuration loading and the wiring of each
+//! mode, so that tests can start a whole node in-process exactly as the binary does.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`config`] | defaults < file < environment < flags; errors name the key |
+//! | [`run`] | the modes (`dev`), signal handling |
+//! | [`telemetry`] | logging setup |
+
+pub mod config;
+pub mod run;
+pub mod telemetry;
