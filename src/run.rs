@@ -25,6 +25,7 @@ pub struct DevNode {
     pub grpc_addr: SocketAddr,
     edge: Edge,
     coordinator: Coordinator,
+    bus: SharedBus,
     ws: TcpListener,
     grpc: TcpListener,
     cfg: Config,
@@ -62,10 +63,16 @@ impl DevNode {
             grpc_addr,
             edge,
             coordinator,
+            bus,
             ws,
             grpc,
             cfg,
         })
+    }
+
+    /// The in-process bus, for backends living in the same process (and tests playing one).
+    pub fn bus(&self) -> SharedBus {
+        Arc::clone(&self.bus)
     }
 
     /// What a person starting `switchboard dev` needs to know.
