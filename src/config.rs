@@ -57,11 +57,22 @@ pub struct NatsConfig {
     pub url: String,
 }
 
+/// Which process the config is for: a coordinator does not need a valid `edge` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Dev,
+    Edge,
+    Coordinator,
+}
+
 /// Flags that override config keys.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub grpc_listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub nats: Option<String>,
+    pub coordinators: Option<Vec<String>>,
     pub node_id: Option<String>,
     pub log_format: Option<LogFormat>,
 }
@@ -99,6 +110,7 @@ impl Config {
     /// Loads `file` (if any), applies `env` overrides and `flags`, validates, and reads the
     /// files and variables the config names. `base` gives the mode's defaults.
     pub fn load(
+        mode: Mode,
         base: &Config,
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -140,16 +152,35 @@ impl Config {
         if let Some(a) = flags.grpc_listen {
             config.coordinator.grpc_listen = a;
         }
+        if let Some(a) = flags.http_listen {
+            config.coordinator.http_listen = a;
+        }
+        if let Some(url) = &flags.nats {
+            config.nats.url.clone_from(url);
+        }
+        if let Some(list) = &flags.coordinators {
+            config.edge.coordinators.clone_from(list);
+        }
+
         if let Some(id) = &flags.node_id {
             config.node_id = Some(id.clone());
         }
         if let Some(f) = flags.log_format {
             config.log.format = f;
         }
-        config
-            .edge
-            .validate()
-            .map_err(|e| ConfigError::key(e.key, e.message))?;
+        if mode != Mode::Coordinator {
+            config
+                .edge
+                .validate()
+                .map_err(|e| ConfigError::key(e.key, e.message))?;
+        }
+        if mode != Mode::Dev && config.nats.url.is_empty() {
+            return Err(ConfigError::key(
+                "nats.url",
+                "cluster mode needs NATS: set --nats",
+            ));
+        }
+
         if config
             .node_id
             .as_deref()
@@ -193,10 +224,14 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         let mut shown = self.clone();
         for r in &mut shown.edge.routes {
-            if r.auth.hs256_secret.is_some() {
+            if r.auth.hs256_secret_env.is_some() {
+                // The secret came from the variable; show only where it comes from.
+                r.auth.hs256_secret = None;
+            } else if r.auth.hs256_secret.is_some() {
                 r.auth.hs256_secret = Some("<redacted>".into());
             }
         }
+
         serde_yaml_ng::to_string(&shown).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
 }
@@ -246,7 +281,13 @@ mod tests {
         let path = dir.join("c.yaml");
         std::fs::write(&path, yaml).unwrap();
         let env = env.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned()));
-        let r = Config::load(&Config::default(), Some(&path), env, &Overrides::default());
+        let r = Config::load(
+            Mode::Dev,
+            &Config::default(),
+            Some(&path),
+            env,
+            &Overrides::default(),
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         r
     }

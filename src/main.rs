@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use switchboard::config::{Config, LogFormat, Overrides};
+use switchboard::config::{Config, LogFormat, Mode, Overrides};
 use switchboard::{run, telemetry};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a configuration error (EX_CONFIG-adjacent EX_USAGE, as sysexits.h).
+/// Exit code for a configuration error (EX_USAGE in sysexits.h).
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
@@ -22,65 +22,94 @@ const EXIT_CONFIG: u8 = 64;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    flags: Flags,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// One process: an edge and a coordinator over an in-process bus (the default).
-    Dev(DevArgs),
+    Dev,
+    /// An edge: terminates client WebSockets, reports to the coordinators over NATS.
+    Edge,
+    /// A coordinator: placement and the gRPC services, over NATS.
+    Coordinator,
     /// Validate a config file and print the effective config (exit 64 naming the bad key).
     CheckConfig { file: PathBuf },
 }
 
+/// Flags of every mode; each is also an environment variable and a config key.
 #[derive(Debug, Default, clap::Args)]
-struct DevArgs {
-    /// WebSocket and HTTP listener (edge.listen) [default: 127.0.0.1:8080].
-    #[arg(long, env = "SWITCHBOARD_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// gRPC listener (coordinator.grpc_listen) [default: 127.0.0.1:50051].
-    #[arg(long, env = "SWITCHBOARD_GRPC_LISTEN")]
-    grpc_listen: Option<SocketAddr>,
+struct Flags {
     /// YAML config file.
-    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
     config: Option<PathBuf>,
+    /// WebSocket and HTTP listener of the edge (edge.listen) [default: 127.0.0.1:8080].
+    #[arg(long, global = true, env = "SWITCHBOARD_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// gRPC listener of the coordinator (coordinator.grpc_listen) [default: 127.0.0.1:50051].
+    #[arg(long, global = true, env = "SWITCHBOARD_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
+    /// HTTP listener of the coordinator: health and metrics (coordinator.http_listen).
+    #[arg(long, global = true, env = "SWITCHBOARD_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// NATS server URL(s), comma-separated (nats.url).
+    #[arg(long, global = true, env = "SWITCHBOARD_NATS")]
+    nats: Option<String>,
+    /// Coordinator gRPC URLs for first contact, comma-separated (edge.coordinators).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHBOARD_COORDINATOR",
+        value_delimiter = ','
+    )]
+    coordinator: Option<Vec<String>>,
     /// This node's id (node_id).
-    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    #[arg(long, global = true, env = "SWITCHBOARD_NODE_ID")]
     node_id: Option<String>,
     /// Log format (log.format).
-    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
+    #[arg(long, global = true, env = "SWITCHBOARD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, check) = match cli.command.unwrap_or(Command::Dev(DevArgs::default())) {
-        Command::Dev(a) => (a, None),
-        Command::CheckConfig { file } => (
-            DevArgs {
-                config: Some(file.clone()),
-                ..DevArgs::default()
-            },
-            Some(file),
-        ),
+    let command = cli.command.unwrap_or(Command::Dev);
+    let f = cli.flags;
+    let file = match &command {
+        Command::CheckConfig { file } => Some(file.clone()),
+        _ => f.config.clone(),
     };
     let flags = Overrides {
-        listen: args.listen,
-        grpc_listen: args.grpc_listen,
-        node_id: args.node_id,
-        log_format: args.log_format,
+        listen: f.listen,
+        grpc_listen: f.grpc_listen,
+        http_listen: f.http_listen,
+        nats: f.nats,
+        coordinators: f.coordinator,
+        node_id: f.node_id,
+        log_format: f.log_format,
     };
-    let base = Config {
-        edge: edge::EdgeConfig::dev(),
-        ..Config::default()
+    let (mode, base) = match command {
+        Command::Edge => (Mode::Edge, Config::default()),
+        Command::Coordinator => (Mode::Coordinator, Config::default()),
+        // A file is checked against the production defaults, whatever mode it is for.
+        Command::CheckConfig { .. } => (Mode::Dev, Config::default()),
+        Command::Dev => (
+            Mode::Dev,
+            Config {
+                edge: edge::EdgeConfig::dev(),
+                ..Config::default()
+            },
+        ),
     };
-    let resolved = match Config::load(&base, args.config.as_deref(), std::env::vars(), &flags) {
+    let resolved = match Config::load(mode, &base, file.as_deref(), std::env::vars(), &flags) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("switchboard: invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(file) = check {
+    if let Command::CheckConfig { file } = &command {
         print!(
             "# effective configuration of {}\n{}",
             file.display(),
@@ -101,10 +130,16 @@ fn main() -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     let result = runtime.block_on(async {
-        run::spawn_signal_handler(shutdown.clone());
-        let node = run::DevNode::bind(resolved).await?;
-        print!("{}", node.banner());
-        node.serve(shutdown).await
+        run::spawn_signal_handler(shutdown.clone())?;
+        match command {
+            Command::Edge => run::edge(resolved, shutdown).await,
+            Command::Coordinator => run::coordinator(resolved, shutdown).await,
+            _ => {
+                let node = run::DevNode::bind(resolved).await?;
+                print!("{}", node.banner());
+                node.serve(shutdown).await
+            }
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

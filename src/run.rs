@@ -3,10 +3,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use bus::{LocalBus, SharedBus};
+use bus::{LocalBus, NatsBus, NatsOptions, SharedBus};
 use coordinator::Coordinator;
 use edge::Edge;
 use tokio::net::TcpListener;
@@ -16,6 +15,124 @@ use crate::config::{Config, Resolved};
 
 /// Queue length of each in-process bus subscription.
 const LOCAL_BUS_QUEUE: usize = 65_536;
+/// How long the gRPC server may take to finish in-flight calls after shutdown.
+const GRPC_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Cluster mode: one edge over NATS, reporting to the coordinators.
+pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = resolved.config;
+    let node_id = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("edge-{}", ulid::Ulid::new()));
+    let bus = connect_nats(&cfg, &node_id).await?;
+    let edge = Edge::new(
+        node_id.clone(),
+        cfg.edge.clone(),
+        &resolved.rs256_pems,
+        Arc::clone(&bus),
+    )?;
+    let ws = TcpListener::bind(cfg.edge.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (edge.listen)", cfg.edge.listen))?;
+    let address = ws.local_addr()?.to_string();
+    tracing::info!(node = %node_id, websocket = %address, nats = %cfg.nats.url, coordinators = ?cfg.edge.coordinators, "edge serving");
+    let options = edge::uplink::UplinkOptions {
+        seeds: cfg.edge.coordinators.clone(),
+        member_timeout: cfg.edge.member_timeout,
+        address,
+    };
+    let stop_uplink = CancellationToken::new();
+    let uplink = tokio::spawn(edge::uplink::run(
+        edge.clone(),
+        bus,
+        options,
+        stop_uplink.clone(),
+    ));
+    edge.serve(ws, shutdown).await?;
+    stop_uplink.cancel();
+    let _ = uplink.await;
+    Ok(())
+}
+
+/// Cluster mode: one coordinator over NATS.
+pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = resolved.config;
+    let cc = &cfg.coordinator;
+    let node_id = cfg
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("coordinator-{}", ulid::Ulid::new()));
+    let bus = connect_nats(&cfg, &node_id).await?;
+    let grpc = TcpListener::bind(cc.grpc_listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (coordinator.grpc_listen)",
+            cc.grpc_listen
+        )
+    })?;
+    let http = TcpListener::bind(cc.http_listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (coordinator.http_listen)",
+            cc.http_listen
+        )
+    })?;
+    let grpc_addr = grpc.local_addr()?;
+    let advertise = cc
+        .advertise
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+    let c = Coordinator::new(node_id.clone(), advertise.clone(), bus, cc);
+    tracing::info!(node = %node_id, grpc = %grpc_addr, %advertise, http = %http.local_addr()?, nats = %cfg.nats.url, "coordinator serving");
+    let tasks = [
+        tokio::spawn(coordinator::cluster::run_membership(
+            c.clone(),
+            cc.announce_interval,
+            shutdown.clone(),
+        )),
+        tokio::spawn(coordinator::report::run_reaper(
+            c.clone(),
+            cc.edge_grace,
+            shutdown.clone(),
+        )),
+        tokio::spawn(coordinator::ingest::run(
+            c.clone(),
+            cc.send_subject.clone(),
+            cc.broadcast_subject.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn({
+            let (c, shutdown) = (c.clone(), shutdown.clone());
+            async move {
+                if let Err(error) = coordinator::http::serve(http, c, shutdown).await {
+                    tracing::error!(%error, "http listener failed");
+                }
+            }
+        }),
+    ];
+    let server = tokio::spawn(coordinator::grpc::serve(grpc, c, shutdown.clone()));
+    shutdown.cancelled().await;
+    // Report streams from edges are long-lived: give in-flight calls a bounded grace.
+    match tokio::time::timeout(GRPC_GRACE, server).await {
+        Ok(r) => r?.context("grpc server failed")?,
+        Err(_) => tracing::warn!("grpc calls still open after the grace period; exiting"),
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(GRPC_GRACE, t).await;
+    }
+    Ok(())
+}
+
+async fn connect_nats(cfg: &Config, node_id: &str) -> anyhow::Result<SharedBus> {
+    let opts = NatsOptions {
+        url: cfg.nats.url.clone(),
+        name: node_id.to_owned(),
+        ..NatsOptions::default()
+    };
+    let bus = NatsBus::connect(opts)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {} (nats.url)", cfg.nats.url))?;
+    Ok(Arc::new(bus))
+}
 
 /// The embedded mode: one edge and one coordinator over the in-process bus, bound and ready
 /// to serve.
@@ -45,7 +162,6 @@ impl DevNode {
             &resolved.rs256_pems,
             Arc::clone(&bus),
         )?;
-        let coordinator = Coordinator::new(Arc::clone(&bus), cfg.coordinator.request_timeout);
         let ws = TcpListener::bind(cfg.edge.listen)
             .await
             .with_context(|| format!("cannot listen on {} (edge.listen)", cfg.edge.listen))?;
@@ -58,6 +174,17 @@ impl DevNode {
                 )
             })?;
         let (ws_addr, grpc_addr) = (ws.local_addr()?, grpc.local_addr()?);
+        let advertise = cfg
+            .coordinator
+            .advertise
+            .clone()
+            .unwrap_or_else(|| grpc_addr.to_string());
+        let coordinator = Coordinator::new(
+            edge.node_id().to_owned(),
+            advertise,
+            Arc::clone(&bus),
+            &cfg.coordinator,
+        );
         Ok(Self {
             ws_addr,
             grpc_addr,
@@ -129,32 +256,26 @@ async fn feed_directory(
     address: String,
     shutdown: CancellationToken,
 ) {
-    let started = tokio::time::Instant::now();
     loop {
         let batch = tokio::select! {
             () = shutdown.cancelled() => break,
             b = edge.next_report(&address) => b,
         };
-        let now: Duration = started.elapsed();
-        coordinator.directory().apply(batch, now);
+        coordinator.apply(batch).await;
     }
 }
 
-/// Cancels `token` on the first SIGTERM or SIGINT; exits at once (130) on the second.
-pub fn spawn_signal_handler(token: CancellationToken) {
+/// Cancels `token` on the first SIGTERM or SIGINT; exits at once (130) on the second. The
+/// handlers are installed before this returns, so no signal after it is missed.
+pub fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(error) => {
-                    tracing::error!(%error, "cannot install the SIGTERM handler");
-                    return;
-                }
-            };
         for round in 0..2 {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
             }
             if round == 0 {
                 tracing::info!("shutdown requested; draining (signal again to exit now)");
@@ -164,4 +285,5 @@ pub fn spawn_signal_handler(token: CancellationToken) {
             }
         }
     });
+    Ok(())
 }

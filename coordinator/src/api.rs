@@ -1,21 +1,42 @@
-//! The gRPC services: proto ↔ domain, and domain errors → `Status` (only here).
+//! The gRPC services: proto ↔ domain, routing across coordinators, and domain errors →
+//! `Status` (only here).
+//!
+//! Any coordinator answers any call. A call about one `namespace/user` goes to the key's owner
+//! on the ring; a call no key pins down (every namespace, a conn id, listings, totals) asks
+//! every coordinator for its share and merges. Calls between coordinators carry the
+//! [`LOCAL`] metadata key: "answer from your own directory, do not forward".
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 
+use futures::{Stream, StreamExt};
+use prost::Message as _;
+use proto::subject;
+use proto::v1::messaging_client::MessagingClient;
 use proto::v1::messaging_server::Messaging;
+use proto::v1::placement_client::PlacementClient;
 use proto::v1::placement_server::Placement;
 use proto::v1::{
-    BroadcastRequest, DeliveryReport, DisconnectRequest, ListConnectionsRequest,
-    ListConnectionsResponse, LocateRequest, LocateResponse, PublishRequest, SendRequest, Target,
+    BroadcastRequest, Connection, DeliveryReport, DisconnectRequest, ListConnectionsRequest,
+    ListConnectionsResponse, ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse,
+    Node, PlacementEvent, PlacementEvents, PresenceRequest, PresenceResponse, PublishRequest,
+    SendRequest, StatsRequest, StatsResponse, Target, WatchRequest,
 };
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::messaging::{Coordinator, DeliveryError};
+use crate::cluster::Owner;
+use crate::messaging::{Coordinator, DeliveryError, merge};
 use crate::placement::Filter;
 
+/// Metadata key on calls between coordinators.
+pub const LOCAL: &str = "sb-local";
 /// Largest ListConnections page.
 const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
+/// Placement events buffered per Watch stream; a watcher further behind loses events.
+const WATCH_BUFFER: usize = 1024;
 
 /// `switchboard.v1.Messaging`.
 #[derive(Debug, Clone)]
@@ -34,6 +55,49 @@ impl From<DeliveryError> for Status {
     }
 }
 
+fn is_local<T>(r: &Request<T>) -> bool {
+    r.metadata().contains_key(LOCAL)
+}
+
+/// A request to a peer, marked local.
+fn local<T>(msg: T, coordinator: &Coordinator) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(LOCAL, tonic::metadata::MetadataValue::from_static("1"));
+    r.set_timeout(coordinator.timeout() * 2);
+    r
+}
+
+type PeerCall<T> = Pin<Box<dyn Future<Output = Result<Response<T>, Status>> + Send>>;
+
+/// Asks every peer (marked local) and returns the answers that came; unreachable peers are
+/// taken out of the ring until they announce again.
+async fn gather<T, F>(c: &Coordinator, call: F) -> Vec<T>
+where
+    F: Fn(Channel) -> PeerCall<T>,
+{
+    let peers = c.cluster().peers();
+    let calls = peers.iter().map(|(_, ch)| call(ch.clone()));
+    let mut out = Vec::new();
+    for ((id, _), r) in peers.iter().zip(futures::future::join_all(calls).await) {
+        match r {
+            Ok(resp) => out.push(resp.into_inner()),
+            Err(status) => peer_error(c, id, &status),
+        }
+    }
+    out
+}
+
+fn peer_error(c: &Coordinator, id: &str, status: &Status) {
+    tracing::warn!(node = id, code = ?status.code(), message = status.message(), "peer call failed");
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+    ) {
+        c.cluster().peer_failed(id);
+    }
+}
+
 /// The payload as JSON text: `payload_json` verbatim (checked), else `payload`, else null.
 fn payload(value: Option<&prost_types::Value>, json: &str) -> Result<Vec<u8>, Status> {
     if !json.is_empty() {
@@ -42,26 +106,62 @@ fn payload(value: Option<&prost_types::Value>, json: &str) -> Result<Vec<u8>, St
         })?;
         return Ok(json.as_bytes().to_vec());
     }
-    Ok(value
-        .map_or(serde_json::Value::Null, proto::json::from_value)
-        .to_string()
-        .into_bytes())
+    let value = value.map_or(serde_json::Value::Null, proto::json::from_value);
+    Ok(value.to_string().into_bytes())
 }
 
-fn target(namespace: String, user: String, conn_id: String) -> Result<Target, Status> {
+fn target(namespace: &str, user: &str, conn_id: &str) -> Result<Target, Status> {
     if conn_id.is_empty() && user.is_empty() {
         return Err(Status::invalid_argument("set user or conn_id"));
     }
     let conn_ids = if conn_id.is_empty() {
         Vec::new()
     } else {
-        vec![conn_id]
+        vec![conn_id.to_owned()]
     };
     Ok(Target {
-        namespace,
-        user,
+        namespace: namespace.to_owned(),
+        user: user.to_owned(),
         conn_ids,
     })
+}
+
+impl MessagingService {
+    /// Runs a targeted call (Send, Disconnect) where the target lives: at the key's owner, or
+    /// at every coordinator when no key pins it down. `here` does the local part; `there`
+    /// forwards to a peer.
+    async fn targeted<R, H, HF>(
+        &self,
+        req: R,
+        t: &Target,
+        here: H,
+        there: fn(Channel, Request<R>) -> PeerCall<DeliveryReport>,
+    ) -> Result<DeliveryReport, Status>
+    where
+        R: Clone + Send + 'static,
+        H: Fn() -> HF,
+        HF: Future<Output = Result<DeliveryReport, DeliveryError>>,
+    {
+        let c = &self.0;
+        if t.namespace.is_empty() || !t.conn_ids.is_empty() {
+            let mut total = here().await?;
+            for r in gather(c, |ch| there(ch, local(req.clone(), c))).await {
+                merge(&mut total, &r);
+            }
+            return Ok(total);
+        }
+        // The owner may have just died: then the ring moves the key and we try again.
+        for _ in 0..3 {
+            match c.cluster().owner(&t.namespace, &t.user) {
+                Owner::Me => return Ok(here().await?),
+                Owner::Peer(id, ch) => match there(ch, local(req.clone(), c)).await {
+                    Ok(r) => return Ok(r.into_inner()),
+                    Err(status) => peer_error(c, &id, &status),
+                },
+            }
+        }
+        Ok(here().await?)
+    }
 }
 
 #[tonic::async_trait]
@@ -71,13 +171,22 @@ impl Messaging for MessagingService {
         &self,
         request: Request<SendRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
+        let is_local = is_local(&request);
         let r = request.into_inner();
         if r.r#type.is_empty() {
             return Err(Status::invalid_argument("type is required"));
         }
         let body = payload(r.payload.as_ref(), &r.payload_json)?;
-        let target = target(r.namespace, r.user, r.conn_id)?;
-        Ok(Response::new(self.0.send(target, r.r#type, body).await?))
+        let t = target(&r.namespace, &r.user, &r.conn_id)?;
+        let here = || self.0.send(t.clone(), r.r#type.clone(), body.clone());
+        if is_local {
+            return Ok(Response::new(here().await?));
+        }
+        let there: fn(Channel, Request<SendRequest>) -> PeerCall<DeliveryReport> =
+            |ch, req| Box::pin(async move { MessagingClient::new(ch).send(req).await });
+        Ok(Response::new(
+            self.targeted(r.clone(), &t, here, there).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace))]
@@ -120,54 +229,39 @@ impl Messaging for MessagingService {
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
+        let is_local = is_local(&request);
         let r = request.into_inner();
         let code = if r.code == 0 { 1000 } else { r.code };
         if !(1000..=4999).contains(&code) || matches!(code, 1004..=1006 | 1015) {
-            return Err(Status::invalid_argument(format!(
-                "{code} is not a close code a server may send"
-            )));
+            let msg = format!("{code} is not a close code a server may send");
+            return Err(Status::invalid_argument(msg));
         }
         if r.reason.len() > 123 {
             return Err(Status::invalid_argument("reason is longer than 123 bytes"));
         }
-        let target = target(r.namespace, r.user, r.conn_id)?;
+        let t = target(&r.namespace, &r.user, &r.conn_id)?;
+        let here = || self.0.disconnect(t.clone(), code, r.reason.clone(), r.hard);
+        if is_local {
+            return Ok(Response::new(here().await?));
+        }
+        let there: fn(Channel, Request<DisconnectRequest>) -> PeerCall<DeliveryReport> =
+            |ch, req| Box::pin(async move { MessagingClient::new(ch).disconnect(req).await });
         Ok(Response::new(
-            self.0.disconnect(target, code, r.reason, r.hard).await?,
+            self.targeted(r.clone(), &t, here, there).await?,
         ))
     }
 }
 
-#[tonic::async_trait]
-impl Placement for PlacementService {
-    async fn locate(
-        &self,
-        request: Request<LocateRequest>,
-    ) -> Result<Response<LocateResponse>, Status> {
-        let r = request.into_inner();
-        if r.user.is_empty() {
-            return Err(Status::invalid_argument("user is required"));
-        }
-        let connections = self.0.directory().locate(&r.namespace, &r.user);
-        Ok(Response::new(LocateResponse { connections }))
-    }
-
-    async fn list_connections(
-        &self,
-        request: Request<ListConnectionsRequest>,
-    ) -> Result<Response<ListConnectionsResponse>, Status> {
-        let r = request.into_inner();
-        let size = match r.page_size as usize {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
+impl PlacementService {
+    /// This coordinator's page, with live buffered bytes asked of the edges.
+    async fn local_page(&self, r: &ListConnectionsRequest, size: usize) -> ListConnectionsResponse {
         let filter = Filter {
-            namespace: r.namespace,
-            user: r.user,
-            node_id: r.node_id,
-            topic: r.topic,
+            namespace: r.namespace.clone(),
+            user: r.user.clone(),
+            node_id: r.node_id.clone(),
+            topic: r.topic.clone(),
         };
         let (mut connections, next) = self.0.directory().list(&filter, &r.page_token, size);
-        // Buffered bytes are live: ask each edge about its connections on this page.
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for c in &connections {
             by_node
@@ -179,16 +273,269 @@ impl Placement for PlacementService {
             let coord = self.0.clone();
             async move { coord.inspect(&node, ids).await }
         });
-        let mut buffered = std::collections::HashMap::new();
+        let mut buffered = HashMap::new();
         for reply in futures::future::join_all(asks).await {
             buffered.extend(reply.buffered_bytes);
         }
         for c in &mut connections {
             c.buffered_bytes = buffered.get(&c.conn_id).copied().unwrap_or(0);
         }
-        Ok(Response::new(ListConnectionsResponse {
+        ListConnectionsResponse {
             connections,
             next_page_token: next.unwrap_or_default(),
+        }
+    }
+
+    fn local_nodes(&self) -> Vec<Node> {
+        let dir = self.0.directory();
+        let now = self.0.now();
+        let wall = crate::messaging::unix_ms();
+        dir.nodes()
+            .map(|n| Node {
+                node_id: n.node_id.clone(),
+                address: n.address.clone(),
+                connections: n.connection_count() as u64,
+                state: n.state().to_owned(),
+                last_seen_ms: wall
+                    - i64::try_from(now.saturating_sub(n.last_seen).as_millis()).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    fn local_stats(&self) -> StatsResponse {
+        let dir = self.0.directory();
+        let mut s = StatsResponse {
+            connections: dir.connection_count() as u64,
+            ..StatsResponse::default()
+        };
+        for c in dir.connections() {
+            *s.by_namespace.entry(c.namespace.clone()).or_default() += 1;
+            *s.by_node.entry(c.node_id.clone()).or_default() += 1;
+        }
+        for n in dir.nodes() {
+            s.by_node.entry(n.node_id.clone()).or_default();
+        }
+        s
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<PlacementEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Placement for PlacementService {
+    async fn locate(
+        &self,
+        request: Request<LocateRequest>,
+    ) -> Result<Response<LocateResponse>, Status> {
+        let is_local = is_local(&request);
+        let r = request.into_inner();
+        if r.user.is_empty() {
+            return Err(Status::invalid_argument("user is required"));
+        }
+        let here = || self.0.directory().locate(&r.namespace, &r.user);
+        if is_local {
+            return Ok(Response::new(LocateResponse {
+                connections: here(),
+            }));
+        }
+        if r.namespace.is_empty() {
+            let mut connections = here();
+            let c = &self.0;
+            let call = |ch: Channel| -> PeerCall<LocateResponse> {
+                let req = local(r.clone(), c);
+                Box::pin(async move { PlacementClient::new(ch).locate(req).await })
+            };
+            for resp in gather(c, call).await {
+                connections.extend(resp.connections);
+            }
+            connections.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
+            return Ok(Response::new(LocateResponse { connections }));
+        }
+        for _ in 0..3 {
+            match self.0.cluster().owner(&r.namespace, &r.user) {
+                Owner::Me => break,
+                Owner::Peer(id, ch) => {
+                    match PlacementClient::new(ch)
+                        .locate(local(r.clone(), &self.0))
+                        .await
+                    {
+                        Ok(resp) => return Ok(resp),
+                        Err(status) => peer_error(&self.0, &id, &status),
+                    }
+                }
+            }
+        }
+        Ok(Response::new(LocateResponse {
+            connections: here(),
         }))
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<ListConnectionsRequest>,
+    ) -> Result<Response<ListConnectionsResponse>, Status> {
+        let is_local = is_local(&request);
+        let r = request.into_inner();
+        let size = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let mine = self.local_page(&r, size).await;
+        if is_local {
+            return Ok(Response::new(mine));
+        }
+        // Every coordinator's page starts after the same token and is sorted by conn id:
+        // merging them and keeping the first `size` gives the cluster's page.
+        let c = &self.0;
+        let call = |ch: Channel| -> PeerCall<ListConnectionsResponse> {
+            let req = local(r.clone(), c);
+            Box::pin(async move { PlacementClient::new(ch).list_connections(req).await })
+        };
+        let pages = gather(c, call).await;
+        let mut more = !mine.next_page_token.is_empty();
+        let mut all: Vec<Connection> = mine.connections;
+        for p in pages {
+            more |= !p.next_page_token.is_empty();
+            all.extend(p.connections);
+        }
+        all.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
+        more |= all.len() > size;
+        all.truncate(size);
+        let next_page_token = if more {
+            all.last().map(|c| c.conn_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListConnectionsResponse {
+            connections: all,
+            next_page_token,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let is_local = is_local(&request);
+        let mut nodes: BTreeMap<String, Node> = self
+            .local_nodes()
+            .into_iter()
+            .map(|n| (n.node_id.clone(), n))
+            .collect();
+        let coordinators = self
+            .0
+            .cluster()
+            .members()
+            .into_iter()
+            .map(|(node_id, address)| proto::v1::Coordinator { node_id, address })
+            .collect();
+
+        if !is_local {
+            let c = &self.0;
+            let call = |ch: Channel| -> PeerCall<ListNodesResponse> {
+                let req = local(ListNodesRequest {}, c);
+                Box::pin(async move { PlacementClient::new(ch).list_nodes(req).await })
+            };
+            // Each coordinator holds its share of an edge's connections: add them up.
+            for resp in gather(c, call).await {
+                for n in resp.nodes {
+                    let slot = nodes.entry(n.node_id.clone()).or_insert_with(|| Node {
+                        connections: 0,
+                        ..n.clone()
+                    });
+                    slot.connections += n.connections;
+                    slot.last_seen_ms = slot.last_seen_ms.max(n.last_seen_ms);
+                }
+            }
+        }
+        let nodes = nodes.into_values().collect();
+        Ok(Response::new(ListNodesResponse {
+            nodes,
+            coordinators,
+        }))
+    }
+
+    async fn presence(
+        &self,
+        request: Request<PresenceRequest>,
+    ) -> Result<Response<PresenceResponse>, Status> {
+        let is_local = is_local(&request);
+        let r = request.into_inner();
+        if r.namespace.is_empty() {
+            return Err(Status::invalid_argument("namespace is required"));
+        }
+        let mut users: BTreeSet<String> = self.0.directory().presence(&r.namespace, &r.topic);
+        if !is_local {
+            let c = &self.0;
+            let call = |ch: Channel| -> PeerCall<PresenceResponse> {
+                let req = local(r.clone(), c);
+                Box::pin(async move { PlacementClient::new(ch).presence(req).await })
+            };
+            for resp in gather(c, call).await {
+                users.extend(resp.users);
+            }
+        }
+        Ok(Response::new(PresenceResponse {
+            users: users.into_iter().collect(),
+        }))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let is_local = is_local(&request);
+        let mut s = self.local_stats();
+        if !is_local {
+            let c = &self.0;
+            let call = |ch: Channel| -> PeerCall<StatsResponse> {
+                let req = local(StatsRequest {}, c);
+                Box::pin(async move { PlacementClient::new(ch).stats(req).await })
+            };
+            for other in gather(c, call).await {
+                s.connections += other.connections;
+                for (k, v) in other.by_namespace {
+                    *s.by_namespace.entry(k).or_default() += v;
+                }
+                for (k, v) in other.by_node {
+                    *s.by_node.entry(k).or_default() += v;
+                }
+            }
+        }
+        s.nodes = u32::try_from(s.by_node.len()).unwrap_or(u32::MAX);
+        s.coordinators = u32::try_from(self.0.cluster().ring().members().len()).unwrap_or(u32::MAX);
+        Ok(Response::new(s))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let f = request.into_inner();
+        let bus = self.0.bus();
+        let sub = bus
+            .subscribe(subject::PLACEMENT_EVENTS.to_owned(), None)
+            .await
+            .map_err(|e| Status::unavailable(format!("bus unavailable: {e}")))?;
+        let keep = move |e: &PlacementEvent| {
+            let node_ok = f.node_id.is_empty() || e.node_id == f.node_id;
+            let conn_ok = match &e.connection {
+                Some(c) => {
+                    (f.namespace.is_empty() || c.namespace == f.namespace)
+                        && (f.user.is_empty() || c.user == f.user)
+                }
+                None => f.user.is_empty() && f.namespace.is_empty(),
+            };
+            node_ok && conn_ok
+        };
+        let events = sub
+            .flat_map(move |m| {
+                let batch = PlacementEvents::decode(m.payload.as_ref()).unwrap_or_default();
+                let kept: Vec<Result<PlacementEvent, Status>> =
+                    batch.events.into_iter().filter(&keep).map(Ok).collect();
+                futures::stream::iter(kept)
+            })
+            .ready_chunks(WATCH_BUFFER)
+            .flat_map(futures::stream::iter);
+        Ok(Response::new(Box::pin(events)))
     }
 }

@@ -16,6 +16,22 @@ pub struct CoordinatorConfig {
     /// How long to wait for edges to answer a delivery. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The gRPC address peers and edges dial; default: `grpc_listen` as bound.
+    pub advertise: Option<String>,
+    /// How often this coordinator announces itself. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub announce_interval: Duration,
+    /// A coordinator silent for this long leaves the ring. Default 3 s.
+    #[serde(with = "humantime_serde")]
+    pub member_timeout: Duration,
+    /// How long a vanished edge's connections stay in placement. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub edge_grace: Duration,
+    /// Backends publish `{username, namespace?, type, payload}` here to send. Default `sb.send`.
+    pub send_subject: String,
+    /// Backends publish `{type, payload, namespace?, skip?}` here to broadcast. Default
+    /// `sb.broadcast`.
+    pub broadcast_subject: String,
 }
 
 impl Default for CoordinatorConfig {
@@ -24,6 +40,12 @@ impl Default for CoordinatorConfig {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             request_timeout: Duration::from_secs(2),
+            advertise: None,
+            announce_interval: Duration::from_secs(1),
+            member_timeout: Duration::from_secs(3),
+            edge_grace: Duration::from_secs(10),
+            send_subject: proto::subject::DEFAULT_SEND.into(),
+            broadcast_subject: proto::subject::DEFAULT_BROADCAST.into(),
         }
     }
 }

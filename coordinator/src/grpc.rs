@@ -1,6 +1,7 @@
 //! The gRPC server: Messaging, Placement, `grpc.health.v1.Health`, and server reflection
 //! (v1 and v1alpha, so that every grpcurl build can list and describe with no .proto files).
 
+use proto::v1::edge_report_server::EdgeReportServer;
 use proto::v1::messaging_server::MessagingServer;
 use proto::v1::placement_server::PlacementServer;
 use tokio::net::TcpListener;
@@ -9,8 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{MessagingService, PlacementService};
 use crate::messaging::Coordinator;
+use crate::report::ReportService;
+
+/// HTTP/2 keepalive ping interval and timeout.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the gRPC server stopped.
+
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
     #[error("reflection descriptor is invalid")]
@@ -41,9 +47,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     tonic::transport::Server::builder()
+        // A report stream from an edge that vanished without a FIN must still break.
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(EdgeReportServer::new(ReportService(coordinator.clone())))
         .add_service(MessagingServer::new(MessagingService(coordinator.clone())))
         .add_service(PlacementServer::new(PlacementService(coordinator)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())

@@ -9,10 +9,15 @@
 //! | [`grpc`] | the gRPC server with health and reflection |
 
 pub mod api;
+pub mod cluster;
+
 pub mod config;
 pub mod grpc;
+pub mod http;
+pub mod ingest;
 pub mod messaging;
 pub mod placement;
+pub mod report;
 
 pub use config::CoordinatorConfig;
 pub use messaging::{Coordinator, DeliveryError};

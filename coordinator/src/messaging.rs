@@ -1,5 +1,6 @@
-//! Delivery across edges: resolve placement, send one bus message to each edge that holds a
-//! target (never to every edge), and add up what the edges report.
+//! The coordinator's core: its directory, its place in the cluster, and delivery across
+//! edges (resolve placement, one bus message to each edge that holds a target — never to every
+//! edge — and add up what the edges report).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,9 +10,15 @@ use bus::{BusError, Outgoing, SharedBus};
 use futures::StreamExt;
 use prost::Message as _;
 use proto::subject;
-use proto::v1::{DeliveryReport, EdgeCommand, InspectReply, Target, edge_command};
+use proto::v1::placement_event::Kind;
+use proto::v1::{
+    DeliveryReport, EdgeCommand, InspectReply, PlacementEvent, PlacementEvents, ReportBatch,
+    Target, edge_command,
+};
 
-use crate::placement::Directory;
+use crate::cluster::Cluster;
+use crate::config::CoordinatorConfig;
+use crate::placement::{Change, Directory};
 
 /// What can go wrong delivering.
 #[derive(Debug, thiserror::Error)]
@@ -22,21 +29,27 @@ pub enum DeliveryError {
     Bus(#[from] BusError),
 }
 
-/// The coordinator's view of the cluster and its way to reach edges.
+/// The coordinator's state and its way to reach edges. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Coordinator {
-    pub(crate) directory: Arc<Mutex<Directory>>,
+    directory: Arc<Mutex<Directory>>,
+    cluster: Arc<Cluster>,
     bus: SharedBus,
-    /// How long to wait for edges to answer a command.
+    /// How long to wait for edges (and peers) to answer.
     timeout: Duration,
+    epoch: tokio::time::Instant,
 }
 
 impl Coordinator {
-    pub fn new(bus: SharedBus, timeout: Duration) -> Self {
+    /// `address` is this coordinator's gRPC address as peers should dial it.
+    pub fn new(node_id: String, address: String, bus: SharedBus, cfg: &CoordinatorConfig) -> Self {
+        let cluster = Cluster::new(node_id, address, cfg.member_timeout);
         Self {
             directory: Arc::default(),
+            cluster: Arc::new(cluster),
             bus,
-            timeout,
+            timeout: cfg.request_timeout,
+            epoch: tokio::time::Instant::now(),
         }
     }
 
@@ -44,7 +57,51 @@ impl Coordinator {
         self.directory.lock().expect("directory poisoned")
     }
 
-    /// A frame to one user (in one namespace or all) or one connection.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn bus(&self) -> SharedBus {
+        Arc::clone(&self.bus)
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.cluster.self_id()
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Time since this coordinator started: the clock of the sans-io state machines.
+    pub fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Applies an edge's report batch and tells `Placement.Watch` streams what changed.
+    pub async fn apply(&self, batch: ReportBatch) {
+        let changes = self.directory().apply(batch, self.now());
+        self.announce_changes(changes).await;
+    }
+
+    /// A report stream from an edge opened; returns its generation.
+    pub fn open_stream(&self, node_id: &str) -> u64 {
+        self.directory().open_stream(node_id)
+    }
+
+    /// An edge's report stream broke.
+    pub fn suspect(&self, node_id: &str, stream: u64) {
+        self.directory().suspect(node_id, stream, self.now());
+    }
+
+    /// Drops edges suspect for longer than `grace`.
+    pub async fn expire(&self, grace: Duration) {
+        let changes = self.directory().expire(self.now(), grace);
+        self.announce_changes(changes).await;
+    }
+
+    /// A frame to one user (in one namespace or all) or some connections, from this
+    /// coordinator's directory.
     pub async fn send(
         &self,
         target: Target,
@@ -52,15 +109,16 @@ impl Coordinator {
         payload: Vec<u8>,
     ) -> Result<DeliveryReport, DeliveryError> {
         let nodes = self.nodes_of(&target);
-        let cmd = edge_command::Kind::Deliver(proto::v1::Deliver {
+        let deliver = proto::v1::Deliver {
             target: Some(target),
             r#type: msg_type,
             payload,
-        });
-        self.to_nodes(nodes, cmd).await
+        };
+        self.to_nodes(nodes, edge_command::Kind::Deliver(deliver))
+            .await
     }
 
-    /// Closes a user's connections (or one connection).
+    /// Closes a user's connections (or some connections) from this coordinator's directory.
     pub async fn disconnect(
         &self,
         target: Target,
@@ -69,13 +127,14 @@ impl Coordinator {
         hard: bool,
     ) -> Result<DeliveryReport, DeliveryError> {
         let nodes = self.nodes_of(&target);
-        let cmd = edge_command::Kind::Disconnect(proto::v1::Disconnect {
+        let d = proto::v1::Disconnect {
             target: Some(target),
             code,
             reason,
             hard,
-        });
-        self.to_nodes(nodes, cmd).await
+        };
+        self.to_nodes(nodes, edge_command::Kind::Disconnect(d))
+            .await
     }
 
     /// A frame to every connection (of one namespace), minus a skip list. Every edge gets it.
@@ -106,10 +165,11 @@ impl Coordinator {
         self.scatter(out, expected).await
     }
 
-    /// Live buffered bytes of some connections, asked of the edges that hold them.
+    /// Live buffered bytes of some connections, asked of the edge that holds them.
     pub async fn inspect(&self, node_id: &str, conn_ids: Vec<String>) -> InspectReply {
+        let inspect = proto::v1::Inspect { conn_ids };
         let cmd = EdgeCommand {
-            kind: Some(edge_command::Kind::Inspect(proto::v1::Inspect { conn_ids })),
+            kind: Some(edge_command::Kind::Inspect(inspect)),
         };
         let out = Outgoing::new(subject::node(node_id), cmd.encode_to_vec());
         match self.bus.request(out, self.timeout).await {
@@ -159,8 +219,8 @@ impl Coordinator {
         Ok(total)
     }
 
-    /// Publishes with a reply inbox and adds up answers until `expected` edges answered or
-    /// the timeout passed.
+    /// Publishes with a reply inbox and adds up answers until `expected` answered or the
+    /// timeout passed.
     async fn scatter(
         &self,
         out: Outgoing,
@@ -176,29 +236,80 @@ impl Coordinator {
         self.bus.publish(out.with_reply(inbox)).await?;
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
-        while (total.nodes as usize) < expected {
+        let mut answers = 0;
+        while answers < expected {
             tokio::select! {
                 () = &mut deadline => {
-                    tracing::warn!(answered = total.nodes, expected, "not every edge answered in time");
+                    tracing::warn!(answers, expected, "not every edge answered in time");
                     break;
                 }
                 m = replies.next() => match m {
-                    Some(m) => add(&mut total, &m.payload),
+                    Some(m) => {
+                        answers += 1;
+                        add(&mut total, &m.payload);
+                    }
                     None => break,
                 },
             }
         }
         Ok(total)
     }
+
+    async fn announce_changes(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let at_ms = unix_ms();
+        let events: Vec<PlacementEvent> = changes
+            .into_iter()
+            .filter_map(|c| self.event(c, at_ms))
+            .collect();
+        if events.is_empty() {
+            return;
+        }
+        let body = PlacementEvents { events }.encode_to_vec();
+        let out = Outgoing::new(subject::PLACEMENT_EVENTS, body);
+        if let Err(error) = self.bus.publish(out).await {
+            tracing::debug!(%error, "placement events not published");
+        }
+    }
+
+    fn event(&self, change: Change, at_ms: i64) -> Option<PlacementEvent> {
+        // Every coordinator sees every edge come and go; the owner of `node/<id>` speaks.
+        let speaks = |n: &str| self.cluster.owns(&format!("node/{n}"));
+        let (kind, connection, node_id) = match change {
+            Change::Attached(c) => (Kind::Attach, Some(c), String::new()),
+            Change::Detached(c) => (Kind::Detach, Some(c), String::new()),
+            Change::NodeUp(n) if speaks(&n) => (Kind::NodeUp, None, n),
+            Change::NodeDown(n) if speaks(&n) => (Kind::NodeDown, None, n),
+            Change::NodeUp(_) | Change::NodeDown(_) => return None,
+        };
+        let node_id = connection.as_ref().map_or(node_id, |c| c.node_id.clone());
+        Some(PlacementEvent {
+            kind: kind.into(),
+            connection,
+            node_id,
+            at_ms,
+        })
+    }
 }
 
-fn add(total: &mut DeliveryReport, payload: &[u8]) {
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Adds one edge's report into a total.
+pub(crate) fn add(total: &mut DeliveryReport, payload: &[u8]) {
     match DeliveryReport::decode(payload) {
-        Ok(r) => {
-            total.delivered += r.delivered;
-            total.refused += r.refused;
-            total.nodes += r.nodes.max(1);
-        }
+        Ok(r) => merge(total, &r),
         Err(error) => tracing::warn!(%error, "undecodable delivery report"),
     }
+}
+
+pub(crate) fn merge(total: &mut DeliveryReport, r: &DeliveryReport) {
+    total.delivered += r.delivered;
+    total.refused += r.refused;
+    total.nodes += r.nodes;
 }

@@ -1,11 +1,15 @@
 //! The placement directory: which connection of which user in which namespace is on which
 //! edge, and which edges watch which topic filters. Fed by edge report batches.
 //!
-//! **Invariant:** sans-io. No sockets, no clock reads: time comes in as a parameter. Applying
-//! a delta twice is harmless (attach replaces, detach and unsubscribe of something absent do
-//! nothing), so an edge may re-send its whole state at any time.
+//! In a cluster each coordinator holds the connections whose `namespace/user` key it owns on
+//! the ring, and every edge's active topic filters.
+//!
+//! **Invariant:** sans-io. No sockets, no clock reads: time comes in as a parameter (time since
+//! an epoch of the caller's choosing). Applying a delta twice is harmless (attach replaces,
+//! detach and unsubscribe of something absent do nothing), so an edge may re-send its whole
+//! state at any time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use proto::topic;
@@ -16,16 +20,29 @@ use proto::v1::{Connection, ReportBatch, delta};
 pub struct Node {
     pub node_id: String,
     pub address: String,
-    /// When the last batch arrived, as time since an arbitrary epoch chosen by the caller.
+    /// When the last batch arrived.
     pub last_seen: Duration,
+    pub draining: bool,
+    /// Since when its report stream is broken, if it is.
+    pub suspect_since: Option<Duration>,
     conns: BTreeSet<String>,
-    /// (namespace, filter) → local subscriber count.
-    topics: HashMap<(String, String), u32>,
+    /// Active (namespace, filter) pairs on the edge.
+    topics: HashSet<(String, String)>,
 }
 
 impl Node {
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    pub fn state(&self) -> &'static str {
+        if self.suspect_since.is_some() {
+            "suspect"
+        } else if self.draining {
+            "draining"
+        } else {
+            "ready"
+        }
     }
 }
 
@@ -38,58 +55,152 @@ pub struct Filter {
     pub topic: String,
 }
 
+/// A change worth telling `Placement.Watch` about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Attached(Connection),
+    Detached(Connection),
+    NodeUp(String),
+    NodeDown(String),
+}
+
 #[derive(Debug, Default)]
 pub struct Directory {
     conns: BTreeMap<String, Connection>,
-    users: HashMap<String, BTreeSet<String>>,
+    users: BTreeMap<String, BTreeSet<String>>,
     nodes: BTreeMap<String, Node>,
+    /// The latest report stream generation per edge.
+    streams: BTreeMap<String, u64>,
 }
 
 impl Directory {
-    /// Applies one report batch from an edge. A full batch replaces everything that edge had.
-    pub fn apply(&mut self, batch: ReportBatch, now: Duration) {
-        let node_id = batch.node_id.clone();
-        if batch.full {
-            self.forget_node(&node_id);
+    /// Applies one report batch from an edge. A full batch replaces everything this directory
+    /// had from that edge. Returns what changed.
+    pub fn apply(&mut self, batch: ReportBatch, now: Duration) -> Vec<Change> {
+        let node_id = batch.node_id;
+        let leaving = batch.leaving;
+        let mut changes = Vec::new();
+        let known = self.nodes.contains_key(&node_id);
+        let mut stale: BTreeSet<String> = BTreeSet::new();
+        {
+            let node = self.nodes.entry(node_id.clone()).or_default();
+            node.node_id.clone_from(&node_id);
+            if !batch.address.is_empty() {
+                node.address = batch.address;
+            }
+            node.last_seen = now;
+            node.draining = batch.draining;
+            node.suspect_since = None;
+            if batch.full {
+                stale = std::mem::take(&mut node.conns);
+                node.topics.clear();
+            }
         }
-        let node = self.nodes.entry(node_id.clone()).or_default();
-        node.node_id.clone_from(&node_id);
-        if !batch.address.is_empty() {
-            node.address = batch.address;
+        if !known {
+            changes.push(Change::NodeUp(node_id.clone()));
         }
-        node.last_seen = now;
         for d in batch.deltas {
             match d.kind {
                 Some(delta::Kind::Attach(mut c)) => {
                     c.node_id.clone_from(&node_id);
-                    self.attach(c);
+                    let fresh = !stale.remove(&c.conn_id) && !self.conns.contains_key(&c.conn_id);
+                    self.attach(c.clone());
+                    if fresh {
+                        changes.push(Change::Attached(c));
+                    }
                 }
-                Some(delta::Kind::Detach(r)) => self.detach(&r.conn_id),
-                Some(delta::Kind::Subscribe(t)) => {
-                    self.subscribe(&node_id, &t.conn_id, &t.namespace, &t.topic)
+                Some(delta::Kind::Detach(r)) => {
+                    stale.remove(&r.conn_id);
+                    if let Some(c) = self.detach(&r.conn_id) {
+                        changes.push(Change::Detached(c));
+                    }
                 }
-                Some(delta::Kind::Unsubscribe(t)) => {
-                    self.unsubscribe(&t.conn_id, &t.namespace, &t.topic)
+                Some(delta::Kind::Subscribe(t)) => self.set_topic(&t.conn_id, &t.topic, true),
+                Some(delta::Kind::Unsubscribe(t)) => self.set_topic(&t.conn_id, &t.topic, false),
+                Some(delta::Kind::NodeTopic(t)) => {
+                    if let Some(node) = self.nodes.get_mut(&node_id) {
+                        if t.active {
+                            node.topics.insert((t.namespace, t.topic));
+                        } else {
+                            node.topics.remove(&(t.namespace, t.topic));
+                        }
+                    }
                 }
                 None => {}
             }
         }
+        for id in stale {
+            if let Some(c) = self.detach(&id) {
+                changes.push(Change::Detached(c));
+            }
+        }
+        if leaving {
+            changes.extend(self.forget_node(&node_id));
+        }
+        changes
+    }
+
+    /// A report stream from `node_id` opened; returns its generation.
+    pub fn open_stream(&mut self, node_id: &str) -> u64 {
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.suspect_since = None;
+        }
+        let g = self.streams.entry(node_id.to_owned()).or_default();
+        *g += 1;
+        *g
+    }
+
+    /// The edge's report stream of generation `stream` broke: keep its entries until the
+    /// grace period passes, unless a newer stream from it is open.
+    pub fn suspect(&mut self, node_id: &str, stream: u64, now: Duration) {
+        if self.streams.get(node_id).is_some_and(|g| *g != stream) {
+            return;
+        }
+        if let Some(n) = self.nodes.get_mut(node_id) {
+            n.suspect_since.get_or_insert(now);
+        }
+    }
+
+    /// Drops the edges suspect for longer than `grace`. Returns what changed.
+    pub fn expire(&mut self, now: Duration, grace: Duration) -> Vec<Change> {
+        let gone: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.suspect_since
+                    .is_some_and(|s| now.saturating_sub(s) >= grace)
+            })
+            .map(|n| n.node_id.clone())
+            .collect();
+        gone.iter().flat_map(|id| self.forget_node(id)).collect()
     }
 
     /// Drops everything an edge reported (it left or vanished).
-    pub fn forget_node(&mut self, node_id: &str) {
+    pub fn forget_node(&mut self, node_id: &str) -> Vec<Change> {
         let Some(node) = self.nodes.remove(node_id) else {
-            return;
+            return Vec::new();
         };
-        for id in node.conns {
-            if let Some(c) = self.conns.remove(&id) {
+        let mut changes = Vec::new();
+        for id in &node.conns {
+            if let Some(c) = self.conns.remove(id) {
                 self.unindex_user(&c);
+                changes.push(Change::Detached(c));
             }
         }
+        changes.push(Change::NodeDown(node_id.to_owned()));
+        changes
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values()
+    }
+
+    pub fn node(&self, node_id: &str) -> Option<&Node> {
+        self.nodes.get(node_id)
+    }
+
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.conns.values()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -121,13 +232,13 @@ impl Directory {
             .collect()
     }
 
-    /// The edges with a local watcher of a filter matching `topic` in `namespace`.
+    /// The edges with an active filter matching `topic` in `namespace`.
     pub fn nodes_watching(&self, namespace: &str, concrete: &str) -> BTreeSet<String> {
         self.nodes
             .values()
             .filter(|n| {
                 n.topics
-                    .keys()
+                    .iter()
                     .any(|(ns, f)| ns == namespace && topic::matches(f, concrete))
             })
             .map(|n| n.node_id.clone())
@@ -141,11 +252,21 @@ impl Directory {
             .values()
             .map(|n| {
                 n.topics
-                    .keys()
+                    .iter()
                     .filter(|(ns, f)| ns == namespace && topic::matches(f, concrete))
                     .count()
             })
             .sum()
+    }
+
+    /// Users online in `namespace`, optionally only those subscribed to exactly `filter`.
+    pub fn presence(&self, namespace: &str, filter: &str) -> BTreeSet<String> {
+        self.conns
+            .values()
+            .filter(|c| c.namespace == namespace && !c.user.is_empty())
+            .filter(|c| filter.is_empty() || c.topics.iter().any(|t| t == filter))
+            .map(|c| c.user.clone())
+            .collect()
     }
 
     /// One page of the connections matching `filter`, in conn id order, after `after`.
@@ -161,9 +282,12 @@ impl Directory {
         } else {
             Excluded(after.to_owned())
         };
-        let mut out = Vec::new();
-        let mut next = None;
-        for (id, c) in self.conns.range((start, Unbounded)) {
+        let mut out: Vec<Connection> = Vec::new();
+        for c in self
+            .conns
+            .range::<String, _>((start, Unbounded))
+            .map(|(_, c)| c)
+        {
             let keep = (filter.namespace.is_empty() || c.namespace == filter.namespace)
                 && (filter.user.is_empty() || c.user == filter.user)
                 && (filter.node_id.is_empty() || c.node_id == filter.node_id)
@@ -172,27 +296,22 @@ impl Directory {
                 continue;
             }
             if out.len() == limit {
-                next = out.last().map(|c: &Connection| c.conn_id.clone());
-                break;
+                return (out.clone(), out.last().map(|c| c.conn_id.clone()));
             }
             out.push(c.clone());
-            let _ = id;
         }
-        (out, next)
+        (out, None)
     }
 
     fn attach(&mut self, c: Connection) {
         if self.conns.contains_key(&c.conn_id) {
             self.detach(&c.conn_id);
         }
-        let node = self.nodes.entry(c.node_id.clone()).or_default();
-        node.conns.insert(c.conn_id.clone());
-        for t in &c.topics {
-            *node
-                .topics
-                .entry((c.namespace.clone(), t.clone()))
-                .or_default() += 1;
-        }
+        self.nodes
+            .entry(c.node_id.clone())
+            .or_default()
+            .conns
+            .insert(c.conn_id.clone());
         self.users
             .entry(c.user.clone())
             .or_default()
@@ -200,45 +319,24 @@ impl Directory {
         self.conns.insert(c.conn_id.clone(), c);
     }
 
-    fn detach(&mut self, conn_id: &str) {
-        let Some(c) = self.conns.remove(conn_id) else {
-            return;
-        };
+    fn detach(&mut self, conn_id: &str) -> Option<Connection> {
+        let c = self.conns.remove(conn_id)?;
         if let Some(node) = self.nodes.get_mut(&c.node_id) {
             node.conns.remove(conn_id);
-            for t in &c.topics {
-                decrement(&mut node.topics, &(c.namespace.clone(), t.clone()));
-            }
         }
         self.unindex_user(&c);
+        Some(c)
     }
 
-    fn subscribe(&mut self, node_id: &str, conn_id: &str, namespace: &str, filter: &str) {
+    fn set_topic(&mut self, conn_id: &str, filter: &str, on: bool) {
         let Some(c) = self.conns.get_mut(conn_id) else {
             return;
         };
-        if c.topics.iter().any(|t| t == filter) {
-            return;
-        }
-        c.topics.push(filter.to_owned());
-        let node = self.nodes.entry(node_id.to_owned()).or_default();
-        *node
-            .topics
-            .entry((namespace.to_owned(), filter.to_owned()))
-            .or_default() += 1;
-    }
-
-    fn unsubscribe(&mut self, conn_id: &str, namespace: &str, filter: &str) {
-        let Some(c) = self.conns.get_mut(conn_id) else {
-            return;
-        };
-        let before = c.topics.len();
-        c.topics.retain(|t| t != filter);
-        if c.topics.len() == before {
-            return;
-        }
-        if let Some(node) = self.nodes.get_mut(&c.node_id) {
-            decrement(&mut node.topics, &(namespace.to_owned(), filter.to_owned()));
+        let has = c.topics.iter().any(|t| t == filter);
+        if on && !has {
+            c.topics.push(filter.to_owned());
+        } else if !on && has {
+            c.topics.retain(|t| t != filter);
         }
     }
 
@@ -252,19 +350,10 @@ impl Directory {
     }
 }
 
-fn decrement(map: &mut HashMap<(String, String), u32>, key: &(String, String)) {
-    if let Some(n) = map.get_mut(key) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(key);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::v1::{ConnRef, Delta, TopicChange};
+    use proto::v1::{ConnRef, Delta, NodeTopic};
 
     fn conn(id: &str, ns: &str, user: &str) -> Delta {
         Delta {
@@ -277,42 +366,39 @@ mod tests {
         }
     }
 
+    fn node_topic(ns: &str, t: &str, active: bool) -> Delta {
+        let t = NodeTopic {
+            namespace: ns.into(),
+            topic: t.into(),
+            active,
+        };
+        Delta {
+            kind: Some(delta::Kind::NodeTopic(t)),
+        }
+    }
+
     fn batch(node: &str, full: bool, deltas: Vec<Delta>) -> ReportBatch {
         ReportBatch {
             node_id: node.into(),
-            address: String::new(),
             full,
             deltas,
+            ..ReportBatch::default()
         }
     }
+
+    const T: Duration = Duration::ZERO;
 
     #[test]
     fn locate_and_topics_follow_deltas() {
         let mut d = Directory::default();
-        let sub = |id: &str, t: &str| Delta {
-            kind: Some(delta::Kind::Subscribe(TopicChange {
-                conn_id: id.into(),
-                namespace: "a".into(),
-                user: String::new(),
-                topic: t.into(),
-            })),
-        };
-        d.apply(
-            batch(
-                "e1",
-                true,
-                vec![
-                    conn("c1", "a", "alice"),
-                    conn("c2", "b", "alice"),
-                    sub("c1", "x/+"),
-                ],
-            ),
-            Duration::ZERO,
-        );
-        d.apply(
-            batch("e2", true, vec![conn("c3", "a", "alice")]),
-            Duration::ZERO,
-        );
+        let deltas = vec![
+            conn("c1", "a", "alice"),
+            conn("c2", "b", "alice"),
+            node_topic("a", "x/+", true),
+        ];
+        let changes = d.apply(batch("e1", true, deltas), T);
+        assert_eq!(changes.len(), 3, "node up and two attaches: {changes:?}");
+        d.apply(batch("e2", true, vec![conn("c3", "a", "alice")]), T);
         assert_eq!(d.locate("a", "alice").len(), 2);
         assert_eq!(d.locate("", "alice").len(), 3);
         assert_eq!(
@@ -320,26 +406,68 @@ mod tests {
             BTreeSet::from(["e1".to_owned()])
         );
         assert!(d.nodes_watching("b", "x/1").is_empty());
-        // Idempotent: the same subscribe twice counts once; detach removes the watcher.
-        d.apply(batch("e1", false, vec![sub("c1", "x/+")]), Duration::ZERO);
-        let detach = Delta {
-            kind: Some(delta::Kind::Detach(ConnRef {
-                conn_id: "c1".into(),
-                ..ConnRef::default()
-            })),
-        };
-        d.apply(batch("e1", false, vec![detach]), Duration::ZERO);
+        d.apply(batch("e1", false, vec![node_topic("a", "x/+", false)]), T);
         assert!(d.nodes_watching("a", "x/1").is_empty());
-        // A full batch replaces the node's state.
-        d.apply(batch("e2", true, vec![]), Duration::ZERO);
+        let detach = ConnRef {
+            conn_id: "c1".into(),
+            ..ConnRef::default()
+        };
+        let changes = d.apply(
+            batch(
+                "e1",
+                false,
+                vec![Delta {
+                    kind: Some(delta::Kind::Detach(detach)),
+                }],
+            ),
+            T,
+        );
+        assert!(matches!(&changes[..], [Change::Detached(c)] if c.conn_id == "c1"));
+        // A full batch replaces the node's state: c3 is gone, and that is reported.
+        let changes = d.apply(batch("e2", true, vec![]), T);
+        assert!(matches!(&changes[..], [Change::Detached(c)] if c.conn_id == "c3"));
         assert_eq!(d.locate("", "alice").len(), 1);
+    }
+
+    #[test]
+    fn full_batch_repeating_state_changes_nothing() {
+        let mut d = Directory::default();
+        d.apply(batch("e1", true, vec![conn("c1", "a", "u")]), T);
+        let changes = d.apply(batch("e1", true, vec![conn("c1", "a", "u")]), T);
+        assert!(changes.is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn suspect_nodes_expire_after_grace() {
+        let s = Duration::from_secs(1);
+        let mut d = Directory::default();
+        d.apply(batch("e1", true, vec![conn("c1", "a", "u")]), T);
+        let g = d.open_stream("e1");
+        d.suspect("e1", g, s);
+        assert!(d.expire(2 * s, 5 * s).is_empty());
+        assert_eq!(d.node("e1").map(Node::state), Some("suspect"));
+        let changes = d.expire(6 * s, 5 * s);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(d.locate("a", "u").is_empty());
+        // A node that comes back before the grace period is no longer suspect.
+        d.apply(batch("e2", true, vec![conn("c2", "a", "u")]), T);
+        let g = d.open_stream("e2");
+        d.suspect("e2", g, s);
+        // A newer stream makes the old one's end irrelevant.
+        let newer = d.open_stream("e2");
+        d.suspect("e2", g, s);
+        assert_eq!(d.node("e2").map(Node::state), Some("ready"));
+        d.suspect("e2", newer, s);
+
+        d.apply(batch("e2", true, vec![conn("c2", "a", "u")]), 2 * s);
+        assert!(d.expire(10 * s, 5 * s).is_empty());
     }
 
     #[test]
     fn list_pages_in_id_order() {
         let mut d = Directory::default();
         let deltas = (0..5).map(|i| conn(&format!("c{i}"), "a", "u")).collect();
-        d.apply(batch("e1", true, deltas), Duration::ZERO);
+        d.apply(batch("e1", true, deltas), T);
         let f = Filter::default();
         let (page, next) = d.list(&f, "", 2);
         assert_eq!(

@@ -26,6 +26,13 @@ pub struct EdgeConfig {
     pub request_timeout: Duration,
     /// The WebSocket routes. Default: one `/connect` route that requires a JWT.
     pub routes: Vec<RouteConfig>,
+    /// Cluster mode: coordinator gRPC addresses (`host:port` or `http://host:port`) for first
+    /// contact; the rest of the ring is learned from their announcements on the bus.
+    pub coordinators: Vec<String>,
+    /// Cluster mode: a coordinator not heard from for this long leaves this edge's ring.
+    /// Default 3 s.
+    #[serde(with = "humantime_serde")]
+    pub member_timeout: Duration,
 }
 
 impl Default for EdgeConfig {
@@ -37,6 +44,8 @@ impl Default for EdgeConfig {
             drain_window: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             routes: vec![RouteConfig::default()],
+            coordinators: Vec::new(),
+            member_timeout: Duration::from_secs(3),
         }
     }
 }

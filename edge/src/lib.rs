@@ -25,6 +25,7 @@ mod protocol;
 mod registry;
 mod report;
 mod server;
+pub mod uplink;
 
 pub use auth::{AuthError, Identity};
 pub use config::EdgeConfig;

@@ -63,6 +63,24 @@ pub(crate) enum SubscribeError {
     Timeout,
 }
 
+/// The whole index at one instant, for a full report.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub(crate) conns: Vec<ConnHandle>,
+    /// Topic filters per connection.
+    pub(crate) by_conn: HashMap<Ulid, Vec<String>>,
+    /// Active (namespace, filter) pairs on this edge.
+    pub(crate) active: Vec<(String, String)>,
+}
+
+fn node_topic(namespace: &str, topic: &str, active: bool) -> delta::Kind {
+    delta::Kind::NodeTopic(proto::v1::NodeTopic {
+        namespace: namespace.to_owned(),
+        topic: topic.to_owned(),
+        active,
+    })
+}
+
 /// Frames of one message, built lazily once per dialect.
 struct Frames<'a> {
     build: &'a (dyn Fn(Key) -> String + Sync),
@@ -208,6 +226,9 @@ impl Registry {
                 .lock()
                 .expect("topic poisoned")
                 .push(handle.clone());
+            if created {
+                shared.reporter.push(node_topic(&ns, filter, true));
+            }
             (topic, created)
         };
         if created {
@@ -220,7 +241,7 @@ impl Registry {
                 }
                 Err(e) => {
                     topic.ready.send_replace(Ready::Failed);
-                    self.drop_topic(&topic_key, &topic);
+                    self.drop_topic(shared, &topic_key, &topic);
                     return Err(e);
                 }
             }
@@ -232,11 +253,11 @@ impl Registry {
             match waited {
                 Ok(Ok(r)) if *r == Ready::Yes => {}
                 Ok(_) => {
-                    self.remove_subscriber(&topic_key, handle);
+                    self.remove_subscriber(shared, &topic_key, handle);
                     return Err(SubscribeError::Timeout);
                 }
                 Err(_) => {
-                    self.remove_subscriber(&topic_key, handle);
+                    self.remove_subscriber(shared, &topic_key, handle);
                     return Err(SubscribeError::Timeout);
                 }
             }
@@ -248,7 +269,7 @@ impl Registry {
 
     pub(crate) fn unsubscribe(&self, shared: &Shared, handle: &ConnHandle, filter: &str) {
         let key = (handle.info().namespace.clone(), filter.to_owned());
-        if self.remove_subscriber(&key, handle) {
+        if self.remove_subscriber(shared, &key, handle) {
             shared
                 .reporter
                 .push(delta::Kind::Unsubscribe(report::topic_change(
@@ -257,7 +278,12 @@ impl Registry {
         }
     }
 
-    fn remove_subscriber(&self, key: &(String, String), handle: &ConnHandle) -> bool {
+    fn remove_subscriber(
+        &self,
+        shared: &Shared,
+        key: &(String, String),
+        handle: &ConnHandle,
+    ) -> bool {
         let mut inner = self.lock();
         let Some(topic) = inner.topics.get(key).cloned() else {
             return false;
@@ -270,14 +296,16 @@ impl Registry {
             drop(subs);
             inner.topics.remove(key);
             topic.stop.cancel();
+            shared.reporter.push(node_topic(&key.0, &key.1, false));
         }
         removed
     }
 
-    fn drop_topic(&self, key: &(String, String), topic: &Arc<Topic>) {
+    fn drop_topic(&self, shared: &Shared, key: &(String, String), topic: &Arc<Topic>) {
         let mut inner = self.lock();
         if inner.topics.get(key).is_some_and(|t| Arc::ptr_eq(t, topic)) {
             inner.topics.remove(key);
+            shared.reporter.push(node_topic(&key.0, &key.1, false));
         }
         topic.stop.cancel();
     }
@@ -289,20 +317,22 @@ impl Registry {
 
     /// Every connection with its topic filters, taken under the index lock; `during` runs
     /// under the same lock (the reporter switches back to deltas there).
-    pub(crate) fn snapshot(
-        &self,
-        during: impl FnOnce(),
-    ) -> (Vec<ConnHandle>, HashMap<Ulid, Vec<String>>) {
+    pub(crate) fn snapshot(&self, during: impl FnOnce()) -> Snapshot {
         let inner = self.lock();
-        let mut topics: HashMap<Ulid, Vec<String>> = HashMap::new();
+        let mut by_conn: HashMap<Ulid, Vec<String>> = HashMap::new();
         for ((_, filter), topic) in &inner.topics {
             for h in topic.subscribers.lock().expect("topic poisoned").iter() {
-                topics.entry(h.id()).or_default().push(filter.clone());
+                by_conn.entry(h.id()).or_default().push(filter.clone());
             }
         }
         let conns = inner.conns.values().cloned().collect();
+        let active = inner.topics.keys().cloned().collect();
         during();
-        (conns, topics)
+        Snapshot {
+            conns,
+            by_conn,
+            active,
+        }
     }
 
     /// The connections a command's target names.

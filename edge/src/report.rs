@@ -88,23 +88,31 @@ impl Reporter {
             address: address.to_owned(),
             full,
             deltas,
+            ..ReportBatch::default()
         };
+
         if full {
             // The snapshot and the switch back to deltas happen under the registry lock, so
             // every change is either in the snapshot or logged after it.
-            let (conns, topics) = registry.snapshot(|| {
+            let snap = registry.snapshot(|| {
                 let mut log = self.log.lock().expect("report log poisoned");
                 log.full = false;
                 log.deltas.clear();
             });
-            let deltas = conns
-                .iter()
-                .map(|h| {
-                    let t = topics.get(&h.id()).map_or(&[][..], Vec::as_slice);
-                    Delta {
-                        kind: Some(delta::Kind::Attach(connection(h, node_id, t))),
-                    }
+            let attach = snap.conns.iter().map(|h| {
+                let t = snap.by_conn.get(&h.id()).map_or(&[][..], Vec::as_slice);
+                delta::Kind::Attach(connection(h, node_id, t))
+            });
+            let topics = snap.active.into_iter().map(|(namespace, topic)| {
+                delta::Kind::NodeTopic(proto::v1::NodeTopic {
+                    namespace,
+                    topic,
+                    active: true,
                 })
+            });
+            let deltas = attach
+                .chain(topics)
+                .map(|k| Delta { kind: Some(k) })
                 .collect();
             return Some(batch(deltas, true));
         }

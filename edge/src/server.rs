@@ -128,6 +128,11 @@ impl Edge {
         self.shared.is_ready()
     }
 
+    /// Whether the edge is draining for shutdown.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::SeqCst)
+    }
+
     /// Readiness of whatever the edge reports to (the coordinator streams).
     pub fn set_upstream_ready(&self, ready: bool) {
         self.shared.upstream_ready.store(ready, Ordering::Relaxed);
@@ -187,7 +192,8 @@ impl Edge {
         ));
 
         shutdown.cancelled().await;
-        shared.draining.store(true, Ordering::Relaxed);
+        shared.draining.store(true, Ordering::SeqCst);
+
         tracing::info!(connections = shared.registry.len(), window = ?shared.cfg.drain_window, "draining");
         drain(shared).await;
         conns.close();
@@ -419,6 +425,11 @@ async fn run_conn(
     let mut conn = Conn::new(ws, handle.clone(), rx, Arc::clone(&shared));
     shared.metrics.upgrades.inc();
     let attached = shared.registry.attach(&shared, &handle);
+    // A drain snapshots the registry after setting the flag: a connection attached after the
+    // snapshot sees the flag here and leaves on its own.
+    if attached && shared.draining.load(Ordering::SeqCst) {
+        handle.close(crate::conn::CloseRequest::new(1001, "server shutting down"));
+    }
     tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
     let end = if attached {
         let onconnect = protocol::onconnect(

@@ -6,6 +6,10 @@
 //! | `sb.edges` | coordinators: commands for every edge (broadcast, inspect) | every edge |
 //! | `sb.topic.<ns>.<levels…>` | anyone: a topic publication | edges with a local watcher |
 //! | `sb.event.<ns>.<type>` | edges: client events no route hook maps elsewhere | backends |
+//! | `sb.coord.announce` | coordinators, every second and when leaving | edges, coordinators |
+//! | `sb.coord.hello` | a starting process | coordinators (they announce at once) |
+//! | `sb.placement.events` | coordinators: placement changes | `Placement.Watch` streams |
+//! | `sb.send`, `sb.broadcast` (configurable) | backends with only a NATS client | coordinators (queue group) |
 //!
 //! **Invariant:** client-chosen strings (namespaces, topic levels, event types) only ever
 //! enter a subject through [`token`], so they can neither inject a wildcard nor leave their
@@ -17,6 +21,19 @@ use std::fmt::Write as _;
 pub const TOPIC_PREFIX: &str = "sb.topic";
 /// Every edge subscribes here for cluster-wide commands.
 pub const EDGES: &str = "sb.edges";
+
+/// Coordinators announce themselves here ([`CoordinatorAnnounce`](crate::v1::CoordinatorAnnounce)).
+pub const ANNOUNCE: &str = "sb.coord.announce";
+/// A process that just started asks coordinators to announce at once.
+pub const HELLO: &str = "sb.coord.hello";
+/// Placement changes ([`PlacementEvent`](crate::v1::PlacementEvent)) for `Placement.Watch`.
+pub const PLACEMENT_EVENTS: &str = "sb.placement.events";
+/// Queue group of the coordinators on the send and broadcast subjects.
+pub const COORDINATOR_QUEUE: &str = "sb-coordinators";
+/// Default subject backends publish sends on (`{username, namespace?, type, payload}`).
+pub const DEFAULT_SEND: &str = "sb.send";
+/// Default subject backends publish broadcasts on (`{type, payload, namespace?, skip?}`).
+pub const DEFAULT_BROADCAST: &str = "sb.broadcast";
 
 /// Header: the connection that published a topic message (so it can be skipped).
 pub const HEADER_ORIGIN: &str = "Sb-Origin";

@@ -1,0 +1,95 @@
+//! The coordinator's HTTP listener: `/healthz`, `/readyz`, `/metrics`.
+
+use std::fmt::Write as _;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::messaging::Coordinator;
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    c: Coordinator,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(c);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn ready(State(c): State<Coordinator>) -> impl IntoResponse {
+    if c.bus().is_connected() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "bus disconnected\n")
+    }
+}
+
+async fn metrics(State(c): State<Coordinator>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(&c),
+    )
+}
+
+/// Prometheus text.
+pub fn render(c: &Coordinator) -> String {
+    let (entries, edges, suspect) = {
+        let dir = c.directory();
+        let suspect = dir.nodes().filter(|n| n.suspect_since.is_some()).count();
+        (dir.connection_count(), dir.nodes().count(), suspect)
+    };
+    let bus = c.bus();
+    let gauges = [
+        (
+            "coordinator_placement_entries",
+            "Connections in this coordinator's share of placement.",
+            entries as u64,
+        ),
+        (
+            "coordinator_edges",
+            "Edges reporting to this coordinator.",
+            edges as u64,
+        ),
+        (
+            "coordinator_edges_suspect",
+            "Edges whose report stream is broken, within the grace period.",
+            suspect as u64,
+        ),
+        (
+            "coordinator_ring_members",
+            "Coordinators in this coordinator's ring.",
+            c.cluster().ring().members().len() as u64,
+        ),
+        (
+            "coordinator_bus_connected",
+            "1 when the bus connection is up.",
+            u64::from(bus.is_connected()),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, help, v) in gauges {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        );
+    }
+    let name = "coordinator_bus_reconnects_total";
+    let _ = write!(
+        out,
+        "# HELP {name} Bus reconnections since start.\n# TYPE {name} counter\n{name} {}\n",
+        bus.reconnects()
+    );
+    out
+}

@@ -1,0 +1,503 @@
+//! Cluster mode: the edge's report streams to the coordinators.
+//!
+//! The edge learns the coordinators from their announcements on the bus (and, for first
+//! contact, from `ListNodes` on the configured coordinators), builds the same ring they do, and
+//! keeps one `EdgeReport` stream per coordinator. Each connection's deltas go to the owner of
+//! its `namespace/user` key; node-level topic activations go to every coordinator. A mirror of
+//! what was reported lets the edge re-send each coordinator its whole share when the ring
+//! changes or a stream reconnects.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use bus::SharedBus;
+use futures::StreamExt;
+use membership::{Membership, Ring};
+use prost::Message as _;
+use proto::subject;
+use proto::v1::edge_report_client::EdgeReportClient;
+use proto::v1::placement_client::PlacementClient;
+use proto::v1::{Connection, CoordinatorAnnounce, Delta, ListNodesRequest, ReportBatch, delta};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::server::Edge;
+
+/// Batches queued per coordinator stream; beyond that the stream gets a full batch instead.
+const STREAM_QUEUE: usize = 256;
+/// Housekeeping period: expire members, retry full batches, readiness.
+const TICK: Duration = Duration::from_millis(500);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long leaving batches may take to reach the coordinators on shutdown.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the uplink needs.
+#[derive(Debug, Clone)]
+pub struct UplinkOptions {
+    /// Coordinator addresses for first contact.
+    pub seeds: Vec<String>,
+    pub member_timeout: Duration,
+    /// This edge's WebSocket address, as operators see it in `ListNodes`.
+    pub address: String,
+}
+
+/// Runs until `shutdown`; then tells every coordinator this edge is leaving.
+pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: CancellationToken) {
+    edge.set_upstream_ready(false);
+    let mut announces = match bus.subscribe(subject::ANNOUNCE.to_owned(), None).await {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot subscribe to coordinator announcements");
+            return;
+        }
+    };
+    let _ = bus
+        .publish(bus::Outgoing::new(subject::HELLO, Vec::new()))
+        .await;
+    let (found_tx, mut found) = mpsc::channel::<(String, String)>(64);
+    let (events_tx, mut events) = mpsc::channel::<StreamEvent>(64);
+    tokio::spawn(first_contact(
+        opts.seeds.clone(),
+        found_tx.clone(),
+        shutdown.clone(),
+    ));
+
+    let epoch = Instant::now();
+    let mut router = Router::new(
+        edge.node_id().to_owned(),
+        opts.address.clone(),
+        opts.member_timeout,
+    );
+    let mut streams: HashMap<String, StreamHandle> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            batch = edge.next_report(&opts.address) => {
+                for (id, b) in router.on_batch(batch) {
+                    send(&mut streams, &id, b);
+                }
+            }
+            Some(m) = announces.next() => {
+                let Ok(a) = CoordinatorAnnounce::decode(m.payload.as_ref()) else { continue };
+                let now = epoch.elapsed();
+                if router.membership.observe(&a.node_id, &a.grpc_address, a.leaving, now) {
+                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                }
+            }
+            Some((id, address)) = found.recv() => {
+                if router.membership.observe(&id, &address, false, epoch.elapsed()) {
+                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                }
+            }
+            Some(ev) = events.recv() => match ev {
+                StreamEvent::Connected(id) => {
+                    if let Some(s) = streams.get_mut(&id) {
+                        s.connected = true;
+                        s.needs_full = true;
+                    }
+                    flush_fulls(&router, &mut streams, edge.is_draining());
+                    edge.set_upstream_ready(streams.values().any(|s| s.connected));
+                }
+                StreamEvent::Disconnected(id) => {
+                    if let Some(s) = streams.get_mut(&id) {
+                        s.connected = false;
+                    }
+                    edge.set_upstream_ready(streams.values().any(|s| s.connected));
+                }
+                StreamEvent::Unreachable(id) => {
+                    // Out of the ring until it announces again, as the coordinators do.
+                    if router.membership.remove(&id) {
+                        tracing::warn!(node = %id, "coordinator unreachable; removed from the ring");
+                        reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                        edge.set_upstream_ready(streams.values().any(|s| s.connected));
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                if router.membership.expire(epoch.elapsed()) {
+                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                }
+                if router.membership.is_empty() {
+                    let _ = bus.publish(bus::Outgoing::new(subject::HELLO, Vec::new())).await;
+                }
+                let draining = edge.is_draining();
+                if draining != router.draining {
+                    router.draining = draining;
+                    for s in streams.values_mut() {
+                        s.needs_full = true;
+                    }
+                }
+                flush_fulls(&router, &mut streams, draining);
+            }
+        }
+    }
+    // Leaving: every coordinator forgets this edge now instead of after the grace period.
+    let leave = ReportBatch {
+        node_id: edge.node_id().to_owned(),
+        address: opts.address.clone(),
+        leaving: true,
+        draining: true,
+        ..ReportBatch::default()
+    };
+    let tasks: Vec<_> = streams
+        .into_values()
+        .map(|s| {
+            let _ = s.tx.try_send(leave.clone());
+            s.stop.cancel();
+            s.task
+        })
+        .collect();
+    let _ = tokio::time::timeout(LEAVE_TIMEOUT, futures::future::join_all(tasks)).await;
+}
+
+#[derive(Debug)]
+enum StreamEvent {
+    Connected(String),
+    Disconnected(String),
+    /// A connect attempt failed after the stream had broken.
+    Unreachable(String),
+}
+
+#[derive(Debug)]
+struct StreamHandle {
+    address: String,
+    tx: mpsc::Sender<ReportBatch>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    connected: bool,
+    /// The next batch for this coordinator must be its whole share.
+    needs_full: bool,
+}
+
+fn send(streams: &mut HashMap<String, StreamHandle>, id: &str, batch: ReportBatch) {
+    let Some(s) = streams.get_mut(id) else { return };
+    if s.needs_full {
+        return;
+    }
+    if s.tx.try_send(batch).is_err() {
+        s.needs_full = true;
+    }
+}
+
+fn flush_fulls(router: &Router, streams: &mut HashMap<String, StreamHandle>, draining: bool) {
+    for (id, s) in streams.iter_mut() {
+        if s.needs_full && s.connected {
+            let mut full = router.full_for(id);
+            full.draining = draining;
+            s.needs_full = s.tx.try_send(full).is_err();
+        }
+    }
+}
+
+/// Opens streams to new members, closes streams to gone ones, and re-sends every coordinator
+/// its share of the new ring.
+fn reconcile(
+    router: &mut Router,
+    streams: &mut HashMap<String, StreamHandle>,
+    events: &mpsc::Sender<StreamEvent>,
+    shutdown: &CancellationToken,
+) {
+    router.ring = router.membership.ring();
+    tracing::info!(ring = ?router.ring.members(), "coordinator ring changed");
+    let members: HashMap<String, String> = router
+        .membership
+        .members()
+        .map(|m| (m.node_id.clone(), m.address.clone()))
+        .collect();
+    streams.retain(|id, s| {
+        let keep = members.get(id).is_some_and(|a| *a == s.address);
+        if !keep {
+            s.stop.cancel();
+        }
+        keep
+    });
+    for (id, address) in members {
+        streams.entry(id.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+            let stop = shutdown.child_token();
+            let task = tokio::spawn(stream_task(
+                id,
+                address.clone(),
+                rx,
+                events.clone(),
+                stop.clone(),
+            ));
+            StreamHandle {
+                address,
+                tx,
+                stop,
+                task,
+                connected: false,
+                needs_full: true,
+            }
+        });
+    }
+    for s in streams.values_mut() {
+        s.needs_full = true;
+    }
+    flush_fulls(router, streams, router.draining);
+}
+
+/// Keeps one report stream to one coordinator open, reconnecting with backoff.
+async fn stream_task(
+    id: String,
+    address: String,
+    mut rx: mpsc::Receiver<ReportBatch>,
+    events: mpsc::Sender<StreamEvent>,
+    stop: CancellationToken,
+) {
+    let url = if address.contains("://") {
+        address.clone()
+    } else {
+        format!("http://{address}")
+    };
+    let mut backoff = Duration::from_millis(50);
+    let mut was_connected = false;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let attempt = async {
+            let channel = Endpoint::from_shared(url.clone())?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .connect()
+                .await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(EdgeReportClient::new(channel))
+        };
+        let mut client = tokio::select! {
+            () = stop.cancelled() => return,
+            c = attempt => match c {
+                Ok(c) => c,
+                Err(error) => {
+                    tracing::debug!(node = %id, %address, %error, "coordinator unreachable");
+                    if std::mem::take(&mut was_connected) {
+                        let _ = events.send(StreamEvent::Unreachable(id.clone())).await;
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        // Whatever was queued for the broken stream is stale: a full batch follows.
+        while rx.try_recv().is_ok() {}
+        let (itx, irx) = mpsc::channel::<ReportBatch>(STREAM_QUEUE);
+        let mut acks = match client.report(ReceiverStream::new(irx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                tracing::debug!(node = %id, code = ?status.code(), "report stream refused");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        was_connected = true;
+        tracing::info!(node = %id, %address, "reporting to coordinator");
+        let _ = events.send(StreamEvent::Connected(id.clone())).await;
+        let stopping = loop {
+            tokio::select! {
+                () = stop.cancelled() => break true,
+                b = rx.recv() => match b {
+                    Some(b) => if itx.send(b).await.is_err() { break false },
+                    None => break true,
+                },
+                a = acks.next() => match a {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break false,
+                },
+            }
+        };
+        if stopping {
+            // Hand over what is left (the leaving batch), then end the stream.
+            while let Ok(b) = rx.try_recv() {
+                if itx.send(b).await.is_err() {
+                    break;
+                }
+            }
+            drop(itx);
+            let _ = tokio::time::timeout(LEAVE_TIMEOUT, async {
+                while acks.next().await.is_some() {}
+            })
+            .await;
+            return;
+        }
+        tracing::warn!(node = %id, %address, "report stream to coordinator broke; reconnecting");
+        let _ = events.send(StreamEvent::Disconnected(id.clone())).await;
+    }
+}
+
+/// Asks the configured coordinators who is in the ring, until someone answers.
+async fn first_contact(
+    seeds: Vec<String>,
+    found: mpsc::Sender<(String, String)>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut any = false;
+        for seed in &seeds {
+            let url = if seed.contains("://") {
+                seed.clone()
+            } else {
+                format!("http://{seed}")
+            };
+            let Ok(endpoint) = Endpoint::from_shared(url) else {
+                tracing::warn!(%seed, "not a valid coordinator address");
+                continue;
+            };
+            let ask = async {
+                let channel = endpoint
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .connect()
+                    .await
+                    .ok()?;
+                PlacementClient::new(channel)
+                    .list_nodes(ListNodesRequest {})
+                    .await
+                    .ok()
+            };
+            if let Some(resp) = ask.await {
+                for c in resp.into_inner().coordinators {
+                    any = true;
+                    let _ = found.send((c.node_id, c.address)).await;
+                }
+            }
+        }
+        if any || seeds.is_empty() {
+            return;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// What was reported, and to whom each delta goes.
+#[derive(Debug)]
+struct Router {
+    node_id: String,
+    address: String,
+    membership: Membership,
+    ring: Ring,
+    draining: bool,
+    conns: HashMap<String, Connection>,
+    topics: BTreeSet<(String, String)>,
+}
+
+impl Router {
+    fn new(node_id: String, address: String, member_timeout: Duration) -> Self {
+        Self {
+            node_id,
+            address,
+            membership: Membership::new(member_timeout),
+            ring: Ring::new(Vec::new()),
+            draining: false,
+            conns: HashMap::new(),
+            topics: BTreeSet::new(),
+        }
+    }
+
+    /// Applies a batch from the edge to the mirror and splits it by coordinator.
+    fn on_batch(&mut self, batch: ReportBatch) -> Vec<(String, ReportBatch)> {
+        if batch.full {
+            self.conns.clear();
+            self.topics.clear();
+        }
+        let mut out: HashMap<String, Vec<Delta>> = HashMap::new();
+        let everyone: Vec<String> = self.ring.members().to_vec();
+        for d in batch.deltas {
+            let Some(kind) = &d.kind else { continue };
+            let owner = match kind {
+                delta::Kind::Attach(c) => {
+                    self.conns.insert(c.conn_id.clone(), c.clone());
+                    self.ring.owner(&c.namespace, &c.user)
+                }
+                delta::Kind::Detach(r) => {
+                    self.conns.remove(&r.conn_id);
+                    self.ring.owner(&r.namespace, &r.user)
+                }
+                delta::Kind::Subscribe(t) | delta::Kind::Unsubscribe(t) => {
+                    let on = matches!(kind, delta::Kind::Subscribe(_));
+                    if let Some(c) = self.conns.get_mut(&t.conn_id) {
+                        c.topics.retain(|x| *x != t.topic);
+                        if on {
+                            c.topics.push(t.topic.clone());
+                        }
+                    }
+                    self.ring.owner(&t.namespace, &t.user)
+                }
+                delta::Kind::NodeTopic(t) => {
+                    let key = (t.namespace.clone(), t.topic.clone());
+                    if t.active {
+                        self.topics.insert(key);
+                    } else {
+                        self.topics.remove(&key);
+                    }
+                    for id in &everyone {
+                        out.entry(id.clone()).or_default().push(d.clone());
+                    }
+                    continue;
+                }
+            };
+            if let Some(owner) = owner {
+                out.entry(owner.to_owned()).or_default().push(d);
+            }
+        }
+        if batch.full {
+            // The edge's whole state changed under us: everyone gets a full share.
+            return everyone
+                .into_iter()
+                .map(|id| {
+                    let full = self.full_for(&id);
+                    (id, full)
+                })
+                .collect();
+        }
+        out.into_iter()
+            .map(|(id, deltas)| (id, self.batch(deltas, false)))
+            .collect()
+    }
+
+    /// Everything coordinator `id` owns, plus every active topic.
+    fn full_for(&self, id: &str) -> ReportBatch {
+        let attach = self
+            .conns
+            .values()
+            .filter(|c| self.ring.owner(&c.namespace, &c.user) == Some(id))
+            .map(|c| delta::Kind::Attach(c.clone()));
+        let topics = self.topics.iter().map(|(namespace, topic)| {
+            delta::Kind::NodeTopic(proto::v1::NodeTopic {
+                namespace: namespace.clone(),
+                topic: topic.clone(),
+                active: true,
+            })
+        });
+        let deltas = attach
+            .chain(topics)
+            .map(|k| Delta { kind: Some(k) })
+            .collect();
+        self.batch(deltas, true)
+    }
+
+    fn batch(&self, deltas: Vec<Delta>, full: bool) -> ReportBatch {
+        ReportBatch {
+            node_id: self.node_id.clone(),
+            address: self.address.clone(),
+            full,
+            deltas,
+            draining: self.draining,
+            leaving: false,
+        }
+    }
+}
