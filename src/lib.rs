@@ -10,3 +10,4 @@
 pub mod config;
 pub mod run;
 pub mod telemetry;
+pub mod token;

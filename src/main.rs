@@ -36,6 +36,27 @@ enum Command {
     Coordinator,
     /// Validate a config file and print the effective config (exit 64 naming the bad key).
     CheckConfig { file: PathBuf },
+    /// Mint an HS256 test token (secret from --secret or SWITCHBOARD_JWT_SECRET).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// The user.
+    #[arg(long)]
+    sub: String,
+    /// The claim that names the user.
+    #[arg(long, default_value = "sub")]
+    user_claim: String,
+    /// A namespace the token may open (repeat; none = any namespace).
+    #[arg(long = "namespace")]
+    namespaces: Vec<String>,
+    /// Lifetime, e.g. 1h.
+    #[arg(long, default_value = "1h", value_parser = humantime_serde::re::humantime::parse_duration)]
+    ttl: std::time::Duration,
+    /// The HS256 secret.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    secret: String,
 }
 
 /// Flags of every mode; each is also an environment variable and a config key.
@@ -75,6 +96,25 @@ struct Flags {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Dev);
+    if let Command::Token(t) = &command {
+        let spec = switchboard::token::TokenSpec {
+            secret: t.secret.clone(),
+            user_claim: t.user_claim.clone(),
+            user: t.sub.clone(),
+            namespaces: t.namespaces.clone(),
+            ttl: t.ttl,
+        };
+        return match switchboard::token::mint(&spec) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchboard: cannot mint the token: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let f = cli.flags;
     let file = match &command {
         Command::CheckConfig { file } => Some(file.clone()),
@@ -94,7 +134,7 @@ fn main() -> ExitCode {
         Command::Coordinator => (Mode::Coordinator, Config::default()),
         // A file is checked against the production defaults, whatever mode it is for.
         Command::CheckConfig { .. } => (Mode::Dev, Config::default()),
-        Command::Dev => (
+        Command::Dev | Command::Token(_) => (
             Mode::Dev,
             Config {
                 edge: edge::EdgeConfig::dev(),

@@ -36,6 +36,10 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         .await
         .with_context(|| format!("cannot listen on {} (edge.listen)", cfg.edge.listen))?;
     let address = ws.local_addr()?.to_string();
+    println!(
+        "switchboard edge {node_id}: websocket ws://{address} (nats {})",
+        cfg.nats.url
+    );
     tracing::info!(node = %node_id, websocket = %address, nats = %cfg.nats.url, coordinators = ?cfg.edge.coordinators, "edge serving");
     let options = edge::uplink::UplinkOptions {
         seeds: cfg.edge.coordinators.clone(),
@@ -82,6 +86,11 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
     let c = Coordinator::new(node_id.clone(), advertise.clone(), bus, cc);
+    println!(
+        "switchboard coordinator {node_id}: grpc {grpc_addr} http http://{} (nats {})",
+        http.local_addr()?,
+        cfg.nats.url
+    );
     tracing::info!(node = %node_id, grpc = %grpc_addr, %advertise, http = %http.local_addr()?, nats = %cfg.nats.url, "coordinator serving");
     let tasks = [
         tokio::spawn(coordinator::cluster::run_membership(
