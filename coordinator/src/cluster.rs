@@ -120,6 +120,15 @@ impl Cluster {
         changed
     }
 
+    /// Counts every member as just heard from (after this process's own bus outage).
+    pub fn touch_all(&self, now: Duration) {
+        self.view
+            .write()
+            .expect("cluster view poisoned")
+            .membership
+            .touch_all(now);
+    }
+
     /// Drops silent members (never this one); true when the ring changed.
     pub fn expire(&self, now: Duration) -> bool {
         let mut view = self.view.write().expect("cluster view poisoned");
@@ -207,11 +216,21 @@ pub async fn run_membership(
     };
     announce(false).await;
     let mut tick = tokio::time::interval(interval);
+    let mut bus_was_down = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {
                 announce(false).await;
+                // Silence heard through a broken bus says nothing about the others.
+                if !bus.is_connected() {
+                    bus_was_down = true;
+                    continue;
+                }
+                if std::mem::take(&mut bus_was_down) {
+                    cluster.touch_all(coordinator.now());
+                    continue;
+                }
                 if cluster.expire(coordinator.now()) {
                     tracing::info!(ring = ?cluster.ring().members(), "coordinator left the ring");
                 }

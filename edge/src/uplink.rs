@@ -74,6 +74,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
     );
     let mut streams: HashMap<String, StreamHandle> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
+    let mut bus_was_down = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -119,7 +120,12 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 }
             },
             _ = tick.tick() => {
-                if router.membership.expire(epoch.elapsed()) {
+                // Silence heard through a broken bus says nothing about the coordinators.
+                if !bus.is_connected() {
+                    bus_was_down = true;
+                } else if std::mem::take(&mut bus_was_down) {
+                    router.membership.touch_all(epoch.elapsed());
+                } else if router.membership.expire(epoch.elapsed()) {
                     reconcile(&mut router, &mut streams, &events_tx, &shutdown);
                 }
                 if router.membership.is_empty() {

@@ -74,6 +74,14 @@ impl Membership {
         self.members.len() != before
     }
 
+    /// Counts every member as just heard from: after this process's own bus outage, the
+    /// missing announcements say nothing about the members.
+    pub fn touch_all(&mut self, now: Duration) {
+        for m in self.members.values_mut() {
+            m.last_seen = m.last_seen.max(now);
+        }
+    }
+
     /// Removes a member known to be gone (e.g. its connection was refused).
     pub fn remove(&mut self, node_id: &str) -> bool {
         self.members.remove(node_id).is_some()
