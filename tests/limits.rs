@@ -1,0 +1,331 @@
+//! Limits and close codes (PROTOCOL.md §2, DESIGN.md §7): oversize and malformed frames,
+//! idle and heartbeat timeouts, rate limits, slow consumers, per-user connection limits,
+//! and the drain on shutdown.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    TestNode, WAIT, WsClient, config_with, dev_config, dev_route, eventually, try_upgrade,
+};
+use edge::config::{HeartbeatConfig, Hook, OnFull, OutboundConfig, RateLimitConfig};
+use futures::StreamExt;
+use proto::v1::{PublishRequest, SendRequest};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+#[tokio::test]
+async fn oversize_frame_closes_1009() {
+    let mut route = dev_route("/connect");
+    route.max_payload = 1024;
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut c = node.connect("/connect?user=big").await;
+    // Just under the limit is fine.
+    let fits = json!({"type": "ping", "id": 1, "pad": "x".repeat(900)});
+    c.send_json(&fits).await;
+    assert_eq!(c.recv_json().await, json!({"type": "pong", "id": 1}));
+    c.send_json(&json!({"type": "ping", "pad": "x".repeat(2000)}))
+        .await;
+    assert_eq!(c.expect_close().await.0, 1009);
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_closes_1007() {
+    let node = TestNode::start(dev_config()).await;
+    let mut c = node.connect("/connect?user=utf").await;
+    c.send_raw_text(b"{\"type\":\"ping\",\"x\":\"\xff\xfe\"}".to_vec())
+        .await;
+    assert_eq!(c.expect_close().await.0, 1007);
+}
+
+#[tokio::test]
+async fn binary_frame_closes_1003() {
+    let node = TestNode::start(dev_config()).await;
+    let mut c = node.connect("/connect?user=bin").await;
+    c.send_binary(b"{\"type\":\"ping\"}".to_vec()).await;
+    assert_eq!(c.expect_close().await.0, 1003);
+}
+
+#[tokio::test]
+async fn idle_connection_closes_1000_saying_idle() {
+    let mut route = dev_route("/connect");
+    route.idle_timeout = Duration::from_millis(400);
+    // Pongs to the edge's pings are not activity: this client answers them and still idles.
+    route.heartbeat = HeartbeatConfig {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(300),
+    };
+    let node = TestNode::start(config_with(vec![route])).await;
+    let start = Instant::now();
+    let mut c = node.connect("/connect?user=idle").await;
+    let (code, reason) = c.expect_close().await;
+    assert_eq!(code, 1000);
+    assert!(reason.contains("idle"), "close reason {reason:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(400),
+        "closed too early"
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_drops_a_client_that_never_answers_pings() {
+    let mut route = dev_route("/connect");
+    route.heartbeat = HeartbeatConfig {
+        interval: Duration::from_millis(150),
+        timeout: Duration::from_millis(300),
+    };
+    route.hooks.onclose = Some(Hook {
+        publish: "test.closed".into(),
+        required: false,
+    });
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut closes = node
+        .bus
+        .subscribe("test.closed".into(), None)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    // Never polled until the end: it never reads, so it never answers a ping.
+    let dead = node.connect("/connect?user=dead").await;
+    let mut live = node.connect("/connect?user=live").await;
+    node.wait_located("", "dead", 1).await;
+    node.wait_located("", "live", 1).await;
+
+    // `live` reads (and so answers pings) while we wait for `dead` to be dropped.
+    let watch = async {
+        let gone = eventually(WAIT, async || node.locate("", "dead").await.is_empty()).await;
+        assert!(
+            gone,
+            "a client that never answered pings is still connected"
+        );
+        let elapsed = start.elapsed();
+        let req = SendRequest {
+            user: "live".into(),
+            r#type: "still-here".into(),
+            ..Default::default()
+        };
+        let r = node.messaging().await.send(req).await.unwrap().into_inner();
+        assert_eq!(r.delivered, 1, "the live client was dropped too");
+        elapsed
+    };
+    let (frame, elapsed) = tokio::join!(live.recv_json(), watch);
+    assert_eq!(frame, json!({"type": "still-here", "payload": null}));
+    assert!(
+        elapsed >= Duration::from_millis(450),
+        "dropped after {elapsed:?}, before interval + timeout"
+    );
+    // TCP closed, no close frame; pings were sent.
+    let frames = dead.expect_dropped().await;
+    assert!(
+        frames.contains(&0x9),
+        "no ping before the drop: {frames:x?}"
+    );
+    let closed = tokio::time::timeout(WAIT, closes.next())
+        .await
+        .expect("no close event for the dropped client")
+        .unwrap();
+    let body: Value = serde_json::from_slice(&closed.payload).unwrap();
+    assert_eq!(body["username"], "dead");
+    live.roundtrip().await;
+}
+
+#[tokio::test]
+async fn flooding_gets_rate_limited_then_closed_1008() {
+    let mut route = dev_route("/connect");
+    route.rate_limit = RateLimitConfig {
+        per_second: 1,
+        burst: 5,
+        close_after: 3,
+    };
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut c = node.connect("/connect?user=flood").await;
+    let mut other = node.connect("/connect?user=calm").await;
+    for i in 0..10 {
+        c.send_json(&json!({"type": "ping", "id": i})).await;
+    }
+    let ((code, _), frames) = c.expect_close_within(WAIT).await;
+    assert_eq!(code, 1008, "frames before the close: {frames:?}");
+    let pongs = frames.iter().filter(|f| f["type"] == "pong").count();
+    let limited: Vec<&Value> = frames.iter().filter(|f| f["type"] == "error").collect();
+    assert!((5..=6).contains(&pongs), "{frames:?}");
+    assert_eq!(limited.len(), 2, "{frames:?}");
+    for e in limited {
+        assert_eq!(e["code"], "rate_limited");
+    }
+    // Other connections have their own bucket.
+    for _ in 0..5 {
+        other.roundtrip().await;
+    }
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_1013_without_stalling_others() {
+    let mut slow_route = dev_route("/slow");
+    slow_route.outbound = OutboundConfig {
+        queue: 8,
+        max_bytes: 64 * 1024,
+        on_full: OnFull::Close,
+    };
+    slow_route.hooks.onclose = Some(Hook {
+        publish: "test.closed".into(),
+        required: false,
+    });
+    let fast_route = dev_route("/fast");
+    let node = TestNode::start(config_with(vec![slow_route, fast_route])).await;
+    let mut closes = node
+        .bus
+        .subscribe("test.closed".into(), None)
+        .await
+        .unwrap();
+
+    let mut slow = WsClient::connect_small_rcvbuf(node.ws_addr, "/slow?user=slow", 4096).await;
+    let mut fast = node.connect("/fast?user=fast").await;
+    for c in [&mut slow, &mut fast] {
+        c.send_json(&json!({"type": "subscribe", "topic": "feed"}))
+            .await;
+        c.recv_type("subscribed").await;
+    }
+    let (slow_conn, fast_conn) = (node.conn_of(&slow).await, node.conn_of(&fast).await);
+    node.wait_topics(&slow_conn.conn_id, &["feed"]).await;
+    node.wait_topics(&fast_conn.conn_id, &["feed"]).await;
+
+    // `fast` reads everything while `slow` reads nothing.
+    let reader = tokio::spawn(async move {
+        let mut next = 0u64;
+        loop {
+            let m = fast.recv_json_within(Duration::from_secs(10)).await;
+            assert_eq!(m["topic"], "feed");
+            assert_eq!(
+                m["payload"]["seq"], next,
+                "fast client lost or reordered a message"
+            );
+            if m["payload"]["end"] == true {
+                return (fast, next);
+            }
+            next += 1;
+        }
+    });
+
+    let pad = "x".repeat(32 * 1024);
+    let mut msg = node.messaging().await;
+    let mut seq = 0u64;
+    let started = Instant::now();
+    let refused = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the slow consumer was never refused after {seq} messages"
+        );
+        let req = PublishRequest {
+            namespace: "default".into(),
+            topic: "feed".into(),
+            payload_json: json!({"seq": seq, "pad": pad}).to_string(),
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        let r = msg.publish(req).await.unwrap().into_inner();
+        assert!(
+            sent.elapsed() < Duration::from_secs(1),
+            "a publish stalled behind the slow consumer"
+        );
+        seq += 1;
+        if r.refused > 0 {
+            break r;
+        }
+    };
+    assert!(
+        refused.delivered >= 1,
+        "the fast client was refused: {refused:?}"
+    );
+    // Read the slow socket now: what was queued, then the close frame.
+    let slow_read = tokio::spawn(async move { slow.expect_close_within(WAIT).await.0 });
+    let end = PublishRequest {
+        namespace: "default".into(),
+        topic: "feed".into(),
+        payload_json: json!({"seq": seq, "end": true}).to_string(),
+        ..Default::default()
+    };
+    msg.publish(end).await.unwrap();
+    let (mut fast, last) = reader.await.unwrap();
+    assert_eq!(last, seq, "the fast client did not get every message");
+    fast.roundtrip().await;
+
+    let closed = tokio::time::timeout(WAIT, closes.next())
+        .await
+        .expect("no close event for the slow consumer")
+        .unwrap();
+    let body: Value = serde_json::from_slice(&closed.payload).unwrap();
+    assert_eq!(body["username"], "slow");
+    assert_eq!(body["code"], 1013, "{body}");
+    let (code, _) = slow_read.await.unwrap();
+    assert_eq!(code, 1013);
+}
+
+#[tokio::test]
+async fn too_many_connections_for_one_user_closes_1008() {
+    let mut route = dev_route("/connect");
+    route.max_connections_per_user = 2;
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut a = node.connect("/connect?user=greedy").await;
+    let mut b = node.connect("/connect?user=greedy").await;
+    let mut c = node.connect("/connect?user=greedy").await;
+    assert_eq!(c.expect_close().await.0, 1008);
+    a.roundtrip().await;
+    b.roundtrip().await;
+    let mut d = node.connect("/connect?user=modest").await;
+    d.roundtrip().await;
+    node.wait_located("default", "greedy", 2).await;
+}
+
+#[tokio::test]
+async fn node_at_its_connection_limit_answers_503() {
+    let cfg = edge::EdgeConfig {
+        max_connections: 2,
+        ..dev_config()
+    };
+    let node = TestNode::start(cfg).await;
+    let mut a = node.connect("/connect?user=n1").await;
+    let b = node.connect("/connect?user=n2").await;
+    assert_eq!(
+        try_upgrade(node.ws_addr, "/connect?user=n3", &[]).await,
+        503
+    );
+    a.roundtrip().await;
+    // A freed slot can be taken again.
+    b.close().await;
+    let reopened = eventually(WAIT, async || {
+        try_upgrade(node.ws_addr, "/connect?user=n3", &[]).await == 101
+    })
+    .await;
+    assert!(reopened, "the slot of a closed connection was never freed");
+}
+
+#[tokio::test]
+async fn shutdown_drains_with_1001_and_refuses_new_sockets() {
+    let cfg = edge::EdgeConfig {
+        drain_window: Duration::from_millis(1200),
+        ..dev_config()
+    };
+    let node = TestNode::start(cfg).await;
+    let mut a = node.connect("/connect?user=d1").await;
+    let mut b = node.connect("/connect?user=d2").await;
+    a.roundtrip().await;
+    b.roundtrip().await;
+    assert_eq!(node.http_get("/readyz").await.0, 200);
+
+    node.shutdown_token().cancel();
+    let draining = eventually(WAIT, async || node.http_get("/readyz").await.0 == 503).await;
+    assert!(draining, "/readyz did not turn 503 while draining");
+    assert_eq!(
+        try_upgrade(node.ws_addr, "/connect?user=late", &[]).await,
+        503
+    );
+    assert_eq!(node.http_get("/healthz").await.0, 200);
+    let (ca, cb) = tokio::join!(a.expect_close(), b.expect_close());
+    assert_eq!(ca.0, 1001, "{ca:?}");
+    assert_eq!(cb.0, 1001, "{cb:?}");
+    node.join(Duration::from_secs(5))
+        .await
+        .expect("serve returned an error");
+}
