@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "switchboard/v1/messaging.proto",
         "switchboard/v1/placement.proto",
         "switchboard/v1/edge.proto",
+        "switchboard/v1/resources.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use coordinator::CoordinatorConfig;
 use edge::EdgeConfig;
+use edge::config::{AuthConfig, Hook, MessageHooks, RouteConfig};
+use proto::frame::Dialect;
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
@@ -23,6 +25,66 @@ pub struct Config {
     pub nats: NatsConfig,
     pub edge: EdgeConfig,
     pub coordinator: CoordinatorConfig,
+    /// bodhi's `socket.yaml` block, as written (seeds/004): becomes an edge route with its
+    /// hooks, and the coordinators' send and broadcast subjects.
+    pub gateway: Option<Gateway>,
+}
+
+/// bodhi's `gateway:` block.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    pub socket: BodhiSocket,
+}
+
+/// bodhi's `gateway.socket`: the keys of its document, plus `route` for what Switchboard
+/// needs around them (auth, limits…).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodhiSocket {
+    pub path: String,
+    #[serde(default)]
+    pub onconnect: Option<Hook>,
+    #[serde(default)]
+    pub onmessage: Option<MessageHooks>,
+    #[serde(default)]
+    pub onclose: Option<Hook>,
+    #[serde(default)]
+    pub send: Option<Subscribe>,
+    #[serde(default)]
+    pub broadcast: Option<Subscribe>,
+    /// The rest of the route. Default: bodhi's identity — a JWT in the `ID_TOKEN` cookie (or
+    /// header, or `?token=`), the user from `preferred_username`, the HS256 secret from
+    /// `SWITCHBOARD_JWT_SECRET`, the namespace from `?namespace=`.
+    #[serde(default)]
+    pub route: Option<RouteConfig>,
+}
+
+/// `{subscribe: <subject>}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    pub subscribe: String,
+}
+
+impl BodhiSocket {
+    /// The edge route this block describes.
+    pub fn to_route(&self) -> RouteConfig {
+        let mut route = self.route.clone().unwrap_or_else(|| RouteConfig {
+            auth: AuthConfig {
+                hs256_secret_env: Some("SWITCHBOARD_JWT_SECRET".into()),
+                user_claim: "preferred_username".into(),
+                ..AuthConfig::default()
+            },
+            ..RouteConfig::default()
+        });
+        route.path.clone_from(&self.path);
+        route.dialect = Dialect::Bodhi;
+        route.hooks.onconnect.clone_from(&self.onconnect);
+        route.hooks.onmessage.clone_from(&self.onmessage);
+        route.hooks.onclose.clone_from(&self.onclose);
+        route
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -168,6 +230,22 @@ impl Config {
         if let Some(f) = flags.log_format {
             config.log.format = f;
         }
+        if let Some(gw) = &config.gateway {
+            let route = gw.socket.to_route();
+            match config.edge.routes.iter_mut().find(|r| r.path == route.path) {
+                Some(slot) => *slot = route,
+                None => config.edge.routes.push(route),
+            }
+            if let Some(s) = &gw.socket.send {
+                config.coordinator.send_subject.clone_from(&s.subscribe);
+            }
+            if let Some(b) = &gw.socket.broadcast {
+                config
+                    .coordinator
+                    .broadcast_subject
+                    .clone_from(&b.subscribe);
+            }
+        }
         if mode != Mode::Coordinator {
             config
                 .edge
@@ -192,7 +270,13 @@ impl Config {
             ));
         }
         let mut rs256_pems = Vec::new();
-        for (i, route) in config.edge.routes.iter_mut().enumerate() {
+        // A coordinator reads the edge block only for resource types: no secrets or keys.
+        let edge_routes = if mode == Mode::Coordinator {
+            &mut [][..]
+        } else {
+            &mut config.edge.routes[..]
+        };
+        for (i, route) in edge_routes.iter_mut().enumerate() {
             let key = |k: &str| format!("edge.routes[{i}].auth.{k}");
             if let Some(var) = &route.auth.hs256_secret_env {
                 let secret = env.iter().find(|(n, _)| n == var).map(|(_, v)| v.clone());

@@ -35,9 +35,20 @@ enum Command {
     /// A coordinator: placement and the gRPC services, over NATS.
     Coordinator,
     /// Validate a config file and print the effective config (exit 64 naming the bad key).
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// What the file is for: a coordinator needs no valid edge block.
+        #[arg(long = "for", value_enum, default_value = "edge")]
+        mode: CheckMode,
+    },
     /// Mint an HS256 test token (secret from --secret or SWITCHBOARD_JWT_SECRET).
     Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CheckMode {
+    Edge,
+    Coordinator,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,7 +128,7 @@ fn main() -> ExitCode {
     }
     let f = cli.flags;
     let file = match &command {
-        Command::CheckConfig { file } => Some(file.clone()),
+        Command::CheckConfig { file, .. } => Some(file.clone()),
         _ => f.config.clone(),
     };
     let flags = Overrides {
@@ -133,6 +144,10 @@ fn main() -> ExitCode {
         Command::Edge => (Mode::Edge, Config::default()),
         Command::Coordinator => (Mode::Coordinator, Config::default()),
         // A file is checked against the production defaults, whatever mode it is for.
+        Command::CheckConfig {
+            mode: CheckMode::Coordinator,
+            ..
+        } => (Mode::Coordinator, Config::default()),
         Command::CheckConfig { .. } => (Mode::Dev, Config::default()),
         Command::Dev | Command::Token(_) => (
             Mode::Dev,
@@ -149,7 +164,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Command::CheckConfig { file } = &command {
+    if let Command::CheckConfig { file, .. } = &command {
         print!(
             "# effective configuration of {}\n{}",
             file.display(),

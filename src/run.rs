@@ -5,9 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bus::{LocalBus, NatsBus, NatsOptions, SharedBus};
+use std::collections::BTreeMap;
+
+use bus::local_store::LocalStore;
+use bus::nats_store::{NatsStore, NatsStoreOptions};
+use bus::{LocalBus, NatsBus, NatsOptions, SharedBus, SharedStore};
 use coordinator::Coordinator;
+use coordinator::resources::{ResourceSpec, ResourcesService};
 use edge::Edge;
+use edge::config::ResourceKind;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +21,8 @@ use crate::config::{Config, Resolved};
 
 /// Queue length of each in-process bus subscription.
 const LOCAL_BUS_QUEUE: usize = 65_536;
+/// Changes buffered per in-process store watcher before it must re-list.
+const LOCAL_WATCH_QUEUE: usize = 4096;
 /// How long the gRPC server may take to finish in-flight calls after shutdown.
 const GRPC_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -25,17 +33,22 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         .node_id
         .clone()
         .unwrap_or_else(|| format!("edge-{}", ulid::Ulid::new()));
-    let bus = connect_nats(&cfg, &node_id).await?;
+    let (bus, client) = connect_nats(&cfg, &node_id).await?;
+    let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
     let edge = Edge::new(
         node_id.clone(),
         cfg.edge.clone(),
         &resolved.rs256_pems,
         Arc::clone(&bus),
+        Some(store),
     )?;
     let ws = TcpListener::bind(cfg.edge.listen)
         .await
         .with_context(|| format!("cannot listen on {} (edge.listen)", cfg.edge.listen))?;
-    let address = ws.local_addr()?.to_string();
+    let address = match &cfg.edge.advertise {
+        Some(a) => a.clone(),
+        None => ws.local_addr()?.to_string(),
+    };
     println!(
         "switchboard edge {node_id}: websocket ws://{address} (nats {})",
         cfg.nats.url
@@ -67,7 +80,9 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .node_id
         .clone()
         .unwrap_or_else(|| format!("coordinator-{}", ulid::Ulid::new()));
-    let bus = connect_nats(&cfg, &node_id).await?;
+    let (bus, client) = connect_nats(&cfg, &node_id).await?;
+    let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
+    let resources = ResourcesService::new(store, resource_specs(&cfg));
     let grpc = TcpListener::bind(cc.grpc_listen).await.with_context(|| {
         format!(
             "cannot listen on {} (coordinator.grpc_listen)",
@@ -118,7 +133,12 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
             }
         }),
     ];
-    let server = tokio::spawn(coordinator::grpc::serve(grpc, c, shutdown.clone()));
+    let server = tokio::spawn(coordinator::grpc::serve(
+        grpc,
+        c,
+        resources,
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
     // Report streams from edges are long-lived: give in-flight calls a bounded grace.
     match tokio::time::timeout(GRPC_GRACE, server).await {
@@ -131,7 +151,38 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
     Ok(())
 }
 
-async fn connect_nats(cfg: &Config, node_id: &str) -> anyhow::Result<SharedBus> {
+/// Where `Resources` finds each resource type: the coordinator's own list, then the edge
+/// routes' key-value resource types in the same file.
+fn resource_specs(cfg: &Config) -> BTreeMap<String, ResourceSpec> {
+    let mut specs = BTreeMap::new();
+    for route in &cfg.edge.routes {
+        for (name, r) in route
+            .resources
+            .iter()
+            .filter(|(_, r)| r.kind == ResourceKind::Kv)
+        {
+            let spec = ResourceSpec {
+                bucket: r.bucket_name(name),
+                id_field: r.id_field.clone(),
+            };
+            specs.insert(name.clone(), spec);
+        }
+    }
+    for (name, r) in &cfg.coordinator.resources {
+        let spec = ResourceSpec {
+            bucket: r.bucket.clone().unwrap_or_else(|| name.clone()),
+            id_field: r.id_field.clone().unwrap_or_else(|| "id".into()),
+        };
+        specs.insert(name.clone(), spec);
+    }
+    specs
+}
+
+/// The bus, and the raw client for JetStream.
+async fn connect_nats(
+    cfg: &Config,
+    node_id: &str,
+) -> anyhow::Result<(SharedBus, async_nats::Client)> {
     let opts = NatsOptions {
         url: cfg.nats.url.clone(),
         name: node_id.to_owned(),
@@ -140,7 +191,8 @@ async fn connect_nats(cfg: &Config, node_id: &str) -> anyhow::Result<SharedBus> 
     let bus = NatsBus::connect(opts)
         .await
         .with_context(|| format!("cannot connect to NATS at {} (nats.url)", cfg.nats.url))?;
-    Ok(Arc::new(bus))
+    let client = bus.client().clone();
+    Ok((Arc::new(bus), client))
 }
 
 /// The embedded mode: one edge and one coordinator over the in-process bus, bound and ready
@@ -152,6 +204,7 @@ pub struct DevNode {
     edge: Edge,
     coordinator: Coordinator,
     bus: SharedBus,
+    resources: ResourcesService,
     ws: TcpListener,
     grpc: TcpListener,
     cfg: Config,
@@ -165,11 +218,14 @@ impl DevNode {
             .clone()
             .unwrap_or_else(|| format!("dev-{}", ulid::Ulid::new()));
         let bus: SharedBus = Arc::new(LocalBus::new(LOCAL_BUS_QUEUE));
+        let store: SharedStore = Arc::new(LocalStore::new(LOCAL_WATCH_QUEUE));
+        let resources = ResourcesService::new(Arc::clone(&store), resource_specs(&cfg));
         let edge = Edge::new(
             node_id,
             cfg.edge.clone(),
             &resolved.rs256_pems,
             Arc::clone(&bus),
+            Some(Arc::clone(&store)),
         )?;
         let ws = TcpListener::bind(cfg.edge.listen)
             .await
@@ -200,6 +256,7 @@ impl DevNode {
             edge,
             coordinator,
             bus,
+            resources,
             ws,
             grpc,
             cfg,
@@ -247,6 +304,7 @@ impl DevNode {
         let grpc_task = tokio::spawn(coordinator::grpc::serve(
             self.grpc,
             self.coordinator,
+            self.resources,
             grpc_stop.clone(),
         ));
         self.edge.serve(self.ws, shutdown).await?;

@@ -536,8 +536,20 @@ async fn onmessage_hooks_route_events_by_type() {
     let r = c.recv_json().await;
     assert_eq!((&r["id"], &r["payload"]), (&json!(1), &json!("one")), "{r}");
 
+    // The general subject hears every event, typed ones included (bodhi's `onmessage.publish`),
+    // and its reply comes back too, typed after the general subject.
+    let (req, body) = next_bus(&mut general).await;
+    assert_eq!(
+        body["event"],
+        json!({"type": "message_type_one", "id": 1, "x": 1})
+    );
+    reply(&node, &req, json!({"payload": "all"})).await;
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type": "socket:generalMessage", "id": 1, "payload": "all"})
+    );
+
     c.send_json(&json!({"type": "anything", "id": 2})).await;
-    // The typed event went to its own subject only: this is the first on the general one.
     let (req, body) = next_bus(&mut general).await;
     assert_eq!(body["event"], json!({"type": "anything", "id": 2}));
     assert_eq!(body["username"], "hooked");
@@ -554,6 +566,7 @@ fn hooked_route(onconnect: Option<Hook>, onclose: Option<Hook>) -> edge::config:
         onconnect,
         onclose,
         onmessage: None,
+        upgrade: None,
     };
     route
 }

@@ -25,12 +25,16 @@ use futures::Stream;
 use futures::future::BoxFuture;
 
 pub mod local;
+pub mod local_store;
 pub mod nats;
+pub mod nats_store;
+pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use local::LocalBus;
 pub use nats::{NatsBus, NatsOptions};
+pub use store::{Change, ResourceStore, SharedStore, StoreError, StoreWatch};
 
 /// A shared handle to whichever bus this process runs on.
 pub type SharedBus = Arc<dyn Bus>;

@@ -27,6 +27,10 @@ pub struct CoordinatorConfig {
     /// How long a vanished edge's connections stay in placement. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub edge_grace: Duration,
+    /// Resource types whose bucket or id field differ from the defaults (a bucket of the
+    /// type's name, keyed by `id`), for `Resources`; the edge routes' resource types in the
+    /// same file count too.
+    pub resources: std::collections::BTreeMap<String, ResourceSpecConfig>,
     /// Backends publish `{username, namespace?, type, payload}` here to send. Default `sb.send`.
     pub send_subject: String,
     /// Backends publish `{type, payload, namespace?, skip?}` here to broadcast. Default
@@ -44,8 +48,17 @@ impl Default for CoordinatorConfig {
             announce_interval: Duration::from_secs(1),
             member_timeout: Duration::from_secs(3),
             edge_grace: Duration::from_secs(10),
+            resources: std::collections::BTreeMap::new(),
             send_subject: proto::subject::DEFAULT_SEND.into(),
             broadcast_subject: proto::subject::DEFAULT_BROADCAST.into(),
         }
     }
+}
+
+/// Where a resource type's items live.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpecConfig {
+    pub bucket: Option<String>,
+    pub id_field: Option<String>,
 }

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{MessagingService, PlacementService};
 use crate::messaging::Coordinator;
 use crate::report::ReportService;
+use crate::resources::ResourcesService;
+use proto::v1::resources_server::ResourcesServer;
 
 /// HTTP/2 keepalive ping interval and timeout.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -29,6 +31,7 @@ pub enum GrpcError {
 pub async fn serve(
     listener: TcpListener,
     coordinator: Coordinator,
+    resources: ResourcesService,
     shutdown: CancellationToken,
 ) -> Result<(), GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -54,6 +57,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(EdgeReportServer::new(ReportService(coordinator.clone())))
+        .add_service(ResourcesServer::new(resources))
         .add_service(MessagingServer::new(MessagingService(coordinator.clone())))
         .add_service(PlacementServer::new(PlacementService(coordinator)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())

@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod messaging;
 pub mod placement;
 pub mod report;
+pub mod resources;
 
 pub use config::CoordinatorConfig;
 pub use messaging::{Coordinator, DeliveryError};

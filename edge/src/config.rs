@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use proto::frame::Key;
+use std::collections::BTreeMap;
+
+use proto::frame::{Dialect, Key};
 use serde::{Deserialize, Serialize};
 
 /// Everything an edge needs to know.
@@ -16,22 +18,25 @@ pub struct EdgeConfig {
     /// Connections held at once; more are refused with HTTP 503. Default 100 000.
     pub max_connections: usize,
     /// Time to read an HTTP request head before the socket is dropped. Default 10 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     /// On shutdown, clients are closed (1001) spread over this window. Default 10 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub drain_window: Duration,
     /// How long a hook request (onconnect, onmessage) may take. Default 5 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub request_timeout: Duration,
     /// The WebSocket routes. Default: one `/connect` route that requires a JWT.
     pub routes: Vec<RouteConfig>,
+    /// The address operators see for this edge in `ListNodes`; default: `listen` as bound
+    /// (in Kubernetes: the pod IP and port).
+    pub advertise: Option<String>,
     /// Cluster mode: coordinator gRPC addresses (`host:port` or `http://host:port`) for first
     /// contact; the rest of the ring is learned from their announcements on the bus.
     pub coordinators: Vec<String>,
     /// Cluster mode: a coordinator not heard from for this long leaves this edge's ring.
     /// Default 3 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub member_timeout: Duration,
 }
 
@@ -44,6 +49,7 @@ impl Default for EdgeConfig {
             drain_window: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             routes: vec![RouteConfig::default()],
+            advertise: None,
             coordinators: Vec::new(),
             member_timeout: Duration::from_secs(3),
         }
@@ -56,8 +62,17 @@ impl Default for EdgeConfig {
 pub struct RouteConfig {
     /// The path, e.g. `/connect`; a `{name}` segment captures a path parameter.
     pub path: String,
-    /// The routing field of client frames: `type`, `event` or `handler`. Default `type`.
-    pub key: Key,
+    /// `native`, `monument`, `hyperexpress`, `monorail` or `bodhi` (PROTOCOL.md §4): field
+    /// names and built-in verbs. Default `native`.
+    pub dialect: Dialect,
+    /// The routing field of client frames (`type`, `event`, `handler`); default: the
+    /// dialect's.
+    pub key: Option<Key>,
+    /// monument routes: `false` (no WebSocket here: 404), `true` (data and passthrough),
+    /// `data`, `passthrough`; any other value means `true`. Default `false`.
+    pub monument: MonumentMode,
+    /// Resource types clients may query, get and watch: a key-value bucket or a topic.
+    pub resources: BTreeMap<String, ResourceConfig>,
     /// No token needed; the user comes from the `user_query` parameter (or is empty).
     pub anonymous: bool,
     /// On anonymous routes, the query parameter naming the user. Default `user`.
@@ -69,9 +84,11 @@ pub struct RouteConfig {
     pub allowed_origins: Vec<String>,
     /// Close (1000) after this long without a frame from the client; 0 = never. Heartbeat
     /// pongs do not count as activity. Default 0.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle_timeout: Duration,
-    /// Largest client message in bytes; larger closes with 1009. Default 64 KiB.
+    /// Largest client message in bytes; larger closes with 1009. Default 64 KiB. Also
+    /// accepted as `max_payload_length` (HyperExpress).
+    #[serde(alias = "max_payload_length")]
     pub max_payload: usize,
     pub heartbeat: HeartbeatConfig,
     pub outbound: OutboundConfig,
@@ -92,7 +109,10 @@ impl Default for RouteConfig {
     fn default() -> Self {
         Self {
             path: "/connect".into(),
-            key: Key::Type,
+            dialect: Dialect::Native,
+            key: None,
+            monument: MonumentMode::Off,
+            resources: BTreeMap::new(),
             anonymous: false,
             user_query: "user".into(),
             namespace: NamespaceConfig::default(),
@@ -157,7 +177,7 @@ pub struct AuthConfig {
     /// Cookie carrying the token. Default `ID_TOKEN`.
     pub cookie: Option<String>,
     /// Clock skew allowed on `exp`/`nbf`. Default 0 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub leeway: Duration,
 }
 
@@ -182,10 +202,10 @@ impl Default for AuthConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HeartbeatConfig {
     /// Ping every this long; 0 = no heartbeat. Default 25 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub interval: Duration,
     /// How long to wait for the pong. Default 10 s.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub timeout: Duration,
 }
 
@@ -251,10 +271,110 @@ impl Default for RateLimitConfig {
     }
 }
 
+impl RouteConfig {
+    /// The routing field in effect.
+    pub fn key(&self) -> Key {
+        self.key.unwrap_or_else(|| self.dialect.key())
+    }
+}
+
+/// What a monument route does with events (the seed's `config.webSocket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MonumentMode {
+    /// No WebSocket on the route.
+    #[default]
+    Off,
+    /// Data-style and passthrough events.
+    Both,
+    Data,
+    Passthrough,
+}
+
+impl MonumentMode {
+    pub fn data(self) -> bool {
+        matches!(self, Self::Both | Self::Data)
+    }
+
+    pub fn passthrough(self) -> bool {
+        matches!(self, Self::Both | Self::Passthrough)
+    }
+}
+
+impl<'de> Deserialize<'de> for MonumentMode {
+    /// `false` → off, `"data"`, `"passthrough"`, anything else → both (as monument does).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_yaml_ng::Value::deserialize(d)?;
+        Ok(match v {
+            serde_yaml_ng::Value::Bool(false) => Self::Off,
+            serde_yaml_ng::Value::String(s) if s == "data" => Self::Data,
+            serde_yaml_ng::Value::String(s) if s == "passthrough" => Self::Passthrough,
+            _ => Self::Both,
+        })
+    }
+}
+
+impl Serialize for MonumentMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Off => s.serialize_bool(false),
+            Self::Both => s.serialize_bool(true),
+            Self::Data => s.serialize_str("data"),
+            Self::Passthrough => s.serialize_str("passthrough"),
+        }
+    }
+}
+
+/// A resource type on a route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// `kv`: a key-value bucket (query, all, get, watch); `topic`: a bus subject whose
+    /// messages are items (watch only).
+    pub kind: ResourceKind,
+    /// kv: the bucket; default: the resource type's name.
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// topic: the subject; default `sb.resource.<type>`.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// The item field that is its key. Default `id`.
+    #[serde(default = "default_id_field")]
+    pub id_field: String,
+}
+
+fn default_id_field() -> String {
+    "id".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Kv,
+    Topic,
+}
+
+impl ResourceConfig {
+    /// The bucket of a kv resource named `name`.
+    pub fn bucket_name(&self, name: &str) -> String {
+        self.bucket.clone().unwrap_or_else(|| name.to_owned())
+    }
+
+    /// The subject of a topic resource named `name`.
+    pub fn subject_name(&self, name: &str) -> String {
+        self.subject
+            .clone()
+            .unwrap_or_else(|| proto::subject::resource(name))
+    }
+}
+
 /// Bus subjects for connection lifecycle and client events (the bodhi shape).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HooksConfig {
+    /// A request before the upgrade (HyperExpress's upgrade interception): the reply
+    /// `{"context":{…}}` admits the connection and becomes part of its context; `{"error":…,
+    /// "status":4xx}` refuses it with that HTTP status (default 403). No answer → 503.
+    pub upgrade: Option<Hook>,
     /// A request on connect: a reply is pushed as `onconnect`, a failure closes (1008).
     pub onconnect: Option<Hook>,
     pub onmessage: Option<MessageHooks>,
@@ -293,6 +413,32 @@ pub struct TypeHook {
 pub struct ConfigError {
     pub key: String,
     pub message: String,
+}
+
+impl HooksConfig {
+    /// Every subject the hooks name, with its config key.
+    pub fn subjects(&self) -> Vec<(&'static str, &String)> {
+        let mut out = Vec::new();
+        let single = [
+            ("hooks.upgrade.publish", &self.upgrade),
+            ("hooks.onconnect.publish", &self.onconnect),
+            ("hooks.onclose.publish", &self.onclose),
+        ];
+        for (k, h) in single {
+            if let Some(h) = h {
+                out.push((k, &h.publish));
+            }
+        }
+        if let Some(m) = &self.onmessage {
+            out.extend(m.publish.iter().map(|p| ("hooks.onmessage.publish", p)));
+            out.extend(
+                m.types
+                    .iter()
+                    .map(|t| ("hooks.onmessage.types.publish", &t.publish)),
+            );
+        }
+        out
+    }
 }
 
 impl EdgeConfig {
@@ -372,6 +518,36 @@ impl EdgeConfig {
                     "must be at least 1 when per_second is set",
                 ));
             }
+            if r.monument != MonumentMode::Off && r.dialect != Dialect::Monument {
+                return Err(err(
+                    key("monument"),
+                    "applies to routes with dialect: monument",
+                ));
+            }
+            let resource_verbs = matches!(
+                r.dialect,
+                Dialect::Native | Dialect::Hyperexpress | Dialect::Monorail
+            );
+            if !r.resources.is_empty() && !resource_verbs {
+                return Err(err(key("resources"), "this dialect has no resource verbs"));
+            }
+            for (name, res) in &r.resources {
+                let k = |f: &str| key(&format!("resources.{name}.{f}"));
+                match res.kind {
+                    ResourceKind::Kv if !bus::store::is_valid_bucket(&res.bucket_name(name)) => {
+                        return Err(err(
+                            k("bucket"),
+                            "bucket names use letters, digits, - and _ only",
+                        ));
+                    }
+                    ResourceKind::Topic
+                        if !bus::is_valid_publish_subject(&res.subject_name(name)) =>
+                    {
+                        return Err(err(k("subject"), "is not a valid subject"));
+                    }
+                    _ => {}
+                }
+            }
             if r.max_inflight == 0 {
                 return Err(err(key("max_inflight"), "must be at least 1"));
             }
@@ -381,28 +557,7 @@ impl EdgeConfig {
                     "must be more than 0 when interval is set",
                 ));
             }
-            let subjects = r
-                .hooks
-                .onconnect
-                .iter()
-                .map(|h| ("hooks.onconnect.publish", &h.publish))
-                .chain(
-                    r.hooks
-                        .onclose
-                        .iter()
-                        .map(|h| ("hooks.onclose.publish", &h.publish)),
-                )
-                .chain(
-                    r.hooks
-                        .onmessage
-                        .iter()
-                        .flat_map(|m| m.publish.iter().map(|p| ("hooks.onmessage.publish", p))),
-                )
-                .chain(r.hooks.onmessage.iter().flat_map(|m| {
-                    m.types
-                        .iter()
-                        .map(|t| ("hooks.onmessage.types.publish", &t.publish))
-                }));
+            let subjects = r.hooks.subjects();
             for (k, subject) in subjects {
                 if !bus::is_valid_publish_subject(subject) {
                     return Err(err(
@@ -413,5 +568,32 @@ impl EdgeConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Durations as `250ms`, `30s`, `2m` (humantime), or a plain number of seconds (as
+/// HyperExpress writes `idle_timeout: 60`).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(d, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Seconds(n) if n.is_finite() && n >= 0.0 => Ok(Duration::from_secs_f64(n)),
+            Raw::Seconds(n) => Err(serde::de::Error::custom(format!("{n} is not a duration"))),
+            Raw::Text(t) => humantime_serde::re::humantime::parse_duration(&t)
+                .map_err(|e| serde::de::Error::custom(format!("{t:?} is not a duration: {e}"))),
+        }
     }
 }

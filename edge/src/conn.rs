@@ -4,7 +4,7 @@
 //! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
 //! the slow consumer with 1013).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -142,6 +142,11 @@ impl ConnHandle {
         }
     }
 
+    /// Resolves when the connection's task has ended.
+    pub async fn closed(&self) {
+        self.0.tx.closed().await;
+    }
+
     /// Asks the task to close; the first request wins.
     pub fn close(&self, req: CloseRequest) {
         let mut slot = self.0.close.lock().expect("close slot poisoned");
@@ -167,8 +172,9 @@ impl ConnHandle {
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
+    /// With the code of the client's close frame, if it sent one.
     #[error("client closed the connection")]
-    ClientClosed,
+    ClientClosed(Option<u16>),
     #[error("websocket transport failed")]
     Transport(#[source] tungstenite::Error),
     #[error("client message larger than {0} bytes")]
@@ -195,7 +201,7 @@ impl ConnError {
     /// The close frame to send, or `None` to drop the TCP connection without one.
     pub fn close_frame(&self) -> Option<(u16, String)> {
         let (code, reason) = match self {
-            Self::ClientClosed | Self::Transport(_) | Self::HeartbeatTimeout(_) => return None,
+            Self::ClientClosed(_) | Self::Transport(_) | Self::HeartbeatTimeout(_) => return None,
             Self::TooBig(_) => (1009, "message too big"),
             Self::InvalidUtf8 => (1007, "invalid utf-8"),
             Self::Binary => (1003, "binary frames not accepted"),
@@ -211,6 +217,9 @@ impl ConnError {
 
     /// The code reported for metrics and the close hook (1006: closed without a frame).
     pub fn code(&self) -> u16 {
+        if let Self::ClientClosed(Some(c)) = self {
+            return *c;
+        }
         self.close_frame().map_or(1006, |(c, _)| c)
     }
 
@@ -228,6 +237,8 @@ pub(crate) struct Conn<S> {
     pub(crate) shared: Arc<Shared>,
     /// Topic filters this connection holds.
     pub(crate) topics: HashSet<String>,
+    /// Running resource watches, by resource and params.
+    pub(crate) watches: HashMap<String, CancellationToken>,
     pub(crate) inflight: FuturesUnordered<BoxFuture<'static, Reply>>,
     rate: TokenBucket,
     refused_in_a_row: u32,
@@ -248,6 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             rx,
             shared,
             topics: HashSet::new(),
+            watches: HashMap::new(),
             inflight: FuturesUnordered::new(),
             rate,
             refused_in_a_row: 0,
@@ -304,6 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
         let mut pong_by: Option<Instant> = None;
         let mut onconnect = onconnect;
+        let mut client_close: Option<u16> = None;
 
         loop {
             let gate_reads = onconnect.is_some();
@@ -335,9 +348,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
                 msg = self.ws.next(), if !gate_reads => {
                     let msg = match msg {
-                        None => return ConnError::ClientClosed,
+                        None => return ConnError::ClientClosed(client_close),
                         Some(Ok(m)) => m,
-                        Some(Err(e)) => return read_error(e, cfg.max_payload),
+                        Some(Err(e)) => {
+                            return match read_error(e, cfg.max_payload) {
+                                ConnError::ClientClosed(None) => ConnError::ClientClosed(client_close),
+                                other => other,
+                            };
+                        }
                     };
                     pong_by = None;
                     match msg {
@@ -353,8 +371,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                             if let Err(e) = self.ws.flush().await { return ConnError::Transport(e); }
                         }
                         Message::Pong(_) | Message::Frame(_) => {}
-                        Message::Close(_) => {
+                        Message::Close(frame) => {
                             // tungstenite answers the close; the next read ends the stream.
+                            client_close = Some(frame.map_or(1005, |f| u16::from(f.code)));
                         }
                     }
                 }
@@ -418,7 +437,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             if self.refused_in_a_row >= self.route().cfg.rate_limit.close_after {
                 return Err(ConnError::RateLimited);
             }
-            let key = self.route().cfg.key;
+            let key = self.route().cfg.key();
             let f = proto::frame::error(
                 key,
                 None,
@@ -437,7 +456,7 @@ fn read_error(e: tungstenite::Error, max: usize) -> ConnError {
         tungstenite::Error::Capacity(_) => ConnError::TooBig(max),
         tungstenite::Error::Utf8(_) => ConnError::InvalidUtf8,
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-            ConnError::ClientClosed
+            ConnError::ClientClosed(None)
         }
         other => ConnError::Transport(other),
     }

@@ -24,6 +24,7 @@ mod http;
 mod protocol;
 mod registry;
 mod report;
+mod resources;
 mod server;
 pub mod uplink;
 

@@ -1,17 +1,20 @@
-//! The client protocol (PROTOCOL.md §1): built-in verbs, and events forwarded to backends
-//! through the route's hooks (§3).
+//! The client protocol (PROTOCOL.md §1, §3, §4): one engine for every dialect. A route's
+//! dialect names the routing field and picks the built-in verbs; everything else is an event
+//! forwarded to backends through the route's hooks (or, on monument routes, a data-style
+//! request or a passthrough publication).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bus::{BusError, Outgoing, SharedBus};
 use futures::FutureExt;
-use proto::frame::{self, ClientFrame, ErrorCode, FrameBuilder, FrameError, Key};
+use proto::frame::{self, ClientFrame, Dialect, ErrorCode, FrameBuilder, FrameError, Key};
 use proto::{subject, topic};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conn::{Conn, ConnError, ConnHandle};
+use crate::resources;
 
 /// What a backend's answer turned into: a frame for the client, and whether the connection
 /// is refused (onconnect only).
@@ -26,9 +29,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let route = Arc::clone(conn.route());
-    let key = route.cfg.key;
+    let (dialect, key) = (route.cfg.dialect, route.key);
     let frame = match ClientFrame::parse(text, key) {
         Ok(f) => f,
+        // monument ignores what it cannot route (counted, no error frame).
+        Err(_) if dialect == Dialect::Monument => {
+            conn.shared.metrics.events_ignored.inc();
+            return Ok(());
+        }
         Err(FrameError::InvalidJson(_)) => {
             let f = frame::error(
                 key,
@@ -46,36 +54,47 @@ where
         }
     };
     let id = frame.id.as_ref();
+    if !dialect.has_verb(&frame.verb) {
+        return match dialect {
+            Dialect::Monument => monument_event(conn, frame).await,
+            Dialect::Monorail if route.cfg.hooks.onmessage.is_none() => {
+                let msg = format!("unknown handler {:?}", frame.verb);
+                conn.push(frame::error(key, id, ErrorCode::UnknownVerb, &msg))
+                    .await
+            }
+            _ => forward_event(conn, frame).await,
+        };
+    }
     let answer = match frame.verb.as_str() {
+        // The session id is the answer's `id`.
         "init" => {
             let session = frame
                 .str("session")
                 .filter(|s| !s.is_empty() && s.len() <= 128)
                 .map_or_else(|| conn.handle.id().to_string(), str::to_owned);
-            FrameBuilder::new(key, "session")
-                .id(id)
-                .str("id", &session)
-                .finish()
+            Some(
+                FrameBuilder::new(key, "session")
+                    .str("id", &session)
+                    .finish(),
+            )
         }
-        "ping" => FrameBuilder::new(key, "pong").id(id).finish(),
-        "subscribe" => subscribe(conn, &frame).await,
-        "unsubscribe" => unsubscribe(conn, &frame),
-        "publish" => publish(conn, &frame).await,
-        "watch" | "stop" | "query" | "all" | "get" => {
-            let resource = frame.str("resource").unwrap_or("");
-            let msg = format!("no resource type {resource:?} on this route");
-            frame::error(key, id, ErrorCode::UnknownResource, &msg)
-        }
-        _ => return forward_event(conn, frame).await,
+        "ping" => Some(FrameBuilder::new(key, "pong").id(id).finish()),
+        "subscribe" => Some(subscribe(conn, &frame).await),
+        "unsubscribe" => Some(unsubscribe(conn, &frame)),
+        "publish" => Some(publish(conn, &frame).await),
+        _ => resources::verb(conn, &frame).await,
     };
-    conn.push(answer).await
+    match answer {
+        Some(a) => conn.push(a).await,
+        None => Ok(()),
+    }
 }
 
 async fn subscribe<S>(conn: &mut Conn<S>, f: &ClientFrame) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let key = conn.route().cfg.key;
+    let key = conn.route().key;
     let id = f.id.as_ref();
     let Some(filter) = f.str("topic") else {
         return frame::error(
@@ -123,7 +142,7 @@ fn unsubscribe<S>(conn: &mut Conn<S>, f: &ClientFrame) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let key = conn.route().cfg.key;
+    let key = conn.route().key;
     let id = f.id.as_ref();
     let Some(filter) = f.str("topic") else {
         return frame::error(
@@ -149,7 +168,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let route = Arc::clone(conn.route());
-    let key = route.cfg.key;
+    let key = route.key;
     let id = f.id.as_ref();
     if !route.cfg.publish {
         return frame::error(
@@ -187,14 +206,15 @@ where
         .finish()
 }
 
-/// Any frame not handled by a built-in verb: a request to the backend on the subject the
-/// route's hooks map it to; the reply goes back to this socket only.
+/// Any frame not handled by a built-in verb: a request to backends on the subjects the
+/// route's hooks map it to (the type's own subject, and the general one, which hears every
+/// event); each reply goes back to this socket only.
 async fn forward_event<S>(conn: &mut Conn<S>, f: ClientFrame) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let route = Arc::clone(conn.route());
-    let key = route.cfg.key;
+    let key = route.key;
     if conn.inflight.len() >= route.cfg.max_inflight {
         let msg = "too many events awaiting a reply";
         return conn
@@ -208,32 +228,136 @@ where
     }
     let info = conn.handle.info();
     let hooks = route.cfg.hooks.onmessage.as_ref();
-    let mapped = hooks.and_then(|h| {
+    let typed = hooks.and_then(|h| {
         h.types
             .iter()
             .find(|t| t.event_type == f.verb)
             .map(|t| &t.publish)
-            .or(h.publish.as_ref())
     });
-    let (subject, reply_type) = match mapped {
-        Some(s) => (s.clone(), s.clone()),
-        None => (subject::event(&info.namespace, &f.verb), f.verb.clone()),
+    let general = hooks.and_then(|h| h.publish.as_ref());
+    let subjects: Vec<(String, bool)> = match (typed, general) {
+        (None, None) => vec![(subject::event(&info.namespace, &f.verb), false)],
+        (Some(t), None) => vec![(t.clone(), false)],
+        (None, Some(g)) => vec![(g.clone(), false)],
+        // Both hear it; only the type's own subject reports that nobody listens.
+        (Some(t), Some(g)) => vec![(t.clone(), false), (g.clone(), true)],
     };
-    let id = f.id.clone();
     let body = context(
         &conn.handle,
         &conn.shared.node_id,
-        Some(Value::Object(f.body)),
-    );
-    let fut = request(
-        conn.shared.bus.clone(),
-        subject,
-        body,
-        conn.shared.request_timeout,
+        Some(Value::Object(f.body.clone())),
     )
-    .map(move |result| event_reply(key, &reply_type, id.as_ref(), result));
-    conn.inflight.push(fut.boxed());
+    .to_string();
+    for (subject, quiet) in subjects {
+        let reply_type = if typed.is_some() || general.is_some() {
+            subject.clone()
+        } else {
+            f.verb.clone()
+        };
+        let id = f.id.clone();
+        let msg = event_message(&conn.handle, subject, body.clone());
+        let fut = request(&conn.shared.bus, msg, conn.shared.request_timeout)
+            .map(move |result| event_reply(key, &reply_type, id.as_ref(), result, quiet));
+        conn.inflight.push(fut.boxed());
+    }
     Ok(())
+}
+
+/// monument (PROTOCOL.md §4): data-style events (`…:get:…`) are requests whose reply comes
+/// back as the matching `…:set:…` event; others are published on the subject the event names
+/// with `{message, socket}`, and the backend answers with a `Send` to the connection.
+async fn monument_event<S>(conn: &mut Conn<S>, f: ClientFrame) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let route = Arc::clone(conn.route());
+    let (key, mode) = (route.key, route.cfg.monument);
+    let event = f.verb.clone();
+    if !is_client_subject(&event) {
+        let msg = "event names a reserved or invalid subject";
+        return conn
+            .push(frame::error(
+                key,
+                f.id.as_ref(),
+                ErrorCode::InvalidEvent,
+                msg,
+            ))
+            .await;
+    }
+    let data_style = event.contains(":get:");
+    let frame_value = Value::Object(f.body);
+    let socket = context(&conn.handle, &conn.shared.node_id, None);
+    let body = json!({ "message": frame_value, "socket": socket }).to_string();
+    if data_style && mode.data() {
+        if conn.inflight.len() >= route.cfg.max_inflight {
+            let msg = "too many events awaiting a reply";
+            return conn
+                .push(frame::error(key, None, ErrorCode::TooManyRequests, msg))
+                .await;
+        }
+        let set = event.replacen(":get:", ":set:", 1);
+        let msg = event_message(&conn.handle, event, body);
+        let fut = request(&conn.shared.bus, msg, conn.shared.request_timeout)
+            .map(move |result| monument_reply(key, &set, result));
+        conn.inflight.push(fut.boxed());
+        return Ok(());
+    }
+    if !mode.passthrough() {
+        conn.shared.metrics.events_ignored.inc();
+        return Ok(());
+    }
+    let msg = event_message(&conn.handle, event, body);
+    if let Err(error) = conn.shared.bus.publish(msg).await {
+        tracing::warn!(conn = %conn.handle.id(), %error, "passthrough event not published");
+        return conn
+            .push(frame::error(
+                key,
+                None,
+                ErrorCode::Unavailable,
+                "event not delivered; try again",
+            ))
+            .await;
+    }
+    Ok(())
+}
+
+/// A subject a client may name: valid for publishing, and outside what Switchboard and NATS
+/// reserve for themselves.
+fn is_client_subject(s: &str) -> bool {
+    bus::is_valid_publish_subject(s)
+        && s.len() <= 256
+        && !s.starts_with("sb.")
+        && !s.starts_with("_INBOX")
+        && !s.starts_with('$')
+}
+
+fn monument_reply(key: Key, set: &str, result: Result<bus::Message, BusError>) -> Reply {
+    let frame = match result {
+        Ok(msg) => match serde_json::from_slice::<Value>(&msg.payload) {
+            Ok(Value::Object(mut m)) => {
+                if let Some(e) = m.remove("error") {
+                    FrameBuilder::new(key, "error")
+                        .raw("payload", &e.to_string())
+                        .finish()
+                } else {
+                    m.remove(key.as_str());
+                    let mut b = FrameBuilder::new(key, set);
+                    for (k, v) in &m {
+                        b = b.value(k, v);
+                    }
+                    b.finish()
+                }
+            }
+            _ => FrameBuilder::new(key, set)
+                .raw("payload", &frame::json_or_string(&msg.payload))
+                .finish(),
+        },
+        Err(e) => frame::error(key, None, bus_code(&e), &bus_message(&e)),
+    };
+    Reply {
+        frame: Some(frame),
+        refuse: false,
+    }
 }
 
 /// The onconnect hook's request, if the route has one.
@@ -245,11 +369,13 @@ pub(crate) fn onconnect(
 ) -> Option<futures::future::BoxFuture<'static, Reply>> {
     let route = &handle.info().route;
     let hook = route.cfg.hooks.onconnect.as_ref()?;
-    let key = route.cfg.key;
+    let key = route.key;
     let required = hook.required;
-    let body = context(handle, node_id, None);
-    let fut =
-        request(bus.clone(), hook.publish.clone(), body, timeout).map(move |result| match result {
+    let body = context(handle, node_id, None).to_string();
+    let msg = event_message(handle, hook.publish.clone(), body);
+    let fut = request(bus, msg, timeout);
+    let fut = async move {
+        match fut.await {
             Ok(msg) => match parse_answer(&msg.payload) {
                 Answer::Payload(p) => Reply {
                     frame: Some(hook_frame(key, "onconnect", None, &p)),
@@ -273,7 +399,8 @@ pub(crate) fn onconnect(
                 frame: None,
                 refuse: false,
             },
-        });
+        }
+    };
     Some(fut.boxed())
 }
 
@@ -293,10 +420,30 @@ pub(crate) async fn onclose(
         m.insert("code".into(), json!(code));
         m.insert("reason".into(), json!(reason));
     }
-    let msg = Outgoing::new(hook.publish.clone(), body.to_string());
+    let msg = event_message(handle, hook.publish.clone(), body.to_string());
     if let Err(error) = bus.publish(msg).await {
         tracing::debug!(conn = %handle.id(), %error, "close event not published");
     }
+}
+
+/// A request that owns its handle on the bus, so it can outlive the caller's borrow.
+fn request(
+    bus: &SharedBus,
+    msg: Outgoing,
+    timeout: Duration,
+) -> impl Future<Output = Result<bus::Message, BusError>> + Send + 'static {
+    let bus = Arc::clone(bus);
+    async move { bus.request(msg, timeout).await }
+}
+
+/// A bus message about a connection: its context in headers too, so backends can route on
+/// them without parsing the body.
+fn event_message(handle: &ConnHandle, subject: String, body: String) -> Outgoing {
+    let info = handle.info();
+    Outgoing::new(subject, body)
+        .with_header(subject::HEADER_CONN_ID, info.id.to_string())
+        .with_header(subject::HEADER_NAMESPACE, info.namespace.clone())
+        .with_header(subject::HEADER_USER, info.user.clone())
 }
 
 /// The connection context every bus message about a connection carries (PROTOCOL.md §3).
@@ -320,16 +467,6 @@ pub(crate) fn context(handle: &ConnHandle, node_id: &str, event: Option<Value>) 
         "context": { "headers": { "jwt": claims }, "params": params },
         "event": event.unwrap_or(Value::Null),
     })
-}
-
-async fn request(
-    bus: SharedBus,
-    subject: String,
-    body: Value,
-    timeout: Duration,
-) -> Result<bus::Message, BusError> {
-    bus.request(Outgoing::new(subject, body.to_string()), timeout)
-        .await
 }
 
 enum Answer {
@@ -356,6 +493,7 @@ fn event_reply(
     reply_type: &str,
     id: Option<&Value>,
     result: Result<bus::Message, BusError>,
+    quiet_no_responders: bool,
 ) -> Reply {
     let frame = match result {
         Ok(msg) => {
@@ -368,16 +506,13 @@ fn event_reply(
                 Answer::Error(e) => hook_frame(key, "error", id, &e),
             }
         }
-        Err(e) => {
-            let message = match &e {
-                BusError::NoResponders { .. } => {
-                    "no backend is listening for this event".to_owned()
-                }
-                BusError::Timeout { timeout, .. } => format!("no reply within {timeout:?}"),
-                other => other.to_string(),
+        Err(BusError::NoResponders { .. }) if quiet_no_responders => {
+            return Reply {
+                frame: None,
+                refuse: false,
             };
-            frame::error(key, id, bus_code(&e), &message)
         }
+        Err(e) => frame::error(key, id, bus_code(&e), &bus_message(&e)),
     };
     Reply {
         frame: Some(frame),
@@ -392,10 +527,18 @@ fn hook_frame(key: Key, verb: &str, id: Option<&Value>, payload: &str) -> String
         .finish()
 }
 
-fn bus_code(e: &BusError) -> ErrorCode {
+pub(crate) fn bus_code(e: &BusError) -> ErrorCode {
     match e {
         BusError::NoResponders { .. } => ErrorCode::NoResponders,
         BusError::Timeout { .. } => ErrorCode::Timeout,
         _ => ErrorCode::Unavailable,
+    }
+}
+
+fn bus_message(e: &BusError) -> String {
+    match e {
+        BusError::NoResponders { .. } => "no backend is listening for this event".to_owned(),
+        BusError::Timeout { timeout, .. } => format!("no reply within {timeout:?}"),
+        other => other.to_string(),
     }
 }

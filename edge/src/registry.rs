@@ -383,7 +383,7 @@ pub(crate) fn deliver_typed<'h>(
     let mut frames = Frames::new(&build);
     let mut tally = Tally::default();
     for h in handles {
-        tally.add(h.deliver(frames.get(h.info().route.cfg.key)));
+        tally.add(h.deliver(frames.get(h.info().route.cfg.key())));
     }
     shared.metrics.record_fanout(tally);
     tally
@@ -460,7 +460,7 @@ async fn publish_local(shared: &Shared, topic: &Topic, msg: Message) {
             if Some(h.id()) == skip {
                 continue;
             }
-            tally.add(h.deliver(frames.get(h.info().route.cfg.key)));
+            tally.add(h.deliver(frames.get(h.info().route.cfg.key())));
         }
     }
     shared.metrics.record_fanout(tally);

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bus::SharedBus;
+use bus::{SharedBus, SharedStore};
+use proto::frame::{Dialect, Key};
 use proto::subject;
 use proto::v1::ReportBatch;
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -20,7 +22,7 @@ use tracing::Instrument;
 use ulid::Ulid;
 
 use crate::auth::Verifier;
-use crate::config::{EdgeConfig, RouteConfig};
+use crate::config::{EdgeConfig, MonumentMode, RouteConfig};
 use crate::conn::{Conn, ConnError, ConnHandle, ConnInfo};
 use crate::http::{self, RequestHead};
 use crate::metrics::{Gauges, Metrics};
@@ -37,6 +39,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Route {
     pub cfg: RouteConfig,
+    /// The routing field in effect (`cfg.key()`), resolved once.
+    pub key: Key,
     verifier: Verifier,
     ws: WebSocketConfig,
 }
@@ -47,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) node_id: String,
     pub(crate) routes: Vec<Arc<Route>>,
     pub(crate) bus: SharedBus,
+    /// Where key-value resources live (none: kv resources answer `unavailable`).
+    pub(crate) store: Option<SharedStore>,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
     pub(crate) reporter: Reporter,
@@ -80,6 +86,7 @@ impl Edge {
         cfg: EdgeConfig,
         rs256_pems: &[Option<Vec<u8>>],
         bus: SharedBus,
+        store: Option<SharedStore>,
     ) -> Result<Self, EdgeError> {
         let mut routes = Vec::with_capacity(cfg.routes.len());
         for (i, r) in cfg.routes.iter().enumerate() {
@@ -95,6 +102,7 @@ impl Edge {
                 .max_message_size(Some(r.max_payload))
                 .max_frame_size(Some(r.max_payload));
             routes.push(Arc::new(Route {
+                key: r.key(),
                 cfg: r.clone(),
                 verifier,
                 ws,
@@ -104,6 +112,7 @@ impl Edge {
             node_id,
             routes,
             bus,
+            store,
             registry: Registry::default(),
             metrics: Metrics::default(),
             reporter: Reporter::default(),
@@ -336,6 +345,16 @@ async fn upgrade(
     let Some((route, path_params)) = matched else {
         return refuse(&shared, &mut tcp, 404, "no_route", "no route at this path").await;
     };
+    if route.cfg.dialect == Dialect::Monument && route.cfg.monument == MonumentMode::Off {
+        return refuse(
+            &shared,
+            &mut tcp,
+            404,
+            "no_route",
+            "websockets are off on this route",
+        )
+        .await;
+    }
     if head.method != "GET" {
         return refuse(
             &shared,
@@ -379,13 +398,21 @@ async fn upgrade(
         )
         .await;
     };
-    let identity = match route.verifier.admit(&route.cfg, &head) {
+    let mut identity = match route.verifier.admit(&route.cfg, &head) {
         Ok(id) => id,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "upgrade refused");
             return refuse(&shared, &mut tcp, e.status(), e.reason(), &e.to_string()).await;
         }
     };
+    if let Some(hook) = &route.cfg.hooks.upgrade {
+        match intercept(&shared, &hook.publish, &route, &head, peer, &identity).await {
+            Ok(context) => identity.claims.extend(context),
+            Err((status, reason, body)) => {
+                return refuse(&shared, &mut tcp, status, reason, &body).await;
+            }
+        }
+    }
     if tcp
         .write_all(http::switching_protocols(&key).as_bytes())
         .await
@@ -415,6 +442,62 @@ async fn upgrade(
     drop(permit);
 }
 
+/// The upgrade hook (HyperExpress's upgrade interception): a backend sees the request before
+/// the upgrade and admits it with a context, or refuses it with an HTTP status.
+async fn intercept(
+    shared: &Shared,
+    subject: &str,
+    route: &Route,
+    head: &RequestHead,
+    peer: SocketAddr,
+    identity: &crate::auth::Identity,
+) -> Result<serde_json::Map<String, Value>, (u16, &'static str, String)> {
+    let body = serde_json::json!({
+        "route": route.cfg.path,
+        "path": head.path,
+        "remote_addr": peer.to_string(),
+        "namespace": identity.namespace,
+        "username": identity.user,
+        "claims": identity.claims,
+        "query": head.query,
+        "headers": head.headers,
+    });
+    let msg = bus::Outgoing::new(subject.to_owned(), body.to_string());
+    let reply = match shared.bus.request(msg, shared.request_timeout).await {
+        Ok(m) => m,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "upgrade hook did not answer");
+            return Err((503, "upgrade_hook", "upgrade hook unavailable".into()));
+        }
+    };
+    let mut answer = match serde_json::from_slice::<Value>(&reply.payload) {
+        Ok(Value::Object(m)) => m,
+        _ => {
+            return Err((
+                502,
+                "upgrade_hook",
+                "upgrade hook answered something else than a JSON object".into(),
+            ));
+        }
+    };
+    if let Some(error) = answer.remove("error") {
+        let status = answer
+            .get("status")
+            .and_then(Value::as_u64)
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| (400..500).contains(s))
+            .unwrap_or(403);
+        let text = error
+            .as_str()
+            .map_or_else(|| error.to_string(), str::to_owned);
+        return Err((status, "upgrade_hook", text));
+    }
+    Ok(match answer.remove("context") {
+        Some(Value::Object(c)) => c,
+        _ => serde_json::Map::new(),
+    })
+}
+
 async fn run_conn(
     shared: Arc<Shared>,
     ws: WebSocketStream<TcpStream>,
@@ -440,6 +523,9 @@ async fn run_conn(
         );
         let (c, end) = conn.run(onconnect).await;
         conn = c;
+        for (_, watch) in conn.watches.drain() {
+            watch.cancel();
+        }
         shared.registry.detach(&shared, &handle, conn.topics.iter());
         end
     } else {

@@ -39,14 +39,23 @@ pub const DEFAULT_BROADCAST: &str = "sb.broadcast";
 pub const HEADER_ORIGIN: &str = "Sb-Origin";
 /// Header: the publisher asked to receive its own publication.
 pub const HEADER_ECHO: &str = "Sb-Echo";
-/// Header: the connection context of a client event, as JSON.
-pub const HEADER_CONN: &str = "Sb-Conn";
+/// Header: the connection a client event or lifecycle event is about.
+pub const HEADER_CONN_ID: &str = "Sb-Conn-Id";
+/// Header: that connection's namespace.
+pub const HEADER_NAMESPACE: &str = "Sb-Namespace";
+/// Header: that connection's user (empty on anonymous routes).
+pub const HEADER_USER: &str = "Sb-User";
 /// Header: W3C trace context.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
 /// The subject of one edge's command inbox.
 pub fn node(node_id: &str) -> String {
     format!("sb.node.{}", token(node_id))
+}
+
+/// The default subject of a topic resource's items.
+pub fn resource(name: &str) -> String {
+    format!("sb.resource.{}", token(name))
 }
 
 /// The default subject of a client event of `event_type` in `namespace`.
