@@ -33,7 +33,9 @@ pub mod store;
 pub mod testkit;
 
 pub use local::LocalBus;
+pub use local_store::LocalStore;
 pub use nats::{NatsBus, NatsOptions};
+pub use nats_store::{NatsStore, NatsStoreOptions};
 pub use store::{Change, ResourceStore, SharedStore, StoreError, StoreWatch};
 
 /// A shared handle to whichever bus this process runs on.

@@ -1,4 +1,4 @@
-//! In-process [`ResourceStore`](crate::ResourceStore).
+//! In-process [`ResourceStore`].
 //!
 //! Each bucket is a `BTreeMap` (so `list` is in key order) plus a bounded broadcast channel
 //! of its changes, both behind one `std` mutex that is never held across an `.await`.

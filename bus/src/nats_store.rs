@@ -1,9 +1,10 @@
-//! [`ResourceStore`](crate::ResourceStore) over NATS JetStream key-value buckets.
+//! [`ResourceStore`] over NATS JetStream key-value buckets.
 //!
 //! Each bucket is a JetStream KV bucket of the same name (stream `KV_<bucket>`), created on
 //! first use with [`NatsStoreOptions`]; a bucket that already exists (made by another process,
-//! possibly with other options) is used as it is. Backends may write the buckets with any
-//! NATS client; what they write is seen by every watcher.
+//! possibly with other options) is used as it is. Works with nats-server 2.9 and later.
+//! Backends may write the buckets with any NATS client; what they write is seen by every
+//! watcher.
 //!
 //! **Keys.** JetStream KV keys allow only `[-/_=.a-zA-Z0-9]`, so item ids are encoded: ASCII
 //! letters, digits, `-` and `_` stand for themselves and every other byte of the UTF-8 is
@@ -11,17 +12,19 @@
 //! for any other client. A key in the bucket that is not in this encoding (e.g. `a.b`, written
 //! directly) is skipped by `list` and `watch` with a warning.
 //!
-//! **Deletes** purge the key (one `PURGE` marker remains, older revisions go); deleting a key
-//! that is absent writes nothing. Watchers report both `DEL` and `PURGE` markers (from other
-//! clients, too) as [`Change::Delete`].
+//! **Deletes** purge the key (one `PURGE` marker remains for good, older revisions go);
+//! deleting a key that is absent writes nothing. Watchers report both `DEL` and `PURGE`
+//! markers (from other clients, too) as [`Change::Delete`].
 //!
 //! **Watches** are async-nats ordered push consumers starting at the stream's next sequence
 //! number: on a gap, a slow consumer or a reconnect they are recreated from the last
-//! delivered revision, so nothing is lost and writers never wait. Entries older than the
-//! watch are dropped (async-nats recreates a consumer that has delivered nothing yet with
-//! "deliver all"). Any error from the watch (e.g. missed heartbeats while the server is down)
-//! is reported as one [`Change::Resync`]. A dropped watch unsubscribes at once; the server
-//! deletes its consumer after 30 s of inactivity.
+//! delivered revision, so writers never wait and the latest change to every key arrives
+//! (a revision that a later one of the same key replaced in the stream before delivery is
+//! skipped). Entries older than the watch are dropped (async-nats recreates a consumer that
+//! has delivered nothing yet with "deliver all"). Any error from the watch (e.g. missed
+//! heartbeats while the server is down) is reported as one [`Change::Resync`]. After a
+//! server restart, a watch resumes within two idle heartbeats (10 s). A dropped watch
+//! unsubscribes at once; the server deletes its consumer after 30 s of inactivity.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -103,7 +106,7 @@ impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsStore")
             .field("opts", &self.opts)
-            .field("buckets", &self.lock().len())
+            .field("buckets", &self.buckets.try_lock().map(|b| b.len()).ok())
             .finish_non_exhaustive()
     }
 }

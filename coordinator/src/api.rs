@@ -51,6 +51,7 @@ impl From<DeliveryError> for Status {
         match e {
             DeliveryError::InvalidArgument(m) => Status::invalid_argument(m),
             DeliveryError::Bus(e) => Status::unavailable(format!("bus unavailable: {e}")),
+            DeliveryError::Disconnected => Status::unavailable("bus disconnected; try again"),
         }
     }
 }

@@ -27,6 +27,8 @@ pub enum DeliveryError {
     InvalidArgument(String),
     #[error("bus unavailable")]
     Bus(#[from] BusError),
+    #[error("bus disconnected")]
+    Disconnected,
 }
 
 /// The coordinator's state and its way to reach edges. Cheap to clone.
@@ -108,6 +110,7 @@ impl Coordinator {
         msg_type: String,
         payload: Vec<u8>,
     ) -> Result<DeliveryReport, DeliveryError> {
+        self.check_bus()?;
         let nodes = self.nodes_of(&target);
         let deliver = proto::v1::Deliver {
             target: Some(target),
@@ -126,6 +129,7 @@ impl Coordinator {
         reason: String,
         hard: bool,
     ) -> Result<DeliveryReport, DeliveryError> {
+        self.check_bus()?;
         let nodes = self.nodes_of(&target);
         let d = proto::v1::Disconnect {
             target: Some(target),
@@ -142,7 +146,13 @@ impl Coordinator {
         &self,
         b: proto::v1::Broadcast,
     ) -> Result<DeliveryReport, DeliveryError> {
-        let expected = self.directory().nodes().count();
+        self.check_bus()?;
+        // A suspect edge (its stream broke) will not answer: do not wait for it.
+        let expected = self
+            .directory()
+            .nodes()
+            .filter(|n| n.suspect_since.is_none())
+            .count();
         let cmd = EdgeCommand {
             kind: Some(edge_command::Kind::Broadcast(b)),
         };
@@ -160,9 +170,20 @@ impl Coordinator {
     ) -> Result<DeliveryReport, DeliveryError> {
         proto::topic::validate_topic(topic)
             .map_err(|e| DeliveryError::InvalidArgument(e.to_string()))?;
+        self.check_bus()?;
         let expected = self.directory().matching_filters(namespace, topic);
         let out = Outgoing::new(subject::topic(namespace, topic.split('/')), payload);
         self.scatter(out, expected).await
+    }
+
+    /// Fails fast while the bus is down, so a backend can tell "nobody there" from "cluster
+    /// broken".
+    fn check_bus(&self) -> Result<(), DeliveryError> {
+        if self.bus.is_connected() {
+            Ok(())
+        } else {
+            Err(DeliveryError::Disconnected)
+        }
     }
 
     /// Live buffered bytes of some connections, asked of the edge that holds them.

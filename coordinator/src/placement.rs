@@ -248,8 +248,10 @@ impl Directory {
     /// How many (edge, filter) pairs match `topic` in `namespace`: each answers a publication
     /// once.
     pub fn matching_filters(&self, namespace: &str, concrete: &str) -> usize {
+        // A suspect edge (its stream broke) will not answer: do not count it.
         self.nodes
             .values()
+            .filter(|n| n.suspect_since.is_none())
             .map(|n| {
                 n.topics
                     .iter()

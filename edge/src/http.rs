@@ -165,6 +165,7 @@ pub(crate) async fn respond<S: AsyncWrite + Unpin>(
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
+        502 => "Bad Gateway",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",

@@ -227,9 +227,8 @@ impl Watch {
             Ok(w) => w,
             Err(e) => return self.fail(&e.to_string()),
         };
-        let mut seen = match self.relist(&*store, &bucket).await {
-            Some(s) => s,
-            None => return,
+        let Some(mut seen) = self.relist(&*store, &bucket).await else {
+            return;
         };
         loop {
             let change = tokio::select! {

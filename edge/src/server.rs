@@ -470,15 +470,9 @@ async fn intercept(
             return Err((503, "upgrade_hook", "upgrade hook unavailable".into()));
         }
     };
-    let mut answer = match serde_json::from_slice::<Value>(&reply.payload) {
-        Ok(Value::Object(m)) => m,
-        _ => {
-            return Err((
-                502,
-                "upgrade_hook",
-                "upgrade hook answered something else than a JSON object".into(),
-            ));
-        }
+    let Ok(Value::Object(mut answer)) = serde_json::from_slice::<Value>(&reply.payload) else {
+        let body = "upgrade hook answered something else than a JSON object";
+        return Err((502, "upgrade_hook", body.into()));
     };
     if let Some(error) = answer.remove("error") {
         let status = answer
