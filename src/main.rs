@@ -157,7 +157,8 @@ fn main() -> ExitCode {
             },
         ),
     };
-    let resolved = match Config::load(mode, &base, file.as_deref(), std::env::vars(), &flags) {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let resolved = match Config::load(mode, &base, file.as_deref(), env.clone(), &flags) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("switchboard: invalid configuration: {e}");
@@ -172,7 +173,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&resolved.config.log);
+    let service = match command {
+        Command::Edge => "switchboard-edge",
+        Command::Coordinator => "switchboard-coordinator",
+        _ => "switchboard",
+    };
+    let telemetry = telemetry::init(&resolved.config.log, service, &env);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,6 +202,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // The runtime goes first: the trace exporter flushes outside any runtime.
+    drop(runtime);
+    drop(telemetry);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

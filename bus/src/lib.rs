@@ -26,11 +26,13 @@ use futures::future::BoxFuture;
 
 pub mod local;
 pub mod local_store;
+pub mod metrics;
 pub mod nats;
 pub mod nats_store;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod trace;
 
 pub use local::LocalBus;
 pub use local_store::LocalStore;

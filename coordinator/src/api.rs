@@ -56,6 +56,13 @@ impl From<DeliveryError> for Status {
     }
 }
 
+/// Makes the current span a child of the caller's trace context (`traceparent` metadata).
+fn follow<T>(r: &Request<T>) {
+    let md = r.metadata();
+    let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    bus::trace::follow_with(&tracing::Span::current(), &get);
+}
+
 fn is_local<T>(r: &Request<T>) -> bool {
     r.metadata().contains_key(LOCAL)
 }
@@ -66,6 +73,15 @@ fn local<T>(msg: T, coordinator: &Coordinator) -> Request<T> {
     r.metadata_mut()
         .insert(LOCAL, tonic::metadata::MetadataValue::from_static("1"));
     r.set_timeout(coordinator.timeout() * 2);
+    let md = r.metadata_mut();
+    bus::trace::inject_with(&tracing::Span::current(), &mut |k, v| {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(v),
+        ) {
+            md.insert(k, v);
+        }
+    });
     r
 }
 
@@ -167,11 +183,12 @@ impl MessagingService {
 
 #[tonic::async_trait]
 impl Messaging for MessagingService {
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, user = %request.get_ref().user))]
+    #[tracing::instrument(name = "Messaging.Send", skip_all, fields(ns = %request.get_ref().namespace, user = %request.get_ref().user))]
     async fn send(
         &self,
         request: Request<SendRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
+        follow(&request);
         let is_local = is_local(&request);
         let r = request.into_inner();
         if r.r#type.is_empty() {
@@ -185,16 +202,22 @@ impl Messaging for MessagingService {
         }
         let there: fn(Channel, Request<SendRequest>) -> PeerCall<DeliveryReport> =
             |ch, req| Box::pin(async move { MessagingClient::new(ch).send(req).await });
-        Ok(Response::new(
-            self.targeted(r.clone(), &t, here, there).await?,
-        ))
+        let started = tokio::time::Instant::now();
+        let report = self.targeted(r.clone(), &t, here, there).await?;
+        self.0.metrics().record("send", &report);
+        self.0
+            .metrics()
+            .send_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(report))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace))]
+    #[tracing::instrument(name = "Messaging.Broadcast", skip_all, fields(ns = %request.get_ref().namespace))]
     async fn broadcast(
         &self,
         request: Request<BroadcastRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
+        follow(&request);
         let r = request.into_inner();
         if r.r#type.is_empty() {
             return Err(Status::invalid_argument("type is required"));
@@ -207,29 +230,33 @@ impl Messaging for MessagingService {
             skip_conn_ids: r.skip_conn_ids,
             skip_users: r.skip_users,
         };
-        Ok(Response::new(self.0.broadcast(b).await?))
+        let report = self.0.broadcast(b).await?;
+        self.0.metrics().record("broadcast", &report);
+        Ok(Response::new(report))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, topic = %request.get_ref().topic))]
+    #[tracing::instrument(name = "Messaging.Publish", skip_all, fields(ns = %request.get_ref().namespace, topic = %request.get_ref().topic))]
     async fn publish(
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
+        follow(&request);
         let r = request.into_inner();
         if r.namespace.is_empty() {
             return Err(Status::invalid_argument("namespace is required"));
         }
         let body = payload(r.payload.as_ref(), &r.payload_json)?;
-        Ok(Response::new(
-            self.0.publish(&r.namespace, &r.topic, body).await?,
-        ))
+        let report = self.0.publish(&r.namespace, &r.topic, body).await?;
+        self.0.metrics().record("publish", &report);
+        Ok(Response::new(report))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, user = %request.get_ref().user))]
+    #[tracing::instrument(name = "Messaging.Disconnect", skip_all, fields(ns = %request.get_ref().namespace, user = %request.get_ref().user))]
     async fn disconnect(
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
+        follow(&request);
         let is_local = is_local(&request);
         let r = request.into_inner();
         let code = if r.code == 0 { 1000 } else { r.code };
@@ -247,9 +274,9 @@ impl Messaging for MessagingService {
         }
         let there: fn(Channel, Request<DisconnectRequest>) -> PeerCall<DeliveryReport> =
             |ch, req| Box::pin(async move { MessagingClient::new(ch).disconnect(req).await });
-        Ok(Response::new(
-            self.targeted(r.clone(), &t, here, there).await?,
-        ))
+        let report = self.targeted(r.clone(), &t, here, there).await?;
+        self.0.metrics().record("disconnect", &report);
+        Ok(Response::new(report))
     }
 }
 

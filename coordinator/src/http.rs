@@ -1,12 +1,11 @@
 //! The coordinator's HTTP listener: `/healthz`, `/readyz`, `/metrics`.
 
-use std::fmt::Write as _;
-
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use bus::metrics::Text;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -51,45 +50,58 @@ pub fn render(c: &Coordinator) -> String {
         (dir.connection_count(), dir.nodes().count(), suspect)
     };
     let bus = c.bus();
-    let gauges = [
-        (
+    let m = c.metrics();
+    Text::default()
+        .gauge(
             "coordinator_placement_entries",
             "Connections in this coordinator's share of placement.",
             entries as u64,
-        ),
-        (
+        )
+        .gauge(
             "coordinator_edges",
             "Edges reporting to this coordinator.",
             edges as u64,
-        ),
-        (
+        )
+        .gauge(
             "coordinator_edges_suspect",
             "Edges whose report stream is broken, within the grace period.",
             suspect as u64,
-        ),
-        (
+        )
+        .gauge(
             "coordinator_ring_members",
             "Coordinators in this coordinator's ring.",
             c.cluster().ring().members().len() as u64,
-        ),
-        (
+        )
+        .gauge(
             "coordinator_bus_connected",
             "1 when the bus connection is up.",
             u64::from(bus.is_connected()),
-        ),
-    ];
-    let mut out = String::new();
-    for (name, help, v) in gauges {
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-        );
-    }
-    let name = "coordinator_bus_reconnects_total";
-    let _ = write!(
-        out,
-        "# HELP {name} Bus reconnections since start.\n# TYPE {name} counter\n{name} {}\n",
-        bus.reconnects()
-    );
-    out
+        )
+        .counter(
+            "coordinator_bus_reconnects_total",
+            "Bus reconnections since start.",
+            bus.reconnects(),
+        )
+        .labeled(
+            "coordinator_messaging_calls_total",
+            "Messaging calls answered by this coordinator, by call.",
+            "call",
+            &m.calls,
+        )
+        .counter(
+            "coordinator_delivered_total",
+            "Connections reached by Messaging calls answered here.",
+            m.delivered.get(),
+        )
+        .counter(
+            "coordinator_refused_total",
+            "Connections that refused a message for backpressure.",
+            m.refused.get(),
+        )
+        .histogram(
+            "coordinator_send_duration_seconds",
+            "Time from a Send's arrival to its answer.",
+            &m.send_duration,
+        )
+        .finish()
 }

@@ -48,26 +48,34 @@ pub async fn run(
         // Each message is handled in its own task: one slow edge must not hold the queue.
         let svc = svc.clone();
         let bus = bus.clone();
-        tokio::spawn(async move {
-            let reply = msg.reply.clone();
-            let result = if is_send {
-                send(&svc, &msg).await
-            } else {
-                broadcast(&svc, &msg).await
-            };
-            let body = match result {
-                Ok(r) => json!({"delivered": r.delivered, "refused": r.refused, "nodes": r.nodes}),
-                Err(status) => {
-                    tracing::debug!(subject = %msg.subject, message = status.message(), "bus message refused");
-                    json!({"error": status.message()})
+        let name = if is_send { "bus.send" } else { "bus.broadcast" };
+        let span = tracing::info_span!("ingest", otel.name = name, subject = %msg.subject);
+        bus::trace::follow(&span, &msg.headers);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let reply = msg.reply.clone();
+                let result = if is_send {
+                    send(&svc, &msg).await
+                } else {
+                    broadcast(&svc, &msg).await
+                };
+                let body = match result {
+                    Ok(r) => {
+                        json!({"delivered": r.delivered, "refused": r.refused, "nodes": r.nodes})
+                    }
+                    Err(status) => {
+                        tracing::debug!(subject = %msg.subject, message = status.message(), "bus message refused");
+                        json!({"error": status.message()})
+                    }
+                };
+                if let Some(reply) = reply
+                    && let Err(error) = bus.publish(Outgoing::new(reply, body.to_string())).await
+                {
+                    tracing::debug!(%error, "delivery report not sent");
                 }
-            };
-            if let Some(reply) = reply
-                && let Err(error) = bus.publish(Outgoing::new(reply, body.to_string())).await
-            {
-                tracing::debug!(%error, "delivery report not sent");
-            }
-        });
+            },
+            span,
+        ));
     }
 }
 

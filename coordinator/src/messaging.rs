@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bus::metrics::{Counter, Histogram, LabeledCounter};
 use bus::{BusError, Outgoing, SharedBus};
 use futures::StreamExt;
 use prost::Message as _;
@@ -19,6 +20,41 @@ use proto::v1::{
 use crate::cluster::Cluster;
 use crate::config::CoordinatorConfig;
 use crate::placement::{Change, Directory};
+
+/// Upper bounds (seconds) of the delivery latency histogram.
+static LATENCY_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// What the coordinator counts for `/metrics`.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Messaging calls answered, by call (send, broadcast, publish, disconnect).
+    pub calls: LabeledCounter,
+    /// Time from a Send's arrival to its answer (edges reached), in seconds.
+    pub send_duration: Histogram,
+    pub delivered: Counter,
+    pub refused: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            calls: LabeledCounter::default(),
+            send_duration: Histogram::new(&LATENCY_BOUNDS),
+            delivered: Counter::default(),
+            refused: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub(crate) fn record(&self, call: &str, report: &DeliveryReport) {
+        self.calls.inc(call);
+        self.delivered.add(report.delivered);
+        self.refused.add(report.refused);
+    }
+}
 
 /// What can go wrong delivering.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +71,7 @@ pub enum DeliveryError {
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     directory: Arc<Mutex<Directory>>,
+    metrics: Arc<Metrics>,
     cluster: Arc<Cluster>,
     bus: SharedBus,
     /// How long to wait for edges (and peers) to answer.
@@ -48,6 +85,7 @@ impl Coordinator {
         let cluster = Cluster::new(node_id, address, cfg.member_timeout);
         Self {
             directory: Arc::default(),
+            metrics: Arc::default(),
             cluster: Arc::new(cluster),
             bus,
             timeout: cfg.request_timeout,
@@ -57,6 +95,10 @@ impl Coordinator {
 
     pub fn directory(&self) -> MutexGuard<'_, Directory> {
         self.directory.lock().expect("directory poisoned")
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -156,7 +198,7 @@ impl Coordinator {
         let cmd = EdgeCommand {
             kind: Some(edge_command::Kind::Broadcast(b)),
         };
-        let out = Outgoing::new(subject::EDGES, cmd.encode_to_vec());
+        let out = traced(Outgoing::new(subject::EDGES, cmd.encode_to_vec()));
         self.scatter(out, expected).await
     }
 
@@ -172,7 +214,10 @@ impl Coordinator {
             .map_err(|e| DeliveryError::InvalidArgument(e.to_string()))?;
         self.check_bus()?;
         let expected = self.directory().matching_filters(namespace, topic);
-        let out = Outgoing::new(subject::topic(namespace, topic.split('/')), payload);
+        let out = traced(Outgoing::new(
+            subject::topic(namespace, topic.split('/')),
+            payload,
+        ));
         self.scatter(out, expected).await
     }
 
@@ -223,11 +268,11 @@ impl Coordinator {
     ) -> Result<DeliveryReport, DeliveryError> {
         let payload = bytes::Bytes::from(EdgeCommand { kind: Some(cmd) }.encode_to_vec());
         let requests = nodes.iter().map(|node| {
-            let out = Outgoing {
+            let out = traced(Outgoing {
                 subject: subject::node(node),
                 payload: payload.clone(),
                 ..Outgoing::default()
-            };
+            });
             self.bus.request(out, self.timeout)
         });
         let mut total = DeliveryReport::default();
@@ -313,6 +358,12 @@ impl Coordinator {
             at_ms,
         })
     }
+}
+
+/// The message, carrying the current span's trace context to the edges.
+fn traced(mut out: Outgoing) -> Outgoing {
+    bus::trace::inject(&tracing::Span::current(), &mut out.headers);
+    out
 }
 
 /// Milliseconds since the Unix epoch.

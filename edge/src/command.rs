@@ -44,6 +44,7 @@ pub(crate) fn run(shared: &Shared, cmd: EdgeCommand) -> Vec<u8> {
             return InspectReply { buffered_bytes }.encode_to_vec();
         }
     };
+    tracing::Span::current().record("delivered", tally.delivered);
     proto::v1::DeliveryReport {
         delivered: tally.delivered,
         refused: tally.refused,

@@ -362,6 +362,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         Message::Text(text) => {
                             if !idle_after.is_zero() { idle_at = Instant::now() + idle_after; }
                             self.shared.metrics.frames_in.inc();
+                            self.shared.metrics.bytes_in.add(text.len() as u64);
                             if let Err(e) = self.on_text(&text).await { return e; }
                         }
                         Message::Binary(_) => return ConnError::Binary,
@@ -412,6 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         self.ws.flush().await.map_err(ConnError::Transport)?;
         self.handle.0.buffered.fetch_sub(bytes, Ordering::Relaxed);
         self.shared.metrics.frames_out.add(frames);
+        self.shared.metrics.bytes_out.add(bytes as u64);
         Ok(())
     }
 

@@ -1,68 +1,67 @@
 //! The edge's Prometheus metrics, rendered as text on `/metrics`.
 //!
-//! **Invariant:** no label carries a per-connection, per-user or per-topic value.
+//! **Invariant:** no label carries a per-connection, per-user or per-topic value; routes are
+//! the only label besides fixed reasons and close codes.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use bus::metrics::{Counter, Histogram, LabeledCounter, Text};
 
 use crate::registry::Tally;
 
-/// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+/// Upper bounds of the fan-out size histogram (recipients per message).
+static FANOUT_BOUNDS: [f64; 9] = [
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    100.0,
+    1_000.0,
+    10_000.0,
+    100_000.0,
+    1_000_000.0,
+];
 
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Counts by a label drawn from a small fixed set (refusal reasons, close codes).
-#[derive(Debug, Default)]
-pub struct LabeledCounter(Mutex<BTreeMap<String, u64>>);
-
-impl LabeledCounter {
-    pub fn inc(&self, label: &str) {
-        let mut m = self.0.lock().expect("metric poisoned");
-        *m.entry(label.to_owned()).or_default() += 1;
-    }
-
-    pub fn get(&self, label: &str) -> u64 {
-        self.0
-            .lock()
-            .expect("metric poisoned")
-            .get(label)
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub upgrades: Counter,
     pub upgrades_refused: LabeledCounter,
     pub frames_in: Counter,
     pub frames_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
     pub messages_delivered: Counter,
     pub messages_dropped: Counter,
+    pub fanout: Histogram,
     pub closes: LabeledCounter,
+    pub slow_consumer_closes: Counter,
     pub events_ignored: Counter,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            upgrades: Counter::default(),
+            upgrades_refused: LabeledCounter::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            messages_delivered: Counter::default(),
+            messages_dropped: Counter::default(),
+            fanout: Histogram::new(&FANOUT_BOUNDS),
+            closes: LabeledCounter::default(),
+            slow_consumer_closes: Counter::default(),
+            events_ignored: Counter::default(),
+        }
+    }
+}
+
 /// Live gauges sampled at render time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Gauges {
-    pub connections: usize,
+    /// Open connections per route.
+    pub connections: Vec<(String, u64)>,
+    /// Namespaces with at least one connection, per route.
+    pub namespaces: Vec<(String, u64)>,
     pub topics: usize,
     pub buffered_bytes: u64,
     pub bus_connected: bool,
@@ -76,118 +75,112 @@ impl Metrics {
         if t.refused > 0 {
             self.messages_dropped.add(t.refused);
         }
+        #[allow(clippy::cast_precision_loss)]
+        self.fanout.observe((t.delivered + t.refused) as f64);
     }
 
     /// Prometheus text exposition format.
-    pub fn render(&self, g: Gauges) -> String {
-        let mut out = String::with_capacity(2048);
-        gauge(
-            &mut out,
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut t = Text::default();
+        t.gauges(
             "edge_connections",
-            "Open client WebSocket connections.",
-            g.connections as u64,
-        );
-        gauge(
-            &mut out,
+            "Open client WebSocket connections, by route.",
+            "route",
+            &g.connections,
+        )
+        .gauges(
+            "edge_namespaces",
+            "Namespaces with open connections, by route.",
+            "route",
+            &g.namespaces,
+        )
+        .gauge(
             "edge_topics_active",
             "Topic filters with at least one local subscriber.",
             g.topics as u64,
-        );
-        gauge(
-            &mut out,
+        )
+        .gauge(
             "edge_outbound_buffered_bytes",
             "Bytes queued for clients, not yet written.",
             g.buffered_bytes,
-        );
-        gauge(
-            &mut out,
+        )
+        .gauge(
             "edge_bus_connected",
             "1 when the bus connection is up.",
             u64::from(g.bus_connected),
-        );
-        gauge(
-            &mut out,
+        )
+        .gauge(
             "edge_draining",
             "1 while the edge drains for shutdown.",
             u64::from(g.draining),
-        );
-        counter(
-            &mut out,
+        )
+        .counter(
             "edge_bus_reconnects_total",
             "Bus reconnections since start.",
             g.bus_reconnects,
-        );
-        counter(
-            &mut out,
+        )
+        .counter(
             "edge_upgrades_total",
             "WebSocket upgrades accepted.",
             self.upgrades.get(),
-        );
-        labeled(
-            &mut out,
+        )
+        .labeled(
             "edge_upgrades_refused_total",
             "Upgrade requests refused, by reason.",
             "reason",
             &self.upgrades_refused,
-        );
-        counter(
-            &mut out,
+        )
+        .counter(
             "edge_frames_in_total",
             "Text frames received from clients.",
             self.frames_in.get(),
-        );
-        counter(
-            &mut out,
+        )
+        .counter(
             "edge_frames_out_total",
             "Frames written to clients.",
             self.frames_out.get(),
-        );
-        counter(
-            &mut out,
+        )
+        .counter(
+            "edge_bytes_in_total",
+            "Payload bytes received from clients.",
+            self.bytes_in.get(),
+        )
+        .counter(
+            "edge_bytes_out_total",
+            "Payload bytes written to clients.",
+            self.bytes_out.get(),
+        )
+        .counter(
             "edge_messages_delivered_total",
             "Messages queued to clients by fan-out.",
             self.messages_delivered.get(),
-        );
-        counter(
-            &mut out,
+        )
+        .counter(
             "edge_messages_dropped_total",
             "Messages refused because a client's outbound queue was full.",
             self.messages_dropped.get(),
-        );
-        counter(
-            &mut out,
-            "edge_events_ignored_total",
-            "Client frames ignored by the dialect.",
-            self.events_ignored.get(),
-        );
-        labeled(
-            &mut out,
+        )
+        .histogram(
+            "edge_fanout_size",
+            "Connections one message was handed to on this edge.",
+            &self.fanout,
+        )
+        .counter(
+            "edge_slow_consumer_closes_total",
+            "Connections closed as slow consumers (1013).",
+            self.slow_consumer_closes.get(),
+        )
+        .labeled(
             "edge_closes_total",
             "Connections closed, by close code (1006: without a close frame).",
             "code",
             &self.closes,
-        );
-        out
-    }
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = write!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-    );
-}
-
-fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = write!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-    );
-}
-
-fn labeled(out: &mut String, name: &str, help: &str, label: &str, c: &LabeledCounter) {
-    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
-    for (k, v) in c.0.lock().expect("metric poisoned").iter() {
-        let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {v}");
+        )
+        .counter(
+            "edge_events_ignored_total",
+            "Client frames ignored by the dialect.",
+            self.events_ignored.get(),
+        )
+        .finish()
     }
 }

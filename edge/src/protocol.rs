@@ -12,6 +12,7 @@ use proto::frame::{self, ClientFrame, Dialect, ErrorCode, FrameBuilder, FrameErr
 use proto::{subject, topic};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
 
 use crate::conn::{Conn, ConnError, ConnHandle};
 use crate::resources;
@@ -255,8 +256,12 @@ where
             f.verb.clone()
         };
         let id = f.id.clone();
-        let msg = event_message(&conn.handle, subject, body.clone());
+        // One span per request, its context carried to the backend in the headers.
+        let span = tracing::info_span!("edge.event", event = %f.verb, subject = %subject);
+        let mut msg = event_message(&conn.handle, subject, body.clone());
+        bus::trace::inject(&span, &mut msg.headers);
         let fut = request(&conn.shared.bus, msg, conn.shared.request_timeout)
+            .instrument(span)
             .map(move |result| event_reply(key, &reply_type, id.as_ref(), result, quiet));
         conn.inflight.push(fut.boxed());
     }

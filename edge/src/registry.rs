@@ -454,7 +454,15 @@ async fn publish_local(shared: &Shared, topic: &Topic, msg: Message) {
     };
     let mut frames = Frames::new(&build);
     let mut tally = Tally::default();
+    let span = if bus::trace::is_traced(&msg.headers) {
+        let span = tracing::info_span!("edge.publish", topic = %concrete, delivered = tracing::field::Empty);
+        bus::trace::follow(&span, &msg.headers);
+        span
+    } else {
+        tracing::Span::none()
+    };
     {
+        let _inside = span.enter();
         let subs = topic.subscribers.lock().expect("topic poisoned");
         for h in subs.iter() {
             if Some(h.id()) == skip {
@@ -464,6 +472,8 @@ async fn publish_local(shared: &Shared, topic: &Topic, msg: Message) {
         }
     }
     shared.metrics.record_fanout(tally);
+    span.record("delivered", tally.delivered);
+    drop(span);
     if let Some(reply) = msg.reply {
         let out = Outgoing::new(reply, tally.report().encode_to_vec());
         if let Err(error) = shared.bus.publish(out).await {
@@ -485,6 +495,14 @@ pub(crate) async fn command_pump(
             m = messages.next() => match m { Some(m) => m, None => break },
         };
         let answer = match proto::v1::EdgeCommand::decode(msg.payload.as_ref()) {
+            Ok(cmd) if bus::trace::is_traced(&msg.headers) => {
+                // Only traced commands pay for a span: the trace runs from the backend's call
+                // to the sockets this edge queued the frame for.
+                let span = tracing::info_span!("edge.command", node = %shared.node_id, delivered = tracing::field::Empty);
+                bus::trace::follow(&span, &msg.headers);
+                let _inside = span.enter();
+                crate::command::run(&shared, cmd)
+            }
             Ok(cmd) => crate::command::run(&shared, cmd),
             Err(error) => {
                 tracing::warn!(%error, subject = %msg.subject, "undecodable edge command");

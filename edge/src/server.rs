@@ -231,15 +231,33 @@ impl Shared {
 
     fn metrics_text(&self) -> String {
         let all = self.registry.all();
+        let mut by_route: std::collections::BTreeMap<&str, (u64, std::collections::HashSet<&str>)> =
+            self.routes
+                .iter()
+                .map(|r| (r.cfg.path.as_str(), (0, std::collections::HashSet::new())))
+                .collect();
+        for h in &all {
+            let info = h.info();
+            let slot = by_route.entry(info.route.cfg.path.as_str()).or_default();
+            slot.0 += 1;
+            slot.1.insert(info.namespace.as_str());
+        }
         let gauges = Gauges {
-            connections: all.len(),
+            connections: by_route
+                .iter()
+                .map(|(r, (n, _))| ((*r).to_owned(), *n))
+                .collect(),
+            namespaces: by_route
+                .iter()
+                .map(|(r, (_, ns))| ((*r).to_owned(), ns.len() as u64))
+                .collect(),
             topics: self.registry.topic_count(),
             buffered_bytes: all.iter().map(|h| h.buffered() as u64).sum(),
             bus_connected: self.bus.is_connected(),
             bus_reconnects: self.bus.reconnects(),
             draining: self.draining.load(Ordering::Relaxed),
         };
-        self.metrics.render(gauges)
+        self.metrics.render(&gauges)
     }
 }
 
@@ -327,9 +345,113 @@ fn readiness(shared: &Shared) -> (u16, &'static str) {
     }
 }
 
-async fn refuse(shared: &Shared, tcp: &mut TcpStream, status: u16, reason: &str, body: &str) {
+async fn refuse<T>(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    body: &str,
+) -> Option<T> {
     shared.metrics.upgrades_refused.inc(reason);
     let _ = http::respond(tcp, status, "text/plain", &format!("{body}\n")).await;
+    None
+}
+
+/// Route, checks, auth, the upgrade hook, and the 101; `None` when refused (answered).
+async fn admit(
+    shared: &Arc<Shared>,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    head: &RequestHead,
+) -> Option<Admitted> {
+    let matched = shared.routes.iter().find_map(|r| {
+        http::match_path(&r.cfg.path, &head.path).map(|params| (Arc::clone(r), params))
+    });
+    let Some((route, path_params)) = matched else {
+        return refuse(shared, tcp, 404, "no_route", "no route at this path").await;
+    };
+    if route.cfg.dialect == Dialect::Monument && route.cfg.monument == MonumentMode::Off {
+        return refuse(
+            shared,
+            tcp,
+            404,
+            "no_route",
+            "websockets are off on this route",
+        )
+        .await;
+    }
+    if head.method != "GET" {
+        return refuse(shared, tcp, 405, "method", "websocket upgrades use GET").await;
+    }
+    if !head.is_upgrade() || head.header("sec-websocket-version") != Some("13") {
+        return refuse(
+            shared,
+            tcp,
+            426,
+            "not_websocket",
+            "this path only speaks websocket version 13",
+        )
+        .await;
+    }
+    let Some(key) = head.header("sec-websocket-key").map(str::to_owned) else {
+        return refuse(
+            shared,
+            tcp,
+            400,
+            "bad_handshake",
+            "missing sec-websocket-key",
+        )
+        .await;
+    };
+    if shared.draining.load(Ordering::Relaxed) {
+        return refuse(shared, tcp, 503, "draining", "node is draining").await;
+    }
+    let Ok(permit) = Arc::clone(&shared.limit).try_acquire_owned() else {
+        return refuse(
+            shared,
+            tcp,
+            503,
+            "capacity",
+            "node is at its connection limit",
+        )
+        .await;
+    };
+    let mut identity = match route.verifier.admit(&route.cfg, head) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "upgrade refused");
+            return refuse(shared, tcp, e.status(), e.reason(), &e.to_string()).await;
+        }
+    };
+    if let Some(hook) = &route.cfg.hooks.upgrade {
+        match intercept(shared, &hook.publish, &route, head, peer, &identity).await {
+            Ok(context) => identity.claims.extend(context),
+            Err((status, reason, body)) => {
+                return refuse(shared, tcp, status, reason, &body).await;
+            }
+        }
+    }
+    if tcp
+        .write_all(http::switching_protocols(&key).as_bytes())
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    Some(Admitted {
+        route,
+        path_params,
+        identity,
+        permit,
+    })
+}
+
+/// What an admitted upgrade request carries into the connection.
+struct Admitted {
+    route: Arc<Route>,
+    path_params: Vec<(String, String)>,
+    identity: crate::auth::Identity,
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 async fn upgrade(
@@ -339,87 +461,16 @@ async fn upgrade(
     head: RequestHead,
     rest: Vec<u8>,
 ) {
-    let matched = shared.routes.iter().find_map(|r| {
-        http::match_path(&r.cfg.path, &head.path).map(|params| (Arc::clone(r), params))
-    });
-    let Some((route, path_params)) = matched else {
-        return refuse(&shared, &mut tcp, 404, "no_route", "no route at this path").await;
-    };
-    if route.cfg.dialect == Dialect::Monument && route.cfg.monument == MonumentMode::Off {
-        return refuse(
-            &shared,
-            &mut tcp,
-            404,
-            "no_route",
-            "websockets are off on this route",
-        )
-        .await;
-    }
-    if head.method != "GET" {
-        return refuse(
-            &shared,
-            &mut tcp,
-            405,
-            "method",
-            "websocket upgrades use GET",
-        )
-        .await;
-    }
-    if !head.is_upgrade() || head.header("sec-websocket-version") != Some("13") {
-        return refuse(
-            &shared,
-            &mut tcp,
-            426,
-            "not_websocket",
-            "this path only speaks websocket version 13",
-        )
-        .await;
-    }
-    let Some(key) = head.header("sec-websocket-key").map(str::to_owned) else {
-        return refuse(
-            &shared,
-            &mut tcp,
-            400,
-            "bad_handshake",
-            "missing sec-websocket-key",
-        )
-        .await;
-    };
-    if shared.draining.load(Ordering::Relaxed) {
-        return refuse(&shared, &mut tcp, 503, "draining", "node is draining").await;
-    }
-    let Ok(permit) = Arc::clone(&shared.limit).try_acquire_owned() else {
-        return refuse(
-            &shared,
-            &mut tcp,
-            503,
-            "capacity",
-            "node is at its connection limit",
-        )
-        .await;
-    };
-    let mut identity = match route.verifier.admit(&route.cfg, &head) {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "upgrade refused");
-            return refuse(&shared, &mut tcp, e.status(), e.reason(), &e.to_string()).await;
-        }
-    };
-    if let Some(hook) = &route.cfg.hooks.upgrade {
-        match intercept(&shared, &hook.publish, &route, &head, peer, &identity).await {
-            Ok(context) => identity.claims.extend(context),
-            Err((status, reason, body)) => {
-                return refuse(&shared, &mut tcp, status, reason, &body).await;
-            }
-        }
-    }
-    if tcp
-        .write_all(http::switching_protocols(&key).as_bytes())
-        .await
-        .is_err()
-    {
+    let span = tracing::info_span!("edge.upgrade", path = %head.path, %peer);
+    let Some(admitted) = admit(&shared, &mut tcp, peer, &head).instrument(span).await else {
         return;
-    }
+    };
+    let Admitted {
+        route,
+        path_params,
+        identity,
+        permit,
+    } = admitted;
     let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(route.ws)).await;
     let mut params: Vec<(String, String)> = head.query.into_iter().collect();
     params.extend(path_params);
@@ -527,6 +578,9 @@ async fn run_conn(
     };
     let code = end.code();
     shared.metrics.closes.inc(&code.to_string());
+    if code == 1013 {
+        shared.metrics.slow_consumer_closes.inc();
+    }
     if end.client_fault() {
         tracing::info!(code, reason = %end, "connection closed");
     } else {
