@@ -25,6 +25,7 @@ use proto::v1::{
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::cluster::Owner;
 use crate::messaging::{Coordinator, DeliveryError, merge};
@@ -56,11 +57,14 @@ impl From<DeliveryError> for Status {
     }
 }
 
-/// Makes the current span a child of the caller's trace context (`traceparent` metadata).
-fn follow<T>(r: &Request<T>) {
+/// The span of one Messaging call, a child of the caller's trace context (`traceparent`
+/// metadata) when it sent one. The parent is set before the span is first entered.
+fn call_span<T>(name: &'static str, r: &Request<T>) -> tracing::Span {
+    let span = tracing::info_span!("grpc", otel.name = name);
     let md = r.metadata();
     let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    bus::trace::follow_with(&tracing::Span::current(), &get);
+    bus::trace::follow_with(&span, &get);
+    span
 }
 
 fn is_local<T>(r: &Request<T>) -> bool {
@@ -183,100 +187,112 @@ impl MessagingService {
 
 #[tonic::async_trait]
 impl Messaging for MessagingService {
-    #[tracing::instrument(name = "Messaging.Send", skip_all, fields(ns = %request.get_ref().namespace, user = %request.get_ref().user))]
     async fn send(
         &self,
         request: Request<SendRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
-        follow(&request);
-        let is_local = is_local(&request);
-        let r = request.into_inner();
-        if r.r#type.is_empty() {
-            return Err(Status::invalid_argument("type is required"));
+        let span = call_span("Messaging.Send", &request);
+        async move {
+            let is_local = is_local(&request);
+            let r = request.into_inner();
+            if r.r#type.is_empty() {
+                return Err(Status::invalid_argument("type is required"));
+            }
+            let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            let t = target(&r.namespace, &r.user, &r.conn_id)?;
+            let here = || self.0.send(t.clone(), r.r#type.clone(), body.clone());
+            if is_local {
+                return Ok(Response::new(here().await?));
+            }
+            let there: fn(Channel, Request<SendRequest>) -> PeerCall<DeliveryReport> =
+                |ch, req| Box::pin(async move { MessagingClient::new(ch).send(req).await });
+            let started = tokio::time::Instant::now();
+            let report = self.targeted(r.clone(), &t, here, there).await?;
+            self.0.metrics().record("send", &report);
+            self.0
+                .metrics()
+                .send_duration
+                .observe(started.elapsed().as_secs_f64());
+            Ok(Response::new(report))
         }
-        let body = payload(r.payload.as_ref(), &r.payload_json)?;
-        let t = target(&r.namespace, &r.user, &r.conn_id)?;
-        let here = || self.0.send(t.clone(), r.r#type.clone(), body.clone());
-        if is_local {
-            return Ok(Response::new(here().await?));
-        }
-        let there: fn(Channel, Request<SendRequest>) -> PeerCall<DeliveryReport> =
-            |ch, req| Box::pin(async move { MessagingClient::new(ch).send(req).await });
-        let started = tokio::time::Instant::now();
-        let report = self.targeted(r.clone(), &t, here, there).await?;
-        self.0.metrics().record("send", &report);
-        self.0
-            .metrics()
-            .send_duration
-            .observe(started.elapsed().as_secs_f64());
-        Ok(Response::new(report))
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "Messaging.Broadcast", skip_all, fields(ns = %request.get_ref().namespace))]
     async fn broadcast(
         &self,
         request: Request<BroadcastRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
-        follow(&request);
-        let r = request.into_inner();
-        if r.r#type.is_empty() {
-            return Err(Status::invalid_argument("type is required"));
+        let span = call_span("Messaging.Broadcast", &request);
+        async move {
+            let r = request.into_inner();
+            if r.r#type.is_empty() {
+                return Err(Status::invalid_argument("type is required"));
+            }
+            let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            let b = proto::v1::Broadcast {
+                namespace: r.namespace,
+                r#type: r.r#type,
+                payload: body,
+                skip_conn_ids: r.skip_conn_ids,
+                skip_users: r.skip_users,
+            };
+            let report = self.0.broadcast(b).await?;
+            self.0.metrics().record("broadcast", &report);
+            Ok(Response::new(report))
         }
-        let body = payload(r.payload.as_ref(), &r.payload_json)?;
-        let b = proto::v1::Broadcast {
-            namespace: r.namespace,
-            r#type: r.r#type,
-            payload: body,
-            skip_conn_ids: r.skip_conn_ids,
-            skip_users: r.skip_users,
-        };
-        let report = self.0.broadcast(b).await?;
-        self.0.metrics().record("broadcast", &report);
-        Ok(Response::new(report))
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "Messaging.Publish", skip_all, fields(ns = %request.get_ref().namespace, topic = %request.get_ref().topic))]
     async fn publish(
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
-        follow(&request);
-        let r = request.into_inner();
-        if r.namespace.is_empty() {
-            return Err(Status::invalid_argument("namespace is required"));
+        let span = call_span("Messaging.Publish", &request);
+        async move {
+            let r = request.into_inner();
+            if r.namespace.is_empty() {
+                return Err(Status::invalid_argument("namespace is required"));
+            }
+            let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            let report = self.0.publish(&r.namespace, &r.topic, body).await?;
+            self.0.metrics().record("publish", &report);
+            Ok(Response::new(report))
         }
-        let body = payload(r.payload.as_ref(), &r.payload_json)?;
-        let report = self.0.publish(&r.namespace, &r.topic, body).await?;
-        self.0.metrics().record("publish", &report);
-        Ok(Response::new(report))
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(name = "Messaging.Disconnect", skip_all, fields(ns = %request.get_ref().namespace, user = %request.get_ref().user))]
     async fn disconnect(
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
-        follow(&request);
-        let is_local = is_local(&request);
-        let r = request.into_inner();
-        let code = if r.code == 0 { 1000 } else { r.code };
-        if !(1000..=4999).contains(&code) || matches!(code, 1004..=1006 | 1015) {
-            let msg = format!("{code} is not a close code a server may send");
-            return Err(Status::invalid_argument(msg));
+        let span = call_span("Messaging.Disconnect", &request);
+        async move {
+            let is_local = is_local(&request);
+            let r = request.into_inner();
+            let code = if r.code == 0 { 1000 } else { r.code };
+            if !(1000..=4999).contains(&code) || matches!(code, 1004..=1006 | 1015) {
+                let msg = format!("{code} is not a close code a server may send");
+                return Err(Status::invalid_argument(msg));
+            }
+            if r.reason.len() > 123 {
+                return Err(Status::invalid_argument("reason is longer than 123 bytes"));
+            }
+            let t = target(&r.namespace, &r.user, &r.conn_id)?;
+            let here = || self.0.disconnect(t.clone(), code, r.reason.clone(), r.hard);
+            if is_local {
+                return Ok(Response::new(here().await?));
+            }
+            let there: fn(Channel, Request<DisconnectRequest>) -> PeerCall<DeliveryReport> =
+                |ch, req| Box::pin(async move { MessagingClient::new(ch).disconnect(req).await });
+            let report = self.targeted(r.clone(), &t, here, there).await?;
+            self.0.metrics().record("disconnect", &report);
+            Ok(Response::new(report))
         }
-        if r.reason.len() > 123 {
-            return Err(Status::invalid_argument("reason is longer than 123 bytes"));
-        }
-        let t = target(&r.namespace, &r.user, &r.conn_id)?;
-        let here = || self.0.disconnect(t.clone(), code, r.reason.clone(), r.hard);
-        if is_local {
-            return Ok(Response::new(here().await?));
-        }
-        let there: fn(Channel, Request<DisconnectRequest>) -> PeerCall<DeliveryReport> =
-            |ch, req| Box::pin(async move { MessagingClient::new(ch).disconnect(req).await });
-        let report = self.targeted(r.clone(), &t, here, there).await?;
-        self.0.metrics().record("disconnect", &report);
-        Ok(Response::new(report))
+        .instrument(span)
+        .await
     }
 }
 
