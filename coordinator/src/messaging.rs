@@ -2,7 +2,7 @@
 //! edges (resolve placement, one bus message to each edge that holds a target — never to every
 //! edge — and add up what the edges report).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -153,14 +153,16 @@ impl Coordinator {
         payload: Vec<u8>,
     ) -> Result<DeliveryReport, DeliveryError> {
         self.check_bus()?;
-        let nodes = self.nodes_of(&target);
-        let deliver = proto::v1::Deliver {
-            target: Some(target),
-            r#type: msg_type,
-            payload,
-        };
-        self.to_nodes(nodes, edge_command::Kind::Deliver(deliver))
-            .await
+        let plan = self.plan(&target);
+        let payload = bytes::Bytes::from(payload);
+        self.to_nodes(plan, |target| {
+            edge_command::Kind::Deliver(proto::v1::Deliver {
+                target: Some(target),
+                r#type: msg_type.clone(),
+                payload: payload.to_vec(),
+            })
+        })
+        .await
     }
 
     /// Closes a user's connections (or some connections) from this coordinator's directory.
@@ -172,15 +174,16 @@ impl Coordinator {
         hard: bool,
     ) -> Result<DeliveryReport, DeliveryError> {
         self.check_bus()?;
-        let nodes = self.nodes_of(&target);
-        let d = proto::v1::Disconnect {
-            target: Some(target),
-            code,
-            reason,
-            hard,
-        };
-        self.to_nodes(nodes, edge_command::Kind::Disconnect(d))
-            .await
+        let plan = self.plan(&target);
+        self.to_nodes(plan, |target| {
+            edge_command::Kind::Disconnect(proto::v1::Disconnect {
+                target: Some(target),
+                code,
+                reason: reason.clone(),
+                hard,
+            })
+        })
+        .await
     }
 
     /// A frame to every connection (of one namespace), minus a skip list. Every edge gets it.
@@ -247,36 +250,58 @@ impl Coordinator {
         }
     }
 
-    fn nodes_of(&self, target: &Target) -> BTreeSet<String> {
+    /// Which edges to ask, each with the target it should apply. A user in one namespace is
+    /// one key, so this coordinator (its owner) knows all of it and the edge may select by
+    /// user; otherwise (every namespace, or conn ids) other coordinators hold other shares of
+    /// the same user, so each names exactly the connections it knows, or an edge would get
+    /// the same frame from two coordinators.
+    fn plan(&self, target: &Target) -> Vec<(String, Target)> {
         let dir = self.directory();
-        if target.conn_ids.is_empty() {
-            dir.nodes_of_user(&target.namespace, &target.user)
-        } else {
-            target
-                .conn_ids
-                .iter()
-                .filter_map(|id| dir.node_of(id).map(str::to_owned))
-                .collect()
+        if target.conn_ids.is_empty() && !target.namespace.is_empty() {
+            let nodes = dir.nodes_of_user(&target.namespace, &target.user);
+            return nodes.into_iter().map(|n| (n, target.clone())).collect();
         }
+        let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let known: Vec<(String, String)> = if target.conn_ids.is_empty() {
+            let conns = dir.locate("", &target.user);
+            conns.into_iter().map(|c| (c.node_id, c.conn_id)).collect()
+        } else {
+            let ids = target.conn_ids.iter();
+            ids.filter_map(|id| dir.node_of(id).map(|n| (n.to_owned(), id.clone())))
+                .collect()
+        };
+        for (node, id) in known {
+            by_node.entry(node).or_default().push(id);
+        }
+        by_node
+            .into_iter()
+            .map(|(node, conn_ids)| {
+                let t = Target {
+                    namespace: target.namespace.clone(),
+                    user: String::new(),
+                    conn_ids,
+                };
+                (node, t)
+            })
+            .collect()
     }
 
     /// One request per node, in parallel; the reports added up.
     async fn to_nodes(
         &self,
-        nodes: BTreeSet<String>,
-        cmd: edge_command::Kind,
+        plan: Vec<(String, Target)>,
+        command: impl Fn(Target) -> edge_command::Kind,
     ) -> Result<DeliveryReport, DeliveryError> {
-        let payload = bytes::Bytes::from(EdgeCommand { kind: Some(cmd) }.encode_to_vec());
-        let requests = nodes.iter().map(|node| {
-            let out = traced(Outgoing {
-                subject: subject::node(node),
-                payload: payload.clone(),
-                ..Outgoing::default()
-            });
+        let requests = plan.iter().map(|(node, target)| {
+            let cmd = EdgeCommand {
+                kind: Some(command(target.clone())),
+            };
+            let out = traced(Outgoing::new(subject::node(node), cmd.encode_to_vec()));
             self.bus.request(out, self.timeout)
         });
         let mut total = DeliveryReport::default();
-        for (node, result) in nodes.iter().zip(futures::future::join_all(requests).await) {
+        let nodes = plan.iter().map(|(n, _)| n);
+        for (node, result) in nodes.zip(futures::future::join_all(requests).await) {
             match result {
                 Ok(m) => add(&mut total, &m.payload),
                 Err(error) => tracing::warn!(node = %node, %error, "edge did not answer"),
@@ -380,8 +405,15 @@ pub(crate) fn add(total: &mut DeliveryReport, payload: &[u8]) {
     }
 }
 
+/// Adds `r` into `total`; an edge counted by two coordinators is one node.
 pub(crate) fn merge(total: &mut DeliveryReport, r: &DeliveryReport) {
     total.delivered += r.delivered;
     total.refused += r.refused;
-    total.nodes += r.nodes;
+    for id in &r.node_ids {
+        if !total.node_ids.contains(id) {
+            total.node_ids.push(id.clone());
+        }
+    }
+    total.node_ids.sort();
+    total.nodes = u32::try_from(total.node_ids.len()).unwrap_or(u32::MAX);
 }

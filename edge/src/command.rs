@@ -45,10 +45,5 @@ pub(crate) fn run(shared: &Shared, cmd: EdgeCommand) -> Vec<u8> {
         }
     };
     tracing::Span::current().record("delivered", tally.delivered);
-    proto::v1::DeliveryReport {
-        delivered: tally.delivered,
-        refused: tally.refused,
-        nodes: 1,
-    }
-    .encode_to_vec()
+    tally.report(&shared.node_id).encode_to_vec()
 }

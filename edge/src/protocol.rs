@@ -59,9 +59,14 @@ where
         return match dialect {
             Dialect::Monument => monument_event(conn, frame).await,
             Dialect::Monorail if route.cfg.hooks.onmessage.is_none() => {
+                // MonoRail's error names the resource and params it was sent.
                 let msg = format!("unknown handler {:?}", frame.verb);
-                conn.push(frame::error(key, id, ErrorCode::UnknownVerb, &msg))
-                    .await
+                let resource = frame
+                    .str(dialect.resource_field())
+                    .unwrap_or_default()
+                    .to_owned();
+                let f = resources::error(conn, &frame, &resource, ErrorCode::UnknownVerb, &msg);
+                conn.push(f).await
             }
             _ => forward_event(conn, frame).await,
         };

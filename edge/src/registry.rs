@@ -116,11 +116,13 @@ impl Tally {
         }
     }
 
-    fn report(self) -> DeliveryReport {
+    /// This edge's answer to a coordinator.
+    pub(crate) fn report(self, node_id: &str) -> DeliveryReport {
         DeliveryReport {
             delivered: self.delivered,
             refused: self.refused,
             nodes: 1,
+            node_ids: vec![node_id.to_owned()],
         }
     }
 }
@@ -475,7 +477,7 @@ async fn publish_local(shared: &Shared, topic: &Topic, msg: Message) {
     span.record("delivered", tally.delivered);
     drop(span);
     if let Some(reply) = msg.reply {
-        let out = Outgoing::new(reply, tally.report().encode_to_vec());
+        let out = Outgoing::new(reply, tally.report(&shared.node_id).encode_to_vec());
         if let Err(error) = shared.bus.publish(out).await {
             tracing::debug!(%error, "publish report not sent");
         }

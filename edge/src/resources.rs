@@ -395,7 +395,13 @@ fn remove_frame(
 
 /// An error about a resource: the usual code and message, plus the resource and params (as
 /// MonoRail's `{handler: error, type, params}`).
-fn error<S>(conn: &Conn<S>, f: &ClientFrame, name: &str, code: ErrorCode, message: &str) -> String
+pub(crate) fn error<S>(
+    conn: &Conn<S>,
+    f: &ClientFrame,
+    name: &str,
+    code: ErrorCode,
+    message: &str,
+) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {

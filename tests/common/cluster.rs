@@ -886,7 +886,8 @@ pub fn node_ids(conns: &[Connection]) -> std::collections::BTreeSet<String> {
 // ---------------------------------------------------------------------------------------
 // WebSocket clients.
 
-/// An upgrade the edge refused: its HTTP status and body.
+/// An upgrade the edge refused: its HTTP status, and what of the body came with the head
+/// (often nothing: [`refused_upgrade`] reads the whole body).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub status: u16,
@@ -1188,6 +1189,33 @@ pub async fn http_exchange(addr: SocketAddr, request: &str) -> Result<(u16, Stri
     parse_response(&text)
 }
 
+/// The text of a WebSocket upgrade request for `path_and_query` on `addr` with extra
+/// headers, as a browser or curl sends it.
+pub fn upgrade_request(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> String {
+    let mut text = format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: SGVsbG8sIHdvcmxkIQ==\r\n"
+    );
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    text.push_str("\r\n");
+    text
+}
+
+/// An upgrade request the edge refuses: (status, body), read until the edge closes.
+pub async fn refused_upgrade(
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let request = upgrade_request(addr, path_and_query, headers);
+    http_exchange(addr, &request)
+        .await
+        .unwrap_or_else(|e| panic!("upgrade of {path_and_query}: {e}"))
+}
+
 /// Writes `request` as it is and reads only the response head (the connection may stay
 /// open, as after a `101`): (status, the head).
 pub async fn http_head(addr: SocketAddr, request: &str) -> Result<(u16, String), String> {
@@ -1308,26 +1336,25 @@ pub fn example_variant(name: &str, edits: &[(&str, &str)]) -> String {
 // ---------------------------------------------------------------------------------------
 // Markers.
 
-/// Proves that nothing else is pending for `client`, the only socket of `user` in
-/// `namespace`: a Send of a fresh marker through coordinator 0 (retried until placement
-/// knows the socket) must be the very next frame it reads, as `{<key>: "marker", "payload":
-/// <id>}` (`key` is the routing field of the route's dialect).
-pub async fn expect_only_marker(
-    c: &Cluster,
-    client: &mut Client,
-    namespace: &str,
-    user: &str,
-    key: &str,
-) {
+/// Proves that nothing else is pending for `client`: a Send of a fresh marker to its
+/// connection (found in placement by its address) through coordinator 0 must be the very
+/// next frame it reads, as `{<key>: "marker", "payload": <id>}` (`key` is the routing field
+/// of the route's dialect).
+pub async fn expect_only_marker(c: &Cluster, client: &mut Client, key: &str) {
+    let conn_id = c.connection_of(0, client).await.conn_id;
     let id = ulid::Ulid::new().to_string();
     let payload = Value::String(id).to_string();
-    let what = format!("a marker Send to {user:?} in {namespace:?} to be delivered once");
-    eventually(&what, STEP, async || {
-        let r = send(c.grpc(0), namespace, user, "marker", &payload).await;
-        assert!(r.delivered <= 1, "{what}: {r:?}");
-        (r.delivered == 1).then_some(())
-    })
+    let r = send_request(
+        c.grpc(0),
+        SendRequest {
+            conn_id,
+            r#type: "marker".into(),
+            payload_json: payload.clone(),
+            ..SendRequest::default()
+        },
+    )
     .await;
+    assert_eq!(r.delivered, 1, "marker Send to {}: {r:?}", client.name);
     let got = client.recv().await;
     let want: Value =
         serde_json::from_str(&format!(r#"{{"{key}":"marker","payload":{payload}}}"#)).unwrap();
