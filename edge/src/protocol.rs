@@ -102,13 +102,9 @@ where
 {
     let key = conn.route().key;
     let id = f.id.as_ref();
-    let Some(filter) = f.str("topic") else {
-        return frame::error(
-            key,
-            id,
-            ErrorCode::InvalidFrame,
-            "subscribe needs a string \"topic\"",
-        );
+    let filter = match topic_field(key, f) {
+        Ok(t) => t,
+        Err(e) => return e,
     };
     if let Err(e) = topic::validate_filter(filter) {
         return frame::error(key, id, ErrorCode::InvalidTopic, &e.to_string());
@@ -150,13 +146,9 @@ where
 {
     let key = conn.route().key;
     let id = f.id.as_ref();
-    let Some(filter) = f.str("topic") else {
-        return frame::error(
-            key,
-            id,
-            ErrorCode::InvalidFrame,
-            "unsubscribe needs a string \"topic\"",
-        );
+    let filter = match topic_field(key, f) {
+        Ok(t) => t,
+        Err(e) => return e,
     };
     if conn.topics.remove(filter) {
         conn.shared
@@ -184,13 +176,9 @@ where
             "clients may not publish on this route",
         );
     }
-    let Some(t) = f.str("topic") else {
-        return frame::error(
-            key,
-            id,
-            ErrorCode::InvalidFrame,
-            "publish needs a string \"topic\"",
-        );
+    let t = match topic_field(key, f) {
+        Ok(t) => t,
+        Err(e) => return e,
     };
     if let Err(e) = topic::validate_topic(t) {
         return frame::error(key, id, ErrorCode::InvalidTopic, &e.to_string());
@@ -210,6 +198,14 @@ where
         .id(id)
         .str("topic", t)
         .finish()
+}
+
+/// The `topic` field of a topic verb, or the error frame saying it is missing.
+fn topic_field(key: Key, f: &ClientFrame) -> Result<&str, String> {
+    f.str("topic").ok_or_else(|| {
+        let msg = format!("{} needs a string \"topic\"", f.verb);
+        frame::error(key, f.id.as_ref(), ErrorCode::InvalidFrame, &msg)
+    })
 }
 
 /// Any frame not handled by a built-in verb: a request to backends on the subjects the
