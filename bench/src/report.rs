@@ -15,8 +15,7 @@ const BENCH_SATURATED: f64 = 90.0;
 
 /// A count printed without decimals.
 fn int(v: &Value) -> String {
-    v.as_f64()
-        .map_or_else(|| "–".into(), |x| format!("{x:.0}"))
+    v.as_f64().map_or_else(|| "–".into(), |x| format!("{x:.0}"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,7 +140,9 @@ fn row(l: &Value) -> String {
         .as_f64()
         .is_some_and(|b| b >= BENCH_SATURATED)
     {
-        format!("{load} (load core ≥ {BENCH_SATURATED}% busy: latency includes client-side queueing)")
+        format!(
+            "{load} (load core ≥ {BENCH_SATURATED}% busy: latency includes client-side queueing)"
+        )
     } else {
         load
     };
