@@ -299,7 +299,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     async fn serve(&mut self, onconnect: Option<BoxFuture<'static, Reply>>) -> ConnError {
-        let cfg = self.route().cfg.clone();
+        // The route is shared: borrow its config through our own Arc, not a copy per connection.
+        let route = Arc::clone(self.route());
+        let cfg = &route.cfg;
         let kill = self.handle.0.kill.clone();
         let idle_after = cfg.idle_timeout;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
