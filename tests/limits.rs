@@ -262,6 +262,59 @@ async fn slow_consumer_is_closed_1013_without_stalling_others() {
     assert_eq!(code, 1013);
 }
 
+/// Fan-out writes straight to free sockets and queues for busy ones (edge/src/socket.rs); a
+/// reader that falls behind sees both, plus partial writes handed to its task. Every frame
+/// must still arrive whole and in order, on a runtime where pumps and connection tasks run
+/// on different threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_reader_gets_every_fanout_frame_whole_and_in_order() {
+    let mut route = dev_route("/late");
+    route.outbound = OutboundConfig {
+        queue: 4096,
+        max_bytes: 16 * 1024 * 1024,
+        on_full: OnFull::Close,
+    };
+    let node = TestNode::start(config_with(vec![route, dev_route("/prompt")])).await;
+    let mut late = WsClient::connect_small_rcvbuf(node.ws_addr, "/late?user=late", 4096).await;
+    let mut prompt = node.connect("/prompt?user=prompt").await;
+    for c in [&mut late, &mut prompt] {
+        c.send_json(&json!({"type": "subscribe", "topic": "feed"}))
+            .await;
+        c.recv_type("subscribed").await;
+    }
+    const COUNT: u64 = 300;
+    // The prompt reader keeps reading while the late one reads nothing until the end.
+    let prompt_reader = tokio::spawn(async move {
+        for seq in 0..COUNT {
+            let m = prompt.recv_json_within(WAIT).await;
+            assert_eq!(m["payload"]["seq"], seq, "prompt reader: lost or reordered");
+        }
+    });
+    let mut msg = node.messaging().await;
+    for seq in 0..COUNT {
+        // Sizes vary so that frame boundaries fall anywhere in a partial write.
+        let pad = "x".repeat(1000 + (seq as usize * 7919) % 30_000);
+        let req = PublishRequest {
+            namespace: "default".into(),
+            topic: "feed".into(),
+            payload_json: json!({"seq": seq, "pad": pad}).to_string(),
+            ..Default::default()
+        };
+        let r = msg.publish(req).await.unwrap().into_inner();
+        assert_eq!(r.refused, 0, "message {seq} was refused");
+    }
+    prompt_reader.await.unwrap();
+    for seq in 0..COUNT {
+        let m = late.recv_json_within(WAIT).await;
+        assert_eq!(m["type"], "message", "{m}");
+        assert_eq!(m["payload"]["seq"], seq, "late reader: lost or reordered");
+        let pad = m["payload"]["pad"].as_str().unwrap();
+        assert_eq!(pad.len(), 1000 + (seq as usize * 7919) % 30_000);
+        assert!(pad.bytes().all(|b| b == b'x'), "message {seq} is corrupt");
+    }
+    late.roundtrip().await;
+}
+
 #[tokio::test]
 async fn too_many_connections_for_one_user_closes_1008() {
     let mut route = dev_route("/connect");

@@ -1,4 +1,6 @@
-//! One task owns each socket ([`Conn`]); everyone else holds a [`ConnHandle`].
+//! One task serves each socket ([`Conn`]): it reads, answers and writes what is queued;
+//! everyone else holds a [`ConnHandle`]. Fan-out pumps may also write pre-framed bytes to an
+//! idle socket directly, under the rules of [`crate::socket`].
 //!
 //! **Invariant:** nothing awaits a client. [`ConnHandle::deliver`] never blocks: it queues
 //! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
@@ -16,6 +18,7 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
@@ -28,6 +31,7 @@ use ulid::Ulid;
 use crate::config::OnFull;
 use crate::protocol::{self, Reply};
 use crate::server::{Route, Shared};
+use crate::socket::{Direct, Line};
 
 /// Frames written to the socket per flush at most, so that reading is not starved.
 const WRITE_BATCH: usize = 256;
@@ -61,6 +65,7 @@ struct HandleInner {
     on_full: OnFull,
     kill: CancellationToken,
     close: Mutex<Option<CloseRequest>>,
+    line: Line,
 }
 
 /// The outcome of one [`ConnHandle::deliver`].
@@ -93,7 +98,7 @@ impl CloseRequest {
 }
 
 impl ConnHandle {
-    pub(crate) fn new(info: ConnInfo) -> (Self, mpsc::Receiver<Utf8Bytes>) {
+    pub(crate) fn new(info: ConnInfo, tcp: TcpStream) -> (Self, mpsc::Receiver<Utf8Bytes>) {
         let out = &info.route.cfg.outbound;
         let (tx, rx) = mpsc::channel(out.queue);
         let inner = HandleInner {
@@ -103,6 +108,7 @@ impl ConnHandle {
             on_full: out.on_full,
             kill: CancellationToken::new(),
             close: Mutex::new(None),
+            line: Line::new(tcp),
             info,
         };
         (Self(Arc::new(inner)), rx)
@@ -140,6 +146,18 @@ impl ConnHandle {
                 Delivery::Gone
             }
         }
+    }
+
+    /// Writes whole pre-framed frames straight to the socket if it is free and nothing is
+    /// queued before them (see [`crate::socket`]); otherwise the caller queues them.
+    pub(crate) fn try_write_frames(&self, frames: &[u8]) -> Direct {
+        self.0
+            .line
+            .try_write_frames(frames, || self.0.buffered.load(Ordering::Acquire) != 0)
+    }
+
+    pub(crate) fn line(&self) -> &Line {
+        &self.0.line
     }
 
     /// Resolves when the connection's task has ended.
@@ -271,10 +289,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     /// Runs until the connection ends; sends the close frame; returns why it ended.
-    pub(crate) async fn run(
-        mut self,
-        onconnect: Option<BoxFuture<'static, Reply>>,
-    ) -> (Self, ConnError) {
+    pub(crate) async fn run(&mut self, onconnect: Option<BoxFuture<'static, Reply>>) -> ConnError {
         let end = self.serve(onconnect).await;
         if let Some((code, reason)) = end.close_frame() {
             let frame = CloseFrame {
@@ -283,7 +298,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
         }
-        (self, end)
+        self.handle.line().close();
+        end
     }
 
     /// Ends a connection that never ran (refused after the upgrade).
@@ -295,6 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
         }
+        self.handle.line().close();
         end
     }
 
@@ -302,50 +319,74 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         // The route is shared: borrow its config through our own Arc, not a copy per connection.
         let route = Arc::clone(self.route());
         let cfg = &route.cfg;
-        let kill = self.handle.0.kill.clone();
-        let idle_after = cfg.idle_timeout;
+        let handle = self.handle.clone();
+        // The cancellation future and one timer live across iterations: a wake-up registers
+        // nothing new. The timer serves three deadlines (idle, next ping, pong due); activity
+        // moves the idle one lazily, when the timer fires.
+        let killed = handle.0.kill.cancelled();
+        tokio::pin!(killed);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let mut idle_at = if idle_after.is_zero() {
-            far
-        } else {
-            Instant::now() + idle_after
-        };
-        let beat = cfg.heartbeat.interval;
+        let (idle_after, beat) = (cfg.idle_timeout, cfg.heartbeat.interval);
+        let mut active_at = Instant::now();
         let mut ping_at = if beat.is_zero() {
             far
         } else {
-            Instant::now() + beat
+            active_at + beat
         };
         let mut pong_by: Option<Instant> = None;
+        let next_deadline = |active_at: Instant, ping_at: Instant, pong_by: Option<Instant>| {
+            let idle_at = if idle_after.is_zero() {
+                far
+            } else {
+                active_at + idle_after
+            };
+            idle_at.min(ping_at).min(pong_by.unwrap_or(far))
+        };
+        let timer = sleep_until(next_deadline(active_at, ping_at, pong_by));
+        tokio::pin!(timer);
         let mut onconnect = onconnect;
         let mut client_close: Option<u16> = None;
+        let requested = || {
+            let req = handle.take_close();
+            ConnError::Requested(req.unwrap_or_else(|| CloseRequest::new(1000, "")))
+        };
 
         loop {
+            // Give the socket back to the pumps once tungstenite has written everything.
+            if handle.line().held_by_task() {
+                let flush = pin!(self.ws.flush());
+                tokio::select! {
+                    biased;
+                    () = &mut killed => return requested(),
+                    r = flush => if let Err(e) = r { return ConnError::Transport(e); },
+                }
+                handle.line().release();
+            }
             let gate_reads = onconnect.is_some();
             tokio::select! {
                 biased;
-                () = kill.cancelled() => {
-                    return ConnError::Requested(self.handle.take_close().unwrap_or_else(|| CloseRequest::new(1000, "")));
-                }
+                () = &mut killed => return requested(),
                 reply = async {
                     match onconnect.as_mut() {
                         Some(f) => f.await,
                         None => std::future::pending().await,
                     }
-                } => {
+                }, if onconnect.is_some() => {
                     onconnect = None;
                     let refused = reply.refuse;
-                    if let Err(e) = self.push_reply(reply).await { return e; }
+                    if let Err(e) = Box::pin(self.push_reply(reply)).await { return e; }
                     if refused { return ConnError::Refused; }
                 }
                 Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    if let Err(e) = self.push_reply(reply).await { return e; }
+                    if let Err(e) = Box::pin(self.push_reply(reply)).await { return e; }
                 }
+                // A pump handed over the socket with a partial write: the loop's top ends it.
+                () = handle.line().rest_ready.notified() => {}
                 Some(frame) = self.rx.recv() => {
                     let write = pin!(self.write_batch(frame));
                     tokio::select! {
                         r = write => if let Err(e) = r { return e; },
-                        () = kill.cancelled() => continue,
+                        () = &mut killed => continue,
                     }
                 }
                 msg = self.ws.next(), if !gate_reads => {
@@ -362,14 +403,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     pong_by = None;
                     match msg {
                         Message::Text(text) => {
-                            if !idle_after.is_zero() { idle_at = Instant::now() + idle_after; }
+                            active_at = Instant::now();
                             self.shared.metrics.frames_in.inc();
                             self.shared.metrics.bytes_in.add(text.len() as u64);
-                            if let Err(e) = self.on_text(&text).await { return e; }
+                            // Nothing a pump writes may overtake this frame's answer.
+                            handle.line().hold().await;
+                            if let Err(e) = Box::pin(self.on_text(&text)).await { return e; }
                         }
                         Message::Binary(_) => return ConnError::Binary,
                         Message::Ping(_) => {
-                            if !idle_after.is_zero() { idle_at = Instant::now() + idle_after; }
+                            active_at = Instant::now();
                             // tungstenite queued the pong; send it now.
                             if let Err(e) = self.ws.flush().await { return ConnError::Transport(e); }
                         }
@@ -380,17 +423,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         }
                     }
                 }
-                () = sleep_until(ping_at) => {
-                    ping_at = Instant::now() + beat;
-                    if pong_by.is_none() { pong_by = Some(Instant::now() + cfg.heartbeat.timeout); }
-                    if let Err(e) = self.ws.send(Message::Ping(Default::default())).await {
-                        return ConnError::Transport(e);
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if pong_by.is_some_and(|t| t <= now) {
+                        return ConnError::HeartbeatTimeout(cfg.heartbeat.timeout);
                     }
+                    if !idle_after.is_zero() && active_at + idle_after <= now {
+                        return ConnError::Idle(idle_after);
+                    }
+                    if ping_at <= now {
+                        ping_at = now + beat;
+                        pong_by.get_or_insert(now + cfg.heartbeat.timeout);
+                        if let Err(e) = self.ws.send(Message::Ping(Default::default())).await {
+                            return ConnError::Transport(e);
+                        }
+                    }
+                    timer.as_mut().reset(next_deadline(active_at, ping_at, pong_by));
                 }
-                () = sleep_until(pong_by.unwrap_or(far)), if pong_by.is_some() => {
-                    return ConnError::HeartbeatTimeout(cfg.heartbeat.timeout);
-                }
-                () = sleep_until(idle_at) => return ConnError::Idle(idle_after),
             }
         }
     }
@@ -413,7 +462,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 .map_err(ConnError::Transport)?;
         }
         self.ws.flush().await.map_err(ConnError::Transport)?;
-        self.handle.0.buffered.fetch_sub(bytes, Ordering::Relaxed);
+        self.handle.0.buffered.fetch_sub(bytes, Ordering::Release);
         self.shared.metrics.frames_out.add(frames);
         self.shared.metrics.bytes_out.add(bytes as u64);
         Ok(())

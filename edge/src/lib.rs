@@ -7,7 +7,8 @@
 //! | `server` | accept loop, health/metrics endpoints, upgrade, drain ([`Edge`]) |
 //! | `http` | request head parsing and plain responses |
 //! | `auth` | JWT verification, token sources, namespaces, origins |
-//! | `conn` | the task that owns one socket, and its clonable [`ConnHandle`] |
+//! | `conn` | the task that serves one socket, and its clonable [`ConnHandle`] |
+//! | `socket` | the socket's write side, shared by its task and the fan-out pumps |
 //! | `protocol` | built-in verbs and events forwarded through route hooks |
 //! | `registry` | local index of connections and topics; topic fan-out pumps |
 //! | `command` | what coordinators ask of this edge over the bus |
@@ -26,6 +27,7 @@ mod registry;
 mod report;
 mod resources;
 mod server;
+mod socket;
 pub mod uplink;
 
 pub use auth::{AuthError, Identity};

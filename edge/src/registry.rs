@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bus::{Message, Outgoing, Subscription};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 use proto::frame::{FrameBuilder, Key, json_or_string};
 use proto::subject;
@@ -23,6 +23,7 @@ use ulid::Ulid;
 use crate::conn::{CloseRequest, ConnHandle, Delivery};
 use crate::report;
 use crate::server::Shared;
+use crate::socket::Direct;
 
 /// How long a subscriber waits for the bus subscription of a new topic.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -423,63 +424,143 @@ async fn open_subscriptions(
     Ok(subs)
 }
 
+/// Publications a pump takes in one go at most.
+const PUMP_BATCH: usize = 256;
+/// Direct socket writes between two yields, so that a large fan-out does not hold its
+/// thread for long.
+const WRITES_PER_YIELD: usize = 256;
+
 async fn pump(shared: Arc<Shared>, topic: Arc<Topic>, subs: Vec<Subscription>) {
     let mut messages = futures::stream::select_all(subs);
+    let mut batch = Vec::new();
     loop {
-        tokio::select! {
+        let first = tokio::select! {
             () = topic.stop.cancelled() => break,
             m = messages.next() => match m {
-                Some(msg) => publish_local(&shared, &topic, msg).await,
+                Some(msg) => msg,
                 None => break,
             },
+        };
+        // Whatever else has arrived goes out with it: one write per socket for all of them.
+        batch.push(first);
+        while batch.len() < PUMP_BATCH {
+            match messages.next().now_or_never() {
+                Some(Some(msg)) => batch.push(msg),
+                _ => break,
+            }
         }
+        publish_local(&shared, &topic, &mut batch).await;
     }
 }
 
-/// One topic publication to this edge's subscribers of one filter.
-async fn publish_local(shared: &Shared, topic: &Topic, msg: Message) {
-    let Some((_, concrete)) = subject::parse_topic(&msg.subject) else {
+/// One topic publication on its way to this edge's subscribers of one filter.
+struct Publication {
+    concrete: String,
+    payload: String,
+    /// The publishing connection, when it does not want its own message back.
+    skip: Option<Ulid>,
+    reply: Option<String>,
+    span: tracing::Span,
+    frames: [Option<Utf8Bytes>; 3],
+    tally: Tally,
+}
+
+impl Publication {
+    fn new(msg: Message) -> Option<Self> {
+        let (_, concrete) = subject::parse_topic(&msg.subject)?;
+        let origin = msg
+            .headers
+            .get(subject::HEADER_ORIGIN)
+            .and_then(|o| Ulid::from_string(o).ok());
+        let echo = msg.headers.get(subject::HEADER_ECHO).is_some();
+        let span = if bus::trace::is_traced(&msg.headers) {
+            let span = tracing::info_span!("edge.publish", topic = %concrete, delivered = tracing::field::Empty);
+            bus::trace::follow(&span, &msg.headers);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        Some(Self {
+            payload: json_or_string(&msg.payload),
+            concrete,
+            skip: if echo { None } else { origin },
+            reply: msg.reply,
+            span,
+            frames: [None, None, None],
+            tally: Tally::default(),
+        })
+    }
+
+    /// The message frame in one dialect, built once.
+    fn frame(&mut self, key: Key) -> &Utf8Bytes {
+        let (concrete, payload) = (&self.concrete, &self.payload);
+        self.frames[key.index()].get_or_insert_with(|| {
+            FrameBuilder::new(key, "message")
+                .str("topic", concrete)
+                .raw("payload", payload)
+                .finish()
+                .into()
+        })
+    }
+}
+
+/// A batch of publications to this edge's subscribers of one filter. Each dialect's frames
+/// are built once and framed into one buffer; a subscriber whose socket is free gets that
+/// buffer in one write, the others get the frames queued.
+async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>) {
+    let mut pubs: Vec<Publication> = batch.drain(..).filter_map(Publication::new).collect();
+    if pubs.is_empty() {
         return;
-    };
-    let origin = msg
-        .headers
-        .get(subject::HEADER_ORIGIN)
-        .and_then(|o| Ulid::from_string(o).ok());
-    let echo = msg.headers.get(subject::HEADER_ECHO).is_some();
-    let skip = if echo { None } else { origin };
-    let payload = json_or_string(&msg.payload);
-    let build = |key: Key| {
-        FrameBuilder::new(key, "message")
-            .str("topic", &concrete)
-            .raw("payload", &payload)
-            .finish()
-    };
-    let mut frames = Frames::new(&build);
-    let mut tally = Tally::default();
-    let span = if bus::trace::is_traced(&msg.headers) {
-        let span = tracing::info_span!("edge.publish", topic = %concrete, delivered = tracing::field::Empty);
-        bus::trace::follow(&span, &msg.headers);
-        span
-    } else {
-        tracing::Span::none()
-    };
-    {
-        let _inside = span.enter();
-        let subs = topic.subscribers.lock().expect("topic poisoned");
-        for h in subs.iter() {
-            if Some(h.id()) == skip {
+    }
+    // A snapshot: the loop yields, and the lock is never held across an await.
+    let subs: Vec<ConnHandle> = topic.subscribers.lock().expect("topic poisoned").clone();
+    // Per dialect: the frames of the whole batch, and their text's length.
+    let mut framed: [Option<(Vec<u8>, usize)>; 3] = [None, None, None];
+    let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
+    for h in &subs {
+        let key = h.info().route.cfg.key();
+        let id = h.id();
+        if pubs.iter().all(|p| p.skip != Some(id)) {
+            let (bytes, text) = framed[key.index()].get_or_insert_with(|| {
+                let mut out = Vec::new();
+                let mut text = 0;
+                for p in &mut pubs {
+                    let f = p.frame(key);
+                    text += f.len();
+                    crate::socket::text_frame(f.as_bytes(), &mut out);
+                }
+                (out, text)
+            });
+            if h.try_write_frames(bytes) == Direct::Written {
+                for p in &mut pubs {
+                    p.tally.delivered += 1;
+                }
+                direct_frames += pubs.len() as u64;
+                direct_bytes += *text as u64;
+                writes += 1;
+                if writes % WRITES_PER_YIELD == 0 {
+                    tokio::task::yield_now().await;
+                }
                 continue;
             }
-            tally.add(h.deliver(frames.get(h.info().route.cfg.key())));
+        }
+        for p in &mut pubs {
+            if p.skip != Some(id) {
+                let d = h.deliver(p.frame(key));
+                p.tally.add(d);
+            }
         }
     }
-    shared.metrics.record_fanout(tally);
-    span.record("delivered", tally.delivered);
-    drop(span);
-    if let Some(reply) = msg.reply {
-        let out = Outgoing::new(reply, tally.report(&shared.node_id).encode_to_vec());
-        if let Err(error) = shared.bus.publish(out).await {
-            tracing::debug!(%error, "publish report not sent");
+    shared.metrics.frames_out.add(direct_frames);
+    shared.metrics.bytes_out.add(direct_bytes);
+    for p in pubs {
+        shared.metrics.record_fanout(p.tally);
+        p.span.record("delivered", p.tally.delivered);
+        if let Some(reply) = p.reply {
+            let out = Outgoing::new(reply, p.tally.report(&shared.node_id).encode_to_vec());
+            if let Err(error) = shared.bus.publish(out).await {
+                tracing::debug!(%error, "publish report not sent");
+            }
         }
     }
 }

@@ -29,11 +29,15 @@ use crate::metrics::{Gauges, Metrics};
 use crate::protocol;
 use crate::registry::{self, Registry};
 use crate::report::Reporter;
+use crate::socket::Socket;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Extra time after the drain window for connection tasks to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// tungstenite's read buffer per connection, allocated up front. Client frames are small;
+/// a larger one grows the buffer while it is read, up to the route's `max_payload`.
+const READ_BUFFER: usize = 1024;
 
 /// A configured route, compiled.
 #[derive(Debug)]
@@ -96,7 +100,7 @@ impl Edge {
                 message,
             })?;
             let ws = WebSocketConfig::default()
-                .read_buffer_size(4 * 1024)
+                .read_buffer_size(READ_BUFFER)
                 .write_buffer_size(8 * 1024)
                 .max_write_buffer_size(r.outbound.max_bytes.max(64 * 1024) * 2)
                 .max_message_size(Some(r.max_payload))
@@ -324,7 +328,14 @@ async fn handle_tcp(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
             http::respond(&mut tcp, 200, "text/plain; version=0.0.4", &body).await
         }
         _ => {
-            upgrade(shared, tcp, peer, head, rest).await;
+            // Admission with the handshake, then the connection's life, each boxed: this task
+            // stays sized for reading a request head, and nothing of the admission (the
+            // request head, the hook's request) is kept while the connection lives.
+            let Some(up) = Box::pin(upgrade(&shared, tcp, peer, head, rest)).await else {
+                return;
+            };
+            let span = tracing::info_span!("conn", conn = %up.handle.id(), %peer);
+            Box::pin(run_conn(shared, up).instrument(span)).await;
             return;
         }
     };
@@ -454,24 +465,32 @@ struct Admitted {
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// An admitted connection after the handshake, ready to run.
+struct Upgraded {
+    ws: WebSocketStream<Socket>,
+    handle: ConnHandle,
+    rx: tokio::sync::mpsc::Receiver<tokio_tungstenite::tungstenite::Utf8Bytes>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 async fn upgrade(
-    shared: Arc<Shared>,
+    shared: &Arc<Shared>,
     mut tcp: TcpStream,
     peer: SocketAddr,
     head: RequestHead,
     rest: Vec<u8>,
-) {
+) -> Option<Upgraded> {
     let span = tracing::info_span!("edge.upgrade", path = %head.path, %peer);
-    let Some(admitted) = admit(&shared, &mut tcp, peer, &head).instrument(span).await else {
-        return;
-    };
+    let admitted = admit(shared, &mut tcp, peer, &head)
+        .instrument(span)
+        .await?;
     let Admitted {
         route,
         path_params,
         identity,
         permit,
     } = admitted;
-    let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(route.ws)).await;
+    let ws_config = route.ws;
     let mut params: Vec<(String, String)> = head.query.into_iter().collect();
     params.extend(path_params);
     params.sort();
@@ -487,10 +506,16 @@ async fn upgrade(
         params,
         route,
     };
-    let (handle, rx) = ConnHandle::new(info);
-    let span = tracing::info_span!("conn", conn = %handle.id(), %peer);
-    run_conn(shared, ws, handle, rx).instrument(span).await;
-    drop(permit);
+    let (handle, rx) = ConnHandle::new(info, tcp);
+    let socket = Socket(handle.clone());
+    let ws =
+        WebSocketStream::from_partially_read(socket, rest, Role::Server, Some(ws_config)).await;
+    Some(Upgraded {
+        ws,
+        handle,
+        rx,
+        permit,
+    })
 }
 
 /// The upgrade hook (HyperExpress's upgrade interception): a backend sees the request before
@@ -543,12 +568,13 @@ async fn intercept(
     })
 }
 
-async fn run_conn(
-    shared: Arc<Shared>,
-    ws: WebSocketStream<TcpStream>,
-    handle: ConnHandle,
-    rx: tokio::sync::mpsc::Receiver<tokio_tungstenite::tungstenite::Utf8Bytes>,
-) {
+async fn run_conn(shared: Arc<Shared>, up: Upgraded) {
+    let Upgraded {
+        ws,
+        handle,
+        rx,
+        permit,
+    } = up;
     let info = handle.info();
     let mut conn = Conn::new(ws, handle.clone(), rx, Arc::clone(&shared));
     shared.metrics.upgrades.inc();
@@ -566,15 +592,14 @@ async fn run_conn(
             &shared.bus,
             shared.request_timeout,
         );
-        let (c, end) = conn.run(onconnect).await;
-        conn = c;
+        let end = Box::pin(conn.run(onconnect)).await;
         for (_, watch) in conn.watches.drain() {
             watch.cancel();
         }
         shared.registry.detach(&shared, &handle, conn.topics.iter());
         end
     } else {
-        conn.close_now(ConnError::TooManyConnections).await
+        Box::pin(conn.close_now(ConnError::TooManyConnections)).await
     };
     let code = end.code();
     shared.metrics.closes.inc(&code.to_string());
@@ -588,6 +613,14 @@ async fn run_conn(
     }
     if attached {
         let reason = end.close_frame().map(|(_, r)| r).unwrap_or_default();
-        protocol::onclose(&handle, &shared.node_id, &shared.bus, code, &reason).await;
+        Box::pin(protocol::onclose(
+            &handle,
+            &shared.node_id,
+            &shared.bus,
+            code,
+            &reason,
+        ))
+        .await;
     }
+    drop(permit);
 }

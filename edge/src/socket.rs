@@ -1,0 +1,257 @@
+//! A connection's TCP socket, written by its task and, in between, by fan-out pumps.
+//!
+//! A topic message for N local subscribers is framed once; when a subscriber's socket is
+//! free, the pump writes the framed bytes to it at once with one non-blocking `write`,
+//! instead of queueing them and waking the connection's task. That saves a task wake-up,
+//! a queue round trip and a copy per recipient, which is most of the fan-out's cost.
+//!
+//! **Invariant:** one writer at a time, and only whole frames leave a writer. The socket's
+//! [`Line`] is in one of four states:
+//! - `FREE`: nobody is writing; tungstenite's write buffer is empty.
+//! - `PUMP`: a pump is inside one non-blocking `write` (never across an `.await`).
+//! - `TASK`: the connection's task owns the socket. It takes it before tungstenite writes a
+//!   byte and gives it back ([`crate::conn`]'s settle) only once tungstenite's buffer is
+//!   flushed. A pump whose write was partial hands the socket to the task in this state,
+//!   with the unwritten end in `rest`, which goes out before any other byte.
+//! - `CLOSED`: the connection is over; nobody writes again.
+//!
+//! Pumps that find the socket taken, or frames already queued, queue instead, so a
+//! connection's frames keep their order.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::conn::ConnHandle;
+
+const FREE: u8 = 0;
+const PUMP: u8 = 1;
+const TASK: u8 = 2;
+const CLOSED: u8 = 3;
+
+/// The shared write side of one connection (lives in its handle).
+#[derive(Debug)]
+pub(crate) struct Line {
+    tcp: TcpStream,
+    state: AtomicU8,
+    /// The unwritten end of a pump's partial write; the task writes it first.
+    rest: Mutex<Option<Bytes>>,
+    /// Wakes the task when a pump hands it a `rest`.
+    pub(crate) rest_ready: Notify,
+}
+
+/// What [`Line::try_write_frames`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// All bytes are written, or the kernel took some and the task writes the rest.
+    Written,
+    /// The socket is taken or not writable: queue the frames instead.
+    Busy,
+}
+
+impl Line {
+    pub(crate) fn new(tcp: TcpStream) -> Self {
+        Self {
+            tcp,
+            state: AtomicU8::new(FREE),
+            rest: Mutex::new(None),
+            rest_ready: Notify::new(),
+        }
+    }
+
+    /// One non-blocking write of whole frames from a pump, if the socket is free.
+    /// `queued` is checked once the socket is taken: frames already queued go first.
+    pub(crate) fn try_write_frames(&self, frames: &[u8], queued: impl FnOnce() -> bool) -> Direct {
+        if self
+            .state
+            .compare_exchange(FREE, PUMP, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Direct::Busy;
+        }
+        if queued() {
+            self.state.store(FREE, Ordering::Release);
+            return Direct::Busy;
+        }
+        match self.tcp.try_write(frames) {
+            Ok(n) if n == frames.len() => {
+                self.state.store(FREE, Ordering::Release);
+                Direct::Written
+            }
+            Ok(n) => {
+                // Hand the socket and the rest to the task: nobody else may write before it.
+                *self.rest.lock().expect("rest poisoned") =
+                    Some(Bytes::copy_from_slice(&frames[n..]));
+                self.state.store(TASK, Ordering::Release);
+                self.rest_ready.notify_one();
+                Direct::Written
+            }
+            Err(_) => {
+                // WouldBlock (a slow reader) or a dead socket: the task finds out and decides.
+                self.state.store(FREE, Ordering::Release);
+                Direct::Busy
+            }
+        }
+    }
+
+    /// Whether the task owns the socket (and must flush before giving it back).
+    pub(crate) fn held_by_task(&self) -> bool {
+        self.state.load(Ordering::Acquire) == TASK
+    }
+
+    /// The task takes the socket; it waits out a pump's write in progress (a few µs).
+    fn take(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self
+            .state
+            .compare_exchange(FREE, TASK, Ordering::Acquire, Ordering::Relaxed)
+        {
+            Ok(_) | Err(TASK) => Poll::Ready(Ok(())),
+            Err(CLOSED) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Err(_) => {
+                // A pump on another thread is inside one write(2): let it finish.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The task takes the socket before work that must not be overtaken by pumps (a reply
+    /// to a subscribe is written before the topic's first message).
+    pub(crate) async fn hold(&self) {
+        let _ = std::future::poll_fn(|cx| self.take(cx)).await;
+    }
+
+    /// Gives the socket back to the pumps. The caller has flushed tungstenite's buffer.
+    pub(crate) fn release(&self) {
+        let _ = self
+            .state
+            .compare_exchange(TASK, FREE, Ordering::Release, Ordering::Relaxed);
+    }
+
+    /// Nobody writes again; the peer sees the TCP connection end even while handles live on.
+    pub(crate) fn close(&self) {
+        self.state.store(CLOSED, Ordering::Release);
+        let _ = socket2::SockRef::from(&self.tcp).shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Writes a pump's unwritten end, if there is one. The task owns the socket.
+    fn poll_rest(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut slot = self.rest.lock().expect("rest poisoned");
+        while let Some(rest) = slot.as_mut() {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write(rest) {
+                Ok(n) if n == rest.len() => *slot = None,
+                Ok(n) => {
+                    let _ = rest.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The connection task's view of its socket, given to tungstenite. Every write takes the
+/// line for the task first.
+#[derive(Debug)]
+pub(crate) struct Socket(pub(crate) ConnHandle);
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let tcp = &self.0.line().tcp;
+        loop {
+            ready!(tcp.poll_read_ready(cx))?;
+            match tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let line = self.0.line();
+        ready!(line.take(cx))?;
+        ready!(line.poll_rest(cx))?;
+        loop {
+            ready!(line.tcp.poll_write_ready(cx))?;
+            match line.tcp.try_write(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let line = self.0.line();
+        if line.held_by_task() {
+            ready!(line.poll_rest(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.line().close();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Appends one unmasked server text frame carrying `payload`.
+pub(crate) fn text_frame(payload: &[u8], out: &mut Vec<u8>) {
+    out.push(0x81);
+    let n = payload.len();
+    if n < 126 {
+        out.push(n as u8);
+    } else if let Ok(n) = u16::try_from(n) {
+        out.push(126);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    use super::*;
+
+    #[test]
+    fn text_frames_match_tungstenite() {
+        for n in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let payload = vec![b'x'; n];
+            let mut ours = Vec::new();
+            text_frame(&payload, &mut ours);
+            let mut theirs = Vec::new();
+            Frame::message(payload, OpCode::Data(Data::Text), true)
+                .format(&mut theirs)
+                .expect("a frame formats into a Vec");
+            assert_eq!(ours, theirs, "payload of {n} bytes");
+        }
+    }
+}
