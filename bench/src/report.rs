@@ -194,8 +194,21 @@ impl<'a> Results<'a> {
         l["scenario"] == scenario && l["target"] == target
     }
 
+    /// The idle figure of one server process: Switchboard's edge alone when it was
+    /// measured (`edge` tag), else whatever was.
     fn idle(&self, target: &str) -> Option<&'a Value> {
-        self.find(|l| Self::is(l, "idle", target)).pop()
+        let all = self.find(|l| Self::is(l, "idle", target));
+        all.iter()
+            .rev()
+            .find(|l| l["tag"] == "edge")
+            .or(all.last())
+            .copied()
+    }
+
+    /// Switchboard's single-process (dev) idle figure, beside the edge's.
+    fn idle_dev(&self) -> Option<&'a Value> {
+        self.find(|l| Self::is(l, "idle", SB) && l["tag"] == "dev")
+            .pop()
     }
 
     /// The fanout step at `rate` offered, from the bar run (else any run).
@@ -221,9 +234,20 @@ impl<'a> Results<'a> {
         out.push((
             "idle: RSS per connection ≤ 8 KiB".into(),
             idle.map_or_else(String::new, |l| {
+                let dev = self.idle_dev().filter(|d| !std::ptr::eq(*d, l));
                 format!(
-                    "{} KiB ({} connections)",
-                    l["rss_per_conn_kib"], l["connections"]
+                    "{} KiB ({} connections{}){}",
+                    l["rss_per_conn_kib"],
+                    l["connections"],
+                    if l["tag"] == "edge" {
+                        ", edge process"
+                    } else {
+                        ""
+                    },
+                    dev.map_or_else(String::new, |d| format!(
+                        "; dev mode (edge and coordinator in one process): {} KiB",
+                        d["rss_per_conn_kib"]
+                    ))
                 )
             }),
             idle.and_then(|l| l["rss_per_conn_kib"].as_f64())
@@ -298,6 +322,19 @@ impl<'a> Results<'a> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_idle_bar_is_judged_on_the_edge_process_and_shows_dev_mode_too() {
+        let lines = vec![
+            json!({"scenario":"idle","target":"switchboard","tag":"edge","connections":10000,"rss_per_conn_kib":6.0}),
+            json!({"scenario":"idle","target":"switchboard","tag":"dev","connections":10000,"rss_per_conn_kib":8.5}),
+        ];
+        let md = render(&lines);
+        assert!(
+            md.contains("| idle: RSS per connection ≤ 8 KiB | 6.0 KiB (10000 connections, edge process); dev mode (edge and coordinator in one process): 8.5 KiB | yes |"),
+            "{md}"
+        );
+    }
 
     #[test]
     fn renders_the_bar_and_ratios() {

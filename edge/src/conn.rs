@@ -9,7 +9,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +18,6 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -29,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use ulid::Ulid;
 
 use crate::config::OnFull;
+use crate::outbox::Outbox;
 use crate::protocol::{self, Reply};
 use crate::server::{Route, Shared};
 use crate::socket::{Direct, Line};
@@ -59,9 +58,7 @@ pub struct ConnHandle(Arc<HandleInner>);
 #[derive(Debug)]
 struct HandleInner {
     info: ConnInfo,
-    tx: mpsc::Sender<Utf8Bytes>,
-    buffered: AtomicUsize,
-    max_bytes: usize,
+    outbox: Outbox,
     on_full: OnFull,
     kill: CancellationToken,
     close: Mutex<Option<CloseRequest>>,
@@ -98,20 +95,17 @@ impl CloseRequest {
 }
 
 impl ConnHandle {
-    pub(crate) fn new(info: ConnInfo, tcp: TcpStream) -> (Self, mpsc::Receiver<Utf8Bytes>) {
+    pub(crate) fn new(info: ConnInfo, tcp: TcpStream) -> Self {
         let out = &info.route.cfg.outbound;
-        let (tx, rx) = mpsc::channel(out.queue);
         let inner = HandleInner {
-            tx,
-            buffered: AtomicUsize::new(0),
-            max_bytes: out.max_bytes,
+            outbox: Outbox::new(out.queue, out.max_bytes),
             on_full: out.on_full,
             kill: CancellationToken::new(),
             close: Mutex::new(None),
             line: Line::new(tcp),
             info,
         };
-        (Self(Arc::new(inner)), rx)
+        Self(Arc::new(inner))
     }
 
     pub fn info(&self) -> &ConnInfo {
@@ -124,27 +118,17 @@ impl ConnHandle {
 
     /// Bytes queued and not yet written to the socket.
     pub fn buffered(&self) -> usize {
-        self.0.buffered.load(Ordering::Relaxed)
+        self.0.outbox.buffered()
     }
 
     /// Queues a frame. Never awaits: one slow client must not slow anyone else.
     pub fn deliver(&self, frame: &Utf8Bytes) -> Delivery {
-        let len = frame.len();
-        let before = self.0.buffered.fetch_add(len, Ordering::Relaxed);
-        if before + len > self.0.max_bytes && before > 0 {
-            self.0.buffered.fetch_sub(len, Ordering::Relaxed);
-            return self.refuse();
+        if self.0.line.is_closed() {
+            return Delivery::Gone;
         }
-        match self.0.tx.try_send(frame.clone()) {
+        match self.0.outbox.push(frame) {
             Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.0.buffered.fetch_sub(len, Ordering::Relaxed);
-                self.refuse()
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.0.buffered.fetch_sub(len, Ordering::Relaxed);
-                Delivery::Gone
-            }
+            Err(crate::outbox::Full) => self.refuse(),
         }
     }
 
@@ -153,16 +137,11 @@ impl ConnHandle {
     pub(crate) fn try_write_frames(&self, frames: &[u8]) -> Direct {
         self.0
             .line
-            .try_write_frames(frames, || self.0.buffered.load(Ordering::Acquire) != 0)
+            .try_write_frames(frames, || self.0.outbox.buffered() != 0)
     }
 
     pub(crate) fn line(&self) -> &Line {
         &self.0.line
-    }
-
-    /// Resolves when the connection's task has ended.
-    pub async fn closed(&self) {
-        self.0.tx.closed().await;
     }
 
     /// Asks the task to close; the first request wins.
@@ -251,7 +230,6 @@ impl ConnError {
 pub(crate) struct Conn<S> {
     pub(crate) ws: WebSocketStream<S>,
     pub(crate) handle: ConnHandle,
-    pub(crate) rx: mpsc::Receiver<Utf8Bytes>,
     pub(crate) shared: Arc<Shared>,
     /// Topic filters this connection holds.
     pub(crate) topics: HashSet<String>,
@@ -263,18 +241,12 @@ pub(crate) struct Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
-    pub(crate) fn new(
-        ws: WebSocketStream<S>,
-        handle: ConnHandle,
-        rx: mpsc::Receiver<Utf8Bytes>,
-        shared: Arc<Shared>,
-    ) -> Self {
+    pub(crate) fn new(ws: WebSocketStream<S>, handle: ConnHandle, shared: Arc<Shared>) -> Self {
         let rl = &handle.info().route.cfg.rate_limit;
         let rate = TokenBucket::new(rl.per_second, rl.burst);
         Self {
             ws,
             handle,
-            rx,
             shared,
             topics: HashSet::new(),
             watches: HashMap::new(),
@@ -382,7 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
                 // A pump handed over the socket with a partial write: the loop's top ends it.
                 () = handle.line().rest_ready.notified() => {}
-                Some(frame) = self.rx.recv() => {
+                frame = handle.0.outbox.recv() => {
                     let write = pin!(self.write_batch(frame));
                     tokio::select! {
                         r = write => if let Err(e) = r { return e; },
@@ -453,7 +425,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             .await
             .map_err(ConnError::Transport)?;
         while frames < WRITE_BATCH as u64 {
-            let Ok(next) = self.rx.try_recv() else { break };
+            let Some(next) = self.handle.0.outbox.pop() else {
+                break;
+            };
             bytes += next.len();
             frames += 1;
             self.ws
@@ -462,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 .map_err(ConnError::Transport)?;
         }
         self.ws.flush().await.map_err(ConnError::Transport)?;
-        self.handle.0.buffered.fetch_sub(bytes, Ordering::Release);
+        self.handle.0.outbox.written(bytes);
         self.shared.metrics.frames_out.add(frames);
         self.shared.metrics.bytes_out.add(bytes as u64);
         Ok(())

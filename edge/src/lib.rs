@@ -8,6 +8,7 @@
 //! | `http` | request head parsing and plain responses |
 //! | `auth` | JWT verification, token sources, namespaces, origins |
 //! | `conn` | the task that serves one socket, and its clonable [`ConnHandle`] |
+//! | `outbox` | a connection's bounded outbound queue |
 //! | `socket` | the socket's write side, shared by its task and the fan-out pumps |
 //! | `protocol` | built-in verbs and events forwarded through route hooks |
 //! | `registry` | local index of connections and topics; topic fan-out pumps |
@@ -22,6 +23,7 @@ mod auth;
 mod command;
 mod conn;
 mod http;
+mod outbox;
 mod protocol;
 mod registry;
 mod report;

@@ -233,7 +233,6 @@ impl Watch {
         loop {
             let change = tokio::select! {
                 () = self.stop.cancelled() => return,
-                () = self.handle.closed() => return,
                 c = changes.next() => match c { Some(c) => c, None => return },
             };
             match change {
@@ -316,7 +315,6 @@ impl Watch {
         loop {
             let msg = tokio::select! {
                 () = self.stop.cancelled() => return,
-                () = self.handle.closed() => return,
                 m = sub.next() => match m { Some(m) => m, None => return },
             };
             let data = item(&msg.payload).unwrap_or_else(|| {

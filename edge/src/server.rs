@@ -300,7 +300,23 @@ async fn drain(shared: &Shared) {
     }
 }
 
-async fn handle_tcp(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+/// One TCP connection's task. Its phases are boxed so that the task itself, which lives
+/// as long as the connection, is a few pointers: nothing of the request head, the
+/// admission or the hooks is kept while the connection runs.
+async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let Some(up) = Box::pin(answer_request(&shared, tcp, peer)).await else {
+        return;
+    };
+    let span = tracing::info_span!("conn", conn = %up.handle.id(), %peer);
+    Box::pin(run_conn(shared, up).instrument(span)).await;
+}
+
+/// Reads the request head; answers health and metrics requests, or upgrades.
+async fn answer_request(
+    shared: &Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<Upgraded> {
     let _ = tcp.set_nodelay(true);
     let (head, rest) = match http::read_head(&mut tcp, shared.cfg.handshake_timeout).await {
         Ok(x) => x,
@@ -314,34 +330,25 @@ async fn handle_tcp(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
             if let Some(status) = status {
                 let _ = http::respond(&mut tcp, status, "text/plain", "bad request\n").await;
             }
-            return;
+            return None;
         }
     };
     let result = match head.path.as_str() {
         "/healthz" => http::respond(&mut tcp, 200, "text/plain", "ok\n").await,
         "/readyz" => {
-            let (status, body) = readiness(&shared);
+            let (status, body) = readiness(shared);
             http::respond(&mut tcp, status, "text/plain", body).await
         }
         "/metrics" => {
             let body = shared.metrics_text();
             http::respond(&mut tcp, 200, "text/plain; version=0.0.4", &body).await
         }
-        _ => {
-            // Admission with the handshake, then the connection's life, each boxed: this task
-            // stays sized for reading a request head, and nothing of the admission (the
-            // request head, the hook's request) is kept while the connection lives.
-            let Some(up) = Box::pin(upgrade(&shared, tcp, peer, head, rest)).await else {
-                return;
-            };
-            let span = tracing::info_span!("conn", conn = %up.handle.id(), %peer);
-            Box::pin(run_conn(shared, up).instrument(span)).await;
-            return;
-        }
+        _ => return upgrade(shared, tcp, peer, head, rest).await,
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "response not written");
     }
+    None
 }
 
 fn readiness(shared: &Shared) -> (u16, &'static str) {
@@ -469,7 +476,6 @@ struct Admitted {
 struct Upgraded {
     ws: WebSocketStream<Socket>,
     handle: ConnHandle,
-    rx: tokio::sync::mpsc::Receiver<tokio_tungstenite::tungstenite::Utf8Bytes>,
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -506,16 +512,11 @@ async fn upgrade(
         params,
         route,
     };
-    let (handle, rx) = ConnHandle::new(info, tcp);
+    let handle = ConnHandle::new(info, tcp);
     let socket = Socket(handle.clone());
     let ws =
         WebSocketStream::from_partially_read(socket, rest, Role::Server, Some(ws_config)).await;
-    Some(Upgraded {
-        ws,
-        handle,
-        rx,
-        permit,
-    })
+    Some(Upgraded { ws, handle, permit })
 }
 
 /// The upgrade hook (HyperExpress's upgrade interception): a backend sees the request before
@@ -569,14 +570,9 @@ async fn intercept(
 }
 
 async fn run_conn(shared: Arc<Shared>, up: Upgraded) {
-    let Upgraded {
-        ws,
-        handle,
-        rx,
-        permit,
-    } = up;
+    let Upgraded { ws, handle, permit } = up;
     let info = handle.info();
-    let mut conn = Conn::new(ws, handle.clone(), rx, Arc::clone(&shared));
+    let mut conn = Conn::new(ws, handle.clone(), Arc::clone(&shared));
     shared.metrics.upgrades.inc();
     let attached = shared.registry.attach(&shared, &handle);
     // A drain snapshots the registry after setting the flag: a connection attached after the

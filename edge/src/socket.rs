@@ -101,6 +101,11 @@ impl Line {
         }
     }
 
+    /// Whether the connection is over.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == CLOSED
+    }
+
     /// Whether the task owns the socket (and must flush before giving it back).
     pub(crate) fn held_by_task(&self) -> bool {
         self.state.load(Ordering::Acquire) == TASK
