@@ -80,6 +80,7 @@ impl Line {
             self.state.store(FREE, Ordering::Release);
             return Direct::Busy;
         }
+        // Only this pump changes the state while it is PUMP (close waits), so stores suffice.
         match self.tcp.try_write(frames) {
             Ok(n) if n == frames.len() => {
                 self.state.store(FREE, Ordering::Release);
@@ -142,7 +143,21 @@ impl Line {
 
     /// Nobody writes again; the peer sees the TCP connection end even while handles live on.
     pub(crate) fn close(&self) {
-        self.state.store(CLOSED, Ordering::Release);
+        loop {
+            let now = self.state.load(Ordering::Acquire);
+            if now == PUMP {
+                // A pump inside its one write(2) on another thread: a few µs.
+                std::hint::spin_loop();
+                continue;
+            }
+            if self
+                .state
+                .compare_exchange_weak(now, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break;
+            }
+        }
         let _ = socket2::SockRef::from(&self.tcp).shutdown(std::net::Shutdown::Both);
     }
 
