@@ -12,9 +12,11 @@ use common::{
 };
 use edge::config::{HeartbeatConfig, Hook, OnFull, OutboundConfig, RateLimitConfig};
 use futures::StreamExt;
+use proto::v1::messaging_client::MessagingClient;
 use proto::v1::{PublishRequest, SendRequest};
 use serde_json::{Value, json};
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 #[tokio::test]
 async fn oversize_frame_closes_1009() {
@@ -313,6 +315,62 @@ async fn late_reader_gets_every_fanout_frame_whole_and_in_order() {
         assert!(pad.bytes().all(|b| b == b'x'), "message {seq} is corrupt");
     }
     late.roundtrip().await;
+}
+
+/// Two topics' pumps and the connection's task (writing what was queued) share one socket,
+/// from different threads, while a reader with a small receive buffer drains it as it can (so
+/// writes are often partial): frames must never interleave, and each topic keeps its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pumps_share_one_socket_without_tearing_frames() {
+    let mut route = dev_route("/small");
+    route.outbound = OutboundConfig {
+        queue: 8192,
+        max_bytes: 32 * 1024 * 1024,
+        on_full: OnFull::Close,
+    };
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut sub = WsClient::connect_small_rcvbuf(node.ws_addr, "/small?user=sub", 4096).await;
+    for topic in ["a", "b"] {
+        sub.send_json(&json!({"type": "subscribe", "topic": topic}))
+            .await;
+        sub.recv_type("subscribed").await;
+    }
+    const COUNT: u64 = 400;
+    let reader = tokio::spawn(async move {
+        let mut next = [0u64, 0u64];
+        while next != [COUNT, COUNT] {
+            let m = sub.recv_json_within(WAIT).await;
+            assert_eq!(m["type"], "message", "{m}");
+            let i = usize::from(m["topic"] == "b");
+            assert_eq!(
+                m["payload"]["seq"], next[i],
+                "topic {} reordered",
+                m["topic"]
+            );
+            let pad = m["payload"]["pad"].as_str().unwrap();
+            assert!(pad.bytes().all(|b| b == b'y'), "torn frame: {m}");
+            next[i] += 1;
+        }
+        sub.roundtrip().await;
+    });
+    let publish = |topic: &'static str, mut msg: MessagingClient<Channel>| async move {
+        for seq in 0..COUNT {
+            let pad = "y".repeat(200 + (seq as usize * 4099) % 12_000);
+            let req = PublishRequest {
+                namespace: "default".into(),
+                topic: topic.into(),
+                payload_json: json!({"seq": seq, "pad": pad}).to_string(),
+                ..Default::default()
+            };
+            let r = msg.publish(req).await.unwrap().into_inner();
+            assert_eq!(r.refused, 0, "{topic} {seq} was refused");
+        }
+    };
+    let pa = tokio::spawn(publish("a", node.messaging().await));
+    let pb = tokio::spawn(publish("b", node.messaging().await));
+    pa.await.unwrap();
+    pb.await.unwrap();
+    reader.await.unwrap();
 }
 
 #[tokio::test]

@@ -261,6 +261,77 @@ mod tests {
 
     use super::*;
 
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        for s in [&server, &client] {
+            let s = socket2::SockRef::from(s);
+            s.set_send_buffer_size(16 * 1024).expect("SO_SNDBUF");
+            s.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+        }
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn a_partial_write_hands_the_socket_and_the_rest_to_the_task() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = tcp_pair().await;
+        let line = std::sync::Arc::new(Line::new(server));
+        let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+        assert_eq!(line.try_write_frames(&big, || false), Direct::Written);
+        assert!(
+            line.held_by_task(),
+            "a partial write hands the socket to the task"
+        );
+        // The reader takes some: the kernel could take more bytes now, but no pump may write
+        // them before the task has written the rest.
+        let mut head = vec![0; 64 * 1024];
+        let n = client.read(&mut head).await.expect("read");
+        head.truncate(n);
+        assert_eq!(line.try_write_frames(b"zz", || false), Direct::Busy);
+        let reader = tokio::spawn(async move {
+            let mut all = head;
+            client.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        std::future::poll_fn(|cx| line.poll_rest(cx))
+            .await
+            .expect("the task writes the rest");
+        line.release();
+        assert_eq!(
+            line.try_write_frames(b"zz", || true),
+            Direct::Busy,
+            "frames queued go first"
+        );
+        let free = async {
+            // Busy while the reader has not made room yet (tokio's readiness can be stale).
+            while line.try_write_frames(b"zz", || false) == Direct::Busy {
+                line.tcp.writable().await.expect("writable");
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), free)
+            .await
+            .expect("a free line takes a pump's write");
+        line.close();
+        assert_eq!(
+            line.try_write_frames(b"zz", || false),
+            Direct::Busy,
+            "closed"
+        );
+        let all = reader.await.expect("reader");
+        assert_eq!(all.len(), big.len() + 2);
+        assert!(
+            all[..big.len()] == big[..],
+            "the rest did not follow the partial write"
+        );
+        assert_eq!(&all[big.len()..], b"zz");
+    }
+
     #[test]
     fn text_frames_match_tungstenite() {
         for n in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
