@@ -264,19 +264,61 @@ async fn slow_consumer_is_closed_1013_without_stalling_others() {
     assert_eq!(code, 1013);
 }
 
+/// A route whose outbound queue holds everything these tests publish.
+fn roomy_route(path: &str) -> edge::config::RouteConfig {
+    let mut route = dev_route(path);
+    route.outbound = OutboundConfig {
+        queue: 8192,
+        max_bytes: 32 * 1024 * 1024,
+        on_full: OnFull::Close,
+    };
+    route
+}
+
+/// The padding of message `seq`: sizes vary so that frame boundaries fall anywhere in a
+/// write, partial or not.
+fn pad_len(seq: u64) -> usize {
+    1000 + (seq as usize * 7919) % 30_000
+}
+
+/// Publishes `count` padded messages, numbered from 0, to `topic`; none may be refused.
+async fn publish_padded(mut msg: MessagingClient<Channel>, topic: &'static str, count: u64) {
+    for seq in 0..count {
+        let req = PublishRequest {
+            namespace: "default".into(),
+            topic: topic.into(),
+            payload_json: json!({"seq": seq, "pad": "x".repeat(pad_len(seq))}).to_string(),
+            ..Default::default()
+        };
+        let r = msg.publish(req).await.unwrap().into_inner();
+        assert_eq!(r.refused, 0, "{topic} {seq} was refused");
+    }
+}
+
+/// Checks one frame from [`publish_padded`]: a whole message, the expected number.
+fn check_padded(m: &Value, seq: u64) {
+    assert_eq!(m["type"], "message", "{m}");
+    assert_eq!(
+        m["payload"]["seq"], seq,
+        "lost or reordered in {}",
+        m["topic"]
+    );
+    let pad = m["payload"]["pad"].as_str().unwrap();
+    assert_eq!(pad.len(), pad_len(seq), "message {seq} is cut");
+    assert!(pad.bytes().all(|b| b == b'x'), "message {seq} is torn");
+}
+
 /// Fan-out writes straight to free sockets and queues for busy ones (edge/src/socket.rs); a
 /// reader that falls behind sees both, plus partial writes handed to its task. Every frame
 /// must still arrive whole and in order, on a runtime where pumps and connection tasks run
 /// on different threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_reader_gets_every_fanout_frame_whole_and_in_order() {
-    let mut route = dev_route("/late");
-    route.outbound = OutboundConfig {
-        queue: 4096,
-        max_bytes: 16 * 1024 * 1024,
-        on_full: OnFull::Close,
-    };
-    let node = TestNode::start(config_with(vec![route, dev_route("/prompt")])).await;
+    let node = TestNode::start(config_with(vec![
+        roomy_route("/late"),
+        dev_route("/prompt"),
+    ]))
+    .await;
     let mut late = WsClient::connect_small_rcvbuf(node.ws_addr, "/late?user=late", 4096).await;
     let mut prompt = node.connect("/prompt?user=prompt").await;
     for c in [&mut late, &mut prompt] {
@@ -288,86 +330,42 @@ async fn late_reader_gets_every_fanout_frame_whole_and_in_order() {
     // The prompt reader keeps reading while the late one reads nothing until the end.
     let prompt_reader = tokio::spawn(async move {
         for seq in 0..COUNT {
-            let m = prompt.recv_json_within(WAIT).await;
-            assert_eq!(m["payload"]["seq"], seq, "prompt reader: lost or reordered");
+            check_padded(&prompt.recv_json_within(WAIT).await, seq);
         }
     });
-    let mut msg = node.messaging().await;
-    for seq in 0..COUNT {
-        // Sizes vary so that frame boundaries fall anywhere in a partial write.
-        let pad = "x".repeat(1000 + (seq as usize * 7919) % 30_000);
-        let req = PublishRequest {
-            namespace: "default".into(),
-            topic: "feed".into(),
-            payload_json: json!({"seq": seq, "pad": pad}).to_string(),
-            ..Default::default()
-        };
-        let r = msg.publish(req).await.unwrap().into_inner();
-        assert_eq!(r.refused, 0, "message {seq} was refused");
-    }
+    publish_padded(node.messaging().await, "feed", COUNT).await;
     prompt_reader.await.unwrap();
     for seq in 0..COUNT {
-        let m = late.recv_json_within(WAIT).await;
-        assert_eq!(m["type"], "message", "{m}");
-        assert_eq!(m["payload"]["seq"], seq, "late reader: lost or reordered");
-        let pad = m["payload"]["pad"].as_str().unwrap();
-        assert_eq!(pad.len(), 1000 + (seq as usize * 7919) % 30_000);
-        assert!(pad.bytes().all(|b| b == b'x'), "message {seq} is corrupt");
+        check_padded(&late.recv_json_within(WAIT).await, seq);
     }
     late.roundtrip().await;
 }
 
 /// Two topics' pumps and the connection's task (writing what was queued) share one socket,
-/// from different threads, while a reader with a small receive buffer drains it as it can (so
-/// writes are often partial): frames must never interleave, and each topic keeps its order.
+/// from different threads, while a reader with a small receive buffer drains it
+/// concurrently: frames must never interleave, and each topic keeps its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pumps_share_one_socket_without_tearing_frames() {
-    let mut route = dev_route("/small");
-    route.outbound = OutboundConfig {
-        queue: 8192,
-        max_bytes: 32 * 1024 * 1024,
-        on_full: OnFull::Close,
-    };
-    let node = TestNode::start(config_with(vec![route])).await;
+    let node = TestNode::start(config_with(vec![roomy_route("/small")])).await;
     let mut sub = WsClient::connect_small_rcvbuf(node.ws_addr, "/small?user=sub", 4096).await;
     for topic in ["a", "b"] {
         sub.send_json(&json!({"type": "subscribe", "topic": topic}))
             .await;
         sub.recv_type("subscribed").await;
     }
-    const COUNT: u64 = 400;
+    const COUNT: u64 = 300;
     let reader = tokio::spawn(async move {
         let mut next = [0u64, 0u64];
         while next != [COUNT, COUNT] {
             let m = sub.recv_json_within(WAIT).await;
-            assert_eq!(m["type"], "message", "{m}");
             let i = usize::from(m["topic"] == "b");
-            assert_eq!(
-                m["payload"]["seq"], next[i],
-                "topic {} reordered",
-                m["topic"]
-            );
-            let pad = m["payload"]["pad"].as_str().unwrap();
-            assert!(pad.bytes().all(|b| b == b'y'), "torn frame: {m}");
+            check_padded(&m, next[i]);
             next[i] += 1;
         }
         sub.roundtrip().await;
     });
-    let publish = |topic: &'static str, mut msg: MessagingClient<Channel>| async move {
-        for seq in 0..COUNT {
-            let pad = "y".repeat(200 + (seq as usize * 4099) % 12_000);
-            let req = PublishRequest {
-                namespace: "default".into(),
-                topic: topic.into(),
-                payload_json: json!({"seq": seq, "pad": pad}).to_string(),
-                ..Default::default()
-            };
-            let r = msg.publish(req).await.unwrap().into_inner();
-            assert_eq!(r.refused, 0, "{topic} {seq} was refused");
-        }
-    };
-    let pa = tokio::spawn(publish("a", node.messaging().await));
-    let pb = tokio::spawn(publish("b", node.messaging().await));
+    let pa = tokio::spawn(publish_padded(node.messaging().await, "a", COUNT));
+    let pb = tokio::spawn(publish_padded(node.messaging().await, "b", COUNT));
     pa.await.unwrap();
     pb.await.unwrap();
     reader.await.unwrap();
