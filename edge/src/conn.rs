@@ -263,19 +263,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Runs until the connection ends; sends the close frame; returns why it ended.
     pub(crate) async fn run(&mut self, onconnect: Option<BoxFuture<'static, Reply>>) -> ConnError {
         let end = self.serve(onconnect).await;
-        if let Some((code, reason)) = end.close_frame() {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
-        }
-        self.handle.line().close();
-        end
+        self.end(end).await
     }
 
     /// Ends a connection that never ran (refused after the upgrade).
     pub(crate) async fn close_now(mut self, end: ConnError) -> ConnError {
+        self.end(end).await
+    }
+
+    /// Sends the close frame `end` calls for, if any, and closes the socket.
+    async fn end(&mut self, end: ConnError) -> ConnError {
         if let Some((code, reason)) = end.close_frame() {
             let frame = CloseFrame {
                 code: CloseCode::from(code),

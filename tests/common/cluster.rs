@@ -17,13 +17,21 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+#[path = "tools.rs"]
+mod tools;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+// For the tests that include this harness; not every one uses them.
+use tools::server_opcodes;
+#[allow(unused_imports)]
+pub use tools::{MISSING_GRPCURL, grpcurl};
 
 use bus::testkit::TestNats;
 use bus::{Bus as _, BusError, NatsBus, NatsOptions, Outgoing, Subscription};
@@ -1137,26 +1145,6 @@ impl Client {
         let drain = async { while let Some(Ok(_)) = self.ws.next().await {} };
         let _ = timeout(STEP, drain).await;
     }
-}
-
-/// The opcodes of the (unmasked) server frames in `buf`; a trailing partial frame counts.
-fn server_opcodes(mut buf: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while buf.len() >= 2 {
-        out.push(buf[0] & 0x0f);
-        let (len, head) = match buf[1] & 0x7f {
-            126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-            127 if buf.len() >= 10 => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&buf[2..10]);
-                (usize::try_from(u64::from_be_bytes(n)).unwrap(), 10)
-            }
-            126 | 127 => break,
-            n => (usize::from(n), 2),
-        };
-        buf = buf.get(head + len..).unwrap_or_default();
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------

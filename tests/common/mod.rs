@@ -4,6 +4,9 @@
 //! Every wait here is bounded and fails the test with a message that says what was awaited.
 #![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
 
+#[path = "tools.rs"]
+mod tools;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -27,6 +30,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Channel;
+use tools::server_opcodes;
 
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(3);
@@ -436,26 +440,6 @@ impl WsClient {
         let drain = async { while let Some(Ok(_)) = self.ws.next().await {} };
         let _ = tokio::time::timeout(WAIT, drain).await;
     }
-}
-
-/// The opcodes of the (unmasked) server frames in `buf`; a trailing partial frame counts.
-fn server_opcodes(mut buf: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while buf.len() >= 2 {
-        out.push(buf[0] & 0x0f);
-        let (len, head) = match buf[1] & 0x7f {
-            126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-            127 if buf.len() >= 10 => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&buf[2..10]);
-                (usize::try_from(u64::from_be_bytes(n)).unwrap(), 10)
-            }
-            126 | 127 => break,
-            n => (usize::from(n), 2),
-        };
-        buf = buf.get(head + len..).unwrap_or_default();
-    }
-    out
 }
 
 fn request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Request<()> {

