@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use bus::Outgoing;
 use common::{
     TestNode, WAIT, WsClient, config_with, dev_config, dev_route, eventually, try_upgrade,
 };
@@ -335,6 +336,33 @@ async fn late_reader_gets_every_fanout_frame_whole_and_in_order() {
     });
     publish_padded(node.messaging().await, "feed", COUNT).await;
     prompt_reader.await.unwrap();
+    for seq in 0..COUNT {
+        check_padded(&late.recv_json_within(WAIT).await, seq);
+    }
+    late.roundtrip().await;
+}
+
+/// A burst reaches the pump as one batch, framed into one buffer; the late reader's socket
+/// takes only part of it. The frame the kernel cut is finished by the connection's task and
+/// the whole frames after it are queued: all arrive, in order.
+#[tokio::test]
+async fn a_batch_cut_short_by_the_kernel_arrives_whole_and_in_order() {
+    let node = TestNode::start(config_with(vec![roomy_route("/late")])).await;
+    let mut late = WsClient::connect_small_rcvbuf(node.ws_addr, "/late?user=late", 4096).await;
+    late.send_json(&json!({"type": "subscribe", "topic": "feed"}))
+        .await;
+    late.recv_type("subscribed").await;
+    const COUNT: u64 = 200;
+    // On this one-thread runtime nothing else runs until the loop awaits something that
+    // is not ready: the pump finds the whole burst waiting.
+    let subject = proto::subject::topic("default", ["feed"]);
+    for seq in 0..COUNT {
+        let payload = json!({"seq": seq, "pad": "x".repeat(pad_len(seq))}).to_string();
+        node.bus
+            .publish(Outgoing::new(subject.clone(), payload))
+            .await
+            .unwrap();
+    }
     for seq in 0..COUNT {
         check_padded(&late.recv_json_within(WAIT).await, seq);
     }

@@ -134,10 +134,10 @@ impl ConnHandle {
 
     /// Writes whole pre-framed frames straight to the socket if it is free and nothing is
     /// queued before them (see [`crate::socket`]); otherwise the caller queues them.
-    pub(crate) fn try_write_frames(&self, frames: &[u8]) -> Direct {
+    pub(crate) fn try_write_frames(&self, frames: &[u8], ends: &[usize]) -> Direct {
         self.0
             .line
-            .try_write_frames(frames, || self.0.outbox.buffered() != 0)
+            .try_write_frames(frames, ends, || self.0.outbox.buffered() != 0)
     }
 
     pub(crate) fn line(&self) -> &Line {
@@ -321,7 +321,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         };
 
         loop {
-            // Give the socket back to the pumps once tungstenite has written everything.
+            // Give the socket back to the pumps once tungstenite has written everything; after
+            // the client's close, keep it: no data frame may follow the close reply.
             if handle.line().held_by_task() {
                 let flush = pin!(self.ws.flush());
                 tokio::select! {
@@ -329,7 +330,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     () = &mut killed => return requested(),
                     r = flush => if let Err(e) = r { return ConnError::Transport(e); },
                 }
-                handle.line().release();
+                if client_close.is_none() {
+                    handle.line().release();
+                }
             }
             let gate_reads = onconnect.is_some();
             tokio::select! {
@@ -388,6 +391,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         Message::Pong(_) | Message::Frame(_) => {}
                         Message::Close(frame) => {
                             // tungstenite answers the close; the next read ends the stream.
+                            handle.line().hold().await;
                             client_close = Some(frame.map_or(1005, |f| u16::from(f.code)));
                         }
                     }
@@ -472,6 +476,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         self.refused_in_a_row = 0;
         protocol::on_text(self, text).await
+    }
+}
+
+/// However the task ends (even by a panic), pumps stop writing, the peer sees the socket
+/// close although handles live on, and the connection's watches stop.
+impl<S> Drop for Conn<S> {
+    fn drop(&mut self) {
+        self.handle.line().close();
+        for watch in self.watches.values() {
+            watch.cancel();
+        }
     }
 }
 

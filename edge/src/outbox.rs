@@ -1,5 +1,7 @@
 //! A connection's outbound queue: bounded in frames and bytes, lock-free, and without a
-//! heap allocation while empty (most connections are idle most of the time).
+//! heap allocation until the first frame is queued (then it keeps one block). Most
+//! connections never queue one: replies bypass it, and fan-out to an idle socket is written
+//! directly (see `socket`).
 //!
 //! Many producers (pumps, commands) push; the connection's task alone pops.
 

@@ -504,6 +504,25 @@ impl Publication {
     }
 }
 
+/// A batch's frames in one dialect, framed back to back for one write per socket.
+struct Framed {
+    bytes: Vec<u8>,
+    /// Where each frame ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Framed {
+    fn new(pubs: &mut [Publication], key: Key) -> Self {
+        let mut bytes = Vec::new();
+        let mut ends = Vec::with_capacity(pubs.len());
+        for p in pubs {
+            crate::socket::text_frame(p.frame(key).as_bytes(), &mut bytes);
+            ends.push(bytes.len());
+        }
+        Self { bytes, ends }
+    }
+}
+
 /// A batch of publications to this edge's subscribers of one filter. Each dialect's frames
 /// are built once and framed into one buffer; a subscriber whose socket is free gets that
 /// buffer in one write, the others get the frames queued.
@@ -514,40 +533,35 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
     }
     // A snapshot: the loop yields, and the lock is never held across an await.
     let subs: Vec<ConnHandle> = topic.subscribers.lock().expect("topic poisoned").clone();
-    // Per dialect: the frames of the whole batch, and their text's length.
-    let mut framed: [Option<(Vec<u8>, usize)>; 3] = [None, None, None];
+    let mut framed: [Option<Framed>; 3] = [None, None, None];
     let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
     for h in &subs {
         let key = h.info().route.cfg.key();
         let id = h.id();
+        // The publications from this index on are queued; those before it were written.
+        let mut queue_from = 0;
         if pubs.iter().all(|p| p.skip != Some(id)) {
-            let (bytes, text) = framed[key.index()].get_or_insert_with(|| {
-                let mut out = Vec::new();
-                let mut text = 0;
-                for p in &mut pubs {
-                    let f = p.frame(key);
-                    text += f.len();
-                    crate::socket::text_frame(f.as_bytes(), &mut out);
-                }
-                (out, text)
-            });
-            if h.try_write_frames(bytes) == Direct::Written {
-                for p in &mut pubs {
-                    p.tally.delivered += 1;
-                }
-                direct_frames += pubs.len() as u64;
-                direct_bytes += *text as u64;
-                writes += 1;
-                if writes % WRITES_PER_YIELD == 0 {
-                    tokio::task::yield_now().await;
-                }
-                continue;
-            }
+            let f = framed[key.index()].get_or_insert_with(|| Framed::new(&mut pubs, key));
+            queue_from = match h.try_write_frames(&f.bytes, &f.ends) {
+                Direct::Written => pubs.len(),
+                Direct::Partial { queue_from } => queue_from,
+                Direct::Busy => 0,
+            };
         }
-        for p in &mut pubs {
-            if p.skip != Some(id) {
+        for (i, p) in pubs.iter_mut().enumerate() {
+            if i < queue_from {
+                p.tally.delivered += 1;
+                direct_frames += 1;
+                direct_bytes += p.frame(key).len() as u64;
+            } else if p.skip != Some(id) {
                 let d = h.deliver(p.frame(key));
                 p.tally.add(d);
+            }
+        }
+        if queue_from > 0 {
+            writes += 1;
+            if writes % WRITES_PER_YIELD == 0 {
+                tokio::task::yield_now().await;
             }
         }
     }

@@ -50,8 +50,11 @@ pub(crate) struct Line {
 /// What [`Line::try_write_frames`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Direct {
-    /// All bytes are written, or the kernel took some and the task writes the rest.
+    /// Every frame is written.
     Written,
+    /// The kernel took part: frames before `queue_from` are written or (the one it cut)
+    /// handed to the task; the caller queues the frames from `queue_from` on.
+    Partial { queue_from: usize },
     /// The socket is taken or not writable: queue the frames instead.
     Busy,
 }
@@ -66,9 +69,15 @@ impl Line {
         }
     }
 
-    /// One non-blocking write of whole frames from a pump, if the socket is free.
-    /// `queued` is checked once the socket is taken: frames already queued go first.
-    pub(crate) fn try_write_frames(&self, frames: &[u8], queued: impl FnOnce() -> bool) -> Direct {
+    /// One non-blocking write of whole frames from a pump, if the socket is free. `ends`
+    /// are the frames' end offsets in `frames`. `queued` is checked once the socket is
+    /// taken: frames already queued go first.
+    pub(crate) fn try_write_frames(
+        &self,
+        frames: &[u8],
+        ends: &[usize],
+        queued: impl FnOnce() -> bool,
+    ) -> Direct {
         if self
             .state
             .compare_exchange(FREE, PUMP, Ordering::Acquire, Ordering::Relaxed)
@@ -87,12 +96,18 @@ impl Line {
                 Direct::Written
             }
             Ok(n) => {
-                // Hand the socket and the rest to the task: nobody else may write before it.
+                // Hand the socket and the end of the frame the kernel cut to the task: nobody
+                // else may write before it. The whole frames after it are the caller's to
+                // queue (shared, counted against the queue's bounds), not copied here.
+                let cut = ends.partition_point(|&end| end <= n);
+                let end = ends.get(cut).copied().unwrap_or(frames.len());
                 *self.rest.lock().expect("rest poisoned") =
-                    Some(Bytes::copy_from_slice(&frames[n..]));
+                    Some(Bytes::copy_from_slice(&frames[n..end]));
                 self.state.store(TASK, Ordering::Release);
                 self.rest_ready.notify_one();
-                Direct::Written
+                Direct::Partial {
+                    queue_from: cut + 1,
+                }
             }
             Err(_) => {
                 // WouldBlock (a slow reader) or a dead socket: the task finds out and decides.
@@ -146,8 +161,9 @@ impl Line {
         loop {
             let now = self.state.load(Ordering::Acquire);
             if now == PUMP {
-                // A pump inside its one write(2) on another thread: a few µs.
-                std::hint::spin_loop();
+                // A pump inside its one write(2) on another thread: a few µs, unless that
+                // thread is preempted; then let it run.
+                std::thread::yield_now();
                 continue;
             }
             if self
@@ -283,7 +299,12 @@ mod tests {
         let (server, mut client) = tcp_pair().await;
         let line = std::sync::Arc::new(Line::new(server));
         let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
-        assert_eq!(line.try_write_frames(&big, || false), Direct::Written);
+        // Eight frames of 128 KiB: the kernel takes far less than the first.
+        let ends: Vec<usize> = (1..=8).map(|i| i * big.len() / 8).collect();
+        assert_eq!(
+            line.try_write_frames(&big, &ends, || false),
+            Direct::Partial { queue_from: 1 }
+        );
         assert!(
             line.held_by_task(),
             "a partial write hands the socket to the task"
@@ -293,7 +314,7 @@ mod tests {
         let mut head = vec![0; 64 * 1024];
         let n = client.read(&mut head).await.expect("read");
         head.truncate(n);
-        assert_eq!(line.try_write_frames(b"zz", || false), Direct::Busy);
+        assert_eq!(line.try_write_frames(b"zz", &[2], || false), Direct::Busy);
         let reader = tokio::spawn(async move {
             let mut all = head;
             client.read_to_end(&mut all).await.expect("read");
@@ -304,13 +325,13 @@ mod tests {
             .expect("the task writes the rest");
         line.release();
         assert_eq!(
-            line.try_write_frames(b"zz", || true),
+            line.try_write_frames(b"zz", &[2], || true),
             Direct::Busy,
             "frames queued go first"
         );
         let free = async {
             // Busy while the reader has not made room yet (tokio's readiness can be stale).
-            while line.try_write_frames(b"zz", || false) == Direct::Busy {
+            while line.try_write_frames(b"zz", &[2], || false) == Direct::Busy {
                 line.tcp.writable().await.expect("writable");
             }
         };
@@ -319,17 +340,20 @@ mod tests {
             .expect("a free line takes a pump's write");
         line.close();
         assert_eq!(
-            line.try_write_frames(b"zz", || false),
+            line.try_write_frames(b"zz", &[2], || false),
             Direct::Busy,
             "closed"
         );
+        // The first frame (its cut end written by the task), then the pump's later write;
+        // the other seven frames were the caller's to queue.
+        let first = ends[0];
         let all = reader.await.expect("reader");
-        assert_eq!(all.len(), big.len() + 2);
+        assert_eq!(all.len(), first + 2);
         assert!(
-            all[..big.len()] == big[..],
+            all[..first] == big[..first],
             "the rest did not follow the partial write"
         );
-        assert_eq!(&all[big.len()..], b"zz");
+        assert_eq!(&all[first..], b"zz");
     }
 
     #[test]
