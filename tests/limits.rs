@@ -399,6 +399,58 @@ async fn two_pumps_share_one_socket_without_tearing_frames() {
     reader.await.unwrap();
 }
 
+/// A client that stops reading while it is sent a lot fills its socket; then neither pings
+/// nor anything else can reach it. It is dropped (no close frame can get through) once its
+/// socket has taken nothing for the heartbeat interval plus its timeout, even though its
+/// queue still has room.
+#[tokio::test]
+async fn a_client_whose_socket_stays_full_is_dropped_after_the_heartbeat_bound() {
+    let mut route = roomy_route("/stuck");
+    // Long enough that the burst below fills the socket before the first ping is due.
+    route.heartbeat = HeartbeatConfig {
+        interval: Duration::from_millis(1000),
+        timeout: Duration::from_millis(500),
+    };
+    route.hooks.onclose = Some(Hook {
+        publish: "test.closed".into(),
+        required: false,
+    });
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut closes = node
+        .bus
+        .subscribe("test.closed".into(), None)
+        .await
+        .unwrap();
+    let mut stuck = WsClient::connect_small_rcvbuf(node.ws_addr, "/stuck?user=stuck", 4096).await;
+    stuck
+        .send_json(&json!({"type": "subscribe", "topic": "feed"}))
+        .await;
+    stuck.recv_type("subscribed").await;
+    // About 9 MiB at once, straight onto the bus: far more than the socket buffers hold, far
+    // less than the queue's bound.
+    let started = Instant::now();
+    let subject = proto::subject::topic("default", ["feed"]);
+    for seq in 0..300 {
+        let payload = json!({"seq": seq, "pad": "x".repeat(pad_len(seq))}).to_string();
+        node.bus
+            .publish(Outgoing::new(subject.clone(), payload))
+            .await
+            .unwrap();
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(10), closes.next())
+        .await
+        .expect("the stuck client was never dropped")
+        .unwrap();
+    let body: Value = serde_json::from_slice(&closed.payload).unwrap();
+    assert_eq!(body["username"], "stuck");
+    assert_eq!(body["code"], 1006, "dropped without a close frame: {body}");
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(1500),
+        "dropped after {after:?}, before its socket had stalled for interval + timeout"
+    );
+}
+
 #[tokio::test]
 async fn too_many_connections_for_one_user_closes_1008() {
     let mut route = dev_route("/connect");

@@ -513,7 +513,12 @@ async fn upgrade(
         route,
     };
     let handle = ConnHandle::new(info, tcp);
-    let socket = Socket(handle.clone());
+    // A client that takes none of our bytes for a heartbeat interval and its timeout is as
+    // dead as one that does not answer a ping.
+    let heartbeat = &handle.info().route.cfg.heartbeat;
+    let stall_limit =
+        (!heartbeat.interval.is_zero()).then(|| heartbeat.interval + heartbeat.timeout);
+    let socket = Socket::new(handle.clone(), stall_limit);
     let ws =
         WebSocketStream::from_partially_read(socket, rest, Role::Server, Some(ws_config)).await;
     Some(Upgraded { ws, handle, permit })

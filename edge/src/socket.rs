@@ -18,16 +18,19 @@
 //! Pumps that find the socket taken, or frames already queued, queue instead, so a
 //! connection's frames keep their order.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use crate::conn::ConnHandle;
 
@@ -197,8 +200,47 @@ impl Line {
 
 /// The connection task's view of its socket, given to tungstenite. Every write takes the
 /// line for the task first.
+///
+/// A client that takes none of our bytes for `stall_limit` is dropped: a write that cannot
+/// progress that long fails with `TimedOut`, whichever of the task's writes it is (queued
+/// frames, a reply, a ping, a pump's handed-over rest).
 #[derive(Debug)]
-pub(crate) struct Socket(pub(crate) ConnHandle);
+pub(crate) struct Socket {
+    handle: ConnHandle,
+    stall_limit: Option<Duration>,
+    /// Running while a write waits for the socket; allocated only then.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl Socket {
+    pub(crate) fn new(handle: ConnHandle, stall_limit: Option<Duration>) -> Self {
+        Self {
+            handle,
+            stall_limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes `r` on, timing how long writes have been waiting for the socket.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let Some(limit) = self.stall_limit else {
+            return r;
+        };
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            let error = format!("the client took none of our bytes for {limit:?}");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, error)));
+        }
+        r
+    }
+}
 
 impl AsyncRead for Socket {
     fn poll_read(
@@ -206,7 +248,7 @@ impl AsyncRead for Socket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let tcp = &self.0.line().tcp;
+        let tcp = &self.handle.line().tcp;
         loop {
             ready!(tcp.poll_read_ready(cx))?;
             match tcp.try_read(buf.initialize_unfilled()) {
@@ -223,34 +265,41 @@ impl AsyncRead for Socket {
 
 impl AsyncWrite for Socket {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let line = self.0.line();
-        ready!(line.take(cx))?;
-        ready!(line.poll_rest(cx))?;
-        loop {
-            ready!(line.tcp.poll_write_ready(cx))?;
-            match line.tcp.try_write(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let r = poll_write_line(self.handle.line(), cx, buf);
+        self.watch(cx, r)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let line = self.0.line();
-        if line.held_by_task() {
-            ready!(line.poll_rest(cx))?;
-        }
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let line = self.handle.line();
+        let r = if line.held_by_task() {
+            line.poll_rest(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        };
+        self.watch(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.line().close();
+        self.handle.line().close();
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The task's write: take the line, finish a pump's rest, then write `buf`.
+fn poll_write_line(line: &Line, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    ready!(line.take(cx))?;
+    ready!(line.poll_rest(cx))?;
+    loop {
+        ready!(line.tcp.poll_write_ready(cx))?;
+        match line.tcp.try_write(buf) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
     }
 }
 
