@@ -79,16 +79,9 @@ async fn heartbeat_drops_a_client_that_never_answers_pings() {
         interval: Duration::from_millis(150),
         timeout: Duration::from_millis(300),
     };
-    route.hooks.onclose = Some(Hook {
-        publish: "test.closed".into(),
-        required: false,
-    });
+    report_closes(&mut route);
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut closes = node
-        .bus
-        .subscribe("test.closed".into(), None)
-        .await
-        .unwrap();
+    let mut closes = close_events(&node).await;
     let start = Instant::now();
     // Never polled until the end: it never reads, so it never answers a ping.
     let dead = node.connect("/connect?user=dead").await;
@@ -125,11 +118,7 @@ async fn heartbeat_drops_a_client_that_never_answers_pings() {
         frames.contains(&0x9),
         "no ping before the drop: {frames:x?}"
     );
-    let closed = tokio::time::timeout(WAIT, closes.next())
-        .await
-        .expect("no close event for the dropped client")
-        .unwrap();
-    let body: Value = serde_json::from_slice(&closed.payload).unwrap();
+    let body = next_close(&mut closes, WAIT, "no close event for the dropped client").await;
     assert_eq!(body["username"], "dead");
     live.roundtrip().await;
 }
@@ -171,17 +160,10 @@ async fn slow_consumer_is_closed_1013_without_stalling_others() {
         max_bytes: 64 * 1024,
         on_full: OnFull::Close,
     };
-    slow_route.hooks.onclose = Some(Hook {
-        publish: "test.closed".into(),
-        required: false,
-    });
+    report_closes(&mut slow_route);
     let fast_route = dev_route("/fast");
     let node = TestNode::start(config_with(vec![slow_route, fast_route])).await;
-    let mut closes = node
-        .bus
-        .subscribe("test.closed".into(), None)
-        .await
-        .unwrap();
+    let mut closes = close_events(&node).await;
 
     let mut slow = WsClient::connect_small_rcvbuf(node.ws_addr, "/slow?user=slow", 4096).await;
     let mut fast = node.connect("/fast?user=fast").await;
@@ -254,11 +236,7 @@ async fn slow_consumer_is_closed_1013_without_stalling_others() {
     assert_eq!(last, seq, "the fast client did not get every message");
     fast.roundtrip().await;
 
-    let closed = tokio::time::timeout(WAIT, closes.next())
-        .await
-        .expect("no close event for the slow consumer")
-        .unwrap();
-    let body: Value = serde_json::from_slice(&closed.payload).unwrap();
+    let body = next_close(&mut closes, WAIT, "no close event for the slow consumer").await;
     assert_eq!(body["username"], "slow");
     assert_eq!(body["code"], 1013, "{body}");
     let (code, _) = slow_read.await.unwrap();
@@ -294,6 +272,42 @@ async fn publish_padded(mut msg: MessagingClient<Channel>, topic: &'static str, 
         let r = msg.publish(req).await.unwrap().into_inner();
         assert_eq!(r.refused, 0, "{topic} {seq} was refused");
     }
+}
+
+/// The same padded messages straight onto the bus, without awaiting anything that is not
+/// ready: on a one-thread runtime the topic's pump finds the whole burst waiting.
+async fn publish_burst(node: &TestNode, topic: &str, count: u64) {
+    let subject = proto::subject::topic("default", [topic]);
+    for seq in 0..count {
+        let payload = json!({"seq": seq, "pad": "x".repeat(pad_len(seq))}).to_string();
+        node.bus
+            .publish(Outgoing::new(subject.clone(), payload))
+            .await
+            .unwrap();
+    }
+}
+
+/// Where the routes of these tests report closes (their `onclose` hook).
+const CLOSES: &str = "test.closed";
+
+fn report_closes(route: &mut edge::config::RouteConfig) {
+    route.hooks.onclose = Some(Hook {
+        publish: CLOSES.into(),
+        required: false,
+    });
+}
+
+async fn close_events(node: &TestNode) -> bus::Subscription {
+    node.bus.subscribe(CLOSES.into(), None).await.unwrap()
+}
+
+/// The next close event's body, within `limit`.
+async fn next_close(closes: &mut bus::Subscription, limit: Duration, missing: &str) -> Value {
+    let closed = tokio::time::timeout(limit, closes.next())
+        .await
+        .expect(missing)
+        .unwrap();
+    serde_json::from_slice(&closed.payload).unwrap()
 }
 
 /// Checks one frame from [`publish_padded`]: a whole message, the expected number.
@@ -353,16 +367,7 @@ async fn a_batch_cut_short_by_the_kernel_arrives_whole_and_in_order() {
         .await;
     late.recv_type("subscribed").await;
     const COUNT: u64 = 200;
-    // On this one-thread runtime nothing else runs until the loop awaits something that
-    // is not ready: the pump finds the whole burst waiting.
-    let subject = proto::subject::topic("default", ["feed"]);
-    for seq in 0..COUNT {
-        let payload = json!({"seq": seq, "pad": "x".repeat(pad_len(seq))}).to_string();
-        node.bus
-            .publish(Outgoing::new(subject.clone(), payload))
-            .await
-            .unwrap();
-    }
+    publish_burst(&node, "feed", COUNT).await;
     for seq in 0..COUNT {
         check_padded(&late.recv_json_within(WAIT).await, seq);
     }
@@ -411,16 +416,9 @@ async fn a_client_whose_socket_stays_full_is_dropped_after_the_heartbeat_bound()
         interval: Duration::from_millis(1000),
         timeout: Duration::from_millis(500),
     };
-    route.hooks.onclose = Some(Hook {
-        publish: "test.closed".into(),
-        required: false,
-    });
+    report_closes(&mut route);
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut closes = node
-        .bus
-        .subscribe("test.closed".into(), None)
-        .await
-        .unwrap();
+    let mut closes = close_events(&node).await;
     let mut stuck = WsClient::connect_small_rcvbuf(node.ws_addr, "/stuck?user=stuck", 4096).await;
     stuck
         .send_json(&json!({"type": "subscribe", "topic": "feed"}))
@@ -429,19 +427,13 @@ async fn a_client_whose_socket_stays_full_is_dropped_after_the_heartbeat_bound()
     // About 9 MiB at once, straight onto the bus: far more than the socket buffers hold, far
     // less than the queue's bound.
     let started = Instant::now();
-    let subject = proto::subject::topic("default", ["feed"]);
-    for seq in 0..300 {
-        let payload = json!({"seq": seq, "pad": "x".repeat(pad_len(seq))}).to_string();
-        node.bus
-            .publish(Outgoing::new(subject.clone(), payload))
-            .await
-            .unwrap();
-    }
-    let closed = tokio::time::timeout(Duration::from_secs(10), closes.next())
-        .await
-        .expect("the stuck client was never dropped")
-        .unwrap();
-    let body: Value = serde_json::from_slice(&closed.payload).unwrap();
+    publish_burst(&node, "feed", 300).await;
+    let body = next_close(
+        &mut closes,
+        Duration::from_secs(10),
+        "the stuck client was never dropped",
+    )
+    .await;
     assert_eq!(body["username"], "stuck");
     assert_eq!(body["code"], 1006, "dropped without a close frame: {body}");
     let after = started.elapsed();
