@@ -29,7 +29,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 // For the tests that include this harness; not every one uses them.
-use tools::server_opcodes;
 #[allow(unused_imports)]
 pub use tools::{MISSING_GRPCURL, grpcurl};
 
@@ -1109,30 +1108,10 @@ impl Client {
     /// loses what is still unread). Fails if a close frame arrives. Returns the opcodes of
     /// the frames read. Use it on a client with no partly read frames.
     pub async fn expect_dropped(self) -> Vec<u8> {
-        let name = self.name.clone();
-        let MaybeTlsStream::Plain(mut tcp) = self.ws.into_inner() else {
+        let MaybeTlsStream::Plain(tcp) = self.ws.into_inner() else {
             unreachable!("plain TCP only")
         };
-        let mut buf = Vec::new();
-        let read = async {
-            let mut chunk = [0u8; 16 * 1024];
-            loop {
-                match tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        };
-        timeout(STEP, read)
-            .await
-            .unwrap_or_else(|_| panic!("{name}: connection not dropped within {STEP:?}"));
-        let opcodes = server_opcodes(&buf);
-        assert!(
-            !opcodes.contains(&0x8),
-            "{name}: expected the connection to be dropped without a close frame, got frames \
-             {opcodes:x?}"
-        );
-        opcodes
+        tools::expect_dropped(tcp, STEP, &self.name).await
     }
 
     /// Closes from the client side with `code` and waits (bounded) for the server's answer.

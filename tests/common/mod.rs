@@ -30,7 +30,6 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Channel;
-use tools::server_opcodes;
 
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(3);
@@ -410,28 +409,10 @@ impl WsClient {
     }
 
     pub async fn expect_dropped_within(self, limit: Duration) -> Vec<u8> {
-        let MaybeTlsStream::Plain(mut tcp) = self.ws.into_inner() else {
+        let MaybeTlsStream::Plain(tcp) = self.ws.into_inner() else {
             unreachable!("plain TCP only")
         };
-        let mut buf = Vec::new();
-        let read = async {
-            let mut chunk = [0u8; 16 * 1024];
-            loop {
-                match tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        };
-        tokio::time::timeout(limit, read)
-            .await
-            .unwrap_or_else(|_| panic!("connection not dropped within {limit:?}"));
-        let opcodes = server_opcodes(&buf);
-        assert!(
-            !opcodes.contains(&0x8),
-            "expected the connection to be dropped without a close frame, got frames {opcodes:x?}"
-        );
-        opcodes
+        tools::expect_dropped(tcp, limit, "client").await
     }
 
     /// Closes from the client side and waits for the server's answer.

@@ -5,6 +5,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::timeout;
 
@@ -34,6 +36,33 @@ pub fn server_opcodes(mut buf: &[u8]) -> Vec<u8> {
         buf = buf.get(head + len..).unwrap_or_default();
     }
     out
+}
+
+/// Reads the raw socket until the TCP connection ends, without writing anything (a WebSocket
+/// client would answer pings, and writing to a closed socket resets it and loses what is
+/// still unread). Fails if that takes longer than `limit` or a close frame arrives. Returns
+/// the opcodes of the frames read; `who` names the client in failures.
+pub async fn expect_dropped(mut tcp: TcpStream, limit: Duration, who: &str) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| panic!("{who}: connection not dropped within {limit:?}"));
+    let opcodes = server_opcodes(&buf);
+    assert!(
+        !opcodes.contains(&0x8),
+        "{who}: expected the connection to be dropped without a close frame, got frames \
+         {opcodes:x?}"
+    );
+    opcodes
 }
 
 /// Runs `grpcurl -plaintext ARGS…` and returns its stdout; fails (never skips) when
