@@ -36,6 +36,8 @@ pub struct CoordinatorConfig {
     /// Backends publish `{type, payload, namespace?, skip?}` here to broadcast. Default
     /// `sb.broadcast`.
     pub broadcast_subject: String,
+    /// Who may call the gRPC API: keys and their scopes.
+    pub api: crate::access::ApiConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -51,6 +53,7 @@ impl Default for CoordinatorConfig {
             resources: std::collections::BTreeMap::new(),
             send_subject: proto::subject::DEFAULT_SEND.into(),
             broadcast_subject: proto::subject::DEFAULT_BROADCAST.into(),
+            api: crate::access::ApiConfig::default(),
         }
     }
 }

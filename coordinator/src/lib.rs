@@ -5,9 +5,11 @@
 //! | --- | --- |
 //! | [`placement`] | the directory (sans-io) |
 //! | [`messaging`] | delivery across edges over the bus ([`Coordinator`]) |
+//! | [`access`] | who may call which gRPC method (API keys, node credentials) |
 //! | [`api`] | tonic services: proto ↔ domain, errors → `Status` |
 //! | [`grpc`] | the gRPC server with health and reflection |
 
+pub mod access;
 pub mod api;
 pub mod cluster;
 

@@ -7,9 +7,11 @@
 //! | [`subject`] | NATS subjects and header names: the only place a subject is spelled |
 //! | [`topic`] | MQTT topic syntax: validation, matching, encoding into subject tokens |
 //! | [`frame`] | client ↔ edge JSON frames and their dialects |
+//! | [`credential`] | the per-node credentials edges and coordinators present to coordinators |
 //!
 //! **Invariant:** this crate pulls in no tokio runtime and no telemetry.
 
+pub mod credential;
 pub mod frame;
 pub mod json;
 pub mod subject;
