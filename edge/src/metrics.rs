@@ -69,6 +69,21 @@ pub struct Gauges {
     pub draining: bool,
 }
 
+/// The `edge_closes_total{code}` label of a code a client closed with: the codes of RFC 6455
+/// and its registry (1000–1015) keep their own, any other (4xxx included: they are the
+/// application's, and a client may send each of them) is `other`, so that clients cannot grow
+/// the label set.
+pub(crate) fn client_close_label(code: u16) -> &'static str {
+    const KNOWN: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
+        "1011", "1012", "1013", "1014", "1015",
+    ];
+    code.checked_sub(1000)
+        .and_then(|i| KNOWN.get(usize::from(i)))
+        .copied()
+        .unwrap_or("other")
+}
+
 impl Metrics {
     pub(crate) fn record_fanout(&self, t: Tally) {
         self.messages_delivered.add(t.delivered);
