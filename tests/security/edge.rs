@@ -68,6 +68,11 @@ async fn status_of(addr: SocketAddr, request: &str) -> u16 {
 
 /// The status and whole body of an upgrade the edge refuses.
 async fn refusal(addr: SocketAddr, request: &str) -> (u16, String) {
+    let status = status_of(addr, request).await;
+    assert_ne!(
+        status, 101,
+        "upgraded where a refusal was expected: {request:?}"
+    );
     http_exchange(addr, request)
         .await
         .unwrap_or_else(|e| panic!("request {request:?}: {e}"))
@@ -395,11 +400,26 @@ async fn client_values_cannot_forge_log_lines() {
 }
 
 /// Same origin compares scheme, host and port: `https://host` on this plain listener is
-/// refused. `allowed_hosts` refuses a rebound Host (`Host: evil` + `Origin: http://evil`,
-/// which passes the same-origin check). `public_origins` stands for the listener's own origin
-/// behind a proxy that terminates TLS.
+/// refused (it passed), and so is another port.
 #[tokio::test]
-async fn origins_compare_scheme_host_and_port_and_hosts_can_be_pinned() {
+async fn same_origin_compares_scheme_host_and_port() {
+    let c = cluster(ANONYMOUS).await;
+    let addr = c.ws(0);
+    let host = addr.to_string();
+    let up = |origin: &str| raw_upgrade("/connect", "1.1", &host, KEY, &[("Origin", origin)]);
+    let own = format!("http://{host}");
+    assert_eq!(status_of(addr, &up(&own)).await, 101);
+    let https = format!("https://{host}");
+    assert_eq!(refusal(addr, &up(&https)).await, (403, "origin\n".into()));
+    let other_port = format!("http://127.0.0.1:{}", addr.port() + 1);
+    assert_eq!(refusal(addr, &up(&other_port)).await.0, 403);
+}
+
+/// DNS rebinding: `Host: evil` + `Origin: http://evil` is same-origin (101 without a Host
+/// list); with `allowed_hosts` it is refused with 403 `host`. `public_origins` stands for the
+/// listener's own origin behind a proxy that terminates TLS.
+#[tokio::test]
+async fn allowed_hosts_refuse_a_rebound_host_and_public_origins_stand_in() {
     let yaml = "edge:\n  routes:\n    - path: /same\n      anonymous: true\n    - path: /pinned\n      anonymous: true\n      allowed_hosts: [ws.example.com]\n    - path: /proxied\n      anonymous: true\n      public_origins: [\"https://ws.example.com\"]\n";
     let c = cluster(yaml).await;
     let addr = c.ws(0);
@@ -407,21 +427,10 @@ async fn origins_compare_scheme_host_and_port_and_hosts_can_be_pinned() {
     let up = |path: &str, host: &str, origin: &str| {
         raw_upgrade(path, "1.1", host, KEY, &[("Origin", origin)])
     };
-    let own = format!("http://{host}");
-    let https = format!("https://{host}");
-    let other_port = format!("http://127.0.0.1:{}", addr.port() + 1);
-    assert_eq!(status_of(addr, &up("/same", &host, &own)).await, 101);
-    assert_eq!(
-        refusal(addr, &up("/same", &host, &https)).await,
-        (403, "origin\n".into())
-    );
-    assert_eq!(refusal(addr, &up("/same", &host, &other_port)).await.0, 403);
-    // DNS rebinding: without a Host list the request is same-origin …
     assert_eq!(
         status_of(addr, &up("/same", "evil", "http://evil")).await,
         101
     );
-    // … with one, it is refused.
     assert_eq!(
         refusal(addr, &up("/pinned", "evil", "http://evil")).await,
         (403, "host\n".into())
@@ -431,12 +440,12 @@ async fn origins_compare_scheme_host_and_port_and_hosts_can_be_pinned() {
         status_of(addr, &up("/pinned", "ws.example.com", pinned)).await,
         101
     );
-    // Behind a TLS proxy: the public origin, not the listener's.
     let public = "https://ws.example.com";
     assert_eq!(
         status_of(addr, &up("/proxied", "ws.example.com", public)).await,
         101
     );
+    let own = format!("http://{host}");
     assert_eq!(refusal(addr, &up("/proxied", &host, &own)).await.0, 403);
 }
 
