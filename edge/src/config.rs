@@ -444,7 +444,9 @@ impl ResourceConfig {
 pub struct HooksConfig {
     /// A request before the upgrade (HyperExpress's upgrade interception): the reply
     /// `{"context":{…}}` admits the connection and becomes part of its context; `{"error":…,
-    /// "status":4xx}` refuses it with that HTTP status (default 403). No answer → 503.
+    /// "status":4xx}` refuses it with that HTTP status (default 403). No answer → 503. The
+    /// request it sees has no credential: the token parameter, `Authorization` and the token
+    /// cookie are removed once auth has read them.
     pub upgrade: Option<Hook>,
     /// A request on connect: a reply is pushed as `onconnect`, a failure closes (1008).
     pub onconnect: Option<Hook>,

@@ -46,7 +46,7 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     pub connected_at_ms: i64,
     pub claims: Map<String, Value>,
-    /// Query and path parameters of the upgrade request.
+    /// Query and path parameters of the upgrade request (the token parameter removed).
     pub params: Vec<(String, String)>,
     pub route: Arc<Route>,
 }
