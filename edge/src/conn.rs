@@ -392,7 +392,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                             match self.rate_check() {
                                 Err(e) => return e,
                                 Ok(false) => {}
-                                Ok(true) => if let Err(e) = self.ws.flush().await { return ConnError::Transport(e); },
+                                Ok(true) => {
+                                    if let Err(e) = self.ws.flush().await {
+                                        return ConnError::Transport(e);
+                                    }
+                                }
                             }
                         }
                         Message::Pong(_) | Message::Frame(_) => {}

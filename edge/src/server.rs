@@ -370,7 +370,7 @@ async fn refuse<T>(
     shared: &Shared,
     tcp: &mut TcpStream,
     status: u16,
-    reason: &'static str,
+    reason: &str,
     body: &str,
 ) -> Option<T> {
     shared.metrics.upgrades_refused.inc(reason);
