@@ -199,3 +199,18 @@ impl Metrics {
         .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_close_codes_have_a_bounded_label_set() {
+        for code in 1000..=1015 {
+            assert_eq!(client_close_label(code), code.to_string());
+        }
+        for code in [0, 999, 1016, 2999, 3000, 4000, 4001, 4321, 4999, u16::MAX] {
+            assert_eq!(client_close_label(code), "other", "{code}");
+        }
+    }
+}
