@@ -354,6 +354,7 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         let mut shown = self.clone();
         for r in &mut shown.edge.routes {
+            r.namespace.precedence = Some(r.namespace.order());
             if r.auth.hs256_secret_env.is_some() {
                 // The secret came from the variable; show only where it comes from.
                 r.auth.hs256_secret = None;
@@ -604,5 +605,82 @@ mod tests {
             Some("s3cret")
         );
         assert!(!r.config.to_yaml().contains("s3cret"));
+    }
+
+    #[test]
+    fn contradictions_are_refused_naming_the_key() {
+        let route = |extra: &str| {
+            format!("edge:\n  routes:\n    - path: /x\n      auth: {{ hs256_secret: s }}\n{extra}")
+        };
+        let cases = [
+            ("      anonymous: true\n", "edge.routes[0].anonymous"),
+            (
+                "      heartbeat: { interval: 5s, timeout: 10s }\n",
+                "edge.routes[0].heartbeat.timeout",
+            ),
+            (
+                "      rate_limit: { per_second: 100, burst: 50 }\n",
+                "edge.routes[0].rate_limit.burst",
+            ),
+            (
+                "      rate_limit: { close_after: 0 }\n",
+                "edge.routes[0].rate_limit.close_after",
+            ),
+            (
+                "      namespace: { query: token }\n",
+                "edge.routes[0].namespace.query",
+            ),
+            (
+                "      namespace: { default: \"\" }\n",
+                "edge.routes[0].namespace.default",
+            ),
+            (
+                "      namespace: { claim: tenant, precedence: \"query:namespace > default:default\" }\n",
+                "edge.routes[0].namespace.precedence",
+            ),
+            (
+                "      public_origins: [ws.example.com]\n",
+                "edge.routes[0].public_origins",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = load(&route(extra), &[]).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("{key}:")),
+                "{extra}: {e}"
+            );
+        }
+        // A claim on an anonymous route: there is no token to take it from.
+        let e = load(
+            "edge:\n  routes:\n    - path: /x\n      anonymous: true\n      namespace: { claim: tenant }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("edge.routes[0].namespace.claim:"),
+            "{e}"
+        );
+        // The limits' edges are fine.
+        load(
+            &route("      heartbeat: { interval: 10s, timeout: 10s }\n      rate_limit: { per_second: 10, burst: 10, close_after: 1 }\n"),
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_effective_config_states_the_namespace_precedence() {
+        let r = load(
+            "edge:\n  routes:\n    - path: /x\n      auth: { hs256_secret: s }\n      namespace: { claim: tenant }\n",
+            &[],
+        )
+        .unwrap();
+        let yaml = r.config.to_yaml();
+        assert!(
+            yaml.contains("precedence: claim:tenant > query:namespace > default:default"),
+            "{yaml}"
+        );
+        // What check-config prints loads again.
+        load(&yaml, &[]).unwrap();
     }
 }

@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     upstream_ready: AtomicBool,
     limit: Arc<Semaphore>,
+    /// Whether the listener is TLS (`https`/`wss`): the same-origin check compares schemes.
+    secure: bool,
 }
 
 /// Why an edge could not start or serve.
@@ -125,6 +127,7 @@ impl Edge {
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             draining: AtomicBool::new(false),
             upstream_ready: AtomicBool::new(true),
+            secure: false,
             cfg,
         };
         Ok(Self {
@@ -380,7 +383,7 @@ async fn admit(
     shared: &Arc<Shared>,
     tcp: &mut TcpStream,
     peer: SocketAddr,
-    head: &RequestHead,
+    head: &mut RequestHead,
 ) -> Option<Admitted> {
     let matched = shared.routes.iter().find_map(|r| {
         http::match_path(&r.cfg.path, &head.path).map(|params| (Arc::clone(r), params))
@@ -401,6 +404,16 @@ async fn admit(
     if head.method != "GET" {
         return refuse(shared, tcp, 405, "method", "websocket upgrades use GET").await;
     }
+    if head.version < 1 {
+        return refuse(
+            shared,
+            tcp,
+            400,
+            "bad_handshake",
+            "websocket upgrades need HTTP/1.1",
+        )
+        .await;
+    }
     if !head.is_upgrade() || head.header("sec-websocket-version") != Some("13") {
         return refuse(
             shared,
@@ -411,13 +424,17 @@ async fn admit(
         )
         .await;
     }
-    let Some(key) = head.header("sec-websocket-key").map(str::to_owned) else {
+    let Some(key) = head
+        .header("sec-websocket-key")
+        .filter(|k| http::is_valid_key(k))
+        .map(str::to_owned)
+    else {
         return refuse(
             shared,
             tcp,
             400,
             "bad_handshake",
-            "missing sec-websocket-key",
+            "sec-websocket-key must be base64 of 16 bytes",
         )
         .await;
     };
@@ -434,11 +451,15 @@ async fn admit(
         )
         .await;
     };
-    let mut identity = match route.verifier.admit(&route.cfg, head) {
+    let verdict = route.verifier.admit(&route.cfg, head, shared.secure);
+    // The token has been read: from here on, nothing of the request can carry it further.
+    crate::auth::strip_credentials(&route.cfg, head);
+    let mut identity = match verdict {
         Ok(id) => id,
         Err(e) => {
+            // The details (jsonwebtoken's text, the namespace asked for) stay in the log.
             tracing::debug!(%peer, error = %e, "upgrade refused");
-            return refuse(shared, tcp, e.status(), e.reason(), &e.to_string()).await;
+            return refuse(shared, tcp, e.status(), e.reason(), e.reason()).await;
         }
     };
     if let Some(hook) = &route.cfg.hooks.upgrade {
@@ -483,11 +504,11 @@ async fn upgrade(
     shared: &Arc<Shared>,
     mut tcp: TcpStream,
     peer: SocketAddr,
-    head: RequestHead,
+    mut head: RequestHead,
     rest: Vec<u8>,
 ) -> Option<Upgraded> {
     let span = tracing::info_span!("edge.upgrade", path = %head.path, %peer);
-    let admitted = admit(shared, &mut tcp, peer, &head)
+    let admitted = admit(shared, &mut tcp, peer, &mut head)
         .instrument(span)
         .await?;
     let Admitted {
@@ -603,7 +624,14 @@ async fn run_conn(shared: Arc<Shared>, up: Upgraded) {
         Box::pin(conn.close_now(ConnError::TooManyConnections)).await
     };
     let code = end.code();
-    shared.metrics.closes.inc(&code.to_string());
+    match end {
+        // A client may send any code: those the protocol does not know share one label.
+        ConnError::ClientClosed(Some(c)) => shared
+            .metrics
+            .closes
+            .inc(crate::metrics::client_close_label(c)),
+        _ => shared.metrics.closes.inc(&code.to_string()),
+    }
     if code == 1013 {
         shared.metrics.slow_consumer_closes.inc();
     }

@@ -164,6 +164,14 @@ impl Proc {
             .unwrap_or_else(|e| panic!("kill {}: {e}", self.name));
     }
 
+    /// Everything the process printed so far (stdout and stderr; the last 2000 lines).
+    pub fn output(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
     pub fn tail(&self) -> String {
         let out = self.output.lock().unwrap_or_else(|e| e.into_inner());
         let from = out.len().saturating_sub(TAIL);
@@ -1194,7 +1202,7 @@ pub fn upgrade_request(addr: SocketAddr, path_and_query: &str, headers: &[(&str,
     let mut text = format!(
         "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: SGVsbG8sIHdvcmxkIQ==\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     );
     for (k, v) in headers {
         text.push_str(&format!("{k}: {v}\r\n"));
