@@ -112,12 +112,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NatsConfig {
-    /// NATS server URL(s), comma-separated. Empty: the in-process bus (embedded mode).
-    pub url: String,
-}
+pub use crate::nats::{NatsConfig, NatsTlsConfig};
 
 /// Which process the config is for: a coordinator does not need a valid `edge` block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +147,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Key {
             key: key.into(),
             message: message.into(),
@@ -166,6 +161,8 @@ pub struct Resolved {
     pub config: Config,
     /// RS256 public key PEM per edge route.
     pub rs256_pems: Vec<Option<Vec<u8>>>,
+    /// The NATS URLs without credentials, and the credentials and TLS files `nats:` names.
+    pub nats: crate::nats::NatsAccess,
 }
 
 impl Config {
@@ -258,6 +255,7 @@ impl Config {
                 "cluster mode needs NATS: set --nats",
             ));
         }
+        let nats = config.nats.resolve(&env)?;
 
         if config
             .node_id
@@ -301,7 +299,11 @@ impl Config {
             };
             rs256_pems.push(pem);
         }
-        Ok(Resolved { config, rs256_pems })
+        Ok(Resolved {
+            config,
+            rs256_pems,
+            nats,
+        })
     }
 
     /// The effective config as YAML, secrets redacted.
