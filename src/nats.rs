@@ -75,10 +75,14 @@ impl NatsAccess {
         let source = std::error::Error::source(error);
         let connect = source.and_then(|s| s.downcast_ref::<async_nats::ConnectError>());
         let cause = source.map_or_else(|| error.to_string(), ToString::to_string);
-        let hint = match connect.map(async_nats::ConnectError::kind) {
+        let kind = connect.map(async_nats::ConnectError::kind);
+        // async-nats reports a failed handshake as an I/O error; rustls's message tells.
+        let tls_failed =
+            kind == Some(Kind::Tls) || cause.contains("certificate") || cause.contains("TLS");
+        let hint = match kind {
             Some(Kind::AuthorizationViolation) if self.auth == NatsAuth::None => {
-                "the server wants credentials: set one of nats.creds_file, nats.nkey_file, \
-                 nats.user with nats.password_env, nats.token_env"
+                "the server wants credentials: set nats.creds_file, nats.nkey_file, nats.user \
+                 with nats.password_env, or nats.token_env"
                     .to_owned()
             }
             Some(Kind::AuthorizationViolation | Kind::Authentication) => {
@@ -87,17 +91,14 @@ impl NatsAccess {
                     self.auth_keys
                 )
             }
-            Some(Kind::Tls) => {
-                let ca = match &self.tls.ca_file {
-                    Some(_) => {
-                        "does nats.tls.ca_file hold the CA that signed the server's certificate, for this host name?"
-                    }
-                    None => "a server certificate from a private CA needs nats.tls.ca_file",
-                };
-                format!(
-                    "TLS failed: {ca} (a server that verifies clients needs nats.tls.cert_file and nats.tls.key_file)"
-                )
+            _ if tls_failed && self.tls.ca_file.is_none() => {
+                "TLS failed: a server certificate from a private CA needs nats.tls.ca_file"
+                    .to_owned()
             }
+            _ if tls_failed => "TLS failed: check that nats.tls.ca_file holds the CA of the \
+                 server's certificate, issued for the host in nats.url (and, if the server \
+                 verifies clients, nats.tls.cert_file and nats.tls.key_file)"
+                .to_owned(),
             Some(Kind::ServerParse | Kind::Dns) => "check nats.url".to_owned(),
             _ => "is the server up at nats.url?".to_owned(),
         };
