@@ -471,6 +471,10 @@ async fn wrong_credentials_or_ca_stop_the_process_naming_the_key() {
         let env = [("SWITCHBOARD_NATS__USER", role), ("NATS_PASSWORD", wrong)];
         let (code, out) = failed_start(role, &c, &good, &env).await;
         assert_ne!(code, 0, "{role} with a wrong password: {out}");
+        eprintln!(
+            "{role}, wrong password: exit {code}: {}",
+            out.trim().lines().last().unwrap_or_default()
+        );
         assert!(
             out.contains("authorization violation")
                 && out.contains("nats.user and nats.password_env"),
@@ -494,6 +498,7 @@ async fn wrong_credentials_or_ca_stop_the_process_naming_the_key() {
         ];
         let (code, out) = failed_start(role, &c, &no_ca, &env).await;
         assert_ne!(code, 0, "{role} without the CA: {out}");
+        eprintln!("{role}, no CA: exit {code}: {}", out.trim());
         assert!(
             out.contains("TLS") && out.contains("nats.tls.ca_file"),
             "{role} without the CA names nats.tls.ca_file: {out}"
