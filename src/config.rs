@@ -147,12 +147,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NatsConfig {
-    /// NATS server URL(s), comma-separated. Empty: the in-process bus (embedded mode).
-    pub url: String,
-}
+pub use crate::nats::{NatsConfig, NatsTlsConfig};
 
 /// Which process the config is for: a coordinator does not need a valid `edge` block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +182,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Key {
             key: key.into(),
             message: message.into(),
@@ -205,6 +200,8 @@ pub struct Resolved {
     pub cluster_secret: Option<Secret>,
     /// The coordinator's API keys, secrets read (`coordinator.api.keys`).
     pub api_keys: Vec<coordinator::access::ApiKey>,
+    /// The NATS URLs without credentials, and the credentials and TLS files `nats:` names.
+    pub nats: crate::nats::NatsAccess,
 }
 
 impl Config {
@@ -297,6 +294,7 @@ impl Config {
                 "cluster mode needs NATS: set --nats",
             ));
         }
+        let nats = config.nats.resolve(&env)?;
 
         if config
             .node_id
@@ -347,6 +345,7 @@ impl Config {
             rs256_pems,
             cluster_secret,
             api_keys,
+            nats,
         })
     }
 

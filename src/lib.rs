@@ -4,10 +4,12 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`config`] | defaults < file < environment < flags; errors name the key |
+//! | [`nats`] | the `nats:` block: credentials and TLS, resolved at load |
 //! | [`run`] | the modes (`dev`), signal handling |
 //! | [`telemetry`] | logging setup |
 
 pub mod config;
+pub mod nats;
 pub mod run;
 pub mod telemetry;
 pub mod token;

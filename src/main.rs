@@ -41,33 +41,17 @@ enum Command {
         #[arg(long = "for", value_enum, default_value = "edge")]
         mode: CheckMode,
     },
-    /// Mint an HS256 test token (secret from --secret or SWITCHBOARD_JWT_SECRET).
-    Token(TokenArgs),
+    /// Mint a test token: HS256 (--secret or SWITCHBOARD_JWT_SECRET), or RS256, ES256,
+    /// EdDSA (--key FILE), with any claims.
+    Token(switchboard::token::TokenArgs),
+    /// Print a fresh random gRPC API key (for coordinator.api.keys).
+    ApiKey,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum CheckMode {
     Edge,
     Coordinator,
-}
-
-#[derive(Debug, clap::Args)]
-struct TokenArgs {
-    /// The user.
-    #[arg(long)]
-    sub: String,
-    /// The claim that names the user.
-    #[arg(long, default_value = "sub")]
-    user_claim: String,
-    /// A namespace the token may open (repeat; none = any namespace).
-    #[arg(long = "namespace")]
-    namespaces: Vec<String>,
-    /// Lifetime, e.g. 1h.
-    #[arg(long, default_value = "1h", value_parser = humantime_serde::re::humantime::parse_duration)]
-    ttl: std::time::Duration,
-    /// The HS256 secret.
-    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
-    secret: String,
 }
 
 /// Flags of every mode; each is also an environment variable and a config key.
@@ -107,24 +91,10 @@ struct Flags {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Dev);
-    if let Command::Token(t) = &command {
-        let spec = switchboard::token::TokenSpec {
-            secret: t.secret.clone(),
-            user_claim: t.user_claim.clone(),
-            user: t.sub.clone(),
-            namespaces: t.namespaces.clone(),
-            ttl: t.ttl,
-        };
-        return match switchboard::token::mint(&spec) {
-            Ok(token) => {
-                println!("{token}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("switchboard: cannot mint the token: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    match &command {
+        Command::Token(t) => return switchboard::token::print_token(t),
+        Command::ApiKey => return switchboard::token::print_api_key(),
+        _ => {}
     }
     let f = cli.flags;
     let file = match &command {
@@ -149,7 +119,7 @@ fn main() -> ExitCode {
             ..
         } => (Mode::Coordinator, Config::default()),
         Command::CheckConfig { .. } => (Mode::Dev, Config::default()),
-        Command::Dev | Command::Token(_) => (
+        Command::Dev | Command::Token(_) | Command::ApiKey => (
             Mode::Dev,
             Config {
                 edge: edge::EdgeConfig::dev(),

@@ -9,16 +9,18 @@ use std::collections::BTreeMap;
 
 use bus::local_store::LocalStore;
 use bus::nats_store::{NatsStore, NatsStoreOptions};
-use bus::{LocalBus, NatsBus, NatsOptions, SharedBus, SharedStore};
+use bus::{LocalBus, NatsBus, SharedBus, SharedStore};
 use coordinator::Coordinator;
 use coordinator::access::Access;
 use coordinator::resources::{ResourceSpec, ResourcesService};
 use edge::Edge;
 use edge::config::ResourceKind;
+use proto::subject;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Resolved};
+use crate::nats::NatsAccess;
 
 /// Queue length of each in-process bus subscription.
 const LOCAL_BUS_QUEUE: usize = 65_536;
@@ -34,7 +36,7 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         .node_id
         .clone()
         .unwrap_or_else(|| format!("edge-{}", ulid::Ulid::new()));
-    let (bus, client) = connect_nats(&cfg, &node_id).await?;
+    let (bus, client) = connect_nats(&resolved.nats, &node_id, subject::EDGE_INBOX).await?;
     let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
     let edge = Edge::new(
         node_id.clone(),
@@ -86,7 +88,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .node_id
         .clone()
         .unwrap_or_else(|| format!("coordinator-{}", ulid::Ulid::new()));
-    let (bus, client) = connect_nats(&cfg, &node_id).await?;
+    let (bus, client) = connect_nats(&resolved.nats, &node_id, subject::COORDINATOR_INBOX).await?;
     let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
     let resources = ResourcesService::new(store, resource_specs(&cfg));
     let grpc = TcpListener::bind(cc.grpc_listen).await.with_context(|| {
@@ -218,17 +220,13 @@ fn resource_specs(cfg: &Config) -> BTreeMap<String, ResourceSpec> {
 
 /// The bus, and the raw client for JetStream.
 async fn connect_nats(
-    cfg: &Config,
+    nats: &NatsAccess,
     node_id: &str,
+    inbox_prefix: &str,
 ) -> anyhow::Result<(SharedBus, async_nats::Client)> {
-    let opts = NatsOptions {
-        url: cfg.nats.url.clone(),
-        name: node_id.to_owned(),
-        ..NatsOptions::default()
-    };
-    let bus = NatsBus::connect(opts)
+    let bus = NatsBus::connect(nats.options(node_id, inbox_prefix))
         .await
-        .with_context(|| format!("cannot connect to NATS at {} (nats.url)", cfg.nats.url))?;
+        .map_err(|e| anyhow::anyhow!(nats.explain(&e)))?;
     let client = bus.client().clone();
     Ok((Arc::new(bus), client))
 }

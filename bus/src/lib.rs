@@ -36,7 +36,7 @@ pub mod trace;
 
 pub use local::LocalBus;
 pub use local_store::LocalStore;
-pub use nats::{NatsBus, NatsOptions};
+pub use nats::{NatsAuth, NatsBus, NatsOptions, NatsTls};
 pub use nats_store::{NatsStore, NatsStoreOptions};
 pub use store::{Change, ResourceStore, SharedStore, StoreError, StoreWatch};
 

@@ -15,6 +15,7 @@
 
 use std::fmt;
 use std::future::poll_fn;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -41,6 +42,8 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsOptions {
     /// Server URL(s), e.g. `nats://127.0.0.1:4222`; several may be given comma-separated.
+    /// Credentials belong in [`auth`](Self::auth), not in the URL (async-nats logs its server
+    /// addresses at debug level): see [`split_userinfo`].
     pub url: String,
     /// Connection name, shown in the server's monitoring (`/connz`).
     pub name: String,
@@ -51,6 +54,58 @@ pub struct NatsOptions {
     pub request_timeout: Duration,
     /// Bound on establishing one connection (TCP, handshake, first PONG).
     pub connect_timeout: Duration,
+    /// Who this client is to the server. Default: nobody.
+    pub auth: NatsAuth,
+    /// TLS towards the server. Default: TLS only if the URL is `tls://` or the server
+    /// requires it, verified against the platform's roots.
+    pub tls: NatsTls,
+    /// First token of this client's reply subjects (requests, JetStream). A prefix per role
+    /// lets NATS permissions keep one role from reading another's replies. Default `_INBOX`.
+    pub inbox_prefix: String,
+}
+
+/// One way of authenticating to the server; the values themselves, already read by the
+/// caller. `Debug` shows which, never the secret.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    Token(String),
+    /// An NKey seed (`SU…`).
+    NKey(String),
+    /// The contents of a `.creds` file: a user JWT and its NKey seed.
+    Credentials(String),
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .finish_non_exhaustive(),
+            Self::Token(_) => f.write_str("Token(..)"),
+            Self::NKey(_) => f.write_str("NKey(..)"),
+            Self::Credentials(_) => f.write_str("Credentials(..)"),
+        }
+    }
+}
+
+/// TLS towards the server. The files are read by async-nats at every (re)connect, so a
+/// renewed certificate is picked up on the next reconnect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// Refuse a server that does not speak TLS.
+    pub required: bool,
+    /// PEM CA bundle to verify the server with, instead of the platform's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and private key, for servers that verify clients.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for NatsOptions {
@@ -61,8 +116,97 @@ impl Default for NatsOptions {
             subscription_capacity: 8192,
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            auth: NatsAuth::None,
+            tls: NatsTls::default(),
+            inbox_prefix: "_INBOX".to_owned(),
         }
     }
+}
+
+/// Splits the credentials out of a comma-separated list of server URLs: the URLs without
+/// their `user:password@` or `token@` part, and that part (percent-decoded) if any. Every URL
+/// carrying credentials must carry the same ones.
+pub fn split_userinfo(urls: &str) -> Result<(String, Option<NatsAuth>), UrlError> {
+    let mut plain = Vec::new();
+    let mut found: Option<NatsAuth> = None;
+    for url in urls.split(',') {
+        let url = url.trim();
+        let (scheme, rest) = match url.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, url),
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        let host = match authority.rsplit_once('@') {
+            None => authority,
+            Some((userinfo, host)) => {
+                let auth = match userinfo.split_once(':') {
+                    Some((user, password)) => NatsAuth::UserPassword {
+                        user: percent_decode(user)?,
+                        password: percent_decode(password)?,
+                    },
+                    None => NatsAuth::Token(percent_decode(userinfo)?),
+                };
+                match &found {
+                    Some(other) if *other != auth => return Err(UrlError::DifferentCredentials),
+                    _ => found = Some(auth),
+                }
+                host
+            }
+        };
+        plain.push(match scheme {
+            Some(scheme) => format!("{scheme}://{host}{path}"),
+            None => format!("{host}{path}"),
+        });
+    }
+    Ok((plain.join(","), found))
+}
+
+/// The URL list with any credentials replaced by `***`, for logs and banners.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let start = url.find("://").map_or(0, |i| i + 3);
+            let end = url[start..]
+                .find(['/', '?', '#'])
+                .map_or(url.len(), |i| start + i);
+            match url[start..end].rfind('@') {
+                Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A server URL list that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("the URLs carry different credentials")]
+    DifferentCredentials,
+    #[error("the credentials in the URL are not valid percent-encoded UTF-8")]
+    BadEncoding,
+}
+
+fn percent_decode(s: &str) -> Result<String, UrlError> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let mut hex = || {
+            bytes
+                .next()
+                .and_then(|b| (b as char).to_digit(16))
+                .ok_or(UrlError::BadEncoding)
+        };
+        let (hi, lo) = (hex()?, hex()?);
+        out.push(u8::try_from(hi * 16 + lo).map_err(|_| UrlError::BadEncoding)?);
+    }
+    String::from_utf8(out).map_err(|_| UrlError::BadEncoding)
 }
 
 /// The bus over a NATS connection. Cloning gives another handle to the same connection.
@@ -79,12 +223,32 @@ impl NatsBus {
     /// connected, the client reconnects forever in the background.
     pub async fn connect(opts: NatsOptions) -> Result<Self, BusError> {
         let capacity = opts.subscription_capacity.max(1);
-        let client = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .name(&opts.name)
             .connection_timeout(opts.connect_timeout)
             .request_timeout(Some(opts.request_timeout))
             .subscription_capacity(capacity)
-            .max_reconnects(None)
+            .custom_inbox_prefix(&opts.inbox_prefix)
+            .max_reconnects(None);
+        options = match opts.auth {
+            NatsAuth::None => options,
+            NatsAuth::UserPassword { user, password } => options.user_and_password(user, password),
+            NatsAuth::Token(token) => options.token(token),
+            NatsAuth::NKey(seed) => options.nkey(seed),
+            NatsAuth::Credentials(creds) => options
+                .credentials(&creds)
+                .map_err(|e| BusError::Connect(Box::new(e)))?,
+        };
+        if let Some(ca) = opts.tls.ca_file {
+            options = options.add_root_certificates(ca);
+        }
+        if let Some((cert, key)) = opts.tls.client_cert {
+            options = options.add_client_certificate(cert, key);
+        }
+        if opts.tls.required {
+            options = options.require_tls(true);
+        }
+        let client = options
             .connect(opts.url.as_str())
             .await
             .map_err(|e| BusError::Connect(Box::new(e)))?;
@@ -365,5 +529,62 @@ impl fmt::Debug for NatsBus {
             .field("state", &self.client.connection_state())
             .field("reconnects", &self.reconnects())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_urls() {
+        let (urls, auth) =
+            split_userinfo("nats://svc:p%40ss@a:4222, tls://svc:p%40ss@b:4222/x").unwrap();
+        assert_eq!(urls, "nats://a:4222,tls://b:4222/x");
+        assert_eq!(
+            auth,
+            Some(NatsAuth::UserPassword {
+                user: "svc".into(),
+                password: "p@ss".into()
+            })
+        );
+        let (urls, auth) = split_userinfo("s3cr3t@127.0.0.1:4222").unwrap();
+        assert_eq!(urls, "127.0.0.1:4222");
+        assert_eq!(auth, Some(NatsAuth::Token("s3cr3t".into())));
+        assert_eq!(
+            split_userinfo("nats://a:4222,nats://b:4222").unwrap(),
+            ("nats://a:4222,nats://b:4222".into(), None)
+        );
+        assert_eq!(
+            split_userinfo("nats://u:1@a,nats://u:2@b"),
+            Err(UrlError::DifferentCredentials)
+        );
+        assert_eq!(split_userinfo("nats://u:%zz@a"), Err(UrlError::BadEncoding));
+    }
+
+    #[test]
+    fn redacted_urls_and_debug_show_no_secret() {
+        assert_eq!(
+            redact_url("nats://svc:hunter2@a:4222,nats://b:4222,tok@c"),
+            "nats://***@a:4222,nats://b:4222,***@c"
+        );
+        for auth in [
+            NatsAuth::UserPassword {
+                user: "svc".into(),
+                password: "hunter2".into(),
+            },
+            NatsAuth::Token("hunter2".into()),
+            NatsAuth::NKey("hunter2".into()),
+            NatsAuth::Credentials("hunter2".into()),
+        ] {
+            let shown = format!(
+                "{:?}",
+                NatsOptions {
+                    auth,
+                    ..NatsOptions::default()
+                }
+            );
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
     }
 }

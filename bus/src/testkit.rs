@@ -5,6 +5,9 @@
 //! a fresh temporary store directory, and waits for its "Listening for client connections"
 //! log line. The process is killed when the [`TestNats`] is dropped, and the store removed.
 //!
+//! [`TestNats::start_with_config`] adds a config file of the test's (users, permissions,
+//! TLS); the flags above still win over it.
+//!
 //! A missing binary fails the test with instructions; it never skips.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -32,6 +35,7 @@ const MONITOR_LINE: &str = "Starting http monitor on ";
 pub struct TestNats {
     bin: PathBuf,
     store: PathBuf,
+    config: Option<PathBuf>,
     port: u16,
     monitor_port: u16,
     child: Option<Child>,
@@ -41,11 +45,22 @@ pub struct TestNats {
 impl TestNats {
     /// Starts a server on free ports. Panics if the binary is missing or does not come up.
     pub async fn start() -> Self {
+        Self::launch(None).await
+    }
+
+    /// Starts a server that also reads `config` (`-c`), e.g. users with permissions and TLS.
+    /// Files it includes are found relative to it.
+    pub async fn start_with_config(config: &Path) -> Self {
+        Self::launch(Some(config.to_owned())).await
+    }
+
+    async fn launch(config: Option<PathBuf>) -> Self {
         let bin = find_binary();
         let store = unique_store_dir();
         let mut nats = Self {
             bin,
             store,
+            config,
             port: 0,
             monitor_port: 0,
             child: None,
@@ -109,7 +124,11 @@ impl TestNats {
             Some((p, m)) => (p.to_string(), m.to_string()),
             None => ("-1".to_owned(), "-1".to_owned()),
         };
-        let mut child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let mut child = command
             .args(["-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-js", "-sd"])
             .arg(&self.store)
             .stdin(Stdio::null())

@@ -50,6 +50,7 @@ fn nats_options(server: &TestNats) -> NatsOptions {
         subscription_capacity: CAPACITY,
         request_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
+        ..NatsOptions::default()
     }
 }
 

@@ -83,6 +83,7 @@ async fn connect(server: &TestNats, name: &str) -> async_nats::Client {
         subscription_capacity: 1024,
         request_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
+        ..NatsOptions::default()
     })
     .await
     .expect("connect to test server");

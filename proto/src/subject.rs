@@ -10,6 +10,7 @@
 //! | `sb.coord.hello` | a starting process | coordinators (they announce at once) |
 //! | `sb.placement.events` | coordinators: placement changes | `Placement.Watch` streams |
 //! | `sb.send`, `sb.broadcast` (configurable) | backends with only a NATS client | coordinators (queue group) |
+//! | `_INBOX_sb_edge.…`, `_INBOX_sb_coord.…` | replies to edges' and coordinators' requests | that process |
 //!
 //! **Invariant:** client-chosen strings (namespaces, topic levels, event types) only ever
 //! enter a subject through [`token`], so they can neither inject a wildcard nor leave their
@@ -34,6 +35,11 @@ pub const COORDINATOR_QUEUE: &str = "sb-coordinators";
 pub const DEFAULT_SEND: &str = "sb.send";
 /// Default subject backends publish broadcasts on (`{type, payload, namespace?, skip?}`).
 pub const DEFAULT_BROADCAST: &str = "sb.broadcast";
+/// Reply subjects of edges (their inbox prefix): apart from backends' `_INBOX.>`, so that
+/// NATS permissions can keep a backend from reading the replies meant for an edge.
+pub const EDGE_INBOX: &str = "_INBOX_sb_edge";
+/// Reply subjects of coordinators (their inbox prefix).
+pub const COORDINATOR_INBOX: &str = "_INBOX_sb_coord";
 
 /// Header: the connection that published a topic message (so it can be skipped).
 pub const HEADER_ORIGIN: &str = "Sb-Origin";

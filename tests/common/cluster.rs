@@ -299,6 +299,9 @@ pub struct Spec {
     env: Vec<(String, String)>,
     /// Whether every process gets the test API key and cluster secret.
     credentials: bool,
+    /// Variables of the coordinators only, then of the edges only.
+    role_env: [Vec<(String, String)>; 2],
+    nats_config: Option<PathBuf>,
 }
 
 /// The test API key (scope admin) and cluster secret, as config overrides and the variables
@@ -334,6 +337,8 @@ impl Spec {
             config: Config::Yaml(ANONYMOUS_YAML.to_owned()),
             env: Vec::new(),
             credentials: true,
+            role_env: [Vec::new(), Vec::new()],
+            nats_config: None,
         }
     }
 
@@ -363,6 +368,24 @@ impl Spec {
     /// An environment variable of every process.
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An environment variable of the coordinators only (e.g. their NATS user).
+    pub fn coordinator_env(mut self, name: &str, value: &str) -> Self {
+        self.role_env[0].push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An environment variable of the edges only.
+    pub fn edge_env(mut self, name: &str, value: &str) -> Self {
+        self.role_env[1].push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// nats-server also reads this config file (users, permissions, TLS).
+    pub fn nats_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.nats_config = Some(path.into());
         self
     }
 }
@@ -413,7 +436,10 @@ impl Cluster {
     /// coordinator; every process given the same config file and environment), and waits
     /// until every process is ready and every edge reports to every coordinator.
     pub async fn launch(spec: Spec) -> Self {
-        let nats = TestNats::start().await;
+        let nats = match &spec.nats_config {
+            Some(path) => TestNats::start_with_config(path).await,
+            None => TestNats::start().await,
+        };
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("cluster-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -450,7 +476,7 @@ impl Cluster {
                 .args(["--grpc-listen", "127.0.0.1:0"])
                 .args(["--http-listen", "127.0.0.1:0"])
                 .args(["--node-id", &id])
-                .envs(env.iter().map(|(k, v)| (k, v)));
+                .envs(env.iter().chain(&spec.role_env[0]).map(|(k, v)| (k, v)));
             let (proc, (grpc, http)) = Proc::start(&id, cmd, |line| {
                 let grpc = after(line, "grpc")?.parse().ok()?;
                 let http = after(line, "http")?.strip_prefix("http://")?.parse().ok()?;
@@ -476,7 +502,7 @@ impl Cluster {
                 .args(["--coordinator", &seeds])
                 .args(["--listen", "127.0.0.1:0"])
                 .args(["--node-id", &id])
-                .envs(env.iter().map(|(k, v)| (k, v)));
+                .envs(env.iter().chain(&spec.role_env[1]).map(|(k, v)| (k, v)));
             let (proc, ws) = Proc::start(&id, cmd, |line| {
                 after(line, "websocket")?
                     .strip_prefix("ws://")?

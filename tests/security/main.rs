@@ -4,3 +4,4 @@ mod edge;
 mod grpc;
 #[path = "../common/cluster.rs"]
 mod harness;
+mod nats;

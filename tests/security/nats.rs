@@ -1,0 +1,515 @@
+//! NATS with users, permissions and TLS: a nats-server started here with a certificate from
+//! a CA made here (rcgen) and password users; coordinators and edges (the real binary) reach
+//! it with the credentials the config names, under the least permissions that docs/nats.md
+//! documents (deploy/nats/permissions.conf, read here as it is); wrong credentials and a
+//! missing CA stop a process at start, naming the key.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use bus::{Bus as _, NatsAuth, NatsBus, NatsOptions, NatsTls, Outgoing};
+use futures::{StreamExt as _, TryStreamExt as _};
+use proto::v1::{
+    BroadcastRequest, GetRequest, ListRequest, PutRequest, WatchRequest, placement_event,
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use serde_json::json;
+
+use crate::harness::{
+    Backend, Cluster, Spec, bounded, broadcast, http_get, next_json, placement, publish, resources,
+    send, switchboard,
+};
+
+/// The documented permissions, as the docs page shows them.
+const PERMISSIONS: &str = include_str!("../../deploy/nats/permissions.conf");
+const DOCS: &str = include_str!("../../docs/nats.md");
+
+const PASSWORDS: [(&str, &str); 3] = [
+    ("coordinator", "pw-coordinator-5f1c"),
+    ("edge", "pw-edge-9a7e"),
+    ("backend", "pw-backend-03bd"),
+];
+
+/// A CA, and a server certificate it signed for 127.0.0.1 and localhost, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "switchboard test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let pki = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+    };
+    std::fs::write(&pki.ca, ca.pem()).unwrap();
+    std::fs::write(&pki.cert, server.pem()).unwrap();
+    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+    pki
+}
+
+/// A fresh directory for one test's files.
+fn test_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("nats-{name}-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A server config: TLS with `pki`, an account with JetStream and the three users, each with
+/// its role's permissions from the documented file when `least` (else with none).
+fn server_config(dir: &Path, pki: &Pki, least: bool) -> PathBuf {
+    std::fs::write(dir.join("permissions.conf"), PERMISSIONS).unwrap();
+    let users: Vec<String> = PASSWORDS
+        .iter()
+        .map(|(user, password)| {
+            let permissions = if least {
+                format!(", permissions: ${}", user.to_uppercase())
+            } else {
+                String::new()
+            };
+            format!("      {{user: {user}, password: \"{password}\"{permissions}}}")
+        })
+        .collect();
+    // nats-server refuses variables that nothing uses: include them only when used.
+    let include = if least {
+        "include \"permissions.conf\"\n"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "{include}tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
+         accounts {{\n  SWITCHBOARD {{\n    jetstream: enabled\n    users: [\n{}\n    ]\n  }}\n}}\n",
+        pki.cert.display(),
+        pki.key.display(),
+        users.join("\n")
+    );
+    let path = dir.join("server.conf");
+    std::fs::write(&path, conf).unwrap();
+    path
+}
+
+/// The processes' config: one anonymous route with a key-value resource in `profiles` and a
+/// topic resource `feed`, NATS
+/// over TLS with the test CA, the password from `NATS_PASSWORD`.
+fn switchboard_yaml(pki: &Pki) -> String {
+    format!(
+        "edge:\n  routes:\n    - path: /connect\n      anonymous: true\n      publish: true\n      \
+         allowed_origins: [\"*\"]\n      resources:\n        profiles: {{ kind: kv }}\n        feed: {{ kind: topic }}\n\
+         nats:\n  password_env: NATS_PASSWORD\n  tls:\n    ca_file: {}\n",
+        pki.ca.display()
+    )
+}
+
+fn password(user: &str) -> &'static str {
+    PASSWORDS.iter().find(|(u, _)| *u == user).unwrap().1
+}
+
+/// A backend's NATS client, as `user`, over TLS with the test CA.
+async fn backend(c: &Cluster, pki: &Pki, user: &str) -> Backend {
+    let opts = NatsOptions {
+        url: c.nats.url(),
+        name: format!("test-{user}"),
+        auth: NatsAuth::UserPassword {
+            user: user.to_owned(),
+            password: password(user).to_owned(),
+        },
+        tls: NatsTls {
+            required: true,
+            ca_file: Some(pki.ca.clone()),
+            client_cert: None,
+        },
+        ..NatsOptions::default()
+    };
+    let bus = bounded("backend connect", NatsBus::connect(opts))
+        .await
+        .unwrap_or_else(|e| panic!("{user} connects to NATS: {e:?}"));
+    Backend { bus }
+}
+
+/// NATS with coordinator and edge users in `roles`: each role's user and password reach
+/// only its processes.
+async fn cluster(dir: &Path, pki: &Pki, least: bool) -> Cluster {
+    let spec = Spec::new(1, 1)
+        .config_yaml(switchboard_yaml(pki))
+        .nats_config(server_config(dir, pki, least))
+        .coordinator_env("SWITCHBOARD_NATS__USER", "coordinator")
+        .coordinator_env("NATS_PASSWORD", password("coordinator"))
+        .edge_env("SWITCHBOARD_NATS__USER", "edge")
+        .edge_env("NATS_PASSWORD", password("edge"));
+    Cluster::launch(spec).await
+}
+
+/// The server's log lines about permission violations.
+fn violations(c: &Cluster) -> Vec<String> {
+    c.nats
+        .recent_log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Coordinator and edge reach a TLS server with a password each from the environment; a
+/// client connected through the edge gets a gRPC `Send`; nothing prints a password.
+#[tokio::test]
+async fn processes_connect_with_passwords_and_tls() {
+    let dir = test_dir("tls");
+    let pki = pki(&dir);
+    let c = cluster(&dir, &pki, false).await;
+    let tls_log = c.nats.recent_log();
+    assert!(
+        tls_log.contains("TLS required for client connections"),
+        "the server requires TLS:\n{tls_log}"
+    );
+    let mut alice = c.client(0, "alice", "default").await;
+    c.wait_located(0, "default", "alice", 1).await;
+    let r = send(c.grpc(0), "default", "alice", "note", r#"{"n":1}"#).await;
+    assert_eq!((r.delivered, r.nodes), (1, 1), "{r:?}");
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "note", "payload": {"n": 1}})
+    );
+
+    // Both are connected as their users, over TLS.
+    let monitor = c.nats.monitor_url();
+    let monitor = monitor.strip_prefix("http://").unwrap().parse().unwrap();
+    let (status, body) = http_get(monitor, "/connz?auth=true").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let connz: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let users: Vec<(String, bool)> = connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|conn| {
+            (
+                conn["authorized_user"].as_str().unwrap_or("").to_owned(),
+                conn["tls_version"].is_string(),
+            )
+        })
+        .collect();
+    for user in ["coordinator", "edge"] {
+        assert!(
+            users.contains(&(user.to_owned(), true)),
+            "{user} connected over TLS: {users:?}"
+        );
+    }
+    for p in [&c.coords[0].proc, &c.edges[0].proc] {
+        let out = p.tail();
+        for (_, pw) in PASSWORDS {
+            assert!(!out.contains(pw), "{} printed a password:\n{out}", p.name);
+        }
+    }
+}
+
+/// The documented least permissions are enough for everything Switchboard does (gRPC Send
+/// and Publish, a backend's send subject, a client event and its reply, a resource put and
+/// get), and no more: a backend cannot command an edge or read the replies meant for one.
+#[tokio::test]
+async fn documented_least_permissions_carry_a_full_flow() {
+    let start = "<!-- deploy/nats/permissions.conf -->\n```\n";
+    let documented = DOCS
+        .split_once(start)
+        .and_then(|(_, rest)| rest.split_once("\n```\n"))
+        .map(|(block, _)| format!("{block}\n"))
+        .expect("docs/nats.md shows deploy/nats/permissions.conf");
+    assert_eq!(
+        documented, PERMISSIONS,
+        "docs/nats.md shows deploy/nats/permissions.conf as it is"
+    );
+
+    let dir = test_dir("least");
+    let pki = pki(&dir);
+    let c = cluster(&dir, &pki, true).await;
+    let be = backend(&c, &pki, "backend").await;
+    let mut alice = c.client(0, "alice", "default").await;
+    c.wait_located(0, "default", "alice", 1).await;
+
+    // gRPC Send: coordinator → sb.node.e1 → edge, and the edge's reply.
+    let r = send(c.grpc(0), "default", "alice", "note", r#"{"n":1}"#).await;
+    assert_eq!((r.delivered, r.nodes), (1, 1), "{r:?}");
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "note", "payload": {"n": 1}})
+    );
+
+    // A topic: the edge subscribes; the coordinator (gRPC Publish), another client (through
+    // its edge) and a backend publish; the backend hears the client's publication.
+    alice
+        .send(json!({"type": "subscribe", "topic": "news/#", "id": "s"}))
+        .await;
+    let v = alice.recv().await;
+    assert_eq!(v["type"], "subscribed", "{v}");
+    let r = publish(c.grpc(0), "default", "news/today", r#""hello""#).await;
+    assert_eq!(r.delivered, 1, "{r:?}");
+    let topic = |v: &serde_json::Value| (v["topic"].clone(), v["payload"].clone());
+    let v = alice.recv().await;
+    assert_eq!(topic(&v), (json!("news/today"), json!("hello")), "{v}");
+    let mut news = be.subscribe("sb.topic.default.news.>").await;
+    // Placement.Watch: the coordinator hears its own placement events.
+    let mut pc = placement(c.grpc(0)).await.unwrap();
+    let watch = WatchRequest {
+        user: "bob".into(),
+        ..WatchRequest::default()
+    };
+    let mut watch = bounded("Placement.Watch", pc.watch(watch))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bob = c.client(0, "bob", "default").await;
+    let event = bounded("bob's attach event", watch.next())
+        .await
+        .expect("the watch goes on")
+        .unwrap();
+    assert_eq!(event.kind(), placement_event::Kind::Attach, "{event:?}");
+    bob.send(json!({"type": "publish", "topic": "news/bob", "payload": 1}))
+        .await;
+    let v = alice.recv().await;
+    assert_eq!(topic(&v), (json!("news/bob"), json!(1)), "{v}");
+    let (msg, _) = next_json(&mut news).await;
+    assert_eq!(msg.subject, "sb.topic.default.news.bob");
+    be.publish("sb.topic.default.news.backend", &json!(2)).await;
+    let v = alice.recv().await;
+    assert_eq!(topic(&v), (json!("news/backend"), json!(2)), "{v}");
+
+    // Broadcasts: gRPC (coordinator → sb.edges) and the backends' subject.
+    let req = BroadcastRequest {
+        namespace: "default".into(),
+        r#type: "all".into(),
+        payload_json: "3".into(),
+        skip_users: vec!["bob".into()],
+        ..BroadcastRequest::default()
+    };
+    let r = broadcast(c.grpc(0), req).await;
+    assert_eq!(r.delivered, 1, "{r:?}");
+    assert_eq!(alice.recv().await, json!({"type": "all", "payload": 3}));
+    be.publish(
+        "sb.broadcast",
+        &json!({"type": "all", "payload": 4, "namespace": "default", "skip": ["bob"]}),
+    )
+    .await;
+    assert_eq!(alice.recv().await, json!({"type": "all", "payload": 4}));
+
+    // A topic resource: the edge subscribes to its subject, a backend publishes items.
+    alice
+        .send(json!({"type": "watch", "resource": "feed", "id": "w"}))
+        .await;
+    let v = alice.recv().await;
+    assert_ne!(v["type"], "error", "{v}");
+    be.publish("sb.resource.feed", &json!({"id": "f1", "text": "fresh"}))
+        .await;
+    let v = alice.recv().await;
+    assert!(v.to_string().contains("fresh"), "the feed item: {v}");
+
+    // A client event to a backend, and the backend's reply back to the client.
+    let mut events = be.subscribe("sb.event.default.hello").await;
+    alice.send(json!({"type": "hello", "id": 7})).await;
+    let (msg, body) = next_json(&mut events).await;
+    assert_eq!(body["username"], "alice", "{body}");
+    be.reply(&msg, &json!({"greeting": "hi alice"})).await;
+    let v = alice.recv().await;
+    assert_eq!(v["id"], 7, "{v}");
+    assert!(v.to_string().contains("hi alice"), "{v}");
+
+    // A backend's send subject, answered by the coordinators' queue group.
+    let report = be
+        .request(
+            "sb.send",
+            &json!({"username": "alice", "type": "from-backend", "payload": 2}),
+        )
+        .await;
+    assert_eq!(report["delivered"], 1, "{report}");
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "from-backend", "payload": 2})
+    );
+
+    // A resource: the coordinator creates the bucket and writes, the edge reads.
+    let mut rc = resources(c.grpc(0)).await;
+    let put = PutRequest {
+        resource: "profiles".into(),
+        item_json: json!({"id": "p1", "name": "Alice"}).to_string(),
+        ..PutRequest::default()
+    };
+    bounded("Resources.Put", rc.put(put))
+        .await
+        .unwrap_or_else(|s| panic!("Resources.Put: {s}"));
+    alice
+        .send(json!({"type": "get", "resource": "profiles", "params": {"id": "p1"}, "id": "g"}))
+        .await;
+    let v = alice.recv().await;
+    assert!(v.to_string().contains("Alice"), "the item: {v}");
+    // A backend writes the bucket directly; the edge lists it (a JetStream consumer).
+    let kv = be.jetstream().get_key_value("profiles").await.unwrap();
+    let item = json!({"id": "p2", "name": "Bob"}).to_string();
+    kv.put("p2", item.into()).await.unwrap();
+    alice
+        .send(json!({"type": "query", "resource": "profiles", "id": "q"}))
+        .await;
+    let v = alice.recv().await;
+    assert!(
+        v.to_string().contains("Alice") && v.to_string().contains("Bob"),
+        "the list: {v}"
+    );
+    // … and reads it back; so does the coordinator (gRPC Get and List).
+    let entry = kv.get("p1").await.unwrap().expect("p1 is there");
+    assert!(String::from_utf8_lossy(&entry).contains("Alice"));
+    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let got = bounded(
+        "Resources.Get",
+        rc.get(GetRequest {
+            resource: "profiles".into(),
+            id: "p2".into(),
+        }),
+    )
+    .await
+    .unwrap_or_else(|s| panic!("Resources.Get: {s}"))
+    .into_inner();
+    assert!(got.found, "{got:?}");
+    let list = bounded(
+        "Resources.List",
+        rc.list(ListRequest {
+            resource: "profiles".into(),
+            ..ListRequest::default()
+        }),
+    )
+    .await
+    .unwrap_or_else(|s| panic!("Resources.List: {s}"))
+    .into_inner();
+    assert_eq!(list.items.len(), 2, "{list:?}");
+
+    let none = violations(&c);
+    assert!(
+        none.is_empty(),
+        "the documented permissions were not enough:\n{none:#?}"
+    );
+
+    // And no more than that: a backend cannot command the edges, nor listen to an edge's
+    // commands or replies.
+    be.bus
+        .publish(Outgoing::new("sb.edges", Vec::new()))
+        .await
+        .unwrap();
+    for subject in ["sb.node.e1", "_INBOX_sb_edge.>", "sb.coord.announce"] {
+        // The server refuses the subscription (asynchronously, in its log).
+        let _sub = be.bus.subscribe(subject.to_owned(), None).await;
+    }
+    be.sync().await;
+    let refused = violations(&c);
+    for subject in [
+        "sb.edges",
+        "sb.node.e1",
+        "_INBOX_sb_edge.>",
+        "sb.coord.announce",
+    ] {
+        assert!(
+            refused
+                .iter()
+                .any(|l| l.contains(&format!("\"{subject}\""))),
+            "{subject} refused to the backend: {refused:#?}"
+        );
+    }
+}
+
+/// The result of a process that must not start: its exit status and what it printed.
+async fn failed_start(role: &str, c: &Cluster, yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let dir = c.dir.join(format!("fail-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut cmd = switchboard();
+    cmd.arg(role)
+        .arg("--config")
+        .arg(&config)
+        .args(["--nats", &c.nats.url()])
+        .args(["--listen", "127.0.0.1:0"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--coordinator", &c.grpc(0).to_string()])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = bounded(&format!("{role} to give up"), cmd.output())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A wrong password, an unset password variable, a server certificate nobody told the
+/// process to trust and a missing CA file each stop it at start, non-zero, with a message
+/// naming the key — and never the password.
+#[tokio::test]
+async fn wrong_credentials_or_ca_stop_the_process_naming_the_key() {
+    let dir = test_dir("fail");
+    let pki = pki(&dir);
+    let c = cluster(&dir, &pki, true).await;
+    let good = switchboard_yaml(&pki);
+    let wrong = "wrong-password-7c2d";
+
+    for role in ["coordinator", "edge"] {
+        let env = [("SWITCHBOARD_NATS__USER", role), ("NATS_PASSWORD", wrong)];
+        let (code, out) = failed_start(role, &c, &good, &env).await;
+        assert_ne!(code, 0, "{role} with a wrong password: {out}");
+        eprintln!(
+            "{role}, wrong password: exit {code}: {}",
+            out.trim().lines().last().unwrap_or_default()
+        );
+        assert!(
+            out.contains("authorization violation")
+                && out.contains("nats.user and nats.password_env"),
+            "{role} with a wrong password names the keys: {out}"
+        );
+        assert!(!out.contains(wrong), "the password is not printed: {out}");
+
+        let (code, out) = failed_start(role, &c, &good, &[("SWITCHBOARD_NATS__USER", role)]).await;
+        assert_eq!(code, 64, "{role} without the variable: {out}");
+        assert!(
+            out.contains("nats.password_env: environment variable NATS_PASSWORD is not set"),
+            "{out}"
+        );
+
+        // No CA: the platform's roots do not know the test CA.
+        let no_ca = good.replace(&format!("  tls:\n    ca_file: {}\n", pki.ca.display()), "");
+        assert_ne!(no_ca, good);
+        let env = [
+            ("SWITCHBOARD_NATS__USER", role),
+            ("NATS_PASSWORD", password(role)),
+        ];
+        let (code, out) = failed_start(role, &c, &no_ca, &env).await;
+        assert_ne!(code, 0, "{role} without the CA: {out}");
+        eprintln!("{role}, no CA: exit {code}: {}", out.trim());
+        assert!(
+            out.contains("TLS") && out.contains("nats.tls.ca_file"),
+            "{role} without the CA names nats.tls.ca_file: {out}"
+        );
+
+        let gone = good.replace(&pki.ca.display().to_string(), "/nonexistent/ca.pem");
+        let (code, out) = failed_start(role, &c, &gone, &env).await;
+        assert_eq!(code, 64, "{role} with a missing CA file: {out}");
+        assert!(
+            out.contains("nats.tls.ca_file: cannot read /nonexistent/ca.pem"),
+            "{out}"
+        );
+    }
+}
