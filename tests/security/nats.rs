@@ -442,6 +442,7 @@ async fn failed_start(role: &str, c: &Cluster, yaml: &str, env: &[(&str, &str)])
             "127.0.0.1:0",
         ])
         .args(["--coordinator", &c.grpc(0).to_string()])
+        .envs(crate::harness::test_credentials())
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);
