@@ -25,9 +25,35 @@ pub struct Config {
     pub nats: NatsConfig,
     pub edge: EdgeConfig,
     pub coordinator: CoordinatorConfig,
+    pub cluster: ClusterConfig,
     /// bodhi's `socket.yaml` block, as written (seeds/004): becomes an edge route with its
     /// hooks, and the coordinators' send and broadcast subjects.
     pub gateway: Option<Gateway>,
+}
+
+/// What edges and coordinators share to talk to each other.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// How edges and coordinators dial a coordinator's gRPC listener when it has
+    /// `coordinator.tls`. Default: none (plaintext).
+    pub tls: Option<ClusterTls>,
+}
+
+/// The client side of the coordinators' TLS: whom to trust and, for mutual TLS, who we are.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// PEM: the CA certificates a coordinator's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// PEM: this process's client certificate chain (with `key_file`), for coordinators
+    /// with a `client_ca_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM: the client certificate's private key.
+    pub key_file: Option<PathBuf>,
+    /// The name checked on every coordinator's certificate instead of the host dialed (one
+    /// certificate for all coordinators, dialed by IP address). Default: the host dialed.
+    pub server_name: Option<String>,
 }
 
 /// bodhi's `gateway:` block.
@@ -152,7 +178,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Key {
             key: key.into(),
             message: message.into(),
@@ -166,6 +192,8 @@ pub struct Resolved {
     pub config: Config,
     /// RS256 public key PEM per edge route.
     pub rs256_pems: Vec<Option<Vec<u8>>>,
+    /// The TLS configs of the blocks this mode uses, read and kept current.
+    pub tls: crate::tls::Tls,
 }
 
 impl Config {
@@ -301,7 +329,12 @@ impl Config {
             };
             rs256_pems.push(pem);
         }
-        Ok(Resolved { config, rs256_pems })
+        let tls = crate::tls::Tls::load(mode, &config)?;
+        Ok(Resolved {
+            config,
+            rs256_pems,
+            tls,
+        })
     }
 
     /// The effective config as YAML, secrets redacted.
@@ -341,6 +374,10 @@ fn set(tree: &mut Value, keys: &[String], value: Value) -> Result<(), String> {
     let Some((first, rest)) = keys.split_first() else {
         return Ok(());
     };
+    if tree.is_null() {
+        // An optional block that is off (e.g. `edge.tls`) is switched on by its keys.
+        *tree = Value::Mapping(Default::default());
+    }
     let Value::Mapping(map) = tree else {
         return Err(format!("{first}: parent is not a mapping"));
     };

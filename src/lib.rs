@@ -6,8 +6,10 @@
 //! | [`config`] | defaults < file < environment < flags; errors name the key |
 //! | [`run`] | the modes (`dev`), signal handling |
 //! | [`telemetry`] | logging setup |
+//! | [`tls`] | certificates from files, reloaded on change or SIGHUP |
 
 pub mod config;
 pub mod run;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

@@ -1,6 +1,7 @@
 //! The gRPC server: Messaging, Placement, `grpc.health.v1.Health`, and server reflection
 //! (v1 and v1alpha, so that every grpcurl build can list and describe with no .proto files).
 
+use bus::tls::ServerTls;
 use proto::v1::edge_report_server::EdgeReportServer;
 use proto::v1::messaging_server::MessagingServer;
 use proto::v1::placement_server::PlacementServer;
@@ -27,9 +28,10 @@ pub enum GrpcError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Serves until `shutdown` is cancelled; with `tls`, every connection is TLS.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<ServerTls>,
     coordinator: Coordinator,
     resources: ResourcesService,
     shutdown: CancellationToken,
@@ -49,7 +51,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         // A report stream from an edge that vanished without a FIN must still break.
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
@@ -59,8 +61,22 @@ pub async fn serve(
         .add_service(EdgeReportServer::new(ReportService(coordinator.clone())))
         .add_service(ResourcesServer::new(resources))
         .add_service(MessagingServer::new(MessagingService(coordinator.clone())))
-        .add_service(PlacementServer::new(PlacementService(coordinator)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await?;
+        .add_service(PlacementServer::new(PlacementService(coordinator)));
+    match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await?;
+        }
+        Some(tls) => {
+            let incoming = crate::tls::incoming(listener, tls, shutdown.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await?;
+        }
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! | [`messaging`] | delivery across edges over the bus ([`Coordinator`]) |
 //! | [`api`] | tonic services: proto ↔ domain, errors → `Status` |
 //! | [`grpc`] | the gRPC server with health and reflection |
+//! | [`tls`] | TLS on the gRPC listener |
 
 pub mod api;
 pub mod cluster;
@@ -19,6 +20,7 @@ pub mod messaging;
 pub mod placement;
 pub mod report;
 pub mod resources;
+pub mod tls;
 
 pub use config::CoordinatorConfig;
 pub use messaging::{Coordinator, DeliveryError};

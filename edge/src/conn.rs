@@ -17,7 +17,6 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -95,14 +94,14 @@ impl CloseRequest {
 }
 
 impl ConnHandle {
-    pub(crate) fn new(info: ConnInfo, tcp: TcpStream) -> Self {
+    pub(crate) fn new(info: ConnInfo, line: Line) -> Self {
         let out = &info.route.cfg.outbound;
         let inner = HandleInner {
             outbox: Outbox::new(out.queue, out.max_bytes),
             on_full: out.on_full,
             kill: CancellationToken::new(),
             close: Mutex::new(None),
-            line: Line::new(tcp),
+            line,
             info,
         };
         Self(Arc::new(inner))

@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use bus::SharedBus;
+use bus::tls::Dialer;
 use futures::StreamExt;
 use membership::{Membership, Ring};
 use prost::Message as _;
@@ -22,7 +23,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::server::Edge;
 
@@ -43,6 +43,8 @@ pub struct UplinkOptions {
     pub member_timeout: Duration,
     /// This edge's WebSocket address, as operators see it in `ListNodes`.
     pub address: String,
+    /// How coordinators are dialed (TLS with `cluster.tls`).
+    pub dialer: Dialer,
 }
 
 /// Runs until `shutdown`; then tells every coordinator this edge is leaving.
@@ -62,6 +64,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
     let (events_tx, mut events) = mpsc::channel::<StreamEvent>(64);
     tokio::spawn(first_contact(
         opts.seeds.clone(),
+        opts.dialer.clone(),
         found_tx.clone(),
         shutdown.clone(),
     ));
@@ -87,12 +90,12 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 let Ok(a) = CoordinatorAnnounce::decode(m.payload.as_ref()) else { continue };
                 let now = epoch.elapsed();
                 if router.membership.observe(&a.node_id, &a.grpc_address, a.leaving, now) {
-                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                    reconcile(&mut router, &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
             }
             Some((id, address)) = found.recv() => {
                 if router.membership.observe(&id, &address, false, epoch.elapsed()) {
-                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                    reconcile(&mut router, &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
             }
             Some(ev) = events.recv() => match ev {
@@ -114,7 +117,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                     // Out of the ring until it announces again, as the coordinators do.
                     if router.membership.remove(&id) {
                         tracing::warn!(node = %id, "coordinator unreachable; removed from the ring");
-                        reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                        reconcile(&mut router, &opts.dialer, &mut streams, &events_tx, &shutdown);
                         edge.set_upstream_ready(streams.values().any(|s| s.connected));
                     }
                 }
@@ -126,7 +129,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 } else if std::mem::take(&mut bus_was_down) {
                     router.membership.touch_all(epoch.elapsed());
                 } else if router.membership.expire(epoch.elapsed()) {
-                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                    reconcile(&mut router, &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
                 if router.membership.is_empty() {
                     let _ = bus.publish(bus::Outgoing::new(subject::HELLO, Vec::new())).await;
@@ -204,6 +207,7 @@ fn flush_fulls(router: &Router, streams: &mut HashMap<String, StreamHandle>, dra
 /// its share of the new ring.
 fn reconcile(
     router: &mut Router,
+    dialer: &Dialer,
     streams: &mut HashMap<String, StreamHandle>,
     events: &mpsc::Sender<StreamEvent>,
     shutdown: &CancellationToken,
@@ -229,6 +233,7 @@ fn reconcile(
             let task = tokio::spawn(stream_task(
                 id,
                 address.clone(),
+                dialer.clone(),
                 rx,
                 events.clone(),
                 stop.clone(),
@@ -253,15 +258,11 @@ fn reconcile(
 async fn stream_task(
     id: String,
     address: String,
+    dialer: Dialer,
     mut rx: mpsc::Receiver<ReportBatch>,
     events: mpsc::Sender<StreamEvent>,
     stop: CancellationToken,
 ) {
-    let url = if address.contains("://") {
-        address.clone()
-    } else {
-        format!("http://{address}")
-    };
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = false;
     loop {
@@ -269,10 +270,8 @@ async fn stream_task(
             return;
         }
         let attempt = async {
-            let channel = Endpoint::from_shared(url.clone())?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .connect()
-                .await?;
+            let endpoint = dialer.endpoint(&address)?.connect_timeout(CONNECT_TIMEOUT);
+            let channel = dialer.connect(&endpoint).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(EdgeReportClient::new(channel))
         };
         let mut client = tokio::select! {
@@ -344,6 +343,7 @@ async fn stream_task(
 /// Asks the configured coordinators who is in the ring, until someone answers.
 async fn first_contact(
     seeds: Vec<String>,
+    dialer: Dialer,
     found: mpsc::Sender<(String, String)>,
     stop: CancellationToken,
 ) {
@@ -351,21 +351,13 @@ async fn first_contact(
     loop {
         let mut any = false;
         for seed in &seeds {
-            let url = if seed.contains("://") {
-                seed.clone()
-            } else {
-                format!("http://{seed}")
-            };
-            let Ok(endpoint) = Endpoint::from_shared(url) else {
+            let Ok(endpoint) = dialer.endpoint(seed) else {
                 tracing::warn!(%seed, "not a valid coordinator address");
                 continue;
             };
             let ask = async {
-                let channel = endpoint
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .connect()
-                    .await
-                    .ok()?;
+                let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
+                let channel = dialer.connect(&endpoint).await.ok()?;
                 PlacementClient::new(channel)
                     .list_nodes(ListNodesRequest {})
                     .await
