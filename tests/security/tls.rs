@@ -601,9 +601,11 @@ async fn grpc_with_a_client_ca_serves_only_clients_it_certified() {
     assert!(!ok, "grpcurl -plaintext was served: {out}");
 }
 
-/// A cluster whose edge serves `wss://` and reports to a coordinator over mutual TLS: the
-/// edge is ready (its report stream is up), `Publish` and `Send` reach a `wss://` client in
-/// order, health answers over HTTPS, and a plain-HTTP upgrade on the TLS port gets nothing.
+/// A cluster whose edge serves `wss://` and reports to two coordinators over mutual TLS,
+/// which call each other over mutual TLS too: the edge is ready (a report stream is up),
+/// `Publish` and `Send` through either coordinator reach a `wss://` client in order (one of
+/// them forwards to the other, the owner of the user), health answers over HTTPS, and a
+/// plain-HTTP upgrade on the TLS port gets nothing.
 #[tokio::test]
 async fn a_tls_cluster_delivers_publish_and_send_to_a_wss_client() {
     let pki = Pki::new("cluster");
@@ -627,11 +629,12 @@ async fn a_tls_cluster_delivers_publish_and_send_to_a_wss_client() {
     );
     let config = write_config(&pki.dir, "config.yaml", &yaml);
     let nats = TestNats::start().await;
-    let (_c, grpc) = coordinator(&nats, &config, "c1").await;
+    let (_c1, grpc) = coordinator(&nats, &config, "c1").await;
+    let (_c2, grpc2) = coordinator(&nats, &config, "c2").await;
     let (e1, ws) = edge(&nats, &config, "e1", grpc).await;
     let http_tls = client_tls(&ca, None, b"http/1.1");
 
-    // Ready means: on NATS, and a report stream to the coordinator (mutual TLS) is up.
+    // Ready means: on NATS, and a report stream to a coordinator (mutual TLS) is up.
     eventually(
         "the edge's /readyz over HTTPS to answer 200",
         STEP,
@@ -669,37 +672,47 @@ async fn a_tls_cluster_delivers_publish_and_send_to_a_wss_client() {
         );
     }
 
-    // Send finds alice through placement, which the edge fed over its TLS report stream.
-    let mut placement = PlacementClient::new(channel);
-    eventually("Locate to find alice", STEP, async || {
-        let req = LocateRequest {
+    // Send finds alice through placement, which the edge fed over its TLS report stream to
+    // her owner; the other coordinator asks the owner over a TLS peer channel.
+    let channel2 = grpc_tls(grpc2, client_tls(&ca, Some(&operator), b"h2"))
+        .await
+        .unwrap();
+    for (name, channel) in [("c1", channel), ("c2", channel2)] {
+        let mut placement = PlacementClient::new(channel.clone());
+        eventually(
+            &format!("Locate on {name} to find alice"),
+            STEP,
+            async || {
+                let req = LocateRequest {
+                    namespace: "default".into(),
+                    user: "alice".into(),
+                };
+                let found = placement.locate(req).await.ok()?.into_inner();
+                (found.connections.len() == 1).then_some(())
+            },
+        )
+        .await;
+        let req = SendRequest {
             namespace: "default".into(),
             user: "alice".into(),
+            r#type: "note".into(),
+            payload_json: json!({"via": name}).to_string(),
+            ..SendRequest::default()
         };
-        let found = placement.locate(req).await.ok()?.into_inner();
-        (found.connections.len() == 1).then_some(())
-    })
-    .await;
-    let req = SendRequest {
-        namespace: "default".into(),
-        user: "alice".into(),
-        r#type: "note".into(),
-        payload_json: r#"{"hi":1}"#.into(),
-        ..SendRequest::default()
-    };
-    let r = bounded("Send", messaging.send(req))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (r.delivered, r.node_ids.clone()),
-        (1, vec!["e1".to_owned()]),
-        "{r:?}"
-    );
-    assert_eq!(
-        recv_json(&mut alice).await,
-        json!({"type": "note", "payload": {"hi": 1}})
-    );
+        let r = bounded("Send", MessagingClient::new(channel).send(req))
+            .await
+            .unwrap_or_else(|s| panic!("Send through {name}: {s}"))
+            .into_inner();
+        assert_eq!(
+            (r.delivered, r.node_ids.clone()),
+            (1, vec!["e1".to_owned()]),
+            "Send through {name}: {r:?}"
+        );
+        assert_eq!(
+            recv_json(&mut alice).await,
+            json!({"type": "note", "payload": {"via": name}})
+        );
+    }
 
     // Plain HTTP on the TLS port: no 101, no HTTP answer at all.
     let got = plain_upgrade(ws).await;
