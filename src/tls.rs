@@ -351,3 +351,172 @@ fn client_config(t: &ClusterTls) -> Result<Arc<ClientConfig>, TlsError> {
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    /// A directory of PEM files made with rcgen, removed on drop.
+    struct Files {
+        dir: PathBuf,
+        ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    }
+
+    impl Files {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("sb-tls-{}", ulid::Ulid::new()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca =
+                rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                    .unwrap();
+            std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+            Self { dir, ca }
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.join(name)
+        }
+
+        /// Writes `<name>.crt` and `<name>.key`; returns the key's PEM.
+        fn issue(&self, name: &str) -> String {
+            let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.ca).unwrap();
+            std::fs::write(self.path(&format!("{name}.crt")), cert.pem()).unwrap();
+            std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+            key.serialize_pem()
+        }
+
+        fn edge_tls(&self, cert: &str, key: &str) -> edge::config::TlsFiles {
+            edge::config::TlsFiles {
+                cert_file: self.path(cert),
+                key_file: self.path(key),
+                client_ca_file: Some(self.path("ca.pem")),
+            }
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn load_edge(files: &Files, cert: &str, key: &str) -> Result<Tls, ConfigError> {
+        let mut config = Config::default();
+        config.edge.tls = Some(files.edge_tls(cert, key));
+        Tls::load(Mode::Dev, &config)
+    }
+
+    #[test]
+    fn each_bad_file_is_named_by_its_key() {
+        let files = Files::new();
+        let key_pem = files.issue("a");
+        files.issue("b");
+        std::fs::write(files.path("junk"), "not pem").unwrap();
+        assert!(load_edge(&files, "a.crt", "a.key").is_ok());
+        for (cert, key, expect) in [
+            ("missing.crt", "a.key", "edge.tls.cert_file: cannot read"),
+            ("junk", "a.key", "edge.tls.cert_file: no certificate in"),
+            ("a.crt", "missing.key", "edge.tls.key_file: cannot read"),
+            ("a.crt", "junk", "edge.tls.key_file: no PKCS#8"),
+            ("a.crt", "b.key", "edge.tls.key_file:"),
+        ] {
+            let e = load_edge(&files, cert, key).unwrap_err().to_string();
+            assert!(e.starts_with(expect), "{cert} + {key}: {e}");
+            assert!(!e.contains("PRIVATE KEY"), "{e}");
+            let body = key_pem.lines().nth(1).unwrap();
+            assert!(!e.contains(body), "key material in {e}");
+        }
+        let mut config = Config::default();
+        config.coordinator.tls = Some(coordinator::config::TlsFiles {
+            cert_file: files.path("a.crt"),
+            key_file: files.path("a.key"),
+            client_ca_file: Some(files.path("junk")),
+        });
+        let e = Tls::load(Mode::Dev, &config).unwrap_err().to_string();
+        assert!(e.starts_with("coordinator.tls.client_ca_file:"), "{e}");
+        // An edge does not read the coordinator's block, and the other way round.
+        assert!(Tls::load(Mode::Edge, &config).is_ok());
+        config.edge.tls = Some(files.edge_tls("junk", "a.key"));
+        config.coordinator.tls = None;
+        assert!(Tls::load(Mode::Coordinator, &config).is_ok());
+    }
+
+    #[test]
+    fn cluster_tls_wants_a_key_with_its_certificate() {
+        let files = Files::new();
+        files.issue("a");
+        let mut config = Config::default();
+        let tls = ClusterTls {
+            ca_file: files.path("ca.pem"),
+            cert_file: Some(files.path("a.crt")),
+            key_file: None,
+            server_name: None,
+        };
+        config.cluster.tls = Some(tls.clone());
+        let e = Tls::load(Mode::Edge, &config).unwrap_err().to_string();
+        assert!(e.starts_with("cluster.tls.key_file:"), "{e}");
+        config.cluster.tls = Some(ClusterTls {
+            key_file: Some(files.path("a.key")),
+            server_name: Some("not a name!".into()),
+            ..tls.clone()
+        });
+        let e = Tls::load(Mode::Edge, &config).unwrap_err().to_string();
+        assert!(e.starts_with("cluster.tls.server_name:"), "{e}");
+        config.cluster.tls = Some(ClusterTls {
+            key_file: Some(files.path("a.key")),
+            ..tls
+        });
+        let loaded = Tls::load(Mode::Edge, &config).unwrap();
+        assert!(loaded.dialer.is_tls());
+        // Dev mode dials nobody.
+        assert!(!Tls::load(Mode::Dev, &config).unwrap().dialer.is_tls());
+    }
+
+    #[test]
+    fn a_bad_file_keeps_the_last_good_config() {
+        let files = Files::new();
+        files.issue("a");
+        let tls = load_edge(&files, "a.crt", "a.key").unwrap();
+        let rx = tls.edge.clone().unwrap();
+        let first = Arc::clone(&rx.borrow());
+        std::fs::write(files.path("a.crt"), "garbage").unwrap();
+        let errors = tls.reload_all();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "edge.tls.cert_file");
+        assert!(
+            Arc::ptr_eq(&first, &rx.borrow()),
+            "a bad file replaced the config"
+        );
+        files.issue("a");
+        assert!(tls.reload_all().is_empty());
+        assert!(
+            !Arc::ptr_eq(&first, &rx.borrow()),
+            "a good file was not taken"
+        );
+        assert_eq!(rx.borrow().alpn_protocols, [b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn environment_variables_switch_a_tls_block_on() {
+        let files = Files::new();
+        files.issue("a");
+        let env = [
+            ("SWITCHBOARD_EDGE__TLS__CERT_FILE", files.path("a.crt")),
+            ("SWITCHBOARD_EDGE__TLS__KEY_FILE", files.path("a.key")),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.display().to_string()));
+        let base = Config {
+            edge: edge::EdgeConfig::dev(),
+            ..Config::default()
+        };
+        let r = Config::load(Mode::Dev, &base, None, env, &Overrides::default()).unwrap();
+        assert!(r.tls.edge.is_some());
+        assert!(r.tls.grpc.is_none());
+        assert!(!r.tls.is_empty());
+    }
+}
