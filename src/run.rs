@@ -296,10 +296,10 @@ impl DevNode {
         } else {
             ("ws", "http")
         };
-        let grpcurl = if self.tls.grpc.is_some() {
-            "-cacert CA.pem"
-        } else {
-            "-plaintext"
+        let grpcurl = match &self.cfg.coordinator.tls {
+            None => "-plaintext",
+            Some(t) if t.client_ca_file.is_some() => "-cacert CA.pem -cert CERT -key KEY",
+            Some(_) => "-cacert CA.pem",
         };
         let route = self
             .cfg

@@ -163,7 +163,9 @@ impl Tls {
                     }
                     *seen = now;
                     match (source.reload)() {
-                        Ok(()) => tracing::info!(block = source.block, "tls certificates reloaded"),
+                        Ok(()) => {
+                            tracing::info!(block = %source.block, "tls certificates reloaded")
+                        }
                         Err(e) => tracing::warn!(
                             key = %e.key,
                             error = %e.message,
