@@ -1,6 +1,6 @@
 //! One task serves each socket ([`Conn`]): it reads, answers and writes what is queued;
 //! everyone else holds a [`ConnHandle`]. Fan-out pumps may also write pre-framed bytes to an
-//! idle socket directly, under the rules of [`crate::socket`].
+//! idle plain socket directly, under the rules of [`crate::socket`] (never to a TLS one).
 //!
 //! **Invariant:** nothing awaits a client. [`ConnHandle::deliver`] never blocks: it queues
 //! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes

@@ -446,6 +446,29 @@ mod tests {
         assert_eq!(&all[first..], b"zz");
     }
 
+    #[tokio::test]
+    async fn a_sealed_line_stays_with_its_task() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = tcp_pair().await;
+        let line = Line::sealed(server);
+        assert_eq!(line.try_write_frames(b"zz", &[2], || false), Direct::Busy);
+        // The task takes it at once, and giving it back leaves it sealed.
+        tokio::time::timeout(std::time::Duration::from_secs(10), line.hold())
+            .await
+            .expect("the task takes a sealed line at once");
+        line.release();
+        assert!(!line.held_by_task());
+        assert_eq!(line.try_write_frames(b"zz", &[2], || false), Direct::Busy);
+        std::future::poll_fn(|cx| poll_write_line(&line, cx, b"ok"))
+            .await
+            .expect("the task writes");
+        line.close();
+        assert!(line.is_closed());
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, b"ok", "only the task's bytes reach the wire");
+    }
+
     #[test]
     fn text_frames_match_tungstenite() {
         for n in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
