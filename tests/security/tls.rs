@@ -472,9 +472,10 @@ async fn dev(config: &Path) -> (Proc, SocketAddr, SocketAddr) {
     (proc, ws, grpc)
 }
 
+/// SIGHUP to `proc`, through the shell's own `kill` (no procps needed).
 fn hangup(proc: &Proc) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &proc.pid().to_string()])
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -HUP {}", proc.pid())])
         .status()
         .unwrap();
     assert!(status.success(), "kill -HUP {}", proc.pid());
