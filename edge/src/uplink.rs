@@ -265,6 +265,8 @@ async fn stream_task(
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = false;
+    // A stream that never opened points at the setup (address, TLS, credential): say so once.
+    let mut first_failure = true;
     loop {
         if stop.is_cancelled() {
             return;
@@ -279,7 +281,11 @@ async fn stream_task(
             c = attempt => match c {
                 Ok(c) => c,
                 Err(error) => {
-                    tracing::debug!(node = %id, %address, %error, "coordinator unreachable");
+                    if std::mem::take(&mut first_failure) {
+                        tracing::warn!(node = %id, %address, error = ?error, "cannot reach coordinator; retrying");
+                    } else {
+                        tracing::debug!(node = %id, %address, %error, "coordinator unreachable");
+                    }
                     if std::mem::take(&mut was_connected) {
                         let _ = events.send(StreamEvent::Unreachable(id.clone())).await;
                     }
@@ -298,7 +304,11 @@ async fn stream_task(
         let mut acks = match client.report(ReceiverStream::new(irx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                tracing::debug!(node = %id, code = ?status.code(), "report stream refused");
+                if std::mem::take(&mut first_failure) {
+                    tracing::warn!(node = %id, %address, ?status, "coordinator refused the report stream; retrying");
+                } else {
+                    tracing::debug!(node = %id, code = ?status.code(), "report stream refused");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
@@ -306,6 +316,7 @@ async fn stream_task(
         };
         backoff = Duration::from_millis(50);
         was_connected = true;
+        first_failure = false;
         tracing::info!(node = %id, %address, "reporting to coordinator");
         let _ = events.send(StreamEvent::Connected(id.clone())).await;
         let stopping = loop {

@@ -747,8 +747,16 @@ async fn an_edge_without_a_client_certificate_is_refused_by_the_coordinator() {
     let config = write_config(&pki.dir, "config.yaml", &yaml);
     let nats = TestNats::start().await;
     let (_c, grpc) = coordinator(&nats, &config, "c1").await;
-    let (_e1, ws) = edge(&nats, &config, "e1", grpc).await;
+    let (e1, ws) = edge(&nats, &config, "e1", grpc).await;
     let http_tls = client_tls(&ca, None, b"http/1.1");
+    let warning = eventually("the edge to warn about the coordinator", STEP, async || {
+        e1.tail()
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains("coordinator") && l.contains("retrying"))
+            .map(str::to_owned)
+    })
+    .await;
+    eprintln!("the edge says: {warning}");
     // Bounded: the edge retries with a backoff of at most 2 s; it never becomes ready.
     let ready = poll_for(Duration::from_secs(4), async || {
         let (status, body) = https_get(ws, "/readyz", Arc::clone(&http_tls)).await;
