@@ -31,9 +31,9 @@ pub struct Config {
     pub gateway: Option<Gateway>,
 }
 
-/// The secret every edge and coordinator of one cluster shares: each derives its node
-/// credential from it, and coordinators verify those credentials (edge report streams, peer
-/// calls).
+/// What edges and coordinators share to talk to each other: the secret each derives its node
+/// credential from (coordinators verify those credentials on report streams and peer calls),
+/// and how to dial a coordinator over TLS.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -44,6 +44,9 @@ pub struct ClusterConfig {
     /// Run a cluster without a secret: anyone who reaches a coordinator can report as any
     /// edge. Only where the network is the boundary.
     pub insecure: bool,
+    /// How edges and coordinators dial a coordinator's gRPC listener when it has
+    /// `coordinator.tls`. Default: none (plaintext).
+    pub tls: Option<ClusterTls>,
 }
 
 /// A secret read at load time; its `Debug` never shows it.
@@ -64,6 +67,22 @@ impl std::fmt::Debug for Secret {
 
 /// Shortest secret accepted for API keys and the cluster secret.
 const MIN_SECRET_LEN: usize = 16;
+
+/// The client side of the coordinators' TLS: whom to trust and, for mutual TLS, who we are.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// PEM: the CA certificates a coordinator's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// PEM: this process's client certificate chain (with `key_file`), for coordinators
+    /// with a `client_ca_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM: the client certificate's private key.
+    pub key_file: Option<PathBuf>,
+    /// The name checked on every coordinator's certificate instead of the host dialed (one
+    /// certificate for all coordinators, dialed by IP address). Default: the host dialed.
+    pub server_name: Option<String>,
+}
 
 /// bodhi's `gateway:` block.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -202,6 +221,8 @@ pub struct Resolved {
     pub api_keys: Vec<coordinator::access::ApiKey>,
     /// The NATS URLs without credentials, and the credentials and TLS files `nats:` names.
     pub nats: crate::nats::NatsAccess,
+    /// The TLS configs of the blocks this mode uses, read and kept current.
+    pub tls: crate::tls::Tls,
 }
 
 impl Config {
@@ -340,12 +361,14 @@ impl Config {
         }
         let cluster_secret = resolve_cluster(mode, &config, &env)?;
         let api_keys = resolve_api_keys(mode, &config, cluster_secret.is_some(), &env)?;
+        let tls = crate::tls::Tls::load(mode, &config)?;
         Ok(Resolved {
             config,
             rs256_pems,
             cluster_secret,
             api_keys,
             nats,
+            tls,
         })
     }
 
@@ -522,6 +545,10 @@ fn set(tree: &mut Value, keys: &[String], value: Value) -> Result<(), String> {
     let Some((first, rest)) = keys.split_first() else {
         return Ok(());
     };
+    if tree.is_null() {
+        // An optional block that is off (e.g. `edge.tls`) is switched on by its keys.
+        *tree = Value::Mapping(Default::default());
+    }
     let Value::Mapping(map) = tree else {
         return Err(format!("{first}: parent is not a mapping"));
     };

@@ -7,9 +7,11 @@
 //! | [`nats`] | the `nats:` block: credentials and TLS, resolved at load |
 //! | [`run`] | the modes (`dev`), signal handling |
 //! | [`telemetry`] | logging setup |
+//! | [`tls`] | certificates from files, reloaded on change or SIGHUP |
 
 pub mod config;
 pub mod nats;
 pub mod run;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

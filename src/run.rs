@@ -32,6 +32,8 @@ const GRPC_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Cluster mode: one edge over NATS, reporting to the coordinators.
 pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = resolved.config;
+    let tls = resolved.tls;
+    tls.spawn_reloader(shutdown.clone())?;
     let node_id = cfg
         .node_id
         .clone()
@@ -52,8 +54,9 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         Some(a) => a.clone(),
         None => ws.local_addr()?.to_string(),
     };
+    let scheme = if tls.edge.is_some() { "wss" } else { "ws" };
     println!(
-        "switchboard edge {node_id}: websocket ws://{address} (nats {})",
+        "switchboard edge {node_id}: websocket {scheme}://{address} (nats {})",
         cfg.nats.url
     );
     tracing::info!(node = %node_id, websocket = %address, nats = %cfg.nats.url, coordinators = ?cfg.edge.coordinators, "edge serving");
@@ -66,6 +69,7 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         member_timeout: cfg.edge.member_timeout,
         address,
         credential,
+        dialer: tls.dialer.clone(),
     };
     let stop_uplink = CancellationToken::new();
     let uplink = tokio::spawn(edge::uplink::run(
@@ -74,7 +78,10 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         options,
         stop_uplink.clone(),
     ));
-    edge.serve(ws, shutdown).await?;
+    match tls.edge {
+        Some(server) => edge.serve_tls(ws, server, shutdown).await?,
+        None => edge.serve(ws, shutdown).await?,
+    }
     stop_uplink.cancel();
     let _ = uplink.await;
     Ok(())
@@ -83,6 +90,8 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
 /// Cluster mode: one coordinator over NATS.
 pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = resolved.config;
+    let tls = resolved.tls;
+    tls.spawn_reloader(shutdown.clone())?;
     let cc = &cfg.coordinator;
     let node_id = cfg
         .node_id
@@ -109,6 +118,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
     let mut c = Coordinator::new(node_id.clone(), advertise.clone(), bus, cc);
+    c.cluster().set_dialer(tls.dialer.clone());
     if let Some(secret) = &resolved.cluster_secret {
         c = c.with_cluster_secret(secret.expose());
     }
@@ -119,7 +129,8 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         cc.api.insecure,
     );
     println!(
-        "switchboard coordinator {node_id}: grpc {grpc_addr} http http://{} (nats {})",
+        "switchboard coordinator {node_id}: grpc {grpc_addr}{} http http://{} (nats {})",
+        if tls.grpc.is_some() { " (tls)" } else { "" },
         http.local_addr()?,
         cfg.nats.url
     );
@@ -152,6 +163,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
     ];
     let server = tokio::spawn(coordinator::grpc::serve(
         grpc,
+        tls.grpc.clone(),
         access,
         c,
         resources,
@@ -245,11 +257,17 @@ pub struct DevNode {
     grpc: TcpListener,
     access: Arc<Access>,
     cfg: Config,
+    tls: crate::tls::Tls,
+    /// Stops the certificate reloader, which runs from `bind` on (SIGHUP reloads from then).
+    stop_reload: CancellationToken,
 }
 
 impl DevNode {
     pub async fn bind(resolved: Resolved) -> anyhow::Result<Self> {
         let cfg = resolved.config;
+        let tls = resolved.tls;
+        let stop_reload = CancellationToken::new();
+        tls.spawn_reloader(stop_reload.clone())?;
         let node_id = cfg
             .node_id
             .clone()
@@ -305,6 +323,8 @@ impl DevNode {
             grpc,
             access,
             cfg,
+            tls,
+            stop_reload,
         })
     }
 
@@ -316,6 +336,16 @@ impl DevNode {
     /// What a person starting `switchboard dev` needs to know.
     pub fn banner(&self) -> String {
         let (ws, grpc) = (self.ws_addr, self.grpc_addr);
+        let (ws_scheme, http_scheme) = if self.tls.edge.is_some() {
+            ("wss", "https")
+        } else {
+            ("ws", "http")
+        };
+        let grpcurl = match &self.cfg.coordinator.tls {
+            None => "-plaintext",
+            Some(t) if t.client_ca_file.is_some() => "-cacert CA.pem -cert CERT -key KEY",
+            Some(_) => "-cacert CA.pem",
+        };
         let route = self
             .cfg
             .edge
@@ -324,10 +354,10 @@ impl DevNode {
             .map_or("/connect", |r| r.path.as_str());
         format!(
             "switchboard dev: one process, in-process bus (embedded mode)\n\
-             \x20 websocket  ws://{ws}{route}?user=alice\n\
-             \x20 grpc       {grpc}   (grpcurl -plaintext {grpc} list)\n\
-             \x20 health     http://{ws}/readyz   metrics: http://{ws}/metrics\n\
-             \x20 try        websocat 'ws://{ws}{route}?user=alice'  then send {{\"type\":\"subscribe\",\"topic\":\"chat/+\"}}\n"
+             \x20 websocket  {ws_scheme}://{ws}{route}?user=alice\n\
+             \x20 grpc       {grpc}   (grpcurl {grpcurl} {grpc} list)\n\
+             \x20 health     {http_scheme}://{ws}/readyz   metrics: {http_scheme}://{ws}/metrics\n\
+             \x20 try        websocat '{ws_scheme}://{ws}{route}?user=alice'  then send {{\"type\":\"subscribe\",\"topic\":\"chat/+\"}}\n"
         )
     }
 
@@ -348,14 +378,19 @@ impl DevNode {
         let grpc_stop = CancellationToken::new();
         let grpc_task = tokio::spawn(coordinator::grpc::serve(
             self.grpc,
+            self.tls.grpc.clone(),
             self.access,
             self.coordinator,
             self.resources,
             grpc_stop.clone(),
         ));
-        self.edge.serve(self.ws, shutdown).await?;
+        match self.tls.edge.clone() {
+            Some(server) => self.edge.serve_tls(self.ws, server, shutdown).await?,
+            None => self.edge.serve(self.ws, shutdown).await?,
+        }
         grpc_stop.cancel();
         stop_feed.cancel();
+        self.stop_reload.cancel();
         grpc_task.await?.context("grpc server failed")?;
         let _ = reports.await;
         Ok(())

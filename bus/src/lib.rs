@@ -9,7 +9,8 @@
 //! | [`local`] | in-process bus for the embedded mode and unit tests |
 //! | [`nats`] | async-nats client for cluster mode |
 //!
-//! Both pass the same conformance suite (`bus/tests/conformance.rs`).
+//! Both pass the same conformance suite (`bus/tests/conformance.rs`). [`tls`] holds the TLS
+//! configs the binary hands down and the [`tls::Dialer`] of the coordinators' gRPC listener.
 //!
 //! **Invariant:** every queue here is bounded; a subscriber that falls behind loses messages
 //! (counted in [`Subscription::dropped`]) rather than stalling the publisher, as NATS does.
@@ -32,6 +33,7 @@ pub mod nats_store;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tls;
 pub mod trace;
 
 pub use local::LocalBus;

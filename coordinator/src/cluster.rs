@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
+use bus::tls::Dialer;
 use bus::{Outgoing, SharedBus};
 use futures::StreamExt;
 use membership::{Membership, Ring};
@@ -12,7 +13,7 @@ use prost::Message as _;
 use proto::subject;
 use proto::v1::CoordinatorAnnounce;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::messaging::Coordinator;
 
@@ -26,6 +27,8 @@ pub struct Cluster {
     self_address: String,
     view: RwLock<View>,
     channels: Mutex<HashMap<String, (String, Channel)>>,
+    /// How peers are dialed (TLS with `cluster.tls`).
+    dialer: RwLock<Dialer>,
 }
 
 #[derive(Debug)]
@@ -52,7 +55,14 @@ impl Cluster {
             self_address,
             view: RwLock::new(View { membership, ring }),
             channels: Mutex::new(HashMap::new()),
+            dialer: RwLock::default(),
         }
+    }
+
+    /// Peers are dialed with `dialer` from now on.
+    pub fn set_dialer(&self, dialer: Dialer) {
+        *self.dialer.write().expect("dialer poisoned") = dialer;
+        self.channels.lock().expect("channels poisoned").clear();
     }
 
     pub fn self_id(&self) -> &str {
@@ -167,10 +177,12 @@ impl Cluster {
         {
             return Some(ch.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let dialer = self.dialer.read().expect("dialer poisoned").clone();
+        let endpoint = dialer
+            .endpoint(&address)
             .ok()?
             .connect_timeout(CONNECT_TIMEOUT);
-        let ch = endpoint.connect_lazy();
+        let ch = dialer.connect_lazy(&endpoint);
         channels.insert(node_id.to_owned(), (address, ch.clone()));
         Some(ch)
     }

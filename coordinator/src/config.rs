@@ -1,6 +1,7 @@
 //! The coordinator's configuration (the `coordinator:` block of the config file).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,22 @@ pub struct CoordinatorConfig {
     pub broadcast_subject: String,
     /// Who may call the gRPC API: keys and their scopes.
     pub api: crate::access::ApiConfig,
+    /// TLS on the gRPC listener. Default: none (plaintext HTTP/2).
+    pub tls: Option<TlsFiles>,
+}
+
+/// The gRPC listener's certificate and, for mutual TLS, the CA its clients' certificates
+/// must chain to. The binary reads the files, and reads them again when they change.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM: this server's certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: CA certificates. When set, a client without a certificate signed by one of them
+    /// is refused at the handshake.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -54,6 +71,7 @@ impl Default for CoordinatorConfig {
             send_subject: proto::subject::DEFAULT_SEND.into(),
             broadcast_subject: proto::subject::DEFAULT_BROADCAST.into(),
             api: crate::access::ApiConfig::default(),
+            tls: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bus::tls::ServerTls;
 use futures::future::BoxFuture;
 use proto::v1::edge_report_server::EdgeReportServer;
 use proto::v1::messaging_server::MessagingServer;
@@ -32,9 +33,11 @@ pub enum GrpcError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves until `shutdown` is cancelled. Every call passes `access` first.
+/// Serves until `shutdown` is cancelled; with `tls`, every connection is TLS. Every call
+/// passes `access` first.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<ServerTls>,
     access: Arc<Access>,
     coordinator: Coordinator,
     resources: ResourcesService,
@@ -59,7 +62,7 @@ pub async fn serve(
         access,
         coordinator: coordinator.clone(),
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         // A report stream from an edge that vanished without a FIN must still break.
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
@@ -72,9 +75,23 @@ pub async fn serve(
         )))
         .add_service(ResourcesServer::new(resources))
         .add_service(MessagingServer::new(MessagingService(coordinator.clone())))
-        .add_service(PlacementServer::new(PlacementService(coordinator)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await?;
+        .add_service(PlacementServer::new(PlacementService(coordinator)));
+    match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await?;
+        }
+        Some(tls) => {
+            let incoming = crate::tls::incoming(listener, tls, shutdown.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await?;
+        }
+    }
     Ok(())
 }
 

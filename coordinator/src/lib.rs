@@ -8,6 +8,7 @@
 //! | [`access`] | who may call which gRPC method (API keys, node credentials) |
 //! | [`api`] | tonic services: proto ↔ domain, errors → `Status` |
 //! | [`grpc`] | the gRPC server with health and reflection |
+//! | [`tls`] | TLS on the gRPC listener |
 
 pub mod access;
 pub mod api;
@@ -21,6 +22,7 @@ pub mod messaging;
 pub mod placement;
 pub mod report;
 pub mod resources;
+pub mod tls;
 
 pub use config::CoordinatorConfig;
 pub use messaging::{Coordinator, DeliveryError};

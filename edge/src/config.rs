@@ -2,6 +2,7 @@
 //! YAML file by the binary; this crate never reads files or the environment.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,23 @@ pub struct EdgeConfig {
     /// Default 3 s.
     #[serde(with = "duration")]
     pub member_timeout: Duration,
+    /// TLS on the listener (`wss://`, and HTTPS for `/healthz`, `/readyz`, `/metrics`).
+    /// Default: none (plain `ws://`).
+    pub tls: Option<TlsFiles>,
+}
+
+/// A listener's certificate and, for mutual TLS, the CA its clients' certificates must
+/// chain to. The binary reads the files, and reads them again when they change.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM: this server's certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: CA certificates. When set, a client without a certificate signed by one of them
+    /// is refused at the handshake.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for EdgeConfig {
@@ -52,6 +70,7 @@ impl Default for EdgeConfig {
             advertise: None,
             coordinators: Vec::new(),
             member_timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 }

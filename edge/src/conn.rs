@@ -1,6 +1,6 @@
 //! One task serves each socket ([`Conn`]): it reads, answers and writes what is queued;
 //! everyone else holds a [`ConnHandle`]. Fan-out pumps may also write pre-framed bytes to an
-//! idle socket directly, under the rules of [`crate::socket`].
+//! idle plain socket directly, under the rules of [`crate::socket`] (never to a TLS one).
 //!
 //! **Invariant:** nothing awaits a client. [`ConnHandle::deliver`] never blocks: it queues
 //! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
@@ -17,7 +17,6 @@ use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -95,14 +94,14 @@ impl CloseRequest {
 }
 
 impl ConnHandle {
-    pub(crate) fn new(info: ConnInfo, tcp: TcpStream) -> Self {
+    pub(crate) fn new(info: ConnInfo, line: Line) -> Self {
         let out = &info.route.cfg.outbound;
         let inner = HandleInner {
             outbox: Outbox::new(out.queue, out.max_bytes),
             on_full: out.on_full,
             kill: CancellationToken::new(),
             close: Mutex::new(None),
-            line: Line::new(tcp),
+            line,
             info,
         };
         Self(Arc::new(inner))

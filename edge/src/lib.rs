@@ -10,6 +10,7 @@
 //! | `conn` | the task that serves one socket, and its clonable [`ConnHandle`] |
 //! | `outbox` | a connection's bounded outbound queue |
 //! | `socket` | the socket's write side, shared by its task and the fan-out pumps |
+//! | `tls` | TLS on the listener: handshake, and a sealed line for the task alone |
 //! | `protocol` | built-in verbs and events forwarded through route hooks |
 //! | `registry` | local index of connections and topics; topic fan-out pumps |
 //! | `command` | what coordinators ask of this edge over the bus |
@@ -30,6 +31,7 @@ mod report;
 mod resources;
 mod server;
 mod socket;
+mod tls;
 pub mod uplink;
 
 pub use auth::{AuthError, Identity};

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bus::tls::ServerTls;
 use bus::{SharedBus, SharedStore};
 use proto::frame::{Dialect, Key};
 use proto::subject;
 use proto::v1::ReportBatch;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
@@ -29,7 +30,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::protocol;
 use crate::registry::{self, Registry};
 use crate::report::Reporter;
-use crate::socket::Socket;
+use crate::socket::Wire;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -127,7 +128,8 @@ impl Edge {
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             draining: AtomicBool::new(false),
             upstream_ready: AtomicBool::new(true),
-            secure: false,
+            // The binary serves TLS exactly when `edge.tls` is set.
+            secure: cfg.tls.is_some(),
             cfg,
         };
         Ok(Self {
@@ -180,6 +182,26 @@ impl Edge {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), EdgeError> {
+        self.serve_with(listener, None, shutdown).await
+    }
+
+    /// [`Edge::serve`] with TLS on every connection (`wss://`, and HTTPS for the health and
+    /// metrics endpoints), with the server config `tls` holds at each handshake.
+    pub async fn serve_tls(
+        &self,
+        listener: TcpListener,
+        tls: ServerTls,
+        shutdown: CancellationToken,
+    ) -> Result<(), EdgeError> {
+        self.serve_with(listener, Some(tls), shutdown).await
+    }
+
+    async fn serve_with(
+        &self,
+        listener: TcpListener,
+        tls: Option<ServerTls>,
+        shutdown: CancellationToken,
+    ) -> Result<(), EdgeError> {
         let shared = &self.shared;
         let subs = vec![
             shared
@@ -203,6 +225,7 @@ impl Edge {
         let accept = tokio::spawn(accept_loop(
             Arc::clone(shared),
             listener,
+            tls,
             conns.clone(),
             done.clone(),
         ));
@@ -271,6 +294,7 @@ impl Shared {
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
+    tls: Option<ServerTls>,
     conns: TaskTracker,
     done: CancellationToken,
 ) {
@@ -287,7 +311,14 @@ async fn accept_loop(
             },
         };
         let shared = Arc::clone(&shared);
-        conns.spawn(async move { handle_tcp(shared, tcp, peer).await });
+        match &tls {
+            None => conns.spawn(async move { handle_tcp(shared, tcp, peer).await }),
+            Some(tls) => {
+                // The config current now serves this connection for its whole life.
+                let config = Arc::clone(&tls.borrow());
+                conns.spawn(async move { handle_tls(shared, config, tcp, peer).await })
+            }
+        };
     }
 }
 
@@ -303,11 +334,32 @@ async fn drain(shared: &Shared) {
     }
 }
 
-/// One TCP connection's task. Its phases are boxed so that the task itself, which lives
-/// as long as the connection, is a few pointers: nothing of the request head, the
-/// admission or the hooks is kept while the connection runs.
+/// One plain TCP connection's task.
 async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let Some(up) = Box::pin(answer_request(&shared, tcp, peer)).await else {
+    let _ = tcp.set_nodelay(true);
+    handle(shared, tcp, peer).await;
+}
+
+/// One TLS connection's task: the handshake, then as plain.
+async fn handle_tls(
+    shared: Arc<Shared>,
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = tcp.set_nodelay(true);
+    match crate::tls::accept(config, tcp, shared.cfg.handshake_timeout).await {
+        Ok(tls) => handle(shared, tls, peer).await,
+        // A scanner or a plain-HTTP client on the TLS port: nothing to answer.
+        Err(error) => tracing::debug!(%peer, %error, "tls handshake failed"),
+    }
+}
+
+/// One connection's task. Its phases are boxed so that the task itself, which lives as
+/// long as the connection, is a few pointers: nothing of the request head, the admission
+/// or the hooks is kept while the connection runs.
+async fn handle<W: Wire>(shared: Arc<Shared>, wire: W, peer: SocketAddr) {
+    let Some(up) = Box::pin(answer_request(&shared, wire, peer)).await else {
         return;
     };
     let span = tracing::info_span!("conn", conn = %up.handle.id(), %peer);
@@ -315,12 +367,11 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
 }
 
 /// Reads the request head; answers health and metrics requests, or upgrades.
-async fn answer_request(
+async fn answer_request<W: Wire>(
     shared: &Arc<Shared>,
-    mut tcp: TcpStream,
+    mut tcp: W,
     peer: SocketAddr,
-) -> Option<Upgraded> {
-    let _ = tcp.set_nodelay(true);
+) -> Option<Upgraded<W::Io>> {
     let (head, rest) = match http::read_head(&mut tcp, shared.cfg.handshake_timeout).await {
         Ok(x) => x,
         Err(error) => {
@@ -366,9 +417,9 @@ fn readiness(shared: &Shared) -> (u16, &'static str) {
     }
 }
 
-async fn refuse<T>(
+async fn refuse<T, W: Wire>(
     shared: &Shared,
-    tcp: &mut TcpStream,
+    tcp: &mut W,
     status: u16,
     reason: &str,
     body: &str,
@@ -379,9 +430,9 @@ async fn refuse<T>(
 }
 
 /// Route, checks, auth, the upgrade hook, and the 101; `None` when refused (answered).
-async fn admit(
+async fn admit<W: Wire>(
     shared: &Arc<Shared>,
-    tcp: &mut TcpStream,
+    tcp: &mut W,
     peer: SocketAddr,
     head: &mut RequestHead,
 ) -> Option<Admitted> {
@@ -494,19 +545,19 @@ struct Admitted {
 }
 
 /// An admitted connection after the handshake, ready to run.
-struct Upgraded {
-    ws: WebSocketStream<Socket>,
+struct Upgraded<Io> {
+    ws: WebSocketStream<Io>,
     handle: ConnHandle,
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-async fn upgrade(
+async fn upgrade<W: Wire>(
     shared: &Arc<Shared>,
-    mut tcp: TcpStream,
+    mut tcp: W,
     peer: SocketAddr,
     mut head: RequestHead,
     rest: Vec<u8>,
-) -> Option<Upgraded> {
+) -> Option<Upgraded<W::Io>> {
     let span = tracing::info_span!("edge.upgrade", path = %head.path, %peer);
     let admitted = admit(shared, &mut tcp, peer, &mut head)
         .instrument(span)
@@ -533,13 +584,12 @@ async fn upgrade(
         params,
         route,
     };
-    let handle = ConnHandle::new(info, tcp);
     // A client that takes none of our bytes for a heartbeat interval and its timeout is as
     // dead as one that does not answer a ping.
-    let heartbeat = &handle.info().route.cfg.heartbeat;
+    let heartbeat = &info.route.cfg.heartbeat;
     let stall_limit =
         (!heartbeat.interval.is_zero()).then(|| heartbeat.interval + heartbeat.timeout);
-    let socket = Socket::new(handle.clone(), stall_limit);
+    let (handle, socket) = tcp.attach(info, stall_limit);
     let ws =
         WebSocketStream::from_partially_read(socket, rest, Role::Server, Some(ws_config)).await;
     Some(Upgraded { ws, handle, permit })
@@ -595,7 +645,10 @@ async fn intercept(
     })
 }
 
-async fn run_conn(shared: Arc<Shared>, up: Upgraded) {
+async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
+    shared: Arc<Shared>,
+    up: Upgraded<Io>,
+) {
     let Upgraded { ws, handle, permit } = up;
     let info = handle.info();
     let mut conn = Conn::new(ws, handle.clone(), Arc::clone(&shared));

@@ -6,17 +6,25 @@
 //! a queue round trip and a copy per recipient, which is most of the fan-out's cost.
 //!
 //! **Invariant:** one writer at a time, and only whole frames leave a writer. The socket's
-//! [`Line`] is in one of four states:
+//! [`Line`] is in one of five states:
 //! - `FREE`: nobody is writing; tungstenite's write buffer is empty.
 //! - `PUMP`: a pump is inside one non-blocking `write` (never across an `.await`).
 //! - `TASK`: the connection's task owns the socket. It takes it before tungstenite writes a
 //!   byte and gives it back ([`crate::conn`]'s settle) only once tungstenite's buffer is
 //!   flushed. A pump whose write was partial hands the socket to the task in this state,
 //!   with the unwritten end in `rest`, which goes out before any other byte.
+//! - `SEALED`: a TLS connection ([`crate::tls`]): the task owns the socket for good. Bytes
+//!   on the wire are TLS records that only the task's TLS session can make, so pumps never
+//!   write there; they find the socket taken and queue, as for a busy plain socket.
 //! - `CLOSED`: the connection is over; nobody writes again.
 //!
 //! Pumps that find the socket taken, or frames already queued, queue instead, so a
 //! connection's frames keep their order.
+//!
+//! What an accepted connection arrives on is a [`Wire`]: the plain [`TcpStream`], whose
+//! task writes through [`Socket`], or TLS over it, whose task writes through its TLS stream
+//! over a [`Socket`] of a sealed line. A plain connection's code is the same as if TLS did
+//! not exist: the choice is made once per accepted socket, by type.
 
 use std::future::Future as _;
 use std::io;
@@ -32,12 +40,13 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
-use crate::conn::ConnHandle;
+use crate::conn::{ConnHandle, ConnInfo};
 
 const FREE: u8 = 0;
 const PUMP: u8 = 1;
 const TASK: u8 = 2;
-const CLOSED: u8 = 3;
+const SEALED: u8 = 3;
+const CLOSED: u8 = 4;
 
 /// The shared write side of one connection (lives in its handle).
 #[derive(Debug)]
@@ -64,9 +73,18 @@ pub(crate) enum Direct {
 
 impl Line {
     pub(crate) fn new(tcp: TcpStream) -> Self {
+        Self::with_state(tcp, FREE)
+    }
+
+    /// The line of a TLS connection: only its task ever writes.
+    pub(crate) fn sealed(tcp: TcpStream) -> Self {
+        Self::with_state(tcp, SEALED)
+    }
+
+    fn with_state(tcp: TcpStream, state: u8) -> Self {
         Self {
             tcp,
-            state: AtomicU8::new(FREE),
+            state: AtomicU8::new(state),
             rest: Mutex::new(None),
             rest_ready: Notify::new(),
         }
@@ -125,7 +143,8 @@ impl Line {
         self.state.load(Ordering::Acquire) == CLOSED
     }
 
-    /// Whether the task owns the socket (and must flush before giving it back).
+    /// Whether the task holds the socket for now (and must flush before giving it back);
+    /// false for a sealed line, which it never gives back.
     pub(crate) fn held_by_task(&self) -> bool {
         self.state.load(Ordering::Acquire) == TASK
     }
@@ -136,7 +155,7 @@ impl Line {
             .state
             .compare_exchange(FREE, TASK, Ordering::Acquire, Ordering::Relaxed)
         {
-            Ok(_) | Err(TASK) => Poll::Ready(Ok(())),
+            Ok(_) | Err(TASK | SEALED) => Poll::Ready(Ok(())),
             Err(CLOSED) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             Err(_) => {
                 // A pump on another thread is inside one write(2): let it finish.
@@ -152,7 +171,8 @@ impl Line {
         let _ = std::future::poll_fn(|cx| self.take(cx)).await;
     }
 
-    /// Gives the socket back to the pumps. The caller has flushed tungstenite's buffer.
+    /// Gives the socket back to the pumps. The caller has flushed tungstenite's buffer. A
+    /// sealed line stays with the task.
     pub(crate) fn release(&self) {
         let _ = self
             .state
@@ -289,6 +309,27 @@ impl AsyncWrite for Socket {
     }
 }
 
+/// What an accepted connection arrives on; the request head is read and answered through
+/// it.
+pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What tungstenite reads and writes once the connection runs.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Gives the socket to a new handle for `info`; returns the handle and the task's side.
+    fn attach(self, info: ConnInfo, stall_limit: Option<Duration>) -> (ConnHandle, Self::Io);
+}
+
+/// Plain: pumps may write to the socket directly.
+impl Wire for TcpStream {
+    type Io = Socket;
+
+    fn attach(self, info: ConnInfo, stall_limit: Option<Duration>) -> (ConnHandle, Socket) {
+        let handle = ConnHandle::new(info, Line::new(self));
+        let socket = Socket::new(handle.clone(), stall_limit);
+        (handle, socket)
+    }
+}
+
 /// The task's write: take the line, finish a pump's rest, then write `buf`.
 fn poll_write_line(line: &Line, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
     ready!(line.take(cx))?;
@@ -403,6 +444,29 @@ mod tests {
             "the rest did not follow the partial write"
         );
         assert_eq!(&all[first..], b"zz");
+    }
+
+    #[tokio::test]
+    async fn a_sealed_line_stays_with_its_task() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = tcp_pair().await;
+        let line = Line::sealed(server);
+        assert_eq!(line.try_write_frames(b"zz", &[2], || false), Direct::Busy);
+        // The task takes it at once, and giving it back leaves it sealed.
+        tokio::time::timeout(std::time::Duration::from_secs(10), line.hold())
+            .await
+            .expect("the task takes a sealed line at once");
+        line.release();
+        assert!(!line.held_by_task());
+        assert_eq!(line.try_write_frames(b"zz", &[2], || false), Direct::Busy);
+        std::future::poll_fn(|cx| poll_write_line(&line, cx, b"ok"))
+            .await
+            .expect("the task writes");
+        line.close();
+        assert!(line.is_closed());
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, b"ok", "only the task's bytes reach the wire");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::SharedBus;
+use bus::tls::Dialer;
 use futures::StreamExt;
 use membership::{Membership, Ring};
 use prost::Message as _;
@@ -23,7 +24,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::server::Edge;
 
@@ -44,6 +44,8 @@ pub struct UplinkOptions {
     pub member_timeout: Duration,
     /// This edge's WebSocket address, as operators see it in `ListNodes`.
     pub address: String,
+    /// How coordinators are dialed (TLS with `cluster.tls`).
+    pub dialer: Dialer,
     /// This edge's node credential ([`proto::credential`]), presented to coordinators;
     /// `None` on a cluster without a secret.
     pub credential: Option<String>,
@@ -77,6 +79,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
     tokio::spawn(first_contact(
         opts.seeds.clone(),
         credential.clone(),
+        opts.dialer.clone(),
         found_tx.clone(),
         shutdown.clone(),
     ));
@@ -102,16 +105,12 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 let Ok(a) = CoordinatorAnnounce::decode(m.payload.as_ref()) else { continue };
                 let now = epoch.elapsed();
                 if router.membership.observe(&a.node_id, &a.grpc_address, a.leaving, now) {
-                    reconcile(
-                    &mut router,
-                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
+                    reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
             }
             Some((id, address)) = found.recv() => {
                 if router.membership.observe(&id, &address, false, epoch.elapsed()) {
-                    reconcile(
-                    &mut router,
-                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
+                    reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
             }
             Some(ev) = events.recv() => match ev {
@@ -133,9 +132,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                     // Out of the ring until it announces again, as the coordinators do.
                     if router.membership.remove(&id) {
                         tracing::warn!(node = %id, "coordinator unreachable; removed from the ring");
-                        reconcile(
-                    &mut router,
-                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
+                        reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                         edge.set_upstream_ready(streams.values().any(|s| s.connected));
                     }
                 }
@@ -147,9 +144,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 } else if std::mem::take(&mut bus_was_down) {
                     router.membership.touch_all(epoch.elapsed());
                 } else if router.membership.expire(epoch.elapsed()) {
-                    reconcile(
-                    &mut router,
-                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
+                    reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
                 if router.membership.is_empty() {
                     let _ = bus.publish(bus::Outgoing::new(subject::HELLO, Vec::new())).await;
@@ -228,6 +223,7 @@ fn flush_fulls(router: &Router, streams: &mut HashMap<String, StreamHandle>, dra
 fn reconcile(
     router: &mut Router,
     credential: Option<&Arc<str>>,
+    dialer: &Dialer,
     streams: &mut HashMap<String, StreamHandle>,
     events: &mpsc::Sender<StreamEvent>,
     shutdown: &CancellationToken,
@@ -254,6 +250,7 @@ fn reconcile(
                 id,
                 address.clone(),
                 credential.cloned(),
+                dialer.clone(),
                 rx,
                 events.clone(),
                 stop.clone(),
@@ -279,26 +276,22 @@ async fn stream_task(
     id: String,
     address: String,
     credential: Option<Arc<str>>,
+    dialer: Dialer,
     mut rx: mpsc::Receiver<ReportBatch>,
     events: mpsc::Sender<StreamEvent>,
     stop: CancellationToken,
 ) {
-    let url = if address.contains("://") {
-        address.clone()
-    } else {
-        format!("http://{address}")
-    };
     let mut backoff = Duration::from_millis(50);
     let mut was_connected = false;
+    // A stream that never opened points at the setup (address, TLS, credential): say so once.
+    let mut first_failure = true;
     loop {
         if stop.is_cancelled() {
             return;
         }
         let attempt = async {
-            let channel = Endpoint::from_shared(url.clone())?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .connect()
-                .await?;
+            let endpoint = dialer.endpoint(&address)?.connect_timeout(CONNECT_TIMEOUT);
+            let channel = dialer.connect(&endpoint).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(EdgeReportClient::new(channel))
         };
         let mut client = tokio::select! {
@@ -306,7 +299,11 @@ async fn stream_task(
             c = attempt => match c {
                 Ok(c) => c,
                 Err(error) => {
-                    tracing::debug!(node = %id, %address, %error, "coordinator unreachable");
+                    if std::mem::take(&mut first_failure) {
+                        tracing::warn!(node = %id, %address, error = ?error, "cannot reach coordinator; retrying");
+                    } else {
+                        tracing::debug!(node = %id, %address, %error, "coordinator unreachable");
+                    }
                     if std::mem::take(&mut was_connected) {
                         let _ = events.send(StreamEvent::Unreachable(id.clone())).await;
                     }
@@ -328,7 +325,11 @@ async fn stream_task(
         {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                tracing::debug!(node = %id, code = ?status.code(), "report stream refused");
+                if std::mem::take(&mut first_failure) {
+                    tracing::warn!(node = %id, %address, ?status, "coordinator refused the report stream; retrying");
+                } else {
+                    tracing::debug!(node = %id, code = ?status.code(), "report stream refused");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
@@ -336,6 +337,7 @@ async fn stream_task(
         };
         backoff = Duration::from_millis(50);
         was_connected = true;
+        first_failure = false;
         tracing::info!(node = %id, %address, "reporting to coordinator");
         let _ = events.send(StreamEvent::Connected(id.clone())).await;
         let stopping = loop {
@@ -374,6 +376,7 @@ async fn stream_task(
 async fn first_contact(
     seeds: Vec<String>,
     credential: Option<Arc<str>>,
+    dialer: Dialer,
     found: mpsc::Sender<(String, String)>,
     stop: CancellationToken,
 ) {
@@ -381,21 +384,13 @@ async fn first_contact(
     loop {
         let mut any = false;
         for seed in &seeds {
-            let url = if seed.contains("://") {
-                seed.clone()
-            } else {
-                format!("http://{seed}")
-            };
-            let Ok(endpoint) = Endpoint::from_shared(url) else {
+            let Ok(endpoint) = dialer.endpoint(seed) else {
                 tracing::warn!(%seed, "not a valid coordinator address");
                 continue;
             };
             let ask = async {
-                let channel = endpoint
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .connect()
-                    .await
-                    .ok()?;
+                let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
+                let channel = dialer.connect(&endpoint).await.ok()?;
                 PlacementClient::new(channel)
                     .list_nodes(authorized(ListNodesRequest {}, credential.as_deref()))
                     .await

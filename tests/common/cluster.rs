@@ -172,6 +172,13 @@ impl Proc {
             .join("\n")
     }
 
+    /// The process id, e.g. to send it a signal.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .id()
+            .expect("the process has not been waited for")
+    }
+
     pub fn tail(&self) -> String {
         let out = self.output.lock().unwrap_or_else(|e| e.into_inner());
         let from = out.len().saturating_sub(TAIL);

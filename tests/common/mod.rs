@@ -69,13 +69,12 @@ impl TestNode {
         };
         config.coordinator.grpc_listen = "127.0.0.1:0".parse().unwrap();
         config.coordinator.request_timeout = Duration::from_secs(1);
-        let node = DevNode::bind(Resolved {
+        let resolved = Resolved {
             config,
             rs256_pems,
             ..Resolved::default()
-        })
-        .await
-        .expect("node binds");
+        };
+        let node = DevNode::bind(resolved).await.expect("node binds");
         let (ws_addr, grpc_addr, bus) = (node.ws_addr, node.grpc_addr, node.bus());
         let token = CancellationToken::new();
         let task = tokio::spawn(node.serve(token.clone()));

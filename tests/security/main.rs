@@ -5,3 +5,4 @@ mod grpc;
 #[path = "../common/cluster.rs"]
 mod harness;
 mod nats;
+mod tls;
