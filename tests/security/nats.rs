@@ -70,8 +70,13 @@ fn test_dir(name: &str) -> PathBuf {
 /// A server config: TLS with `pki`, an account with JetStream and the three users, each with
 /// its role's permissions from the documented file when `least` (else with none).
 fn server_config(dir: &Path, pki: &Pki, least: bool) -> PathBuf {
+    server_config_with(dir, pki, least, &[])
+}
+
+/// [`server_config`] with more users (lines of the account's `users` list).
+fn server_config_with(dir: &Path, pki: &Pki, least: bool, more: &[String]) -> PathBuf {
     std::fs::write(dir.join("permissions.conf"), PERMISSIONS).unwrap();
-    let users: Vec<String> = PASSWORDS
+    let mut users: Vec<String> = PASSWORDS
         .iter()
         .map(|(user, password)| {
             let permissions = if least {
@@ -82,6 +87,7 @@ fn server_config(dir: &Path, pki: &Pki, least: bool) -> PathBuf {
             format!("      {{user: {user}, password: \"{password}\"{permissions}}}")
         })
         .collect();
+    users.extend(more.iter().map(|u| format!("      {u}")));
     // nats-server refuses variables that nothing uses: include them only when used.
     let include = if least {
         "include \"permissions.conf\"\n"
@@ -161,13 +167,27 @@ fn violations(c: &Cluster) -> Vec<String> {
         .collect()
 }
 
-/// Coordinator and edge reach a TLS server with a password each from the environment; a
-/// client connected through the edge gets a gRPC `Send`; nothing prints a password.
+/// Over TLS with the test CA, the coordinator authenticates with a password from the
+/// environment and the edge with an NKey seed file; a client connected through the edge gets
+/// a gRPC `Send`; nothing prints a password or the seed.
 #[tokio::test]
-async fn processes_connect_with_passwords_and_tls() {
+async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
     let dir = test_dir("tls");
     let pki = pki(&dir);
-    let c = cluster(&dir, &pki, false).await;
+    let nkey = nkeys::KeyPair::new_user();
+    let seed = nkey.seed().unwrap();
+    let seed_file = dir.join("edge.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    let nkey_user = format!("{{nkey: {}}}", nkey.public_key());
+    let yaml = switchboard_yaml(&pki).replace("  password_env: NATS_PASSWORD\n", "");
+    let spec = Spec::new(1, 1)
+        .config_yaml(yaml)
+        .nats_config(server_config_with(&dir, &pki, false, &[nkey_user]))
+        .coordinator_env("SWITCHBOARD_NATS__USER", "coordinator")
+        .coordinator_env("SWITCHBOARD_NATS__PASSWORD_ENV", "NATS_PASSWORD")
+        .coordinator_env("NATS_PASSWORD", password("coordinator"))
+        .edge_env("SWITCHBOARD_NATS__NKEY_FILE", seed_file.to_str().unwrap());
+    let c = Cluster::launch(spec).await;
     let tls_log = c.nats.recent_log();
     assert!(
         tls_log.contains("TLS required for client connections"),
@@ -199,7 +219,7 @@ async fn processes_connect_with_passwords_and_tls() {
             )
         })
         .collect();
-    for user in ["coordinator", "edge"] {
+    for user in ["coordinator", nkey.public_key().as_str()] {
         assert!(
             users.contains(&(user.to_owned(), true)),
             "{user} connected over TLS: {users:?}"
@@ -210,6 +230,7 @@ async fn processes_connect_with_passwords_and_tls() {
         for (_, pw) in PASSWORDS {
             assert!(!out.contains(pw), "{} printed a password:\n{out}", p.name);
         }
+        assert!(!out.contains(&seed), "{} printed the seed:\n{out}", p.name);
     }
 }
 
