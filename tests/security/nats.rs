@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use tokio::process::Command;
+
 use bus::{Bus as _, NatsAuth, NatsBus, NatsOptions, NatsTls, Outgoing};
 use futures::{StreamExt as _, TryStreamExt as _};
 use proto::v1::{
@@ -16,8 +18,8 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use serde_json::json;
 
 use crate::harness::{
-    Backend, Cluster, Spec, bounded, broadcast, http_get, next_json, placement, publish, resources,
-    send, switchboard,
+    Backend, Cluster, Proc, Spec, bounded, broadcast, http_get, next_json, placement, publish,
+    resources, send, switchboard,
 };
 
 /// The documented permissions, as the docs page shows them.
@@ -232,6 +234,32 @@ async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
         }
         assert!(!out.contains(&seed), "{} printed the seed:\n{out}", p.name);
     }
+
+    // Credentials written in the URL: taken out before use, `***` wherever the URL is shown.
+    let pw = password("coordinator");
+    let url = c
+        .nats
+        .url()
+        .replace("nats://", &format!("nats://coordinator:{pw}@"));
+    let cmd = process("coordinator", &c, &c.config, &url, &[]);
+    let (p, banner) = Proc::start("c-url", cmd, |line| {
+        line.contains(" grpc ").then(|| line.to_owned())
+    })
+    .await;
+    let shown = format!("nats://***@127.0.0.1:{}", c.nats.port());
+    assert!(
+        banner.contains(&shown),
+        "the banner shows {shown}: {banner}"
+    );
+    let out = p.tail();
+    assert!(
+        !out.contains(pw),
+        "the process printed the password:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("nats={shown}")),
+        "the log shows {shown}:\n{out}"
+    );
 }
 
 /// The documented least permissions are enough for everything Switchboard does (gRPC Send
@@ -444,28 +472,32 @@ async fn documented_least_permissions_carry_a_full_flow() {
     }
 }
 
+/// A `switchboard ROLE` of the cluster `c` with the config file `config`, NATS at `url`,
+/// listeners on free ports and the variables `env`.
+fn process(role: &str, c: &Cluster, config: &Path, url: &str, env: &[(&str, &str)]) -> Command {
+    let mut cmd = switchboard();
+    cmd.arg(role)
+        .arg("--config")
+        .arg(config)
+        .args(["--nats", url])
+        .args(["--node-id", &format!("{role}-{}", ulid::Ulid::new())])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--coordinator", &c.grpc(0).to_string()])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// The result of a process that must not start: its exit status and what it printed.
 async fn failed_start(role: &str, c: &Cluster, yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
     let dir = c.dir.join(format!("fail-{}", ulid::Ulid::new()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.yaml");
     std::fs::write(&config, yaml).unwrap();
-    let mut cmd = switchboard();
-    cmd.arg(role)
-        .arg("--config")
-        .arg(&config)
-        .args(["--nats", &c.nats.url()])
-        .args(["--listen", "127.0.0.1:0"])
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--coordinator", &c.grpc(0).to_string()])
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = process(role, c, &config, &c.nats.url(), env);
     let out = bounded(&format!("{role} to give up"), cmd.output())
         .await
         .unwrap();
