@@ -9,6 +9,11 @@
 # Knobs are environment variables; `deploy/local/cluster.sh help` lists them. Pids, logs and
 # generated configs live in CLUSTER_DIR; `status` and `down` need only CLUSTER_DIR.
 #
+# `up` makes a fresh gRPC API key and cluster secret (unless SWITCHBOARD_API_KEY and
+# SWITCHBOARD_CLUSTER_SECRET are given) and hands them to the processes through their
+# environment; the key is also written to CLUSTER_DIR/api-key (mode 600) for grpcurl, never
+# printed. haproxy logs request paths without their query strings (tokens travel in ?token=).
+#
 # The processes inherit this script's environment: OpenTelemetry variables
 # (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, any other OTEL_*), RUST_LOG and
 # SWITCHBOARD_* config overrides reach every switchboard process unchanged.
@@ -63,6 +68,8 @@ environment (defaults in brackets):
   EDGE_PORTS              edges' WebSocket ports, one edge each ["8081 8082 8083"]
   LB_PORT                 haproxy in front of the edges [8080]
   SWITCHBOARD_JWT_SECRET  HS256 secret of the /connect route [$DEFAULT_SECRET]
+  SWITCHBOARD_API_KEY     the coordinators' gRPC API key, all scopes [fresh at each up]
+  SWITCHBOARD_CLUSTER_SECRET  shared by edges and coordinators [fresh at each up]
   EDGE_CONFIG             the edges' config file [one written into CLUSTER_DIR]
   SWITCHBOARD_BIN         the binary [target/release/switchboard, built if missing]
   READY_TIMEOUT           seconds each start step may take [30]
@@ -341,7 +348,9 @@ write_edge_config() {
     cat >"$1" <<'EOF'
 # Written by deploy/local/cluster.sh (EDGE_CONFIG=FILE starts the edges with another file).
 # The script's flags set listen, node_id, nats.url and edge.coordinators; the HS256 secret is
-# read from SWITCHBOARD_JWT_SECRET when each edge starts.
+# read from SWITCHBOARD_JWT_SECRET when each edge starts. The API key and the cluster secret
+# come from the environment the script sets (SWITCHBOARD_COORDINATOR__API__KEYS and
+# SWITCHBOARD_CLUSTER__SECRET_ENV name the variables), so that they apply to any EDGE_CONFIG.
 edge:
   routes:
     - path: /connect
@@ -369,7 +378,9 @@ global
 defaults
     mode http
     log global
-    option httplog
+    # httplog's format, but the request line without its query string: clients send their
+    # token in ?token=, and it must not land in a log.
+    log-format "%ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs \"%HM %HP %HV\""
     option dontlognull
     option forwardfor
     timeout connect 5s
@@ -395,6 +406,24 @@ EOF
             printf '    server edge-%s 127.0.0.1:%s\n' "$i" "$port"
         done
     } >"$file"
+}
+
+# 32 random bytes, URL-safe base64.
+random_secret() { head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'; }
+
+# The gRPC API key (all scopes) and the cluster secret, from the caller or fresh; exported for
+# the processes, with the config overrides that name them. The key goes to CLUSTER_DIR/api-key.
+make_secrets() {
+    if [ -z "${SWITCHBOARD_API_KEY:-}" ]; then
+        SWITCHBOARD_API_KEY=$("$SWITCHBOARD_BIN" api-key) || die "switchboard api-key failed"
+    fi
+    if [ -z "${SWITCHBOARD_CLUSTER_SECRET:-}" ]; then
+        SWITCHBOARD_CLUSTER_SECRET=$(random_secret)
+    fi
+    export SWITCHBOARD_API_KEY SWITCHBOARD_CLUSTER_SECRET
+    export SWITCHBOARD_COORDINATOR__API__KEYS='[{name: local, secret_env: SWITCHBOARD_API_KEY, scopes: [read, messaging, resources, admin]}]'
+    export SWITCHBOARD_CLUSTER__SECRET_ENV=SWITCHBOARD_CLUSTER_SECRET
+    (umask 077 && printf '%s\n' "$SWITCHBOARD_API_KEY" >"$CLUSTER_DIR/api-key")
 }
 
 # Aborting `up` stops whatever it started.
@@ -464,6 +493,7 @@ cmd_up() {
     done
 
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$CLUSTER_DIR/jetstream"
+    make_secrets
     if [ -n "$EDGE_CONFIG" ]; then
         EDGE_CONFIG=$(absolute "$EDGE_CONFIG")
         [ -f "$EDGE_CONFIG" ] || die "EDGE_CONFIG: $EDGE_CONFIG does not exist"
@@ -533,7 +563,8 @@ cmd_up() {
 try:
   TOKEN=\$($SWITCHBOARD_BIN token --sub alice --namespace default$secret_hint)
   python3 -m websockets "$url"
-  grpcurl -plaintext 127.0.0.1:${coord_ports[0]} switchboard.v1.Placement/ListNodes
+  KEY=\$(cat $CLUSTER_DIR/api-key)    # the gRPC API key (all scopes)
+  grpcurl -H "authorization: Bearer \$KEY" -plaintext 127.0.0.1:${coord_ports[0]} switchboard.v1.Placement/ListNodes
 stop:
   $dir_hint$PROG down
 EOF

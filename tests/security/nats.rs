@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use tokio::process::Command;
+
 use bus::{Bus as _, NatsAuth, NatsBus, NatsOptions, NatsTls, Outgoing};
 use futures::{StreamExt as _, TryStreamExt as _};
 use proto::v1::{
@@ -16,8 +18,8 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use serde_json::json;
 
 use crate::harness::{
-    Backend, Cluster, Spec, bounded, broadcast, http_get, next_json, placement, publish, resources,
-    send, switchboard,
+    Backend, Cluster, Proc, Spec, bounded, broadcast, http_get, next_json, placement, publish,
+    resources, send, switchboard,
 };
 
 /// The documented permissions, as the docs page shows them.
@@ -70,8 +72,13 @@ fn test_dir(name: &str) -> PathBuf {
 /// A server config: TLS with `pki`, an account with JetStream and the three users, each with
 /// its role's permissions from the documented file when `least` (else with none).
 fn server_config(dir: &Path, pki: &Pki, least: bool) -> PathBuf {
+    server_config_with(dir, pki, least, &[])
+}
+
+/// [`server_config`] with more users (lines of the account's `users` list).
+fn server_config_with(dir: &Path, pki: &Pki, least: bool, more: &[String]) -> PathBuf {
     std::fs::write(dir.join("permissions.conf"), PERMISSIONS).unwrap();
-    let users: Vec<String> = PASSWORDS
+    let mut users: Vec<String> = PASSWORDS
         .iter()
         .map(|(user, password)| {
             let permissions = if least {
@@ -82,6 +89,7 @@ fn server_config(dir: &Path, pki: &Pki, least: bool) -> PathBuf {
             format!("      {{user: {user}, password: \"{password}\"{permissions}}}")
         })
         .collect();
+    users.extend(more.iter().map(|u| format!("      {u}")));
     // nats-server refuses variables that nothing uses: include them only when used.
     let include = if least {
         "include \"permissions.conf\"\n"
@@ -161,13 +169,27 @@ fn violations(c: &Cluster) -> Vec<String> {
         .collect()
 }
 
-/// Coordinator and edge reach a TLS server with a password each from the environment; a
-/// client connected through the edge gets a gRPC `Send`; nothing prints a password.
+/// Over TLS with the test CA, the coordinator authenticates with a password from the
+/// environment and the edge with an NKey seed file; a client connected through the edge gets
+/// a gRPC `Send`; nothing prints a password or the seed.
 #[tokio::test]
-async fn processes_connect_with_passwords_and_tls() {
+async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
     let dir = test_dir("tls");
     let pki = pki(&dir);
-    let c = cluster(&dir, &pki, false).await;
+    let nkey = nkeys::KeyPair::new_user();
+    let seed = nkey.seed().unwrap();
+    let seed_file = dir.join("edge.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    let nkey_user = format!("{{nkey: {}}}", nkey.public_key());
+    let yaml = switchboard_yaml(&pki).replace("  password_env: NATS_PASSWORD\n", "");
+    let spec = Spec::new(1, 1)
+        .config_yaml(yaml)
+        .nats_config(server_config_with(&dir, &pki, false, &[nkey_user]))
+        .coordinator_env("SWITCHBOARD_NATS__USER", "coordinator")
+        .coordinator_env("SWITCHBOARD_NATS__PASSWORD_ENV", "NATS_PASSWORD")
+        .coordinator_env("NATS_PASSWORD", password("coordinator"))
+        .edge_env("SWITCHBOARD_NATS__NKEY_FILE", seed_file.to_str().unwrap());
+    let c = Cluster::launch(spec).await;
     let tls_log = c.nats.recent_log();
     assert!(
         tls_log.contains("TLS required for client connections"),
@@ -199,7 +221,7 @@ async fn processes_connect_with_passwords_and_tls() {
             )
         })
         .collect();
-    for user in ["coordinator", "edge"] {
+    for user in ["coordinator", nkey.public_key().as_str()] {
         assert!(
             users.contains(&(user.to_owned(), true)),
             "{user} connected over TLS: {users:?}"
@@ -210,7 +232,34 @@ async fn processes_connect_with_passwords_and_tls() {
         for (_, pw) in PASSWORDS {
             assert!(!out.contains(pw), "{} printed a password:\n{out}", p.name);
         }
+        assert!(!out.contains(&seed), "{} printed the seed:\n{out}", p.name);
     }
+
+    // Credentials written in the URL: taken out before use, `***` wherever the URL is shown.
+    let pw = password("coordinator");
+    let url = c
+        .nats
+        .url()
+        .replace("nats://", &format!("nats://coordinator:{pw}@"));
+    let cmd = process("coordinator", &c, &c.config, &url, &[]);
+    let (p, banner) = Proc::start("c-url", cmd, |line| {
+        line.contains(" grpc ").then(|| line.to_owned())
+    })
+    .await;
+    let shown = format!("nats://***@127.0.0.1:{}", c.nats.port());
+    assert!(
+        banner.contains(&shown),
+        "the banner shows {shown}: {banner}"
+    );
+    let out = p.tail();
+    assert!(
+        !out.contains(pw),
+        "the process printed the password:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("nats={shown}")),
+        "the log shows {shown}:\n{out}"
+    );
 }
 
 /// The documented least permissions are enough for everything Switchboard does (gRPC Send
@@ -423,29 +472,33 @@ async fn documented_least_permissions_carry_a_full_flow() {
     }
 }
 
+/// A `switchboard ROLE` of the cluster `c` with the config file `config`, NATS at `url`,
+/// listeners on free ports and the variables `env`.
+fn process(role: &str, c: &Cluster, config: &Path, url: &str, env: &[(&str, &str)]) -> Command {
+    let mut cmd = switchboard();
+    cmd.arg(role)
+        .arg("--config")
+        .arg(config)
+        .args(["--nats", url])
+        .args(["--node-id", &format!("{role}-{}", ulid::Ulid::new())])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--coordinator", &c.grpc(0).to_string()])
+        .envs(crate::harness::test_credentials())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// The result of a process that must not start: its exit status and what it printed.
 async fn failed_start(role: &str, c: &Cluster, yaml: &str, env: &[(&str, &str)]) -> (i32, String) {
     let dir = c.dir.join(format!("fail-{}", ulid::Ulid::new()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.yaml");
     std::fs::write(&config, yaml).unwrap();
-    let mut cmd = switchboard();
-    cmd.arg(role)
-        .arg("--config")
-        .arg(&config)
-        .args(["--nats", &c.nats.url()])
-        .args(["--listen", "127.0.0.1:0"])
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--coordinator", &c.grpc(0).to_string()])
-        .envs(crate::harness::test_credentials())
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = process(role, c, &config, &c.nats.url(), env);
     let out = bounded(&format!("{role} to give up"), cmd.output())
         .await
         .unwrap();
