@@ -164,8 +164,8 @@ impl ConfigError {
 #[derive(Debug, Clone, Default)]
 pub struct Resolved {
     pub config: Config,
-    /// RS256 public key PEM per edge route.
-    pub rs256_pems: Vec<Option<Vec<u8>>>,
+    /// Key material per edge route (key files, JWKS file, JWKS CA).
+    pub route_keys: Vec<edge::RouteKeys>,
 }
 
 impl Config {
@@ -269,7 +269,7 @@ impl Config {
                 "must be non-empty, without spaces",
             ));
         }
-        let mut rs256_pems = Vec::new();
+        let mut route_keys = Vec::new();
         // A coordinator reads the edge block only for resource types: no secrets or keys.
         let edge_routes = if mode == Mode::Coordinator {
             &mut [][..]
@@ -290,18 +290,30 @@ impl Config {
                     }
                 }
             }
-            let pem = match &route.auth.rs256_public_key_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    ConfigError::key(
-                        key("rs256_public_key_file"),
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?),
-                None => None,
+            let a = &route.auth;
+            let read = |name: &str, path: &Option<PathBuf>| match path {
+                Some(path) => std::fs::read(path).map(Some).map_err(|e| {
+                    ConfigError::key(key(name), format!("cannot read {}: {e}", path.display()))
+                }),
+                None => Ok(None),
             };
-            rs256_pems.push(pem);
+            let pem = [
+                ("rs256_public_key_file", &a.rs256_public_key_file),
+                ("es256_public_key_file", &a.es256_public_key_file),
+                ("eddsa_public_key_file", &a.eddsa_public_key_file),
+            ]
+            .into_iter()
+            .find(|(_, p)| p.is_some())
+            .map(|(name, p)| read(name, p))
+            .transpose()?
+            .flatten();
+            route_keys.push(edge::RouteKeys {
+                pem,
+                jwks: read("jwks_file", &a.jwks_file)?,
+                jwks_ca: read("jwks_ca_file", &a.jwks_ca_file)?,
+            });
         }
-        Ok(Resolved { config, rs256_pems })
+        Ok(Resolved { config, route_keys })
     }
 
     /// The effective config as YAML, secrets redacted.

@@ -36,6 +36,9 @@ pub struct CoordinatorConfig {
     /// Backends publish `{type, payload, namespace?, skip?}` here to broadcast. Default
     /// `sb.broadcast`.
     pub broadcast_subject: String,
+    /// The key-value bucket `Admin.Revoke` writes revoked tokens to (the edges' `edge.
+    /// revocation_bucket`). Default `sb_revoked`.
+    pub revocation_bucket: String,
 }
 
 impl Default for CoordinatorConfig {
@@ -51,6 +54,7 @@ impl Default for CoordinatorConfig {
             resources: std::collections::BTreeMap::new(),
             send_subject: proto::subject::DEFAULT_SEND.into(),
             broadcast_subject: proto::subject::DEFAULT_BROADCAST.into(),
+            revocation_bucket: proto::revoke::BUCKET.into(),
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The gRPC server: Messaging, Placement, `grpc.health.v1.Health`, and server reflection
-//! (v1 and v1alpha, so that every grpcurl build can list and describe with no .proto files).
+//! The gRPC server: Messaging, Placement, Resources, Admin, `grpc.health.v1.Health`, and
+//! server reflection (v1 and v1alpha, so that every grpcurl build can list and describe with
+//! no .proto files).
 
+use proto::v1::admin_server::AdminServer;
 use proto::v1::edge_report_server::EdgeReportServer;
 use proto::v1::messaging_server::MessagingServer;
 use proto::v1::placement_server::PlacementServer;
@@ -8,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::AdminService;
 use crate::api::{MessagingService, PlacementService};
 use crate::messaging::Coordinator;
 use crate::report::ReportService;
@@ -32,6 +35,7 @@ pub async fn serve(
     listener: TcpListener,
     coordinator: Coordinator,
     resources: ResourcesService,
+    admin: AdminService,
     shutdown: CancellationToken,
 ) -> Result<(), GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -41,6 +45,7 @@ pub async fn serve(
     health
         .set_serving::<PlacementServer<PlacementService>>()
         .await;
+    health.set_serving::<AdminServer<AdminService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -58,6 +63,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(EdgeReportServer::new(ReportService(coordinator.clone())))
         .add_service(ResourcesServer::new(resources))
+        .add_service(AdminServer::new(admin))
         .add_service(MessagingServer::new(MessagingService(coordinator.clone())))
         .add_service(PlacementServer::new(PlacementService(coordinator)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())

@@ -7,7 +7,9 @@
 //! | [`messaging`] | delivery across edges over the bus ([`Coordinator`]) |
 //! | [`api`] | tonic services: proto ↔ domain, errors → `Status` |
 //! | [`grpc`] | the gRPC server with health and reflection |
+//! | [`admin`] | operator actions: token revocation |
 
+pub mod admin;
 pub mod api;
 pub mod cluster;
 

@@ -7,11 +7,13 @@
 //! | [`subject`] | NATS subjects and header names: the only place a subject is spelled |
 //! | [`topic`] | MQTT topic syntax: validation, matching, encoding into subject tokens |
 //! | [`frame`] | client ↔ edge JSON frames and their dialects |
+//! | [`revoke`] | entries of the revoked-token bucket |
 //!
 //! **Invariant:** this crate pulls in no tokio runtime and no telemetry.
 
 pub mod frame;
 pub mod json;
+pub mod revoke;
 pub mod subject;
 pub mod topic;
 

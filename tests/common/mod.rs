@@ -54,13 +54,14 @@ impl TestNode {
         init_tracing();
         edge.listen = "127.0.0.1:0".parse().unwrap();
         edge.validate().expect("test edge config is invalid");
-        let rs256_pems = edge
+        let route_keys = edge
             .routes
             .iter()
-            .map(|r| {
-                r.auth.rs256_public_key_file.as_ref().map(|p| {
+            .map(|r| edge::RouteKeys {
+                pem: r.auth.rs256_public_key_file.as_ref().map(|p| {
                     std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
-                })
+                }),
+                ..edge::RouteKeys::default()
             })
             .collect();
         let mut config = Config {
@@ -69,7 +70,7 @@ impl TestNode {
         };
         config.coordinator.grpc_listen = "127.0.0.1:0".parse().unwrap();
         config.coordinator.request_timeout = Duration::from_secs(1);
-        let node = DevNode::bind(Resolved { config, rs256_pems })
+        let node = DevNode::bind(Resolved { config, route_keys })
             .await
             .expect("node binds");
         let (ws_addr, grpc_addr, bus) = (node.ws_addr, node.grpc_addr, node.bus());
