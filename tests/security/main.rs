@@ -1,0 +1,5 @@
+//! The security suite: the trust boundary tried as an attacker would, against the real binary.
+#![allow(clippy::unwrap_used)]
+#[path = "../common/cluster.rs"]
+mod harness;
+mod tokens;
