@@ -418,6 +418,54 @@ mod tests {
     }
 
     #[test]
+    fn token_lifecycle_mistakes_are_named() {
+        let route = |auth: &str| format!("edge:\n  routes:\n    - path: /x\n      auth: {auth}\n");
+        let e = load(
+            &route("{ hs256_secret: s, es256_public_key_file: /k.pem }"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "edge.routes[0].auth: set only one key source, not hs256_secret and es256_public_key_file"
+        );
+        let e = load(&route("{ hs256_secret: s, refresh_lead: 2h }"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.refresh_lead: must be less"),
+            "{e}"
+        );
+        let e = load(&route("{ jwks_url: \"http://idp.example.com/k\" }"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.jwks_url: must start with https://"),
+            "{e}"
+        );
+        let e = load(
+            &route("{ jwks_url: \"https://idp.example.com/k\", jwks_refresh_min: 0s }"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.jwks_refresh_min"),
+            "{e}"
+        );
+        let e = load(&route("{ eddsa_public_key_file: /nope/ed.pem }"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.eddsa_public_key_file: cannot read"),
+            "{e}"
+        );
+        let r = load(
+            &route("{ hs256_secret: s, require_exp: false, refresh_lead: 5s }"),
+            &[],
+        )
+        .unwrap();
+        assert!(!r.config.edge.routes[0].auth.require_exp);
+    }
+
+    #[test]
     fn env_overrides_file() {
         let r = load(
             "edge:\n  listen: 127.0.0.1:1\n  routes: [{ path: /x, anonymous: true }]\n",

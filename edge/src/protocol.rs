@@ -88,7 +88,7 @@ where
         "subscribe" => Some(subscribe(conn, &frame).await),
         "unsubscribe" => Some(unsubscribe(conn, &frame)),
         "publish" => Some(publish(conn, &frame).await),
-        "refresh" => Some(refresh(conn, &frame)),
+        "refresh" => Some(refresh(conn, &frame).await),
         _ => resources::verb(conn, &frame).await,
     };
     match answer {
@@ -101,7 +101,7 @@ where
 /// upgrade's was (signature, `exp`, same user, the connection's namespace still granted,
 /// not revoked). Answered `refreshed` with the new `exp`, or an `invalid_token` error; the
 /// old token's deadline stays in force after a refusal.
-fn refresh<S>(conn: &mut Conn<S>, f: &ClientFrame) -> String
+async fn refresh<S>(conn: &mut Conn<S>, f: &ClientFrame) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -125,16 +125,26 @@ where
         );
     }
     let info = conn.handle.info();
-    let checked = route
-        .verifier
-        .refresh(&route.cfg, token, &info.user, &info.namespace)
-        .and_then(|claims| {
-            let ids = crate::conn::TokenIds::of(&claims);
-            if conn.shared.revoked.revokes(&ids, &info.namespace) {
-                return Err(crate::auth::AuthError::Revoked);
-            }
-            Ok(claims)
-        });
+    let check = || {
+        route
+            .verifier
+            .refresh(&route.cfg, token, &info.user, &info.namespace)
+    };
+    let mut checked = check();
+    // A rotated key: refetch the URL's key set (rate-limited) and check again.
+    if matches!(checked, Err(crate::auth::AuthError::UnknownKey))
+        && let Some(fetcher) = &route.verifier.fetcher
+        && fetcher.refetch_for_unknown_kid().await
+    {
+        checked = check();
+    }
+    let checked = checked.and_then(|claims| {
+        let ids = crate::conn::TokenIds::of(&claims);
+        if conn.shared.revoked.revokes(&ids, &info.namespace) {
+            return Err(crate::auth::AuthError::Revoked);
+        }
+        Ok(claims)
+    });
     match checked {
         Ok(claims) => {
             let exp = crate::auth::expiry(&claims);
