@@ -286,7 +286,8 @@ impl Fetcher {
     }
 
     /// Fetches again because a token named an unknown `kid`, unless a fetch started less
-    /// than `jwks_refresh_min` ago; true when a new set is in place.
+    /// than `jwks_refresh_min` ago (a fetch under way is waited for); true when a new set is
+    /// in place.
     pub(crate) async fn refetch_for_unknown_kid(&self) -> bool {
         let mut last = self.last.lock().await;
         if last.is_some_and(|t| t.elapsed() < self.min_interval) {

@@ -134,8 +134,8 @@ where
     // A rotated key: refetch the URL's key set (rate-limited) and check again.
     if matches!(checked, Err(crate::auth::AuthError::UnknownKey))
         && let Some(fetcher) = &route.verifier.fetcher
-        && fetcher.refetch_for_unknown_kid().await
     {
+        fetcher.refetch_for_unknown_kid().await;
         checked = check();
     }
     let checked = checked.and_then(|claims| {

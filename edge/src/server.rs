@@ -461,11 +461,12 @@ async fn admit(
         .await;
     };
     let mut admitted = route.verifier.admit(&route.cfg, head);
-    // A key set from a URL may have gained the token's key: refetch (rate-limited), retry.
+    // A key set from a URL may have gained the token's key: refetch (rate-limited; or wait
+    // for the fetch under way), then check again.
     if matches!(admitted, Err(AuthError::UnknownKey))
         && let Some(fetcher) = &route.verifier.fetcher
-        && fetcher.refetch_for_unknown_kid().await
     {
+        fetcher.refetch_for_unknown_kid().await;
         admitted = route.verifier.admit(&route.cfg, head);
     }
     let admitted = admitted.and_then(|id| {
