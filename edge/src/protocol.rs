@@ -149,6 +149,17 @@ where
         Ok(claims) => {
             let exp = crate::auth::expiry(&claims);
             conn.refreshed(&claims, exp);
+            // A revocation recorded since the check, whose scan saw the old token's ids.
+            let info = conn.handle.info();
+            if conn
+                .shared
+                .revoked
+                .revokes(&conn.handle.token_ids(), &info.namespace)
+            {
+                let (code, reason) = crate::conn::TOKEN_REVOKED;
+                conn.handle
+                    .close(crate::conn::CloseRequest::new(code, reason));
+            }
             FrameBuilder::new(key, "refreshed")
                 .id(id)
                 .value("exp", &exp.map_or(Value::Null, Value::from))

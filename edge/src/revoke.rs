@@ -18,8 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::conn::{CloseRequest, TOKEN_REVOKED, TokenIds};
 use crate::server::Shared;
 
-/// Pause before watching again after the store failed.
+/// Pause before watching again after the store failed, doubled on each failure in a row
+/// up to [`RETRY_MAX`] (a server without JetStream is retried, not hammered).
 const RETRY: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The bucket's entries, indexed by what they match.
 #[derive(Debug, Default)]
@@ -114,27 +116,28 @@ pub(crate) async fn watch(
     bucket: String,
     shutdown: CancellationToken,
 ) {
+    let mut retry = RETRY;
     loop {
         let changes = tokio::select! {
             () = shutdown.cancelled() => return,
             w = store.watch(&bucket) => w,
         };
-        let mut changes = match changes {
-            Ok(w) => w,
+        let watched = match changes {
+            Ok(w) => relist(&shared, &*store, &bucket).await.then_some(w),
             Err(error) => {
-                tracing::warn!(%bucket, %error, "revocation watch failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(RETRY) => continue,
-                }
+                tracing::warn!(%bucket, %error, ?retry, "revocation watch failed; retrying");
+                None
             }
         };
-        if !relist(&shared, &*store, &bucket).await {
+        let Some(mut changes) = watched else {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(RETRY) => continue,
+                () = tokio::time::sleep(retry) => {}
             }
-        }
+            retry = (retry * 2).min(RETRY_MAX);
+            continue;
+        };
+        retry = RETRY;
         loop {
             let change = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -144,9 +147,11 @@ pub(crate) async fn watch(
                 // The watch ended: watch again.
                 None => break,
                 Some(Change::Put { key, value }) => match parse(&value) {
+                    // Recorded before the scan: a connection attached after the scan sees
+                    // the entry when it checks itself (`server::run_conn`).
                     Some(r) => {
+                        shared.revoked.put(key, r.clone());
                         close_matching(&shared, std::slice::from_ref(&r));
-                        shared.revoked.put(key, r);
                     }
                     None => tracing::warn!(%bucket, "ignoring a revocation that is not valid JSON"),
                 },
@@ -166,7 +171,7 @@ async fn relist(shared: &Shared, store: &dyn bus::ResourceStore, bucket: &str) -
     let entries = match store.list(bucket).await {
         Ok(e) => e,
         Err(error) => {
-            tracing::warn!(%bucket, %error, "revocations not listed; retrying");
+            tracing::warn!(%bucket, %error, "revocations not listed");
             return false;
         }
     };

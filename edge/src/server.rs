@@ -627,6 +627,11 @@ async fn run_conn(shared: Arc<Shared>, up: Upgraded) {
     if attached && shared.draining.load(Ordering::SeqCst) {
         handle.close(crate::conn::CloseRequest::new(1001, "server shutting down"));
     }
+    // Likewise a revocation recorded after the upgrade's check but scanned before the attach.
+    if attached && shared.revoked.revokes(&handle.token_ids(), &info.namespace) {
+        let (code, reason) = crate::conn::TOKEN_REVOKED;
+        handle.close(crate::conn::CloseRequest::new(code, reason));
+    }
     tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
     let end = if attached {
         let onconnect = protocol::onconnect(
