@@ -181,7 +181,10 @@ async fn exp_is_required_and_es256_eddsa_keys_verify() {
 #[tokio::test]
 async fn expiring_tokens_get_refresh_required_and_close_with_4001_unless_refreshed() {
     let yaml = "edge:\n  routes:\n\
-         \x20   - path: /hs\n      auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET, refresh_lead: 1s }\n\
+         \x20   - path: /hs\n      auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET, refresh_lead: 3s }\n\
+         \x20     heartbeat: { interval: 0s }\n\
+         \x20   - path: /mr\n      dialect: monorail\n\
+         \x20     auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET, refresh_lead: 3s }\n\
          \x20     heartbeat: { interval: 0s }\n";
     let c = Cluster::launch(
         Spec::new(1, 1)
@@ -189,7 +192,9 @@ async fn expiring_tokens_get_refresh_required_and_close_with_4001_unless_refresh
             .env("SWITCHBOARD_JWT_SECRET", SECRET),
     )
     .await;
-    let first_exp = unix_now() + 2;
+    // A 3–4 s token (exp has whole seconds) with a 3 s lead: the notice comes within a second,
+    // leaving two or more for the refusals and the refresh before it expires.
+    let first_exp = unix_now() + 4;
     let short = hs256(
         &json!({"sub": "ann", "exp": first_exp, "namespaces": ["default"]}),
         SECRET,
@@ -203,8 +208,12 @@ async fn expiring_tokens_get_refresh_required_and_close_with_4001_unless_refresh
     let mut wrong = c
         .connect_as(0, &format!("/hs?token={short}"), &[], "wrong")
         .await;
+    // A dialect without the refresh verb gets no notice, only the close.
+    let mut monorail = c
+        .connect_as(0, &format!("/mr?token={short}"), &[], "monorail")
+        .await;
 
-    // About 1 s before exp: the notice, with the exp it is about.
+    // refresh_lead before exp: the notice, with the exp it is about.
     for client in [&mut keeper, &mut idler, &mut wrong] {
         let notice = client.recv_within(Duration::from_secs(4)).await;
         assert_eq!(
@@ -252,7 +261,7 @@ async fn expiring_tokens_get_refresh_required_and_close_with_4001_unless_refresh
     );
 
     // The ones that did not refresh close at exp with 4001 "token expired".
-    for client in [&mut idler, &mut wrong] {
+    for client in [&mut idler, &mut wrong, &mut monorail] {
         let ((code, reason), texts) = client.close_frame_after_texts().await;
         assert_eq!(
             (code, reason.as_str()),
