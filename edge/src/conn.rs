@@ -627,12 +627,19 @@ impl TokenClock {
         leeway: Duration,
         lead: Option<Duration>,
     ) -> Self {
-        let left = exp.saturating_mul(1000).saturating_sub(now_ms).max(0);
+        // A far `exp` is as good as ten years: no connection lives that long, and the
+        // timer's arithmetic cannot overflow.
+        let left = exp
+            .saturating_mul(1000)
+            .saturating_sub(now_ms)
+            .clamp(0, TEN_YEARS_MS);
         let exp_at = now + Duration::from_millis(left as u64);
         Self {
             exp,
             notify_at: lead.map(|l| exp_at.checked_sub(l).unwrap_or(now).max(now)),
-            expire_at: exp_at + leeway,
+            expire_at: exp_at
+                .checked_add(leeway)
+                .unwrap_or(exp_at + Duration::from_millis(TEN_YEARS_MS as u64)),
         }
     }
 
@@ -654,6 +661,8 @@ impl TokenClock {
         None
     }
 }
+
+const TEN_YEARS_MS: i64 = 10 * 365 * 86_400 * 1000;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn unix_ms() -> i64 {
@@ -727,6 +736,11 @@ mod tests {
         // Already expired: due at once; no notice on dialects without `refresh`.
         let mut c = TokenClock::new(990, 1_000_000, now, Duration::ZERO, None);
         assert_eq!(c.on_timer(now), Some(TokenEvent::Expired));
+        // Absurd values neither overflow nor expire early.
+        let c = TokenClock::new(i64::MAX, 0, now, s(u64::from(u32::MAX)), Some(s(30)));
+        assert!(c.next() > now + s(86_400 * 365));
+        let c = TokenClock::new(i64::MIN, i64::MAX, now, Duration::ZERO, Some(s(30)));
+        assert_eq!(c.next(), now);
     }
 
     #[tokio::test(start_paused = true)]
