@@ -185,6 +185,23 @@ pub(crate) struct JwksUrl {
     pub(crate) path: String,
 }
 
+impl JwksUrl {
+    /// The `Host` header: the host (bracketed if IPv6), and the port unless the default.
+    pub(crate) fn host_header(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
 /// Checks `auth.jwks_url`: `https://host[:port]/path`, or `http://` to a loopback host (a
 /// sidecar on the same machine: nothing crosses a network).
 pub fn check_url(url: &str) -> Result<(), JwksError> {
@@ -361,12 +378,7 @@ impl Fetcher {
         // hyper's connection future drives the socket while we read the response; it ends
         // with this fetch (aborted on drop).
         let driver = AbortOnDrop(tokio::spawn(conn));
-        let host =
-            if (self.url.tls && self.url.port == 443) || (!self.url.tls && self.url.port == 80) {
-                self.url.host.clone()
-            } else {
-                format!("{}:{}", self.url.host, self.url.port)
-            };
+        let host = self.url.host_header();
         let req = hyper::Request::get(self.url.path.as_str())
             .header(hyper::header::HOST, host)
             .header(hyper::header::ACCEPT, "application/json")
@@ -520,7 +532,12 @@ mod tests {
             (u.tls, u.host.as_str(), u.port, u.path.as_str()),
             (false, "127.0.0.1", 8081, "/")
         );
-        assert!(parse_url("http://[::1]:9/k").is_ok());
+        let u = parse_url("http://[::1]:9/k").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.host_header()),
+            ("::1", "[::1]:9".to_owned())
+        );
+        assert_eq!(parse_url("https://idp:443/k").unwrap().host_header(), "idp");
         assert!(parse_url("http://idp.example.com/k").is_err());
         assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("https://user:pw@idp/k").is_err());
