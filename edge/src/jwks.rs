@@ -30,7 +30,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What went wrong with a key set or its URL.
 #[derive(Debug, thiserror::Error)]
-pub enum JwksError {
+pub(crate) enum JwksError {
     #[error("not a JWKS document: {0}")]
     Parse(#[source] serde_json::Error),
     #[error("the key set has no usable key")]
@@ -204,7 +204,7 @@ impl JwksUrl {
 
 /// Checks `auth.jwks_url`: `https://host[:port]/path`, or `http://` to a loopback host (a
 /// sidecar on the same machine: nothing crosses a network).
-pub fn check_url(url: &str) -> Result<(), JwksError> {
+pub(crate) fn check_url(url: &str) -> Result<(), JwksError> {
     parse_url(url).map(drop)
 }
 

@@ -25,7 +25,7 @@ mod auth;
 mod command;
 mod conn;
 mod http;
-pub mod jwks;
+mod jwks;
 mod outbox;
 mod protocol;
 mod registry;
