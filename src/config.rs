@@ -25,10 +25,45 @@ pub struct Config {
     pub nats: NatsConfig,
     pub edge: EdgeConfig,
     pub coordinator: CoordinatorConfig,
+    pub cluster: ClusterConfig,
     /// bodhi's `socket.yaml` block, as written (seeds/004): becomes an edge route with its
     /// hooks, and the coordinators' send and broadcast subjects.
     pub gateway: Option<Gateway>,
 }
+
+/// The secret every edge and coordinator of one cluster shares: each derives its node
+/// credential from it, and coordinators verify those credentials (edge report streams, peer
+/// calls).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// An environment variable holding the secret.
+    pub secret_env: Option<String>,
+    /// A file holding the secret (surrounding whitespace is ignored).
+    pub secret_file: Option<PathBuf>,
+    /// Run a cluster without a secret: anyone who reaches a coordinator can report as any
+    /// edge. Only where the network is the boundary.
+    pub insecure: bool,
+}
+
+/// A secret read at load time; its `Debug` never shows it.
+#[derive(Clone, Default)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Shortest secret accepted for API keys and the cluster secret.
+const MIN_SECRET_LEN: usize = 16;
 
 /// bodhi's `gateway:` block.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -166,6 +201,10 @@ pub struct Resolved {
     pub config: Config,
     /// Key material per edge route (key files, JWKS file, JWKS CA).
     pub route_keys: Vec<edge::RouteKeys>,
+    /// The cluster secret (`cluster.secret_env` / `secret_file`).
+    pub cluster_secret: Option<Secret>,
+    /// The coordinator's API keys, secrets read (`coordinator.api.keys`).
+    pub api_keys: Vec<coordinator::access::ApiKey>,
 }
 
 impl Config {
@@ -313,13 +352,21 @@ impl Config {
                 jwks_ca: read("jwks_ca_file", &a.jwks_ca_file)?,
             });
         }
-        Ok(Resolved { config, route_keys })
+        let cluster_secret = resolve_cluster(mode, &config, &env)?;
+        let api_keys = resolve_api_keys(mode, &config, cluster_secret.is_some(), &env)?;
+        Ok(Resolved {
+            config,
+            route_keys,
+            cluster_secret,
+            api_keys,
+        })
     }
 
     /// The effective config as YAML, secrets redacted.
     pub fn to_yaml(&self) -> String {
         let mut shown = self.clone();
         for r in &mut shown.edge.routes {
+            r.namespace.precedence = Some(r.namespace.order());
             if r.auth.hs256_secret_env.is_some() {
                 // The secret came from the variable; show only where it comes from.
                 r.auth.hs256_secret = None;
@@ -330,6 +377,141 @@ impl Config {
 
         serde_yaml_ng::to_string(&shown).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
+}
+
+/// Reads a secret from the variable or the file a config names (exactly one of them).
+fn read_secret(
+    key: &str,
+    var: Option<&String>,
+    file: Option<&PathBuf>,
+    env: &[(String, String)],
+) -> Result<Option<Secret>, ConfigError> {
+    let text = match (var, file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::key(
+                key,
+                "set secret_env or secret_file, not both",
+            ));
+        }
+        (Some(var), None) => env
+            .iter()
+            .find(|(n, _)| n == var)
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                ConfigError::key(
+                    format!("{key}.secret_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                ConfigError::key(
+                    format!("{key}.secret_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?
+            .trim()
+            .to_owned(),
+    };
+    if text.len() < MIN_SECRET_LEN {
+        return Err(ConfigError::key(
+            key,
+            format!(
+                "the secret is shorter than {MIN_SECRET_LEN} characters; `switchboard api-key` prints a strong one"
+            ),
+        ));
+    }
+    Ok(Some(Secret(text.into_bytes())))
+}
+
+/// The cluster secret; edges and coordinators need one unless `cluster.insecure` is set.
+fn resolve_cluster(
+    mode: Mode,
+    config: &Config,
+    env: &[(String, String)],
+) -> Result<Option<Secret>, ConfigError> {
+    let c = &config.cluster;
+    let secret = read_secret(
+        "cluster",
+        c.secret_env.as_ref(),
+        c.secret_file.as_ref(),
+        env,
+    )?;
+    if c.insecure && secret.is_some() {
+        return Err(ConfigError::key(
+            "cluster.insecure",
+            "contradicts the secret set beside it: remove one",
+        ));
+    }
+    if mode != Mode::Dev && secret.is_none() && !c.insecure {
+        return Err(ConfigError::key(
+            "cluster",
+            "set secret_env or secret_file (the same secret on every edge and coordinator), \
+             or insecure: true to let anyone who reaches a coordinator report as any edge",
+        ));
+    }
+    Ok(secret)
+}
+
+/// The coordinator's API keys; outside `dev` a coordinator needs at least one unless
+/// `coordinator.api.insecure` is set.
+fn resolve_api_keys(
+    mode: Mode,
+    config: &Config,
+    has_cluster_secret: bool,
+    env: &[(String, String)],
+) -> Result<Vec<coordinator::access::ApiKey>, ConfigError> {
+    let api = &config.coordinator.api;
+    if mode == Mode::Edge {
+        return Ok(Vec::new());
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut keys = Vec::new();
+    for (i, k) in api.keys.iter().enumerate() {
+        let key = format!("coordinator.api.keys[{i}]");
+        if k.name.is_empty() || !names.insert(k.name.as_str()) {
+            return Err(ConfigError::key(
+                format!("{key}.name"),
+                "needs a name no other key has",
+            ));
+        }
+        if k.scopes.is_empty() {
+            return Err(ConfigError::key(
+                format!("{key}.scopes"),
+                "list at least one of read, messaging, resources, admin",
+            ));
+        }
+        let secret = read_secret(&key, k.secret_env.as_ref(), k.secret_file.as_ref(), env)?
+            .ok_or_else(|| ConfigError::key(&key, "set secret_env or secret_file"))?;
+        keys.push(coordinator::access::ApiKey::new(
+            k.name.clone(),
+            secret.expose(),
+            k.scopes.clone(),
+        ));
+    }
+    if api.insecure && !keys.is_empty() {
+        return Err(ConfigError::key(
+            "coordinator.api.insecure",
+            "contradicts the keys configured beside it: remove one",
+        ));
+    }
+    if mode == Mode::Coordinator && keys.is_empty() && !api.insecure {
+        return Err(ConfigError::key(
+            "coordinator.api.keys",
+            "a coordinator serves gRPC only to callers with a key: add one \
+             (`switchboard api-key` prints a fresh one), or set coordinator.api.insecure: true",
+        ));
+    }
+    if mode == Mode::Coordinator && !keys.is_empty() && !has_cluster_secret {
+        return Err(ConfigError::key(
+            "cluster",
+            "coordinators with API keys authenticate to each other with the cluster secret: \
+             set cluster.secret_env or cluster.secret_file",
+        ));
+    }
+    Ok(keys)
 }
 
 /// Deep-merges `over` into `base`: mappings merge key by key, anything else replaces.
@@ -483,5 +665,82 @@ mod tests {
             Some("s3cret")
         );
         assert!(!r.config.to_yaml().contains("s3cret"));
+    }
+
+    #[test]
+    fn contradictions_are_refused_naming_the_key() {
+        let route = |extra: &str| {
+            format!("edge:\n  routes:\n    - path: /x\n      auth: {{ hs256_secret: s }}\n{extra}")
+        };
+        let cases = [
+            ("      anonymous: true\n", "edge.routes[0].anonymous"),
+            (
+                "      heartbeat: { interval: 5s, timeout: 10s }\n",
+                "edge.routes[0].heartbeat.timeout",
+            ),
+            (
+                "      rate_limit: { per_second: 100, burst: 50 }\n",
+                "edge.routes[0].rate_limit.burst",
+            ),
+            (
+                "      rate_limit: { close_after: 0 }\n",
+                "edge.routes[0].rate_limit.close_after",
+            ),
+            (
+                "      namespace: { query: token }\n",
+                "edge.routes[0].namespace.query",
+            ),
+            (
+                "      namespace: { default: \"\" }\n",
+                "edge.routes[0].namespace.default",
+            ),
+            (
+                "      namespace: { claim: tenant, precedence: \"query:namespace > default:default\" }\n",
+                "edge.routes[0].namespace.precedence",
+            ),
+            (
+                "      public_origins: [ws.example.com]\n",
+                "edge.routes[0].public_origins",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = load(&route(extra), &[]).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("{key}:")),
+                "{extra}: {e}"
+            );
+        }
+        // A claim on an anonymous route: there is no token to take it from.
+        let e = load(
+            "edge:\n  routes:\n    - path: /x\n      anonymous: true\n      namespace: { claim: tenant }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("edge.routes[0].namespace.claim:"),
+            "{e}"
+        );
+        // The limits' edges are fine.
+        load(
+            &route("      heartbeat: { interval: 10s, timeout: 10s }\n      rate_limit: { per_second: 10, burst: 10, close_after: 1 }\n"),
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_effective_config_states_the_namespace_precedence() {
+        let r = load(
+            "edge:\n  routes:\n    - path: /x\n      auth: { hs256_secret: s }\n      namespace: { claim: tenant }\n",
+            &[],
+        )
+        .unwrap();
+        let yaml = r.config.to_yaml();
+        assert!(
+            yaml.contains("precedence: claim:tenant > query:namespace > default:default"),
+            "{yaml}"
+        );
+        // What check-config prints loads again.
+        load(&yaml, &[]).unwrap();
     }
 }

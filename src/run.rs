@@ -11,6 +11,7 @@ use bus::local_store::LocalStore;
 use bus::nats_store::{NatsStore, NatsStoreOptions};
 use bus::{LocalBus, NatsBus, NatsOptions, SharedBus, SharedStore};
 use coordinator::Coordinator;
+use coordinator::access::Access;
 use coordinator::admin::AdminService;
 use coordinator::resources::{ResourceSpec, ResourcesService};
 use edge::Edge;
@@ -57,10 +58,15 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         cfg.nats.url
     );
     tracing::info!(node = %node_id, websocket = %address, nats = %cfg.nats.url, coordinators = ?cfg.edge.coordinators, "edge serving");
+    let credential = resolved
+        .cluster_secret
+        .as_ref()
+        .map(|s| proto::credential::mint(s.expose(), proto::credential::Role::Edge, &node_id));
     let options = edge::uplink::UplinkOptions {
         seeds: cfg.edge.coordinators.clone(),
         member_timeout: cfg.edge.member_timeout,
         address,
+        credential,
     };
     let stop_uplink = CancellationToken::new();
     let uplink = tokio::spawn(edge::uplink::run(
@@ -104,7 +110,16 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .advertise
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
-    let c = Coordinator::new(node_id.clone(), advertise.clone(), bus, cc);
+    let mut c = Coordinator::new(node_id.clone(), advertise.clone(), bus, cc);
+    if let Some(secret) = &resolved.cluster_secret {
+        c = c.with_cluster_secret(secret.expose());
+    }
+    let access = access(
+        &cfg,
+        resolved.api_keys,
+        resolved.cluster_secret.as_ref(),
+        cc.api.insecure,
+    );
     println!(
         "switchboard coordinator {node_id}: grpc {grpc_addr} http http://{} (nats {})",
         http.local_addr()?,
@@ -139,6 +154,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
     ];
     let server = tokio::spawn(coordinator::grpc::serve(
         grpc,
+        access,
         c,
         resources,
         admin,
@@ -154,6 +170,28 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         let _ = tokio::time::timeout(GRPC_GRACE, t).await;
     }
     Ok(())
+}
+
+/// The gRPC access policy: API keys and the cluster secret; `open_api` serves the key-scoped
+/// methods to anyone when no key is configured.
+fn access(
+    cfg: &Config,
+    keys: Vec<coordinator::access::ApiKey>,
+    secret: Option<&crate::config::Secret>,
+    open_api: bool,
+) -> Arc<Access> {
+    if keys.is_empty() && open_api {
+        tracing::warn!(
+            "grpc without API keys: anyone who reaches this port can send, disconnect and read placement"
+        );
+    }
+    Arc::new(Access::new(
+        &cfg.coordinator.api,
+        keys,
+        secret.map(|s| s.expose().to_vec()),
+        open_api,
+        cfg.cluster.insecure,
+    ))
 }
 
 /// Where `Resources` finds each resource type: the coordinator's own list, then the edge
@@ -223,6 +261,7 @@ pub struct DevNode {
     admin: AdminService,
     ws: TcpListener,
     grpc: TcpListener,
+    access: Arc<Access>,
     cfg: Config,
 }
 
@@ -271,6 +310,13 @@ impl DevNode {
             Arc::clone(&bus),
             &cfg.coordinator,
         );
+        // The embedded mode serves gRPC without keys unless some are configured.
+        let access = access(
+            &cfg,
+            resolved.api_keys,
+            resolved.cluster_secret.as_ref(),
+            true,
+        );
         Ok(Self {
             ws_addr,
             grpc_addr,
@@ -281,6 +327,7 @@ impl DevNode {
             admin,
             ws,
             grpc,
+            access,
             cfg,
         })
     }
@@ -325,6 +372,7 @@ impl DevNode {
         let grpc_stop = CancellationToken::new();
         let grpc_task = tokio::spawn(coordinator::grpc::serve(
             self.grpc,
+            self.access,
             self.coordinator,
             self.resources,
             self.admin,

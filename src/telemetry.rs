@@ -7,6 +7,7 @@
 //!
 //! **Invariant:** the only file of the binary that names OpenTelemetry.
 
+use std::fmt;
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -15,6 +16,10 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -54,7 +59,7 @@ pub fn init(cfg: &LogConfig, service: &str, env: &[(String, String)]) -> Telemet
         .with_writer(std::io::stderr);
     let fmt = match cfg.format {
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
-        LogFormat::Pretty => fmt.compact().boxed(),
+        LogFormat::Pretty => fmt.fmt_fields(EscapedFields).compact().boxed(),
     };
     let endpoint =
         var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
@@ -83,6 +88,68 @@ pub fn init(cfg: &LogConfig, service: &str, env: &[(String, String)]) -> Telemet
         tracing::info!(endpoint = e, "tracing to OTLP");
     }
     TelemetryGuard { provider }
+}
+
+/// The pretty log's fields (events' and spans'): `name=value`, the message bare, like
+/// tracing-subscriber's default, but with every control character escaped (`\n`,
+/// `\u{1b}`…). A value a client chose (`?user=a%0A…`) can then neither forge a log line nor
+/// drive the terminal; the JSON format escapes by itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = EscapingVisitor {
+            out: Escaping(&mut writer),
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'a, 'w> {
+    out: Escaping<&'a mut Writer<'w>>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visit for EscapingVisitor<'_, '_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let sep = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = if name == "message" {
+            fmt::Write::write_fmt(&mut self.out, format_args!("{sep}{value:?}"))
+        } else {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            fmt::Write::write_fmt(&mut self.out, format_args!("{sep}{name}={value:?}"))
+        };
+    }
+}
+
+/// Writes through to `W` with control characters (and the Unicode line and paragraph
+/// separators) escaped.
+struct Escaping<W>(W);
+
+impl<W: fmt::Write> fmt::Write for Escaping<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                write!(self.0, "{}", c.escape_default())?;
+            } else {
+                self.0.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn tracer(endpoint: &str, service: &str) -> Result<SdkTracerProvider, String> {
@@ -136,5 +203,54 @@ impl SpanExporter for OnRuntime {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn client_values_cannot_forge_pretty_log_lines() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .fmt_fields(EscapedFields)
+            .compact()
+            .finish();
+        let user = "a\n2026-01-01T00:00:00Z  WARN forged\r\u{1b}[2J\u{2028}";
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("conn", ns = %"n\ns");
+            let _inside = span.enter();
+            tracing::info!(user = %user, n = 3, "connection\nopen");
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.matches('\n').count(), 1, "{out:?}");
+        assert!(out.ends_with('\n'), "{out:?}");
+        assert!(!out.contains(['\r', '\u{1b}', '\u{2028}']), "{out:?}");
+        assert!(
+            out.contains(r"user=a\n2026-01-01T00:00:00Z  WARN forged\r\u{1b}[2J\u{2028}"),
+            "{out:?}"
+        );
+        assert!(out.contains(r"connection\nopen"), "{out:?}");
+        assert!(out.contains(r"ns=n\ns"), "{out:?}");
+        assert!(out.contains("n=3"), "{out:?}");
     }
 }

@@ -918,6 +918,8 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
     let mut watch = Command::new("grpcurl")
         .args([
             "-plaintext",
+            "-H",
+            &format!("authorization: Bearer {TEST_API_KEY}"),
             "-max-time",
             "15",
             "-d",

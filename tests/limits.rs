@@ -58,7 +58,7 @@ async fn idle_connection_closes_1000_saying_idle() {
     // Pongs to the edge's pings are not activity: this client answers them and still idles.
     route.heartbeat = HeartbeatConfig {
         interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_millis(100),
     };
     let node = TestNode::start(config_with(vec![route])).await;
     let start = Instant::now();
@@ -75,9 +75,10 @@ async fn idle_connection_closes_1000_saying_idle() {
 #[tokio::test]
 async fn heartbeat_drops_a_client_that_never_answers_pings() {
     let mut route = dev_route("/connect");
+    // A timeout longer than the interval is refused by check-config (issue 10).
     route.heartbeat = HeartbeatConfig {
-        interval: Duration::from_millis(150),
-        timeout: Duration::from_millis(300),
+        interval: Duration::from_millis(250),
+        timeout: Duration::from_millis(200),
     };
     report_closes(&mut route);
     let node = TestNode::start(config_with(vec![route])).await;

@@ -69,10 +69,11 @@ fn ping_of_len(id: &str, len: usize) -> String {
 
 // ---------------------------------------------------------------------------------------
 
-/// `Router.upgrade('/connect', …, (request, response) => response.upgrade({ token:
-/// request.query_parameters['token'] }))`: the backend sees every upgrade request first and
+/// `Router.upgrade('/connect', …, (request, response) => response.upgrade({ session:
+/// request.query_parameters['session'] }))`: the backend sees every upgrade request first and
 /// admits it with a context (visible as `ws.context`: in `ListConnections` and in the body
-/// of every later event) or refuses it.
+/// of every later event) or refuses it. The route's token was consumed by its auth: the
+/// backend never sees it.
 #[tokio::test]
 async fn upgrade_interception_admits_with_a_context_or_refuses() {
     let c = variant_cluster(&[(
@@ -83,7 +84,7 @@ async fn upgrade_interception_admits_with_a_context_or_refuses() {
     let backend = c.backend().await;
     let mut upgrades = backend.subscribe("app.upgrade").await;
     let mut chats = backend.subscribe("sb.event.default.chat").await;
-    // The upgrade handler, as the document's: the context is the token query parameter.
+    // The upgrade handler, as the document's: the context is a query parameter.
     let (seen_tx, mut seen) = tokio::sync::mpsc::channel::<Value>(16);
     let handler = {
         let backend = backend.clone();
@@ -93,7 +94,7 @@ async fn upgrade_interception_admits_with_a_context_or_refuses() {
                 let answer = if request["query"]["deny"].is_string() {
                     json!({"error": "nope", "status": 401})
                 } else {
-                    json!({"context": {"token": request["query"]["token"]}})
+                    json!({"context": {"session": request["query"]["session"]}})
                 };
                 backend.reply(&msg, &answer).await;
                 let _ = seen_tx.send(request).await;
@@ -101,15 +102,16 @@ async fn upgrade_interception_admits_with_a_context_or_refuses() {
         })
     };
 
-    // Admitted, with the token from the query (which is also the route's JWT source).
+    // Admitted, with the session from the query (the token beside it is the route's JWT).
     let ann_token = token("ann");
-    let path = format!("/connect?token={ann_token}");
+    let path = format!("/connect?token={ann_token}&session=s-ann");
     let mut ann = c.connect_as(0, &path, &[], "ann@e1").await;
     let request = bounded("the upgrade request", seen.recv()).await.unwrap();
     assert_eq!(request["path"], "/connect", "{request}");
     assert_eq!(request["route"], "/connect", "{request}");
     assert_eq!(request["username"], "ann", "{request}");
-    assert_eq!(request["query"]["token"], ann_token, "{request}");
+    assert_eq!(request["query"]["session"], "s-ann", "{request}");
+    assert!(!request.to_string().contains(&ann_token), "{request}");
     assert_eq!(
         request["remote_addr"],
         ann.local_addr.to_string(),
@@ -123,13 +125,13 @@ async fn upgrade_interception_admits_with_a_context_or_refuses() {
     // `ws.context` for operators …
     let conn = c.connection_of(0, &ann).await;
     let context = proto::json::from_struct(conn.context.as_ref().expect("a context"));
-    assert_eq!(context.get("token"), Some(&json!(ann_token)), "{context:?}");
+    assert_eq!(context.get("session"), Some(&json!("s-ann")), "{context:?}");
     assert_eq!(context.get("sub"), Some(&json!("ann")), "{context:?}");
     // … and in every later event.
     ann.send(json!({"type": "chat", "id": 1, "text": "hi"}))
         .await;
     let (msg, body) = next_json(&mut chats).await;
-    assert_eq!(body["claims"]["token"], ann_token, "{body}");
+    assert_eq!(body["claims"]["session"], "s-ann", "{body}");
     assert_eq!(body["event"]["text"], "hi", "{body}");
     backend.reply(&msg, &json!({"payload": "ok"})).await;
     assert_eq!(

@@ -19,7 +19,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use proto::v1::SendRequest;
-use proto::v1::messaging_client::MessagingClient;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -137,9 +136,7 @@ async fn one_trace_runs_from_a_backend_call_through_coordinator_and_edge() {
     let traceparent = format!("00-{trace_id}-{parent}-01");
     req.metadata_mut()
         .insert("traceparent", traceparent.parse().unwrap());
-    let mut grpc = MessagingClient::connect(format!("http://{}", cluster.grpc(0)))
-        .await
-        .unwrap();
+    let mut grpc = harness::messaging(cluster.grpc(0)).await;
     let report = grpc.send(req).await.unwrap().into_inner();
     assert_eq!(report.delivered, 1);
     assert_eq!(alice.recv().await, json!({"type": "traced", "payload": 1}));

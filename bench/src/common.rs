@@ -8,6 +8,34 @@ use serde_json::Value;
 
 use crate::recv::{Clock, Flavor, Sink, Tally};
 
+/// The environment variable holding the API key gRPC calls carry (`scripts/bench` sets it).
+pub(crate) const API_KEY_ENV: &str = "SWITCHBOARD_API_KEY";
+
+/// A gRPC channel whose calls carry the API key from [`API_KEY_ENV`], if set.
+pub(crate) type Grpc =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ApiKey>;
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiKey(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// `channel` with the key from the environment on every call.
+pub(crate) fn with_api_key(channel: tonic::transport::Channel) -> Grpc {
+    let key = std::env::var(API_KEY_ENV)
+        .ok()
+        .and_then(|k| format!("Bearer {k}").parse().ok());
+    tonic::service::interceptor::InterceptedService::new(channel, ApiKey(key))
+}
+
 /// Poll interval while waiting for the last deliveries of a window.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 

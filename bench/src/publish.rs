@@ -21,7 +21,6 @@ use proto::v1::{PublishRequest, SendRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Semaphore;
-use tonic::transport::Channel;
 
 use crate::recv::{self, Clock, Flavor, NATS_SUBJECT, TOPIC};
 use crate::ws::{self, WsUrl};
@@ -49,7 +48,7 @@ enum Kind {
     /// A WebSocket client; `sb` frames it as a Switchboard `publish`.
     Ws { w: OwnedWriteHalf, sb: bool },
     Grpc {
-        client: MessagingClient<Channel>,
+        client: MessagingClient<crate::common::Grpc>,
         permits: Arc<Semaphore>,
     },
     Nats {
@@ -119,7 +118,7 @@ impl Publisher {
                 .await
                 .with_context(|| format!("cannot connect to gRPC at {addr}"))?;
             Kind::Grpc {
-                client: MessagingClient::new(channel),
+                client: MessagingClient::new(crate::common::with_api_key(channel)),
                 permits: Arc::new(Semaphore::new(GRPC_INFLIGHT)),
             }
         } else if target.starts_with("nats://") {

@@ -103,7 +103,10 @@ async fn wait_placement(grpc: &str, users: usize) -> anyhow::Result<()> {
     let addr = grpc
         .strip_prefix("grpc://")
         .context("--grpc takes grpc://host:port")?;
-    let mut client = PlacementClient::connect(format!("http://{addr}")).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut client = PlacementClient::new(crate::common::with_api_key(channel));
     let deadline = tokio::time::Instant::now() + PLACEMENT_TIMEOUT;
     let mut next = 0;
     while next < users {

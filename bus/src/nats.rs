@@ -149,23 +149,26 @@ impl NatsBus {
     }
 
     /// Waits until the server has processed everything this connection sent so far, so that
-    /// a subscription just sent is registered: a request to a subject nobody listens on
-    /// comes back as "no responders" only after the server handled the earlier commands.
+    /// a subscription just sent is registered: a message this connection publishes to a fresh
+    /// inbox it subscribed to comes back only after the server handled the earlier commands.
+    /// It depends on nobody else: a request answered by "no responders" would wait out its
+    /// timeout whenever another client (a monitoring tap on `>`) receives the inbox subject.
     /// Skipped while disconnected (the subscription is replayed on reconnect) and bounded by
     /// the request timeout.
     async fn registered(&self) {
         if self.client.connection_state() != State::Connected {
             return;
         }
-        let probe = Request::new().timeout(Some(self.request_timeout));
-        let result = self
-            .client
-            .send_request(self.client.new_inbox(), probe)
-            .await;
-        if let Err(e) = result
-            && e.kind() != RequestErrorKind::NoResponders
-        {
-            tracing::debug!(error = %e, "subscription registration round trip failed");
+        let inbox = self.client.new_inbox();
+        let round_trip = async {
+            let mut echo = self.client.subscribe(inbox.clone()).await.ok()?;
+            self.client.publish(inbox, bytes::Bytes::new()).await.ok()?;
+            echo.next().await
+        };
+        match tokio::time::timeout(self.request_timeout, round_trip).await {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::debug!("subscription registration round trip failed"),
+            Err(_) => tracing::debug!("subscription registration round trip timed out"),
         }
     }
 

@@ -27,6 +27,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
+use crate::access::Caller;
 use crate::cluster::Owner;
 use crate::messaging::{Coordinator, DeliveryError, merge};
 use crate::placement::Filter;
@@ -67,8 +68,18 @@ fn call_span<T>(name: &'static str, r: &Request<T>) -> tracing::Span {
     span
 }
 
-fn is_local<T>(r: &Request<T>) -> bool {
-    r.metadata().contains_key(LOCAL)
+/// "Answer from your own share": honoured only from a peer coordinator (or from anyone on an
+/// unauthenticated cluster), so that no other caller can get a partial answer that looks
+/// whole.
+fn is_local<T>(c: &Coordinator, r: &Request<T>) -> bool {
+    if !r.metadata().contains_key(LOCAL) {
+        return false;
+    }
+    match crate::grpc::caller(r) {
+        Caller::Node(n) => n.role == proto::credential::Role::Coordinator,
+        Caller::Anonymous => c.peer_authorization().is_none(),
+        Caller::Key(_) => false,
+    }
 }
 
 /// A request to a peer, marked local.
@@ -76,6 +87,9 @@ fn local<T>(msg: T, coordinator: &Coordinator) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
         .insert(LOCAL, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(auth) = coordinator.peer_authorization() {
+        r.metadata_mut().insert("authorization", auth.clone());
+    }
     r.set_timeout(coordinator.timeout() * 2);
     let md = r.metadata_mut();
     bus::trace::inject_with(&tracing::Span::current(), &mut |k, v| {
@@ -193,7 +207,7 @@ impl Messaging for MessagingService {
     ) -> Result<Response<DeliveryReport>, Status> {
         let span = call_span("Messaging.Send", &request);
         async move {
-            let is_local = is_local(&request);
+            let is_local = is_local(&self.0, &request);
             let r = request.into_inner();
             if r.r#type.is_empty() {
                 return Err(Status::invalid_argument("type is required"));
@@ -270,7 +284,7 @@ impl Messaging for MessagingService {
     ) -> Result<Response<DeliveryReport>, Status> {
         let span = call_span("Messaging.Disconnect", &request);
         async move {
-            let is_local = is_local(&request);
+            let is_local = is_local(&self.0, &request);
             let r = request.into_inner();
             let code = if r.code == 0 { 1000 } else { r.code };
             if !(1000..=4999).contains(&code) || matches!(code, 1004..=1006 | 1015) {
@@ -371,7 +385,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<LocateRequest>,
     ) -> Result<Response<LocateResponse>, Status> {
-        let is_local = is_local(&request);
+        let is_local = is_local(&self.0, &request);
         let r = request.into_inner();
         if r.user.is_empty() {
             return Err(Status::invalid_argument("user is required"));
@@ -418,7 +432,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<ListConnectionsRequest>,
     ) -> Result<Response<ListConnectionsResponse>, Status> {
-        let is_local = is_local(&request);
+        let is_local = is_local(&self.0, &request);
         let r = request.into_inner();
         let size = match r.page_size as usize {
             0 => DEFAULT_PAGE,
@@ -460,7 +474,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let is_local = is_local(&request);
+        let is_local = is_local(&self.0, &request);
         let mut nodes: BTreeMap<String, Node> = self
             .local_nodes()
             .into_iter()
@@ -503,7 +517,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<PresenceRequest>,
     ) -> Result<Response<PresenceResponse>, Status> {
-        let is_local = is_local(&request);
+        let is_local = is_local(&self.0, &request);
         let r = request.into_inner();
         if r.namespace.is_empty() {
             return Err(Status::invalid_argument("namespace is required"));
@@ -528,7 +542,7 @@ impl Placement for PlacementService {
         &self,
         request: Request<StatsRequest>,
     ) -> Result<Response<StatsResponse>, Status> {
-        let is_local = is_local(&request);
+        let is_local = is_local(&self.0, &request);
         let mut s = self.local_stats();
         if !is_local {
             let c = &self.0;

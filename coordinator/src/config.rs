@@ -36,6 +36,8 @@ pub struct CoordinatorConfig {
     /// Backends publish `{type, payload, namespace?, skip?}` here to broadcast. Default
     /// `sb.broadcast`.
     pub broadcast_subject: String,
+    /// Who may call the gRPC API: keys and their scopes.
+    pub api: crate::access::ApiConfig,
     /// The key-value bucket `Admin.Revoke` writes revoked tokens to (the edges' `edge.
     /// revocation_bucket`). Default `sb_revoked`.
     pub revocation_bucket: String,
@@ -54,6 +56,7 @@ impl Default for CoordinatorConfig {
             resources: std::collections::BTreeMap::new(),
             send_subject: proto::subject::DEFAULT_SEND.into(),
             broadcast_subject: proto::subject::DEFAULT_BROADCAST.into(),
+            api: crate::access::ApiConfig::default(),
             revocation_bucket: proto::revoke::BUCKET.into(),
         }
     }

@@ -98,6 +98,12 @@ pub fn render(c: &Coordinator) -> String {
             "Connections that refused a message for backpressure.",
             m.refused.get(),
         )
+        .labeled(
+            "coordinator_grpc_refused_total",
+            "gRPC calls refused before any service saw them, by reason.",
+            "reason",
+            &m.grpc_refused,
+        )
         .histogram(
             "coordinator_send_duration_seconds",
             "Time from a Send's arrival to its answer.",

@@ -5,10 +5,12 @@
 //! | --- | --- |
 //! | [`placement`] | the directory (sans-io) |
 //! | [`messaging`] | delivery across edges over the bus ([`Coordinator`]) |
+//! | [`access`] | who may call which gRPC method (API keys, node credentials) |
 //! | [`api`] | tonic services: proto ↔ domain, errors → `Status` |
 //! | [`grpc`] | the gRPC server with health and reflection |
 //! | [`admin`] | operator actions: token revocation |
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod cluster;

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub send_duration: Histogram,
     pub delivered: Counter,
     pub refused: Counter,
+    /// gRPC calls refused by the access check, by reason (missing, unknown, scope…).
+    pub grpc_refused: LabeledCounter,
 }
 
 impl Default for Metrics {
@@ -44,6 +46,7 @@ impl Default for Metrics {
             send_duration: Histogram::new(&LATENCY_BOUNDS),
             delivered: Counter::default(),
             refused: Counter::default(),
+            grpc_refused: LabeledCounter::default(),
         }
     }
 }
@@ -77,6 +80,8 @@ pub struct Coordinator {
     /// How long to wait for edges (and peers) to answer.
     timeout: Duration,
     epoch: tokio::time::Instant,
+    /// `Bearer <this coordinator's node credential>`, sent on calls to peers.
+    peer_authorization: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 impl Coordinator {
@@ -90,7 +95,21 @@ impl Coordinator {
             bus,
             timeout: cfg.request_timeout,
             epoch: tokio::time::Instant::now(),
+            peer_authorization: None,
         }
+    }
+
+    /// Peers are called with this coordinator's credential under the cluster `secret`.
+    pub fn with_cluster_secret(mut self, secret: &[u8]) -> Self {
+        let credential =
+            proto::credential::mint(secret, proto::credential::Role::Coordinator, self.node_id());
+        self.peer_authorization = format!("Bearer {credential}").parse().ok();
+        self
+    }
+
+    /// The `authorization` value of calls to peers, if the cluster has a secret.
+    pub fn peer_authorization(&self) -> Option<&tonic::metadata::AsciiMetadataValue> {
+        self.peer_authorization.as_ref()
     }
 
     pub fn directory(&self) -> MutexGuard<'_, Directory> {

@@ -1,8 +1,14 @@
 //! `switchboard.v1.EdgeReport`: the long-lived stream each edge keeps to each coordinator,
 //! carrying its placement deltas. A broken stream makes the edge suspect; its entries go
 //! after the grace period unless it comes back.
+//!
+//! A stream speaks for one node: the one its credential names (any node id on a cluster
+//! without a secret: the first batch's). A batch for another node ends the stream, and a
+//! second stream for a node that already has one here is refused: it is never merged.
 
+use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::Stream;
@@ -13,13 +19,60 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::Caller;
 use crate::messaging::Coordinator;
 
 /// Acks queued per stream; an edge that does not read them loses some (they are advisory).
 const ACK_QUEUE: usize = 16;
 
 #[derive(Debug, Clone)]
-pub struct ReportService(pub Coordinator);
+pub struct ReportService {
+    coordinator: Coordinator,
+    /// Node ids with a report stream open here.
+    live: Arc<Mutex<HashSet<String>>>,
+}
+
+impl ReportService {
+    pub fn new(coordinator: Coordinator) -> Self {
+        Self {
+            coordinator,
+            live: Arc::default(),
+        }
+    }
+}
+
+/// Holds a node id in the live set until the stream that claimed it ends.
+#[derive(Debug)]
+struct Claim {
+    live: Arc<Mutex<HashSet<String>>>,
+    node: String,
+}
+
+impl Claim {
+    fn take(live: &Arc<Mutex<HashSet<String>>>, node: &str) -> Option<Self> {
+        let fresh = live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.to_owned());
+        fresh.then(|| Self {
+            live: Arc::clone(live),
+            node: node.to_owned(),
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.node);
+    }
+}
+
+fn already_reporting(node: &str) -> Status {
+    Status::already_exists(format!("node {node:?} already has a report stream here"))
+}
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<ReportAck, Status>> + Send>>;
 
@@ -31,9 +84,21 @@ impl EdgeReport for ReportService {
         &self,
         request: Request<Streaming<ReportBatch>>,
     ) -> Result<Response<AckStream>, Status> {
+        // The node this stream may speak for, when its credential names one.
+        let bound = match crate::grpc::caller(&request) {
+            Caller::Node(node) => Some(node.id),
+            _ => None,
+        };
+        let mut claim = match &bound {
+            Some(node) => {
+                Some(Claim::take(&self.live, node).ok_or_else(|| already_reporting(node))?)
+            }
+            None => None,
+        };
+        let live = Arc::clone(&self.live);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(ACK_QUEUE);
-        let c = self.0.clone();
+        let c = self.coordinator.clone();
         let me = c.node_id().to_owned();
         let _ = tx.try_send(Ok(ReportAck {
             batches: 0,
@@ -51,6 +116,22 @@ impl EdgeReport for ReportService {
                         break;
                     }
                 };
+                if bound.as_ref().is_some_and(|b| *b != batch.node_id) {
+                    tracing::warn!(node = ?bound, claimed = %batch.node_id, "report for another node refused; stream ended");
+                    let _ = tx.try_send(Err(Status::permission_denied(
+                        "this credential reports for another node",
+                    )));
+                    break;
+                }
+                if claim.is_none() {
+                    match Claim::take(&live, &batch.node_id) {
+                        Some(c) => claim = Some(c),
+                        None => {
+                            let _ = tx.try_send(Err(already_reporting(&batch.node_id)));
+                            break;
+                        }
+                    }
+                }
                 if stream.is_none() {
                     let generation = c.open_stream(&batch.node_id);
                     tracing::info!(node = %batch.node_id, "edge reporting");
@@ -67,6 +148,7 @@ impl EdgeReport for ReportService {
                 tracing::info!(node = %node, "edge report stream ended");
                 c.suspect(&node, generation);
             }
+            drop(claim);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -44,8 +44,14 @@ pub enum AuthError {
     MissingUser(String),
     #[error("namespace {0:?} is not granted by the token")]
     NamespaceNotGranted(String),
+    #[error("namespace {0:?} is not granted: the token's claim names another")]
+    NamespaceNotClaimed(String),
+    #[error("the token's namespace claim {0:?} is not a namespace")]
+    BadNamespaceClaim(String),
     #[error("origin {0:?} is not allowed")]
     OriginNotAllowed(String),
+    #[error("host {0:?} is not allowed")]
+    HostNotAllowed(String),
     #[error("namespace {0:?} is not valid")]
     BadNamespace(String),
     #[error("no key for the token's kid")]
@@ -66,19 +72,26 @@ impl AuthError {
             | Self::UnknownKey
             | Self::Revoked
             | Self::OtherUser => 401,
-            Self::NamespaceNotGranted(_) | Self::OriginNotAllowed(_) => 403,
+            Self::NamespaceNotGranted(_)
+            | Self::NamespaceNotClaimed(_)
+            | Self::BadNamespaceClaim(_)
+            | Self::OriginNotAllowed(_)
+            | Self::HostNotAllowed(_) => 403,
             Self::BadNamespace(_) => 400,
         }
     }
 
-    /// A short label for metrics.
+    /// A short label for metrics, and the whole body of the refusal: what went wrong in
+    /// detail (jsonwebtoken's text, the namespace asked for) is logged at debug level only.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::MissingToken => "missing_token",
             Self::InvalidToken(_) => "invalid_token",
             Self::MissingUser(_) => "missing_user",
-            Self::NamespaceNotGranted(_) => "namespace_not_granted",
+            Self::NamespaceNotGranted(_) | Self::NamespaceNotClaimed(_) => "namespace_not_granted",
+            Self::BadNamespaceClaim(_) => "bad_namespace_claim",
             Self::OriginNotAllowed(_) => "origin",
+            Self::HostNotAllowed(_) => "host",
             Self::BadNamespace(_) => "bad_namespace",
             Self::UnknownKey => "unknown_key",
             Self::Revoked => "token_revoked",
@@ -212,13 +225,16 @@ impl Verifier {
         Ok(claims)
     }
 
-    /// Verifies the token of a request (unless anonymous) and picks its namespace.
+    /// Verifies the token of a request (unless anonymous) and picks its namespace. `secure`
+    /// says whether the listener is TLS (`https`/`wss`), for the same-origin check.
     pub(crate) fn admit(
         &self,
         route: &RouteConfig,
         head: &RequestHead,
+        secure: bool,
     ) -> Result<Identity, AuthError> {
-        check_origin(route, head)?;
+        check_host(route, head)?;
+        check_origin(route, head, secure)?;
         let (user, claims) = match &self.keys {
             Keys::Anonymous => (
                 head.query
@@ -237,22 +253,7 @@ impl Verifier {
                 (user, claims)
             }
         };
-        let ns_cfg = &route.namespace;
-        let namespace = ns_cfg
-            .query
-            .as_ref()
-            .and_then(|q| head.query.get(q))
-            .filter(|v| !v.is_empty())
-            .cloned()
-            .or_else(|| {
-                ns_cfg
-                    .claim
-                    .as_ref()
-                    .and_then(|c| claims.get(c))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| ns_cfg.default.clone());
+        let namespace = pick_namespace(route, head, &claims)?;
         if namespace.is_empty() || namespace.len() > 256 {
             return Err(AuthError::BadNamespace(namespace));
         }
@@ -341,32 +342,264 @@ fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
     v
 }
 
-fn check_origin(route: &RouteConfig, head: &RequestHead) -> Result<(), AuthError> {
-    let Some(origin) = head.header("origin") else {
-        return Ok(());
+/// Where the namespace comes from (`namespace` in the route config): a claim, when the
+/// route names one and the token carries it, is authoritative (a `?namespace=` that differs
+/// is refused, the same value is fine); then the query parameter; then the default. A
+/// claim that is present but not a string is refused rather than skipped.
+fn pick_namespace(
+    route: &RouteConfig,
+    head: &RequestHead,
+    claims: &Map<String, Value>,
+) -> Result<String, AuthError> {
+    let ns_cfg = &route.namespace;
+    let asked = ns_cfg
+        .query
+        .as_ref()
+        .and_then(|q| head.query.get(q))
+        .filter(|v| !v.is_empty());
+    let claimed = match ns_cfg.claim.as_ref().and_then(|c| claims.get(c)) {
+        None => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        Some(other) => return Err(AuthError::BadNamespaceClaim(other.to_string())),
     };
-    let allowed = &route.allowed_origins;
-    if allowed
+    Ok(match (claimed, asked) {
+        (Some(c), Some(q)) if c != q => return Err(AuthError::NamespaceNotClaimed(q.clone())),
+        (Some(c), _) => c.clone(),
+        (None, Some(q)) => q.clone(),
+        (None, None) => ns_cfg.default.clone(),
+    })
+}
+
+/// The route's Host allow-list (`allowed_hosts`), against DNS rebinding: a page on a name
+/// the attacker controls, resolved to this edge, sends its own name as the Host.
+fn check_host(route: &RouteConfig, head: &RequestHead) -> Result<(), AuthError> {
+    if route.allowed_hosts.is_empty() {
+        return Ok(());
+    }
+    let host = head.header("host").unwrap_or_default();
+    if route
+        .allowed_hosts
         .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+        .any(|a| a.eq_ignore_ascii_case(host))
     {
         return Ok(());
     }
-    if allowed.is_empty() {
-        // Same-origin: the Origin's host:port equals the Host header.
-        let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
-        if head
-            .header("host")
-            .is_some_and(|h| h.eq_ignore_ascii_case(origin_host))
-        {
+    Err(AuthError::HostNotAllowed(host.to_owned()))
+}
+
+fn check_origin(route: &RouteConfig, head: &RequestHead, secure: bool) -> Result<(), AuthError> {
+    let Some(origin) = head.header("origin") else {
+        return Ok(());
+    };
+    let listed = |list: &[String]| {
+        list.iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    };
+    if listed(&route.allowed_origins) {
+        return Ok(());
+    }
+    if route.allowed_origins.is_empty() {
+        // Same origin: the public origins when the route names them (a proxy terminates TLS
+        // in front), else this listener's scheme with the Host header.
+        let same = if route.public_origins.is_empty() {
+            head.header("host")
+                .is_some_and(|h| same_origin(origin, h, secure))
+        } else {
+            listed(&route.public_origins)
+        };
+        if same {
             return Ok(());
         }
     }
     Err(AuthError::OriginNotAllowed(origin.to_owned()))
 }
 
+/// Whether `origin` (`scheme://host[:port]`) is the origin of a request for `host`
+/// (`host[:port]`) on a listener that is TLS (`secure`) or not: same scheme, host and port,
+/// default ports filled in.
+pub(crate) fn same_origin(origin: &str, host: &str, secure: bool) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    let origin_secure = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => false,
+        "https" | "wss" => true,
+        _ => return false,
+    };
+    if origin_secure != secure || rest.contains(['/', '@', '?', '#']) {
+        return false;
+    }
+    let default_port = if secure { 443 } else { 80 };
+    match (
+        split_host_port(rest, default_port),
+        split_host_port(host, default_port),
+    ) {
+        (Some((oh, op)), Some((hh, hp))) => op == hp && oh.eq_ignore_ascii_case(hh),
+        _ => false,
+    }
+}
+
+/// `example.com:8080` → (`example.com`, 8080); `[::1]` → (`[::1]`, default).
+fn split_host_port(s: &str, default_port: u16) -> Option<(&str, u16)> {
+    let (host, port) = match s.rfind(':') {
+        Some(i) if !s[i..].contains(']') => (&s[..i], Some(&s[i + 1..])),
+        _ => (s, None),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p.parse().ok()?,
+    };
+    Some((host, port))
+}
+
+/// Removes what carried the route's credential from a request head once auth has read it:
+/// the token query parameter (`auth.query`), the `Authorization` header and the token cookie
+/// (`auth.cookie`; the other cookies stay). Nothing after this point (connection params,
+/// `ListConnections`, hook bodies, placement events, logs) can hand the token on.
+pub(crate) fn strip_credentials(route: &RouteConfig, head: &mut RequestHead) {
+    let auth = &route.auth;
+    if let Some(q) = &auth.query {
+        head.query.remove(q);
+    }
+    head.headers.remove("authorization");
+    let Some(name) = &auth.cookie else {
+        return;
+    };
+    let Some(cookies) = head.headers.remove("cookie") else {
+        return;
+    };
+    let kept: Vec<&str> = cookies
+        .split(';')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| k.trim() != name))
+        .collect();
+    if !kept.is_empty() {
+        head.headers.insert("cookie".into(), kept.join("; "));
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn head(query: &[(&str, &str)], headers: &[(&str, &str)]) -> RequestHead {
+        RequestHead {
+            method: "GET".into(),
+            version: 1,
+            path: "/connect".into(),
+            query: query
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn same_origin_compares_scheme_host_and_port() {
+        assert!(same_origin("http://h:8080", "h:8080", false));
+        assert!(same_origin("HTTP://H:8080", "h:8080", false));
+        assert!(same_origin("http://h", "h:80", false));
+        assert!(same_origin("http://h:80", "h", false));
+        assert!(same_origin("https://h", "h", true));
+        assert!(same_origin("http://[::1]:9", "[::1]:9", false));
+        // The scheme of the listener, not of the Origin, decides.
+        assert!(!same_origin("https://h:8080", "h:8080", false));
+        assert!(!same_origin("http://h:8080", "h:8080", true));
+        assert!(!same_origin("http://h:8081", "h:8080", false));
+        assert!(!same_origin("http://evil:8080", "h:8080", false));
+        assert!(!same_origin("http://h", "h:8080", false));
+        assert!(!same_origin("null", "h", false));
+        assert!(!same_origin("h:8080", "h:8080", false));
+        assert!(!same_origin("http://h:8080/x", "h:8080", false));
+        assert!(!same_origin("http://u@h:8080", "h:8080", false));
+        assert!(!same_origin("ftp://h", "h", false));
+        assert!(!same_origin("http://h:x", "h", false));
+    }
+
+    #[test]
+    fn hosts_and_public_origins_guard_the_route() {
+        let route = RouteConfig {
+            allowed_hosts: vec!["ws.example.com".into()],
+            public_origins: vec!["https://ws.example.com".into()],
+            ..RouteConfig::default()
+        };
+        let ok = head(
+            &[],
+            &[
+                ("host", "WS.example.com"),
+                ("origin", "https://ws.example.com"),
+            ],
+        );
+        assert!(check_host(&route, &ok).is_ok());
+        assert!(check_origin(&route, &ok, false).is_ok());
+        let rebound = head(&[], &[("host", "evil"), ("origin", "http://evil")]);
+        assert_eq!(check_host(&route, &rebound).unwrap_err().reason(), "host");
+        let no_host = head(&[], &[]);
+        assert!(check_host(&route, &no_host).is_err());
+        // Public origins replace the listener's own scheme and Host.
+        let plain = head(
+            &[],
+            &[
+                ("host", "ws.example.com"),
+                ("origin", "http://ws.example.com"),
+            ],
+        );
+        assert!(check_origin(&route, &plain, false).is_err());
+    }
+
+    #[test]
+    fn a_claimed_namespace_cannot_be_overridden() {
+        let mut route = RouteConfig::default();
+        route.namespace.claim = Some("tenant".into());
+        let claims: Map<String, Value> =
+            serde_json::from_value(serde_json::json!({"tenant": "acme"})).unwrap();
+        let pick =
+            |q: &[(&str, &str)], c: &Map<String, Value>| pick_namespace(&route, &head(q, &[]), c);
+        assert_eq!(pick(&[], &claims).unwrap(), "acme");
+        assert_eq!(pick(&[("namespace", "acme")], &claims).unwrap(), "acme");
+        let e = pick(&[("namespace", "globex")], &claims).unwrap_err();
+        assert_eq!((e.status(), e.reason()), (403, "namespace_not_granted"));
+        // Without the claim in the token: the query, then the default.
+        assert_eq!(pick(&[("namespace", "q")], &Map::new()).unwrap(), "q");
+        assert_eq!(pick(&[], &Map::new()).unwrap(), "default");
+        // A claim that is there but not a string is refused, not skipped.
+        let odd: Map<String, Value> =
+            serde_json::from_value(serde_json::json!({"tenant": ["a", "b"]})).unwrap();
+        assert_eq!(pick(&[("namespace", "a")], &odd).unwrap_err().status(), 403);
+    }
+
+    #[test]
+    fn credentials_are_stripped_and_the_rest_kept() {
+        let route = RouteConfig::default();
+        let mut h = head(
+            &[("token", "T"), ("room", "r")],
+            &[
+                ("authorization", "Bearer T"),
+                ("cookie", "theme=dark; ID_TOKEN=T; other=1"),
+                ("user-agent", "x"),
+            ],
+        );
+        strip_credentials(&route, &mut h);
+        assert_eq!(h.query.len(), 1);
+        assert_eq!(h.query["room"], "r");
+        assert_eq!(h.header("authorization"), None);
+        assert_eq!(h.header("cookie"), Some("theme=dark; other=1"));
+        assert_eq!(h.header("user-agent"), Some("x"));
+        let mut only = head(&[], &[("cookie", "ID_TOKEN=T")]);
+        strip_credentials(&route, &mut only);
+        assert_eq!(only.header("cookie"), None);
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
     use super::*;
     use serde_json::json;
 

@@ -84,8 +84,16 @@ pub struct RouteConfig {
     pub namespace: NamespaceConfig,
     pub auth: AuthConfig,
     /// Origins allowed to open a socket (`*` = any). Empty: requests with an `Origin`
-    /// header must come from the same host as the `Host` header.
+    /// header must be same-origin: the listener's scheme (`http`, or `https` with TLS), the
+    /// `Host` header's host and port — or one of `public_origins`.
     pub allowed_origins: Vec<String>,
+    /// The origins (`https://ws.example.com`) clients reach this route under, when a proxy in
+    /// front changes the scheme or port; they replace the listener's own for the same-origin
+    /// check. Default empty.
+    pub public_origins: Vec<String>,
+    /// `Host` header values (`host` or `host:port`) this route answers; any other gets 403
+    /// (`host`), which guards against DNS rebinding. Empty: any Host. Default empty.
+    pub allowed_hosts: Vec<String>,
     /// Close (1000) after this long without a frame from the client; 0 = never. Heartbeat
     /// pongs do not count as activity. Default 0.
     #[serde(with = "duration")]
@@ -122,6 +130,8 @@ impl Default for RouteConfig {
             namespace: NamespaceConfig::default(),
             auth: AuthConfig::default(),
             allowed_origins: Vec::new(),
+            public_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             idle_timeout: Duration::ZERO,
             max_payload: 64 * 1024,
             heartbeat: HeartbeatConfig::default(),
@@ -136,16 +146,21 @@ impl Default for RouteConfig {
     }
 }
 
-/// Where a connection's namespace comes from: a query parameter, else a claim, else the
-/// default.
+/// Where a connection's namespace comes from. A claim (when set and in the token) is
+/// authoritative: a query parameter naming another namespace is refused (403); then the
+/// query parameter; then the default.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NamespaceConfig {
-    /// Default `namespace`.
+    /// The query parameter naming the namespace. Default `namespace`.
     pub query: Option<String>,
+    /// The token claim naming the namespace (not on anonymous routes). Default none.
     pub claim: Option<String>,
     /// Default `default`.
     pub default: String,
+    /// The order in effect, as `check-config` prints it (e.g. `claim:tenant > query:namespace
+    /// > default:default`); computed from the keys above. A value in the file must match it.
+    pub precedence: Option<String>,
 }
 
 impl Default for NamespaceConfig {
@@ -154,7 +169,23 @@ impl Default for NamespaceConfig {
             query: Some("namespace".into()),
             claim: None,
             default: "default".into(),
+            precedence: None,
         }
+    }
+}
+
+impl NamespaceConfig {
+    /// The sources in the order they are tried, as `check-config` states them.
+    pub fn order(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(c) = &self.claim {
+            parts.push(format!("claim:{c}"));
+        }
+        if let Some(q) = &self.query {
+            parts.push(format!("query:{q}"));
+        }
+        parts.push(format!("default:{}", self.default));
+        parts.join(" > ")
     }
 }
 
@@ -271,6 +302,10 @@ impl AuthConfig {
     /// (key under `auth`, message).
     fn validate_keys(&self, anonymous: bool) -> Result<(), (String, String)> {
         let sources = self.key_sources();
+        if anonymous && !sources.is_empty() {
+            let msg = "an anonymous route takes no token: remove anonymous or the auth key";
+            return Err(("anonymous".into(), msg.into()));
+        }
         if !anonymous && sources.is_empty() {
             let msg = format!("set one of {}, or anonymous: true", KEY_SOURCES.join(", "));
             return Err(("auth".into(), msg));
@@ -383,6 +418,46 @@ impl RouteConfig {
     pub fn key(&self) -> Key {
         self.key.unwrap_or_else(|| self.dialect.key())
     }
+
+    /// Refuses namespace sources the precedence cannot explain: (key under the route,
+    /// message).
+    fn validate_namespace(&self) -> Result<(), (&'static str, &'static str)> {
+        let ns = &self.namespace;
+        if ns.claim.is_some() && self.anonymous {
+            return Err((
+                "namespace.claim",
+                "an anonymous route has no token to take a claim from",
+            ));
+        }
+        if ns.claim.as_deref() == Some("") {
+            return Err(("namespace.claim", "must not be empty (omit it for none)"));
+        }
+        if ns.query.as_deref() == Some("") {
+            return Err(("namespace.query", "must not be empty (null for none)"));
+        }
+        if ns.default.is_empty() || ns.default.len() > 256 {
+            return Err(("namespace.default", "must be 1 to 256 bytes"));
+        }
+        if !self.anonymous && ns.query.is_some() && ns.query == self.auth.query {
+            return Err((
+                "namespace.query",
+                "is the parameter carrying the token (auth.query)",
+            ));
+        }
+        if self.anonymous && ns.query.as_deref() == Some(self.user_query.as_str()) {
+            return Err((
+                "namespace.query",
+                "is the parameter naming the user (user_query)",
+            ));
+        }
+        if ns.precedence.as_ref().is_some_and(|p| *p != ns.order()) {
+            return Err((
+                "namespace.precedence",
+                "is computed from claim, query and default; remove it or copy check-config's",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What a monument route does with events (the seed's `config.webSocket`).
@@ -480,7 +555,9 @@ impl ResourceConfig {
 pub struct HooksConfig {
     /// A request before the upgrade (HyperExpress's upgrade interception): the reply
     /// `{"context":{…}}` admits the connection and becomes part of its context; `{"error":…,
-    /// "status":4xx}` refuses it with that HTTP status (default 403). No answer → 503.
+    /// "status":4xx}` refuses it with that HTTP status (default 403). No answer → 503. The
+    /// request it sees has no credential: the token parameter, `Authorization` and the token
+    /// cookie are removed once auth has read them.
     pub upgrade: Option<Hook>,
     /// A request on connect: a reply is pushed as `onconnect`, a failure closes (1008).
     pub onconnect: Option<Hook>,
@@ -616,10 +693,16 @@ impl EdgeConfig {
                     "queue and max_bytes must be at least 1",
                 ));
             }
-            if r.rate_limit.per_second > 0 && r.rate_limit.burst == 0 {
+            if r.rate_limit.per_second > 0 && r.rate_limit.burst < r.rate_limit.per_second {
                 return Err(err(
                     key("rate_limit.burst"),
-                    "must be at least 1 when per_second is set",
+                    "must be at least per_second (the bucket holds a second's worth)",
+                ));
+            }
+            if r.rate_limit.close_after == 0 {
+                return Err(err(
+                    key("rate_limit.close_after"),
+                    "must be at least 1 (refused frames in a row before closing)",
                 ));
             }
             if r.monument != MonumentMode::Off && r.dialect != Dialect::Monument {
@@ -659,6 +742,30 @@ impl EdgeConfig {
                 return Err(err(
                     key("heartbeat.timeout"),
                     "must be more than 0 when interval is set",
+                ));
+            }
+            if !r.heartbeat.interval.is_zero() && r.heartbeat.timeout > r.heartbeat.interval {
+                return Err(err(
+                    key("heartbeat.timeout"),
+                    "must not be longer than heartbeat.interval",
+                ));
+            }
+            r.validate_namespace().map_err(|(k, m)| err(key(k), m))?;
+            for (k, list) in [
+                ("public_origins", &r.public_origins),
+                ("allowed_hosts", &r.allowed_hosts),
+            ] {
+                if list
+                    .iter()
+                    .any(|v| v.is_empty() || v.contains(char::is_whitespace))
+                {
+                    return Err(err(key(k), "entries must be non-empty, without spaces"));
+                }
+            }
+            if r.public_origins.iter().any(|o| !o.contains("://")) {
+                return Err(err(
+                    key("public_origins"),
+                    "entries are scheme://host[:port], e.g. https://ws.example.com",
                 ));
             }
             let subjects = r.hooks.subjects();

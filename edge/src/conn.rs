@@ -46,7 +46,7 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     pub connected_at_ms: i64,
     pub claims: Map<String, Value>,
-    /// Query and path parameters of the upgrade request.
+    /// Query and path parameters of the upgrade request (the token parameter removed).
     pub params: Vec<(String, String)>,
     pub route: Arc<Route>,
 }
@@ -461,8 +461,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         Message::Binary(_) => return ConnError::Binary,
                         Message::Ping(_) => {
                             active_at = Instant::now();
-                            // tungstenite queued the pong; send it now.
-                            if let Err(e) = self.ws.flush().await { return ConnError::Transport(e); }
+                            // Pings count toward the rate limit like frames. tungstenite
+                            // queued the pong: send it now, or, when refused, leave it to go
+                            // with the next write (a newer ping replaces it). No error frame:
+                            // that would answer a flood with a flood.
+                            match self.rate_check() {
+                                Err(e) => return e,
+                                Ok(false) => {}
+                                Ok(true) => {
+                                    if let Err(e) = self.ws.flush().await {
+                                        return ConnError::Transport(e);
+                                    }
+                                }
+                            }
                         }
                         Message::Pong(_) | Message::Frame(_) => {}
                         Message::Close(frame) => {
@@ -547,12 +558,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
+    /// Takes a token for one client frame (text or ping): `Ok(false)` when refused, the
+    /// error when refused `close_after` times in a row.
+    fn rate_check(&mut self) -> Result<bool, ConnError> {
+        if self.rate.take(Instant::now()) {
+            self.refused_in_a_row = 0;
+            return Ok(true);
+        }
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row >= self.route().cfg.rate_limit.close_after {
+            return Err(ConnError::RateLimited);
+        }
+        Ok(false)
+    }
+
     async fn on_text(&mut self, text: &str) -> Result<(), ConnError> {
-        if !self.rate.take(Instant::now()) {
-            self.refused_in_a_row += 1;
-            if self.refused_in_a_row >= self.route().cfg.rate_limit.close_after {
-                return Err(ConnError::RateLimited);
-            }
+        if !self.rate_check()? {
             let key = self.route().cfg.key();
             let f = proto::frame::error(
                 key,
@@ -562,7 +583,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             );
             return self.push(f).await;
         }
-        self.refused_in_a_row = 0;
         protocol::on_text(self, text).await
     }
 }

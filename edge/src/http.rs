@@ -14,6 +14,8 @@ const MAX_HEADERS: usize = 48;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RequestHead {
     pub(crate) method: String,
+    /// The minor HTTP version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub(crate) version: u8,
     pub(crate) path: String,
     pub(crate) query: HashMap<String, String>,
     /// Header names lower-cased; repeated headers joined with `, `.
@@ -114,6 +116,7 @@ fn to_head(req: &httparse::Request<'_, '_>) -> Option<RequestHead> {
     }
     Some(RequestHead {
         method: req.method?.to_owned(),
+        version: req.version?,
         path: percent_decode(path)?,
         query: parse_query(query)?,
         headers,
@@ -184,6 +187,15 @@ pub(crate) async fn respond<S: AsyncWrite + Unpin>(
     stream.shutdown().await
 }
 
+/// Whether a `Sec-WebSocket-Key` is what RFC 6455 §4.1 asks for: base64 of 16 bytes.
+pub(crate) fn is_valid_key(key: &str) -> bool {
+    use base64::Engine as _;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|b| b.len() == 16)
+}
+
 /// The 101 answer to a valid upgrade request.
 pub(crate) fn switching_protocols(key: &str) -> String {
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -245,6 +257,29 @@ mod tests {
             read_head(&mut r, Duration::from_secs(1)).await,
             Err(HeadError::TooLarge)
         ));
+    }
+
+    #[tokio::test]
+    async fn keeps_the_http_version() {
+        let mut r = &b"GET / HTTP/1.0\r\nHost: h\r\n\r\n"[..];
+        let (head, _) = read_head(&mut r, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(head.version, 0);
+    }
+
+    #[test]
+    fn keys_are_base64_of_16_bytes() {
+        assert!(is_valid_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        // Base64 of "Hello, world!": 13 bytes.
+        for bad in [
+            "SGVsbG8sIHdvcmxkIQ==",
+            "",
+            "x",
+            "not base64 at all!!!!!!!",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(!is_valid_key(bad), "{bad:?}");
+        }
     }
 
     #[test]

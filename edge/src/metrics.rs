@@ -69,6 +69,21 @@ pub struct Gauges {
     pub draining: bool,
 }
 
+/// The `edge_closes_total{code}` label of a code a client closed with: the codes of RFC 6455
+/// and its registry (1000–1015) keep their own, any other (4xxx included: they are the
+/// application's, and a client may send each of them) is `other`, so that clients cannot grow
+/// the label set.
+pub(crate) fn client_close_label(code: u16) -> &'static str {
+    const KNOWN: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
+        "1011", "1012", "1013", "1014", "1015",
+    ];
+    code.checked_sub(1000)
+        .and_then(|i| KNOWN.get(usize::from(i)))
+        .copied()
+        .unwrap_or("other")
+}
+
 impl Metrics {
     pub(crate) fn record_fanout(&self, t: Tally) {
         self.messages_delivered.add(t.delivered);
@@ -182,5 +197,20 @@ impl Metrics {
             self.events_ignored.get(),
         )
         .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_close_codes_have_a_bounded_label_set() {
+        for code in 1000..=1015 {
+            assert_eq!(client_close_label(code), code.to_string());
+        }
+        for code in [0, 999, 1016, 2999, 3000, 4000, 4001, 4321, 4999, u16::MAX] {
+            assert_eq!(client_close_label(code), "other", "{code}");
+        }
     }
 }

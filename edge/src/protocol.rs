@@ -210,7 +210,7 @@ where
         let shared = Arc::clone(&conn.shared);
         if let Err(e) = shared
             .registry
-            .subscribe(&shared, &conn.handle, filter)
+            .subscribe(&shared, &conn.handle, filter, conn.topics.iter())
             .await
         {
             tracing::warn!(conn = %conn.handle.id(), error = %e, "subscribe failed");
@@ -242,7 +242,7 @@ where
     if conn.topics.remove(filter) {
         conn.shared
             .registry
-            .unsubscribe(&conn.shared, &conn.handle, filter);
+            .unsubscribe(&conn.shared, &conn.handle, filter, conn.topics.iter());
     }
     FrameBuilder::new(key, "unsubscribed")
         .id(id)

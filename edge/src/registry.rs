@@ -2,6 +2,13 @@
 //! local subscribers. One bus subscription per active (namespace, filter); its pump frames
 //! each publication once per dialect and hands the same bytes to every local subscriber.
 //!
+//! A connection whose filters overlap (`#`, `+/#` and `x/y`) hears each publication once:
+//! every subscriber entry lists the connection's *older* filters that overlap it (none for
+//! almost every entry), and a pump skips a publication one of them matches, since the
+//! oldest matching filter's pump delivers it. A new filter never makes an older one skip
+//! anything, so subscribing loses nothing; an unsubscribe takes the filter out of the lists
+//! of the connection's younger ones.
+//!
 //! **Invariant:** the index lock is never held across `.await`; fan-out takes one lock per
 //! message, not per recipient.
 
@@ -43,9 +50,27 @@ struct Inner {
 /// One active topic filter in one namespace.
 #[derive(Debug)]
 pub(crate) struct Topic {
-    subscribers: Mutex<Vec<ConnHandle>>,
+    subscribers: Mutex<Vec<Subscriber>>,
     ready: watch::Sender<Ready>,
     stop: CancellationToken,
+}
+
+/// A connection holding a topic filter.
+#[derive(Debug, Clone)]
+struct Subscriber {
+    handle: ConnHandle,
+    /// The connection's filters, subscribed before this one, that overlap it; `None` when
+    /// there are none (the common case costs one branch per delivery).
+    older: Option<Arc<[String]>>,
+}
+
+impl Subscriber {
+    /// Whether an older filter of the connection matches `topic`: its pump delivers it.
+    fn shadowed(&self, topic: &str) -> bool {
+        self.older
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|f| proto::topic::matches(f, topic)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +206,8 @@ impl Registry {
         topics: impl Iterator<Item = &'a String>,
     ) {
         for filter in topics {
-            self.unsubscribe(shared, handle, filter);
+            // The connection is going: no younger filter needs its list updated.
+            self.unsubscribe(shared, handle, filter, std::iter::empty());
         }
         let info = handle.info();
         let mut inner = self.lock();
@@ -200,13 +226,23 @@ impl Registry {
     }
 
     /// Adds `handle` to the subscribers of `filter`, creating the bus subscription if this
-    /// edge had no subscriber of it; returns once publications are flowing.
-    pub(crate) async fn subscribe(
+    /// edge had no subscriber of it; returns once publications are flowing. `held` are the
+    /// filters the connection already holds.
+    pub(crate) async fn subscribe<'a>(
         &self,
         shared: &Arc<Shared>,
         handle: &ConnHandle,
         filter: &str,
+        held: impl Iterator<Item = &'a String>,
     ) -> Result<(), SubscribeError> {
+        let older: Vec<String> = held
+            .filter(|f| proto::topic::overlaps(f, filter))
+            .cloned()
+            .collect();
+        let subscriber = Subscriber {
+            handle: handle.clone(),
+            older: (!older.is_empty()).then(|| older.into()),
+        };
         let ns = handle.info().namespace.clone();
         let topic_key = (ns.clone(), filter.to_owned());
         let (topic, created) = {
@@ -228,7 +264,7 @@ impl Registry {
                 .subscribers
                 .lock()
                 .expect("topic poisoned")
-                .push(handle.clone());
+                .push(subscriber);
             if created {
                 shared.reporter.push(node_topic(&ns, filter, true));
             }
@@ -270,9 +306,32 @@ impl Registry {
         Ok(())
     }
 
-    pub(crate) fn unsubscribe(&self, shared: &Shared, handle: &ConnHandle, filter: &str) {
-        let key = (handle.info().namespace.clone(), filter.to_owned());
-        if self.remove_subscriber(shared, &key, handle) {
+    /// Removes `handle` from the subscribers of `filter`; `remaining` are the filters the
+    /// connection keeps, whose lists of older overlapping filters lose this one.
+    pub(crate) fn unsubscribe<'a>(
+        &self,
+        shared: &Shared,
+        handle: &ConnHandle,
+        filter: &str,
+        remaining: impl Iterator<Item = &'a String>,
+    ) {
+        let ns = &handle.info().namespace;
+        let key = (ns.clone(), filter.to_owned());
+        let removed = self.remove_subscriber(shared, &key, handle);
+        for other in remaining.filter(|f| proto::topic::overlaps(f, filter)) {
+            let inner = self.lock();
+            let Some(topic) = inner.topics.get(&(ns.clone(), other.clone())) else {
+                continue;
+            };
+            let mut subs = topic.subscribers.lock().expect("topic poisoned");
+            if let Some(s) = subs.iter_mut().find(|s| s.handle.id() == handle.id())
+                && let Some(older) = &s.older
+            {
+                let kept: Vec<String> = older.iter().filter(|f| *f != filter).cloned().collect();
+                s.older = (!kept.is_empty()).then(|| kept.into());
+            }
+        }
+        if removed {
             shared
                 .reporter
                 .push(delta::Kind::Unsubscribe(report::topic_change(
@@ -293,7 +352,7 @@ impl Registry {
         };
         let mut subs = topic.subscribers.lock().expect("topic poisoned");
         let before = subs.len();
-        subs.retain(|h| h.id() != handle.id());
+        subs.retain(|s| s.handle.id() != handle.id());
         let removed = subs.len() < before;
         if subs.is_empty() {
             drop(subs);
@@ -324,8 +383,11 @@ impl Registry {
         let inner = self.lock();
         let mut by_conn: HashMap<Ulid, Vec<String>> = HashMap::new();
         for ((_, filter), topic) in &inner.topics {
-            for h in topic.subscribers.lock().expect("topic poisoned").iter() {
-                by_conn.entry(h.id()).or_default().push(filter.clone());
+            for s in topic.subscribers.lock().expect("topic poisoned").iter() {
+                by_conn
+                    .entry(s.handle.id())
+                    .or_default()
+                    .push(filter.clone());
             }
         }
         let conns = inner.conns.values().cloned().collect();
@@ -532,15 +594,19 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
         return;
     }
     // A snapshot: the loop yields, and the lock is never held across an await.
-    let subs: Vec<ConnHandle> = topic.subscribers.lock().expect("topic poisoned").clone();
+    let subs: Vec<Subscriber> = topic.subscribers.lock().expect("topic poisoned").clone();
     let mut framed: [Option<Framed>; 3] = [None, None, None];
     let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
-    for h in &subs {
+    for s in &subs {
+        let h = &s.handle;
         let key = h.info().route.cfg.key();
         let id = h.id();
+        // Not the publisher's own (unless it asked), and not one an older overlapping filter
+        // of the same connection delivers.
+        let wanted = |p: &Publication| p.skip != Some(id) && !s.shadowed(&p.concrete);
         // The publications from this index on are queued; those before it were written.
         let mut queue_from = 0;
-        if pubs.iter().all(|p| p.skip != Some(id)) {
+        if pubs.iter().all(wanted) {
             let f = framed[key.index()].get_or_insert_with(|| Framed::new(&mut pubs, key));
             queue_from = match h.try_write_frames(&f.bytes, &f.ends) {
                 Direct::Written => pubs.len(),
@@ -553,7 +619,7 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
                 p.tally.delivered += 1;
                 direct_frames += 1;
                 direct_bytes += p.frame(key).len() as u64;
-            } else if p.skip != Some(id) {
+            } else if wanted(p) {
                 let d = h.deliver(p.frame(key));
                 p.tally.add(d);
             }

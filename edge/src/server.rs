@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     upstream_ready: AtomicBool,
     limit: Arc<Semaphore>,
+    /// Whether the listener is TLS (`https`/`wss`): the same-origin check compares schemes.
+    secure: bool,
 }
 
 /// Why an edge could not start or serve.
@@ -135,6 +137,7 @@ impl Edge {
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             draining: AtomicBool::new(false),
             upstream_ready: AtomicBool::new(true),
+            secure: false,
             cfg,
         };
         Ok(Self {
@@ -406,7 +409,7 @@ async fn admit(
     shared: &Arc<Shared>,
     tcp: &mut TcpStream,
     peer: SocketAddr,
-    head: &RequestHead,
+    head: &mut RequestHead,
 ) -> Option<Admitted> {
     let matched = shared.routes.iter().find_map(|r| {
         http::match_path(&r.cfg.path, &head.path).map(|params| (Arc::clone(r), params))
@@ -427,6 +430,16 @@ async fn admit(
     if head.method != "GET" {
         return refuse(shared, tcp, 405, "method", "websocket upgrades use GET").await;
     }
+    if head.version < 1 {
+        return refuse(
+            shared,
+            tcp,
+            400,
+            "bad_handshake",
+            "websocket upgrades need HTTP/1.1",
+        )
+        .await;
+    }
     if !head.is_upgrade() || head.header("sec-websocket-version") != Some("13") {
         return refuse(
             shared,
@@ -437,13 +450,17 @@ async fn admit(
         )
         .await;
     }
-    let Some(key) = head.header("sec-websocket-key").map(str::to_owned) else {
+    let Some(key) = head
+        .header("sec-websocket-key")
+        .filter(|k| http::is_valid_key(k))
+        .map(str::to_owned)
+    else {
         return refuse(
             shared,
             tcp,
             400,
             "bad_handshake",
-            "missing sec-websocket-key",
+            "sec-websocket-key must be base64 of 16 bytes",
         )
         .await;
     };
@@ -460,27 +477,30 @@ async fn admit(
         )
         .await;
     };
-    let mut admitted = route.verifier.admit(&route.cfg, head);
+    let mut verdict = route.verifier.admit(&route.cfg, head, shared.secure);
     // A key set from a URL may have gained the token's key: refetch (rate-limited; or wait
     // for the fetch under way), then check again.
-    if matches!(admitted, Err(AuthError::UnknownKey))
+    if matches!(verdict, Err(AuthError::UnknownKey))
         && let Some(fetcher) = &route.verifier.fetcher
     {
         fetcher.refetch_for_unknown_kid().await;
-        admitted = route.verifier.admit(&route.cfg, head);
+        verdict = route.verifier.admit(&route.cfg, head, shared.secure);
     }
-    let admitted = admitted.and_then(|id| {
+    // The token has been read: from here on, nothing of the request can carry it further.
+    crate::auth::strip_credentials(&route.cfg, head);
+    let verdict = verdict.and_then(|id| {
         let ids = crate::conn::TokenIds::of(&id.claims);
         if shared.revoked.revokes(&ids, &id.namespace) {
             return Err(AuthError::Revoked);
         }
         Ok(id)
     });
-    let mut identity = match admitted {
+    let mut identity = match verdict {
         Ok(id) => id,
         Err(e) => {
+            // The details (jsonwebtoken's text, the namespace asked for) stay in the log.
             tracing::debug!(%peer, error = %e, "upgrade refused");
-            return refuse(shared, tcp, e.status(), e.reason(), &e.to_string()).await;
+            return refuse(shared, tcp, e.status(), e.reason(), e.reason()).await;
         }
     };
     if let Some(hook) = &route.cfg.hooks.upgrade {
@@ -525,11 +545,11 @@ async fn upgrade(
     shared: &Arc<Shared>,
     mut tcp: TcpStream,
     peer: SocketAddr,
-    head: RequestHead,
+    mut head: RequestHead,
     rest: Vec<u8>,
 ) -> Option<Upgraded> {
     let span = tracing::info_span!("edge.upgrade", path = %head.path, %peer);
-    let admitted = admit(shared, &mut tcp, peer, &head)
+    let admitted = admit(shared, &mut tcp, peer, &mut head)
         .instrument(span)
         .await?;
     let Admitted {
@@ -650,7 +670,14 @@ async fn run_conn(shared: Arc<Shared>, up: Upgraded) {
         Box::pin(conn.close_now(ConnError::TooManyConnections)).await
     };
     let code = end.code();
-    shared.metrics.closes.inc(&code.to_string());
+    match end {
+        // A client may send any code: those the protocol does not know share one label.
+        ConnError::ClientClosed(Some(c)) => shared
+            .metrics
+            .closes
+            .inc(crate::metrics::client_close_label(c)),
+        _ => shared.metrics.closes.inc(&code.to_string()),
+    }
     if code == 1013 {
         shared.metrics.slow_consumer_closes.inc();
     }

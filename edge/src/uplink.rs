@@ -8,6 +8,7 @@
 //! changes or a stream reconnects.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bus::SharedBus;
@@ -43,6 +44,18 @@ pub struct UplinkOptions {
     pub member_timeout: Duration,
     /// This edge's WebSocket address, as operators see it in `ListNodes`.
     pub address: String,
+    /// This edge's node credential ([`proto::credential`]), presented to coordinators;
+    /// `None` on a cluster without a secret.
+    pub credential: Option<String>,
+}
+
+/// A request carrying the edge's credential, if it has one.
+fn authorized<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = credential.and_then(|c| format!("Bearer {c}").parse().ok()) {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
 }
 
 /// Runs until `shutdown`; then tells every coordinator this edge is leaving.
@@ -60,8 +73,10 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
         .await;
     let (found_tx, mut found) = mpsc::channel::<(String, String)>(64);
     let (events_tx, mut events) = mpsc::channel::<StreamEvent>(64);
+    let credential: Option<Arc<str>> = opts.credential.as_deref().map(Arc::from);
     tokio::spawn(first_contact(
         opts.seeds.clone(),
+        credential.clone(),
         found_tx.clone(),
         shutdown.clone(),
     ));
@@ -87,12 +102,16 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 let Ok(a) = CoordinatorAnnounce::decode(m.payload.as_ref()) else { continue };
                 let now = epoch.elapsed();
                 if router.membership.observe(&a.node_id, &a.grpc_address, a.leaving, now) {
-                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                    reconcile(
+                    &mut router,
+                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
                 }
             }
             Some((id, address)) = found.recv() => {
                 if router.membership.observe(&id, &address, false, epoch.elapsed()) {
-                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                    reconcile(
+                    &mut router,
+                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
                 }
             }
             Some(ev) = events.recv() => match ev {
@@ -114,7 +133,9 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                     // Out of the ring until it announces again, as the coordinators do.
                     if router.membership.remove(&id) {
                         tracing::warn!(node = %id, "coordinator unreachable; removed from the ring");
-                        reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                        reconcile(
+                    &mut router,
+                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
                         edge.set_upstream_ready(streams.values().any(|s| s.connected));
                     }
                 }
@@ -126,7 +147,9 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 } else if std::mem::take(&mut bus_was_down) {
                     router.membership.touch_all(epoch.elapsed());
                 } else if router.membership.expire(epoch.elapsed()) {
-                    reconcile(&mut router, &mut streams, &events_tx, &shutdown);
+                    reconcile(
+                    &mut router,
+                    credential.as_ref(), &mut streams, &events_tx, &shutdown);
                 }
                 if router.membership.is_empty() {
                     let _ = bus.publish(bus::Outgoing::new(subject::HELLO, Vec::new())).await;
@@ -204,6 +227,7 @@ fn flush_fulls(router: &Router, streams: &mut HashMap<String, StreamHandle>, dra
 /// its share of the new ring.
 fn reconcile(
     router: &mut Router,
+    credential: Option<&Arc<str>>,
     streams: &mut HashMap<String, StreamHandle>,
     events: &mpsc::Sender<StreamEvent>,
     shutdown: &CancellationToken,
@@ -229,6 +253,7 @@ fn reconcile(
             let task = tokio::spawn(stream_task(
                 id,
                 address.clone(),
+                credential.cloned(),
                 rx,
                 events.clone(),
                 stop.clone(),
@@ -253,6 +278,7 @@ fn reconcile(
 async fn stream_task(
     id: String,
     address: String,
+    credential: Option<Arc<str>>,
     mut rx: mpsc::Receiver<ReportBatch>,
     events: mpsc::Sender<StreamEvent>,
     stop: CancellationToken,
@@ -296,7 +322,10 @@ async fn stream_task(
         // Whatever was queued for the broken stream is stale: a full batch follows.
         while rx.try_recv().is_ok() {}
         let (itx, irx) = mpsc::channel::<ReportBatch>(STREAM_QUEUE);
-        let mut acks = match client.report(ReceiverStream::new(irx)).await {
+        let mut acks = match client
+            .report(authorized(ReceiverStream::new(irx), credential.as_deref()))
+            .await
+        {
             Ok(r) => r.into_inner(),
             Err(status) => {
                 tracing::debug!(node = %id, code = ?status.code(), "report stream refused");
@@ -344,6 +373,7 @@ async fn stream_task(
 /// Asks the configured coordinators who is in the ring, until someone answers.
 async fn first_contact(
     seeds: Vec<String>,
+    credential: Option<Arc<str>>,
     found: mpsc::Sender<(String, String)>,
     stop: CancellationToken,
 ) {
@@ -367,7 +397,7 @@ async fn first_contact(
                     .await
                     .ok()?;
                 PlacementClient::new(channel)
-                    .list_nodes(ListNodesRequest {})
+                    .list_nodes(authorized(ListNodesRequest {}, credential.as_deref()))
                     .await
                     .ok()
             };

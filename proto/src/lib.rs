@@ -8,9 +8,11 @@
 //! | [`topic`] | MQTT topic syntax: validation, matching, encoding into subject tokens |
 //! | [`frame`] | client ↔ edge JSON frames and their dialects |
 //! | [`revoke`] | entries of the revoked-token bucket |
+//! | [`credential`] | the per-node credentials edges and coordinators present to coordinators |
 //!
 //! **Invariant:** this crate pulls in no tokio runtime and no telemetry.
 
+pub mod credential;
 pub mod frame;
 pub mod json;
 pub mod revoke;

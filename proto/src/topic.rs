@@ -20,6 +20,8 @@ pub enum TopicError {
     WildcardInTopic,
     #[error("+ and # must fill a whole level, and # must be the last level")]
     MisplacedWildcard,
+    #[error("a topic cannot contain control characters (U+0000 included)")]
+    ControlCharacter,
 }
 
 /// Checks a concrete topic (for publishing).
@@ -61,6 +63,19 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether some concrete topic matches both filters `a` and `b` (both already validated).
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
+            _ => return false,
+        }
+    }
+}
+
 fn check_shape(s: &str) -> Result<(), TopicError> {
     if s.is_empty() {
         return Err(TopicError::Empty);
@@ -70,6 +85,11 @@ fn check_shape(s: &str) -> Result<(), TopicError> {
     }
     if s.split('/').count() > MAX_LEVELS {
         return Err(TopicError::TooManyLevels);
+    }
+    // MQTT forbids U+0000; the other controls (C0, DEL, C1) have no business in a topic
+    // either, and would reach logs and backends as they are.
+    if s.chars().any(char::is_control) {
+        return Err(TopicError::ControlCharacter);
     }
     Ok(())
 }
@@ -94,6 +114,19 @@ mod tests {
         assert_eq!(validate_topic("scores/+"), Err(TopicError::WildcardInTopic));
         assert_eq!(validate_topic(""), Err(TopicError::Empty));
         assert!(validate_topic("a.b/*/>").is_ok());
+        for bad in ["a\u{0}b", "a/\n", "\t", "x/\u{7f}", "x/\u{85}"] {
+            assert_eq!(
+                validate_topic(bad),
+                Err(TopicError::ControlCharacter),
+                "{bad:?}"
+            );
+            assert_eq!(
+                validate_filter(bad),
+                Err(TopicError::ControlCharacter),
+                "{bad:?}"
+            );
+        }
+        assert!(validate_topic("ünï/cödé/😀").is_ok());
     }
 
     #[test]
@@ -104,5 +137,35 @@ mod tests {
         assert!(matches("scores/#", "scores/1/2/3"));
         assert!(!matches("scores/+", "scores/1/2"));
         assert!(matches("#", "anything/at/all"));
+    }
+
+    #[test]
+    fn overlap_means_a_topic_matches_both() {
+        let pairs = [
+            ("#", "x/y", true),
+            ("+/#", "x/y", true),
+            ("#", "+/#", true),
+            ("x/#", "x", true),
+            ("x/+", "x/y", true),
+            ("+/y", "x/+", true),
+            ("x/y", "x/y", true),
+            ("x/y", "x/z", false),
+            ("x/+", "x", false),
+            ("x/+", "x/y/z", false),
+            ("y/#", "x/#", false),
+            ("+", "x/y", false),
+        ];
+        for (a, b, want) in pairs {
+            assert_eq!(overlaps(a, b), want, "{a} ~ {b}");
+            assert_eq!(overlaps(b, a), want, "{b} ~ {a}");
+        }
+        // Whenever a topic matches both, they overlap.
+        for t in ["x", "x/y", "x/y/z", "a/y"] {
+            for (a, b, _) in pairs {
+                if matches(a, t) && matches(b, t) {
+                    assert!(overlaps(a, b), "{a} ~ {b} via {t}");
+                }
+            }
+        }
     }
 }

@@ -30,7 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 // For the tests that include this harness; not every one uses them.
 #[allow(unused_imports)]
-pub use tools::{MISSING_GRPCURL, grpcurl};
+pub use tools::{
+    Authed, MISSING_GRPCURL, TEST_API_KEY, TEST_CLUSTER_SECRET, authed, grpcurl, grpcurl_output,
+    with_test_key,
+};
 
 use bus::testkit::TestNats;
 use bus::{Bus as _, BusError, NatsBus, NatsOptions, Outgoing, Subscription};
@@ -161,6 +164,14 @@ impl Proc {
             .unwrap_or_else(|e| panic!("kill {}: {e}", self.name));
     }
 
+    /// Everything the process printed so far (stdout and stderr; the last 2000 lines).
+    pub fn output(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
     pub fn tail(&self) -> String {
         let out = self.output.lock().unwrap_or_else(|e| e.into_inner());
         let from = out.len().saturating_sub(TAIL);
@@ -286,6 +297,25 @@ pub struct Spec {
     pub opts: Opts,
     config: Config,
     env: Vec<(String, String)>,
+    /// Whether every process gets the test API key and cluster secret.
+    credentials: bool,
+}
+
+/// The test API key (scope admin) and cluster secret, as config overrides and the variables
+/// they name.
+pub fn test_credentials() -> Vec<(String, String)> {
+    [
+        (
+            "SWITCHBOARD_COORDINATOR__API__KEYS",
+            "[{name: test, secret_env: SB_TEST_API_KEY, scopes: [admin]}]",
+        ),
+        ("SB_TEST_API_KEY", TEST_API_KEY),
+        ("SWITCHBOARD_CLUSTER__SECRET_ENV", "SB_TEST_CLUSTER_SECRET"),
+        ("SB_TEST_CLUSTER_SECRET", TEST_CLUSTER_SECRET),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -303,7 +333,14 @@ impl Spec {
             opts: Opts::default(),
             config: Config::Yaml(ANONYMOUS_YAML.to_owned()),
             env: Vec::new(),
+            credentials: true,
         }
+    }
+
+    /// No test API key or cluster secret: the test configures its own.
+    pub fn without_test_credentials(mut self) -> Self {
+        self.credentials = false;
+        self
     }
 
     pub fn opts(mut self, opts: Opts) -> Self {
@@ -392,6 +429,9 @@ impl Cluster {
             }
         };
         let mut env = spec.opts.env();
+        if spec.credentials {
+            env.extend(test_credentials());
+        }
         env.extend(spec.env.iter().cloned());
         let mut cluster = Self {
             edges: Vec::new(),
@@ -756,30 +796,30 @@ pub async fn subjects_until(sub: &mut Subscription, marker: &str) -> Vec<String>
 // ---------------------------------------------------------------------------------------
 // gRPC.
 
-pub async fn placement(addr: SocketAddr) -> Result<PlacementClient<Channel>, String> {
-    match timeout(STEP, PlacementClient::connect(format!("http://{addr}"))).await {
+pub async fn placement(addr: SocketAddr) -> Result<PlacementClient<Authed>, String> {
+    channel(addr)
+        .await
+        .map(|ch| PlacementClient::new(authed(ch)))
+}
+
+pub async fn messaging(addr: SocketAddr) -> MessagingClient<Authed> {
+    let ch = channel(addr).await.unwrap_or_else(|e| panic!("gRPC {e}"));
+    MessagingClient::new(authed(ch))
+}
+
+pub async fn resources(addr: SocketAddr) -> ResourcesClient<Authed> {
+    let ch = channel(addr).await.unwrap_or_else(|e| panic!("gRPC {e}"));
+    ResourcesClient::new(authed(ch))
+}
+
+/// A plaintext gRPC channel to `addr`, connected within [`STEP`].
+pub async fn channel(addr: SocketAddr) -> Result<Channel, String> {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+    match timeout(STEP, endpoint.connect()).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(format!("connect to {addr}: {e}")),
         Err(_) => Err(format!("connect to {addr} timed out")),
     }
-}
-
-pub async fn messaging(addr: SocketAddr) -> MessagingClient<Channel> {
-    bounded(
-        &format!("gRPC connect to {addr}"),
-        MessagingClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("gRPC connect to {addr}: {e}"))
-}
-
-pub async fn resources(addr: SocketAddr) -> ResourcesClient<Channel> {
-    bounded(
-        &format!("gRPC connect to {addr}"),
-        ResourcesClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("gRPC connect to {addr}: {e}"))
 }
 
 pub async fn try_locate(
@@ -1162,7 +1202,7 @@ pub fn upgrade_request(addr: SocketAddr, path_and_query: &str, headers: &[(&str,
     let mut text = format!(
         "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: SGVsbG8sIHdvcmxkIQ==\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     );
     for (k, v) in headers {
         text.push_str(&format!("{k}: {v}\r\n"));

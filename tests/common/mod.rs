@@ -70,9 +70,13 @@ impl TestNode {
         };
         config.coordinator.grpc_listen = "127.0.0.1:0".parse().unwrap();
         config.coordinator.request_timeout = Duration::from_secs(1);
-        let node = DevNode::bind(Resolved { config, route_keys })
-            .await
-            .expect("node binds");
+        let node = DevNode::bind(Resolved {
+            config,
+            route_keys,
+            ..Resolved::default()
+        })
+        .await
+        .expect("node binds");
         let (ws_addr, grpc_addr, bus) = (node.ws_addr, node.grpc_addr, node.bus());
         let token = CancellationToken::new();
         let task = tokio::spawn(node.serve(token.clone()));

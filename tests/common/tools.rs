@@ -10,6 +10,31 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::timeout;
 
+/// The API key (scope `admin`) every test coordinator accepts, and the cluster secret every
+/// test process shares; the cluster harness configures both, the gRPC helpers send the key.
+pub const TEST_API_KEY: &str = "sb_test_admin_key_for_the_test_suite";
+pub const TEST_CLUSTER_SECRET: &str = "test-cluster-secret-0123456789abcdef";
+
+/// A gRPC channel whose calls carry [`TEST_API_KEY`].
+pub type Authed = tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+>;
+
+/// Puts `authorization: Bearer <TEST_API_KEY>` on a call.
+pub fn with_test_key(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let value = format!("Bearer {TEST_API_KEY}")
+        .parse()
+        .expect("a valid header value");
+    r.metadata_mut().insert("authorization", value);
+    Ok(r)
+}
+
+/// `channel` with the test key on every call.
+pub fn authed(channel: tonic::transport::Channel) -> Authed {
+    tonic::service::interceptor::InterceptedService::new(channel, with_test_key as fn(_) -> _)
+}
+
 /// The bound on one grpcurl run.
 const GRPCURL_LIMIT: Duration = Duration::from_secs(10);
 pub const MISSING_GRPCURL: &str = "grpcurl is not on PATH: run `scripts/test`, which installs it \
@@ -65,9 +90,25 @@ pub async fn expect_dropped(mut tcp: TcpStream, limit: Duration, who: &str) -> V
     opcodes
 }
 
-/// Runs `grpcurl -plaintext ARGS…` and returns its stdout; fails (never skips) when
-/// grpcurl is missing or the call fails.
+/// Runs `grpcurl -plaintext ARGS…` with the test key and returns its stdout; fails (never
+/// skips) when grpcurl is missing or the call fails.
 pub async fn grpcurl(args: &[&str]) -> String {
+    let key = format!("authorization: Bearer {TEST_API_KEY}");
+    let mut all = vec!["-H", key.as_str()];
+    all.extend_from_slice(args);
+    let out = grpcurl_output(&all).await;
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("grpcurl output is UTF-8")
+}
+
+/// Runs `grpcurl -plaintext ARGS…` exactly as given (no key added) and returns what it did;
+/// fails (never skips) when grpcurl is missing.
+pub async fn grpcurl_output(args: &[&str]) -> std::process::Output {
     let run = Command::new("grpcurl")
         .args(["-plaintext", "-max-time", "5"])
         .args(args)
@@ -82,15 +123,12 @@ pub async fn grpcurl(args: &[&str]) -> String {
         Ok(Err(e)) => panic!("cannot run grpcurl: {e}; {MISSING_GRPCURL}"),
         Ok(Ok(out)) => out,
     };
-    let stderr = String::from_utf8_lossy(&out.stderr);
     // A pyenv shim without the package behind it answers 127, "command not found".
     if out.status.code() == Some(127) {
-        panic!("{MISSING_GRPCURL}\n{stderr}");
+        panic!(
+            "{MISSING_GRPCURL}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed ({}): {stderr}",
-        out.status
-    );
-    String::from_utf8(out.stdout).expect("grpcurl output is UTF-8")
+    out
 }

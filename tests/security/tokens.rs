@@ -289,13 +289,12 @@ async fn expiring_tokens_get_refresh_required_and_close_with_4001_unless_refresh
 // ---------------------------------------------------------------------------------------
 // Revocation.
 
-async fn admin(addr: SocketAddr) -> AdminClient<tonic::transport::Channel> {
-    bounded(
-        "gRPC connect",
-        AdminClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .unwrap()
+/// An Admin client with the test API key (scope `admin`).
+async fn admin(addr: SocketAddr) -> AdminClient<crate::harness::Authed> {
+    let ch = crate::harness::channel(addr)
+        .await
+        .unwrap_or_else(|e| panic!("gRPC {e}"));
+    AdminClient::new(crate::harness::authed(ch))
 }
 
 async fn revoke(addr: SocketAddr, target: Target, reason: &str) -> RevokeResponse {
