@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "switchboard/v1/placement.proto",
         "switchboard/v1/edge.proto",
         "switchboard/v1/resources.proto",
+        "switchboard/v1/admin.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

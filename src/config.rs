@@ -213,8 +213,8 @@ impl ConfigError {
 #[derive(Debug, Clone, Default)]
 pub struct Resolved {
     pub config: Config,
-    /// RS256 public key PEM per edge route.
-    pub rs256_pems: Vec<Option<Vec<u8>>>,
+    /// Key material per edge route (key files, JWKS file, JWKS CA).
+    pub route_keys: Vec<edge::RouteKeys>,
     /// The cluster secret (`cluster.secret_env` / `secret_file`).
     pub cluster_secret: Option<Secret>,
     /// The coordinator's API keys, secrets read (`coordinator.api.keys`).
@@ -327,7 +327,7 @@ impl Config {
                 "must be non-empty, without spaces",
             ));
         }
-        let mut rs256_pems = Vec::new();
+        let mut route_keys = Vec::new();
         // A coordinator reads the edge block only for resource types: no secrets or keys.
         let edge_routes = if mode == Mode::Coordinator {
             &mut [][..]
@@ -348,23 +348,35 @@ impl Config {
                     }
                 }
             }
-            let pem = match &route.auth.rs256_public_key_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    ConfigError::key(
-                        key("rs256_public_key_file"),
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?),
-                None => None,
+            let a = &route.auth;
+            let read = |name: &str, path: &Option<PathBuf>| match path {
+                Some(path) => std::fs::read(path).map(Some).map_err(|e| {
+                    ConfigError::key(key(name), format!("cannot read {}: {e}", path.display()))
+                }),
+                None => Ok(None),
             };
-            rs256_pems.push(pem);
+            let pem = [
+                ("rs256_public_key_file", &a.rs256_public_key_file),
+                ("es256_public_key_file", &a.es256_public_key_file),
+                ("eddsa_public_key_file", &a.eddsa_public_key_file),
+            ]
+            .into_iter()
+            .find(|(_, p)| p.is_some())
+            .map(|(name, p)| read(name, p))
+            .transpose()?
+            .flatten();
+            route_keys.push(edge::RouteKeys {
+                pem,
+                jwks: read("jwks_file", &a.jwks_file)?,
+                jwks_ca: read("jwks_ca_file", &a.jwks_ca_file)?,
+            });
         }
         let cluster_secret = resolve_cluster(mode, &config, &env)?;
         let api_keys = resolve_api_keys(mode, &config, cluster_secret.is_some(), &env)?;
         let tls = crate::tls::Tls::load(mode, &config)?;
         Ok(Resolved {
             config,
-            rs256_pems,
+            route_keys,
             cluster_secret,
             api_keys,
             nats,
@@ -611,6 +623,54 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("NOPE_X is not set"), "{e}");
+    }
+
+    #[test]
+    fn token_lifecycle_mistakes_are_named() {
+        let route = |auth: &str| format!("edge:\n  routes:\n    - path: /x\n      auth: {auth}\n");
+        let e = load(
+            &route("{ hs256_secret: s, es256_public_key_file: /k.pem }"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "edge.routes[0].auth: set only one key source, not hs256_secret and es256_public_key_file"
+        );
+        let e = load(&route("{ hs256_secret: s, refresh_lead: 2h }"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.refresh_lead: must be less"),
+            "{e}"
+        );
+        let e = load(&route("{ jwks_url: \"http://idp.example.com/k\" }"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.jwks_url: must start with https://"),
+            "{e}"
+        );
+        let e = load(
+            &route("{ jwks_url: \"https://idp.example.com/k\", jwks_refresh_min: 0s }"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.jwks_refresh_min"),
+            "{e}"
+        );
+        let e = load(&route("{ eddsa_public_key_file: /nope/ed.pem }"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("edge.routes[0].auth.eddsa_public_key_file: cannot read"),
+            "{e}"
+        );
+        let r = load(
+            &route("{ hs256_secret: s, require_exp: false, refresh_lead: 5s }"),
+            &[],
+        )
+        .unwrap();
+        assert!(!r.config.edge.routes[0].auth.require_exp);
     }
 
     #[test]

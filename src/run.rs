@@ -12,6 +12,7 @@ use bus::nats_store::{NatsStore, NatsStoreOptions};
 use bus::{LocalBus, NatsBus, SharedBus, SharedStore};
 use coordinator::Coordinator;
 use coordinator::access::Access;
+use coordinator::admin::AdminService;
 use coordinator::resources::{ResourceSpec, ResourcesService};
 use edge::Edge;
 use edge::config::ResourceKind;
@@ -39,13 +40,15 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         .clone()
         .unwrap_or_else(|| format!("edge-{}", ulid::Ulid::new()));
     let (bus, client) = connect_nats(&resolved.nats, &node_id, subject::EDGE_INBOX).await?;
+    let revocations = revocation_store(&client);
     let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
     let edge = Edge::new(
         node_id.clone(),
         cfg.edge.clone(),
-        &resolved.rs256_pems,
+        &resolved.route_keys,
         Arc::clone(&bus),
         Some(store),
+        Some(revocations),
     )?;
     let ws = TcpListener::bind(cfg.edge.listen)
         .await
@@ -98,6 +101,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .clone()
         .unwrap_or_else(|| format!("coordinator-{}", ulid::Ulid::new()));
     let (bus, client) = connect_nats(&resolved.nats, &node_id, subject::COORDINATOR_INBOX).await?;
+    let admin = AdminService::new(revocation_store(&client), cc.revocation_bucket.clone());
     let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
     let resources = ResourcesService::new(store, resource_specs(&cfg));
     let grpc = TcpListener::bind(cc.grpc_listen).await.with_context(|| {
@@ -167,6 +171,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         access,
         c,
         resources,
+        admin,
         shutdown.clone(),
     ));
     shutdown.cancelled().await;
@@ -230,6 +235,16 @@ fn resource_specs(cfg: &Config) -> BTreeMap<String, ResourceSpec> {
     specs
 }
 
+/// The store of the revocation bucket: JetStream KV whose entries the server drops after
+/// the longest revocation (so the bucket's size is bounded).
+fn revocation_store(client: &async_nats::Client) -> SharedStore {
+    let opts = NatsStoreOptions {
+        max_age: std::time::Duration::from_secs(proto::revoke::MAX_TTL_SECS),
+        ..NatsStoreOptions::default()
+    };
+    Arc::new(NatsStore::new(client.clone(), opts))
+}
+
 /// The bus, and the raw client for JetStream.
 async fn connect_nats(
     nats: &NatsAccess,
@@ -253,6 +268,7 @@ pub struct DevNode {
     coordinator: Coordinator,
     bus: SharedBus,
     resources: ResourcesService,
+    admin: AdminService,
     ws: TcpListener,
     grpc: TcpListener,
     access: Arc<Access>,
@@ -275,11 +291,16 @@ impl DevNode {
         let bus: SharedBus = Arc::new(LocalBus::new(LOCAL_BUS_QUEUE));
         let store: SharedStore = Arc::new(LocalStore::new(LOCAL_WATCH_QUEUE));
         let resources = ResourcesService::new(Arc::clone(&store), resource_specs(&cfg));
+        let admin = AdminService::new(
+            Arc::clone(&store),
+            cfg.coordinator.revocation_bucket.clone(),
+        );
         let edge = Edge::new(
             node_id,
             cfg.edge.clone(),
-            &resolved.rs256_pems,
+            &resolved.route_keys,
             Arc::clone(&bus),
+            Some(Arc::clone(&store)),
             Some(Arc::clone(&store)),
         )?;
         let ws = TcpListener::bind(cfg.edge.listen)
@@ -319,6 +340,7 @@ impl DevNode {
             coordinator,
             bus,
             resources,
+            admin,
             ws,
             grpc,
             access,
@@ -382,6 +404,7 @@ impl DevNode {
             self.access,
             self.coordinator,
             self.resources,
+            self.admin,
             grpc_stop.clone(),
         ));
         match self.tls.edge.clone() {

@@ -61,6 +61,8 @@ pub struct NatsStoreOptions {
     /// The largest value, in bytes; `put` refuses larger ones ([`StoreError::ValueTooLarge`]).
     /// `-1`: no limit of our own (the server's `max_payload` still applies).
     pub max_value_size: i32,
+    /// Entries older than this are removed by the server; zero: kept until deleted.
+    pub max_age: Duration,
 }
 
 impl Default for NatsStoreOptions {
@@ -69,6 +71,7 @@ impl Default for NatsStoreOptions {
             replicas: 1,
             history: 1,
             max_value_size: 1024 * 1024,
+            max_age: Duration::ZERO,
         }
     }
 }
@@ -163,6 +166,7 @@ impl Inner {
             allow_direct: true,
             num_replicas: self.opts.replicas.max(1),
             discard: jetstream::stream::DiscardPolicy::New,
+            max_age: self.opts.max_age,
             ..Default::default()
         }
     }

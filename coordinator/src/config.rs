@@ -39,6 +39,9 @@ pub struct CoordinatorConfig {
     pub broadcast_subject: String,
     /// Who may call the gRPC API: keys and their scopes.
     pub api: crate::access::ApiConfig,
+    /// The key-value bucket `Admin.Revoke` writes revoked tokens to (the edges' `edge.
+    /// revocation_bucket`). Default `sb_revoked`.
+    pub revocation_bucket: String,
     /// TLS on the gRPC listener. Default: none (plaintext HTTP/2).
     pub tls: Option<TlsFiles>,
 }
@@ -72,6 +75,7 @@ impl Default for CoordinatorConfig {
             broadcast_subject: proto::subject::DEFAULT_BROADCAST.into(),
             api: crate::access::ApiConfig::default(),
             tls: None,
+            revocation_bucket: proto::revoke::BUCKET.into(),
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The gRPC server: Messaging, Placement, `grpc.health.v1.Health`, and server reflection
-//! (v1 and v1alpha, so that every grpcurl build can list and describe with no .proto files).
+//! The gRPC server: Messaging, Placement, Resources, Admin, `grpc.health.v1.Health`, and
+//! server reflection (v1 and v1alpha, so that every grpcurl build can list and describe with
+//! no .proto files).
 
+use proto::v1::admin_server::AdminServer;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,6 +16,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{Access, Caller, Refusal};
+use crate::admin::AdminService;
 use crate::api::{MessagingService, PlacementService};
 use crate::messaging::Coordinator;
 use crate::report::ReportService;
@@ -41,6 +44,7 @@ pub async fn serve(
     access: Arc<Access>,
     coordinator: Coordinator,
     resources: ResourcesService,
+    admin: AdminService,
     shutdown: CancellationToken,
 ) -> Result<(), GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -50,6 +54,7 @@ pub async fn serve(
     health
         .set_serving::<PlacementServer<PlacementService>>()
         .await;
+    health.set_serving::<AdminServer<AdminService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -74,6 +79,7 @@ pub async fn serve(
             coordinator.clone(),
         )))
         .add_service(ResourcesServer::new(resources))
+        .add_service(AdminServer::new(admin))
         .add_service(MessagingServer::new(MessagingService(coordinator.clone())))
         .add_service(PlacementServer::new(PlacementService(coordinator)));
     match tls {

@@ -8,9 +8,11 @@
 //! | [`access`] | who may call which gRPC method (API keys, node credentials) |
 //! | [`api`] | tonic services: proto ↔ domain, errors → `Status` |
 //! | [`grpc`] | the gRPC server with health and reflection |
+//! | [`admin`] | operator actions: token revocation |
 //! | [`tls`] | TLS on the gRPC listener |
 
 pub mod access;
+pub mod admin;
 pub mod api;
 pub mod cluster;
 

@@ -1,12 +1,28 @@
-//! Who is connecting: JWT verification (HS256, RS256) from a header, a query parameter or
-//! a cookie; the user claim; the namespaces a token may open; the origin allow-list.
-//! Everything here runs before the upgrade, so a refusal is an HTTP status.
+//! Who is connecting: JWT verification (HS256, RS256, ES256, EdDSA, or a JWKS by `kid`)
+//! from a header, a query parameter or a cookie; the user claim; the namespaces a token may
+//! open; the origin allow-list. Everything here runs before the upgrade, so a refusal is an
+//! HTTP status — except [`Verifier::refresh`], the same checks for a token sent on an open
+//! connection.
+
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use crate::config::{AuthConfig, RouteConfig};
+use crate::config::{AuthConfig, NamespaceConfig, RouteConfig};
 use crate::http::RequestHead;
+use crate::jwks::{Fetcher, KeySet, KeyStore, Miss};
+
+/// The key material of a route, read by the binary at start (libraries read no files).
+#[derive(Debug, Clone, Default)]
+pub struct RouteKeys {
+    /// The content of `rs256_`, `es256_` or `eddsa_public_key_file`.
+    pub pem: Option<Vec<u8>>,
+    /// The content of `jwks_file`.
+    pub jwks: Option<Vec<u8>>,
+    /// The content of `jwks_ca_file`.
+    pub jwks_ca: Option<Vec<u8>>,
+}
 
 /// The admitted identity of a connection.
 #[derive(Debug, Clone, Default)]
@@ -38,13 +54,24 @@ pub enum AuthError {
     HostNotAllowed(String),
     #[error("namespace {0:?} is not valid")]
     BadNamespace(String),
+    #[error("no key for the token's kid")]
+    UnknownKey,
+    #[error("token has been revoked")]
+    Revoked,
+    #[error("token is for another user")]
+    OtherUser,
 }
 
 impl AuthError {
     /// The HTTP status of the refusal (PROTOCOL.md §2).
     pub fn status(&self) -> u16 {
         match self {
-            Self::MissingToken | Self::InvalidToken(_) | Self::MissingUser(_) => 401,
+            Self::MissingToken
+            | Self::InvalidToken(_)
+            | Self::MissingUser(_)
+            | Self::UnknownKey
+            | Self::Revoked
+            | Self::OtherUser => 401,
             Self::NamespaceNotGranted(_)
             | Self::NamespaceNotClaimed(_)
             | Self::BadNamespaceClaim(_)
@@ -66,43 +93,136 @@ impl AuthError {
             Self::OriginNotAllowed(_) => "origin",
             Self::HostNotAllowed(_) => "host",
             Self::BadNamespace(_) => "bad_namespace",
+            Self::UnknownKey => "unknown_key",
+            Self::Revoked => "token_revoked",
+            Self::OtherUser => "other_user",
         }
     }
 }
 
 /// A route's verifier, built once at start.
 pub(crate) struct Verifier {
-    key: Option<(DecodingKey, Validation)>,
+    keys: Keys,
     cfg: AuthConfig,
+    /// The `jwks_url` fetcher, run by the edge.
+    pub(crate) fetcher: Option<Arc<Fetcher>>,
+}
+
+/// How a route checks signatures.
+enum Keys {
+    Anonymous,
+    One(DecodingKey, Box<Validation>),
+    Set(Arc<KeyStore>),
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("keyed", &self.key.is_some())
-            .finish()
+        let keys = match &self.keys {
+            Keys::Anonymous => "anonymous",
+            Keys::One(..) => "one key",
+            Keys::Set(_) => "jwks",
+        };
+        f.debug_struct("Verifier").field("keys", &keys).finish()
     }
 }
 
 impl Verifier {
-    /// `rs256_pem` is the content of `rs256_public_key_file`, read by the caller.
-    pub(crate) fn new(route: &RouteConfig, rs256_pem: Option<&[u8]>) -> Result<Self, String> {
+    pub(crate) fn new(route: &RouteConfig, material: &RouteKeys) -> Result<Self, String> {
         let cfg = route.auth.clone();
-        let key = if route.anonymous {
-            None
-        } else if let Some(pem) = rs256_pem {
-            let key =
-                DecodingKey::from_rsa_pem(pem).map_err(|e| format!("bad RS256 public key: {e}"))?;
-            Some((key, validation(Algorithm::RS256, &cfg)))
+        let pem = || material.pem.as_deref().ok_or("the key file was not read");
+        let one = |key: DecodingKey, alg| Keys::One(key, Box::new(validation(alg, &cfg)));
+        let mut fetcher = None;
+        let keys = if route.anonymous {
+            Keys::Anonymous
+        } else if cfg.rs256_public_key_file.is_some() {
+            let key = DecodingKey::from_rsa_pem(pem()?)
+                .map_err(|e| format!("auth.rs256_public_key_file: not an RSA public key: {e}"))?;
+            one(key, Algorithm::RS256)
+        } else if cfg.es256_public_key_file.is_some() {
+            let key = DecodingKey::from_ec_pem(pem()?)
+                .map_err(|e| format!("auth.es256_public_key_file: not a P-256 public key: {e}"))?;
+            one(key, Algorithm::ES256)
+        } else if cfg.eddsa_public_key_file.is_some() {
+            let key = DecodingKey::from_ed_pem(pem()?).map_err(|e| {
+                format!("auth.eddsa_public_key_file: not an Ed25519 public key: {e}")
+            })?;
+            one(key, Algorithm::EdDSA)
+        } else if cfg.jwks_file.is_some() {
+            let doc = material.jwks.as_deref().ok_or("jwks_file was not read")?;
+            let set = KeySet::parse(doc).map_err(|e| format!("auth.jwks_file: {e}"))?;
+            Keys::Set(Arc::new(KeyStore::new(set)))
+        } else if let Some(url) = &cfg.jwks_url {
+            let store = Arc::new(KeyStore::default());
+            let f = Fetcher::new(
+                url,
+                material.jwks_ca.as_deref(),
+                Arc::clone(&store),
+                cfg.jwks_refresh,
+                cfg.jwks_refresh_min,
+            )
+            .map_err(|e| format!("auth.jwks_url: {e}"))?;
+            fetcher = Some(Arc::new(f));
+            Keys::Set(store)
         } else if let Some(secret) = &cfg.hs256_secret {
-            Some((
+            one(
                 DecodingKey::from_secret(secret.as_bytes()),
-                validation(Algorithm::HS256, &cfg),
-            ))
+                Algorithm::HS256,
+            )
         } else {
             return Err("no key configured".into());
         };
-        Ok(Self { key, cfg })
+        Ok(Self { keys, cfg, fetcher })
+    }
+
+    /// Whether the route needs no token.
+    pub(crate) fn anonymous(&self) -> bool {
+        matches!(self.keys, Keys::Anonymous)
+    }
+
+    /// A token's claims, if its signature, algorithm, `exp`/`nbf` (and `exp` presence, when
+    /// required) check out.
+    pub(crate) fn decode(&self, token: &str) -> Result<Map<String, Value>, AuthError> {
+        let decode = |key: &DecodingKey, validation: &Validation| {
+            jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
+                .map(|d| d.claims)
+                .map_err(AuthError::InvalidToken)
+        };
+        match &self.keys {
+            Keys::Anonymous => Ok(Map::new()),
+            Keys::One(key, validation) => decode(key, validation),
+            Keys::Set(store) => {
+                let header = jsonwebtoken::decode_header(token).map_err(AuthError::InvalidToken)?;
+                let set = store.current();
+                match set.select(header.kid.as_deref(), header.alg) {
+                    Ok(k) => decode(&k.key, &validation(k.alg, &self.cfg)),
+                    Err(Miss::UnknownKid) => Err(AuthError::UnknownKey),
+                    Err(Miss::NoKid | Miss::WrongAlg) => Err(AuthError::InvalidToken(
+                        jsonwebtoken::errors::ErrorKind::InvalidAlgorithm.into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Checks a token sent on an open connection (`refresh`) as the upgrade's was checked:
+    /// the same user, and the connection's namespace still granted. Returns its claims.
+    pub(crate) fn refresh(
+        &self,
+        route: &RouteConfig,
+        token: &str,
+        user: &str,
+        namespace: &str,
+    ) -> Result<Map<String, Value>, AuthError> {
+        let claims = self.decode(token)?;
+        match claims.get(&self.cfg.user_claim) {
+            Some(Value::String(s)) if s == user => {}
+            Some(Value::String(s)) if !s.is_empty() => return Err(AuthError::OtherUser),
+            _ => return Err(AuthError::MissingUser(self.cfg.user_claim.clone())),
+        }
+        if !still_grants(&self.cfg, &route.namespace, &claims, namespace) {
+            return Err(AuthError::NamespaceNotGranted(namespace.to_owned()));
+        }
+        Ok(claims)
     }
 
     /// Verifies the token of a request (unless anonymous) and picks its namespace. `secure`
@@ -115,19 +235,17 @@ impl Verifier {
     ) -> Result<Identity, AuthError> {
         check_host(route, head)?;
         check_origin(route, head, secure)?;
-        let (user, claims) = match &self.key {
-            None => (
+        let (user, claims) = match &self.keys {
+            Keys::Anonymous => (
                 head.query
                     .get(&route.user_query)
                     .cloned()
                     .unwrap_or_default(),
                 Map::new(),
             ),
-            Some((key, validation)) => {
+            Keys::One(..) | Keys::Set(_) => {
                 let token = self.token(head).ok_or(AuthError::MissingToken)?;
-                let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
-                    .map_err(AuthError::InvalidToken)?;
-                let claims = data.claims;
+                let claims = self.decode(token)?;
                 let user = match claims.get(&self.cfg.user_claim) {
                     Some(Value::String(s)) if !s.is_empty() => s.clone(),
                     _ => return Err(AuthError::MissingUser(self.cfg.user_claim.clone())),
@@ -139,7 +257,7 @@ impl Verifier {
         if namespace.is_empty() || namespace.len() > 256 {
             return Err(AuthError::BadNamespace(namespace));
         }
-        if self.key.is_some() {
+        if !self.anonymous() {
             let granted = match claims.get(&self.cfg.namespaces_claim) {
                 None => true,
                 Some(Value::String(s)) => *s == namespace || s == "*",
@@ -180,10 +298,44 @@ impl Verifier {
     }
 }
 
+/// Whether a refreshed token's `claims` still grant `namespace`: the namespaces claim (when
+/// present) lists it or `*`, and a route whose namespace comes from a claim finds the same
+/// value there (a token may narrow what it grants, never move the connection).
+fn still_grants(
+    cfg: &AuthConfig,
+    ns_cfg: &NamespaceConfig,
+    claims: &Map<String, Value>,
+    namespace: &str,
+) -> bool {
+    let listed = match claims.get(&cfg.namespaces_claim) {
+        None => true,
+        Some(Value::String(s)) => s == namespace || s == "*",
+        Some(Value::Array(list)) => list
+            .iter()
+            .any(|v| v.as_str().is_some_and(|s| s == namespace || s == "*")),
+        Some(_) => false,
+    };
+    let from_claim = match ns_cfg.claim.as_ref().and_then(|c| claims.get(c)) {
+        None => true,
+        Some(v) => v.as_str() == Some(namespace),
+    };
+    listed && from_claim
+}
+
+/// The token's `exp` (Unix seconds), if it has a numeric one.
+pub(crate) fn expiry(claims: &Map<String, Value>) -> Option<i64> {
+    let exp = claims.get("exp")?;
+    exp.as_i64().or_else(|| exp.as_f64().map(|f| f as i64))
+}
+
 fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
     let mut v = Validation::new(alg);
-    // `exp` and `nbf` are checked when present; tokens without `exp` are the issuer's call.
+    // `exp` is required unless the route opts out; `exp` and `nbf` are checked when present.
     v.required_spec_claims.clear();
+    if cfg.require_exp {
+        v.required_spec_claims.insert("exp".into());
+    }
+    v.validate_exp = true;
     v.validate_nbf = true;
     v.validate_aud = false;
     v.leeway = cfg.leeway.as_secs();
@@ -443,5 +595,95 @@ mod tests {
         let mut only = head(&[], &[("cookie", "ID_TOKEN=T")]);
         strip_credentials(&route, &mut only);
         assert_eq!(only.header("cookie"), None);
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    #[test]
+    fn refresh_may_narrow_but_not_move() {
+        let cfg = AuthConfig::default();
+        let ns = NamespaceConfig::default();
+        let c = claims(json!({"namespaces": ["a", "b"]}));
+        assert!(still_grants(&cfg, &ns, &c, "a"));
+        assert!(still_grants(
+            &cfg,
+            &ns,
+            &claims(json!({"namespaces": "a"})),
+            "a"
+        ));
+        assert!(!still_grants(
+            &cfg,
+            &ns,
+            &claims(json!({"namespaces": ["b"]})),
+            "a"
+        ));
+        assert!(still_grants(
+            &cfg,
+            &ns,
+            &claims(json!({"namespaces": "*"})),
+            "a"
+        ));
+        assert!(still_grants(&cfg, &ns, &claims(json!({})), "a"));
+        assert!(!still_grants(
+            &cfg,
+            &ns,
+            &claims(json!({"namespaces": 1})),
+            "a"
+        ));
+        let tenant = NamespaceConfig {
+            claim: Some("tenant".into()),
+            ..NamespaceConfig::default()
+        };
+        assert!(still_grants(
+            &cfg,
+            &tenant,
+            &claims(json!({"tenant": "acme"})),
+            "acme"
+        ));
+        assert!(!still_grants(
+            &cfg,
+            &tenant,
+            &claims(json!({"tenant": "globex"})),
+            "acme"
+        ));
+    }
+
+    #[test]
+    fn exp_is_required_unless_opted_out() {
+        let secret = "s";
+        let route = |require_exp| RouteConfig {
+            auth: AuthConfig {
+                hs256_secret: Some(secret.into()),
+                require_exp,
+                ..AuthConfig::default()
+            },
+            ..RouteConfig::default()
+        };
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": "alice"}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let strict = Verifier::new(&route(true), &RouteKeys::default()).unwrap();
+        assert!(matches!(
+            strict.decode(&token),
+            Err(AuthError::InvalidToken(_))
+        ));
+        let lax = Verifier::new(&route(false), &RouteKeys::default()).unwrap();
+        assert_eq!(lax.decode(&token).unwrap()["sub"], "alice");
+        assert_eq!(expiry(&claims(json!({"exp": 12}))), Some(12));
+        assert_eq!(expiry(&claims(json!({"exp": "12"}))), None);
     }
 }

@@ -39,6 +39,9 @@ pub struct EdgeConfig {
     /// Default 3 s.
     #[serde(with = "duration")]
     pub member_timeout: Duration,
+    /// The key-value bucket of revoked tokens this edge watches (`Admin.Revoke` writes it).
+    /// Default `sb_revoked`.
+    pub revocation_bucket: String,
     /// TLS on the listener (`wss://`, and HTTPS for `/healthz`, `/readyz`, `/metrics`).
     /// Default: none (plain `ws://`).
     pub tls: Option<TlsFiles>,
@@ -71,6 +74,7 @@ impl Default for EdgeConfig {
             coordinators: Vec::new(),
             member_timeout: Duration::from_secs(3),
             tls: None,
+            revocation_bucket: proto::revoke::BUCKET.into(),
         }
     }
 }
@@ -215,6 +219,30 @@ pub struct AuthConfig {
     pub hs256_secret_env: Option<String>,
     /// PEM file with an RS256 public key.
     pub rs256_public_key_file: Option<std::path::PathBuf>,
+    /// PEM file with an ES256 (P-256) public key.
+    pub es256_public_key_file: Option<std::path::PathBuf>,
+    /// PEM file with an EdDSA (Ed25519) public key.
+    pub eddsa_public_key_file: Option<std::path::PathBuf>,
+    /// A JWKS document (read by the binary at start): keys chosen by the token's `kid`.
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// An `https://` URL of a JWKS document, fetched by the edge (`http://` only for a
+    /// loopback host).
+    pub jwks_url: Option<String>,
+    /// PEM bundle of the CAs that sign the `jwks_url` server's certificate; default: the
+    /// system's roots.
+    pub jwks_ca_file: Option<std::path::PathBuf>,
+    /// Periodic refetch of `jwks_url`. Default 5 min.
+    #[serde(with = "duration")]
+    pub jwks_refresh: Duration,
+    /// A token with an unknown `kid` refetches `jwks_url` at most this often. Default 30 s.
+    #[serde(with = "duration")]
+    pub jwks_refresh_min: Duration,
+    /// Refuse tokens without `exp` (401). Default true.
+    pub require_exp: bool,
+    /// While connected, `refresh_required` is sent this long before `exp`; 0 = no notice,
+    /// only the close at expiry. Default 30 s.
+    #[serde(with = "duration")]
+    pub refresh_lead: Duration,
     /// The claim naming the user. Default `sub`.
     pub user_claim: String,
     /// The claim listing the namespaces a token may open; absent claim = any. Default
@@ -237,6 +265,15 @@ impl Default for AuthConfig {
             hs256_secret: None,
             hs256_secret_env: None,
             rs256_public_key_file: None,
+            es256_public_key_file: None,
+            eddsa_public_key_file: None,
+            jwks_file: None,
+            jwks_url: None,
+            jwks_ca_file: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_refresh_min: Duration::from_secs(30),
+            require_exp: true,
+            refresh_lead: Duration::from_secs(30),
             user_claim: "sub".into(),
             namespaces_claim: "namespaces".into(),
             header: true,
@@ -244,6 +281,80 @@ impl Default for AuthConfig {
             cookie: Some("ID_TOKEN".into()),
             leeway: Duration::ZERO,
         }
+    }
+}
+
+/// The key sources of [`AuthConfig`], by config key: exactly one per JWT route.
+pub const KEY_SOURCES: [&str; 7] = [
+    "hs256_secret",
+    "hs256_secret_env",
+    "rs256_public_key_file",
+    "es256_public_key_file",
+    "eddsa_public_key_file",
+    "jwks_file",
+    "jwks_url",
+];
+
+/// `refresh_lead` must be below this: a longer notice is a token lifetime in disguise.
+pub const MAX_REFRESH_LEAD: Duration = Duration::from_secs(3600);
+
+impl AuthConfig {
+    /// The key sources that are set (names from [`KEY_SOURCES`]).
+    pub fn key_sources(&self) -> Vec<&'static str> {
+        let set = [
+            self.hs256_secret.is_some(),
+            self.hs256_secret_env.is_some(),
+            self.rs256_public_key_file.is_some(),
+            self.es256_public_key_file.is_some(),
+            self.eddsa_public_key_file.is_some(),
+            self.jwks_file.is_some(),
+            self.jwks_url.is_some(),
+        ];
+        KEY_SOURCES
+            .iter()
+            .zip(set)
+            .filter_map(|(k, on)| on.then_some(*k))
+            .collect()
+    }
+
+    /// Exactly one key source on a JWT route, and sane lifecycle settings; the error is
+    /// (key under `auth`, message).
+    fn validate_keys(&self, anonymous: bool) -> Result<(), (String, String)> {
+        let sources = self.key_sources();
+        if anonymous && !sources.is_empty() {
+            let msg = "an anonymous route takes no token: remove anonymous or the auth key";
+            return Err(("anonymous".into(), msg.into()));
+        }
+        if !anonymous && sources.is_empty() {
+            let msg = format!("set one of {}, or anonymous: true", KEY_SOURCES.join(", "));
+            return Err(("auth".into(), msg));
+        }
+        if sources.len() > 1 {
+            let msg = format!("set only one key source, not {}", sources.join(" and "));
+            return Err(("auth".into(), msg));
+        }
+        if let Some(url) = &self.jwks_url
+            && let Err(e) = crate::jwks::check_url(url)
+        {
+            return Err(("auth.jwks_url".into(), e.to_string()));
+        }
+        if self.jwks_ca_file.is_some() && self.jwks_url.is_none() {
+            let msg = "applies only with jwks_url".to_owned();
+            return Err(("auth.jwks_ca_file".into(), msg));
+        }
+        if self.jwks_url.is_some() && self.jwks_refresh_min.is_zero() {
+            let msg = "must be more than 0 (it bounds refetches a client can cause)".to_owned();
+            return Err(("auth.jwks_refresh_min".into(), msg));
+        }
+        if self.jwks_url.is_some() && self.jwks_refresh < self.jwks_refresh_min {
+            let msg = "must be at least jwks_refresh_min".to_owned();
+            return Err(("auth.jwks_refresh".into(), msg));
+        }
+        if self.refresh_lead >= MAX_REFRESH_LEAD {
+            let msg = format!("must be less than {}s", MAX_REFRESH_LEAD.as_secs());
+            return Err(("auth.refresh_lead".into(), msg));
+        }
+        Ok(())
     }
 }
 
@@ -561,6 +672,12 @@ impl EdgeConfig {
         if self.routes.is_empty() {
             return Err(err("edge.routes".into(), "at least one route is needed"));
         }
+        if !bus::store::is_valid_bucket(&self.revocation_bucket) {
+            return Err(err(
+                "edge.revocation_bucket".into(),
+                "bucket names use letters, digits, - and _ only",
+            ));
+        }
         let mut paths = std::collections::HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let key = |k: &str| format!("edge.routes[{i}].{k}");
@@ -574,26 +691,11 @@ impl EdgeConfig {
                 return Err(err(key("path"), "is used by another route"));
             }
             let a = &r.auth;
-            let sources = usize::from(a.hs256_secret.is_some())
-                + usize::from(a.hs256_secret_env.is_some())
-                + usize::from(a.rs256_public_key_file.is_some());
-            if r.anonymous && sources > 0 {
-                return Err(err(
-                    key("anonymous"),
-                    "an anonymous route takes no token: remove anonymous or the auth key",
-                ));
-            }
-            if !r.anonymous && sources == 0 {
-                return Err(err(
-                    key("auth"),
-                    "set hs256_secret, hs256_secret_env or rs256_public_key_file, or anonymous: true",
-                ));
-            }
-            if sources > 1 {
-                return Err(err(
-                    key("auth"),
-                    "set only one of hs256_secret, hs256_secret_env, rs256_public_key_file",
-                ));
+            if let Err((k, message)) = a.validate_keys(r.anonymous) {
+                return Err(ConfigError {
+                    key: key(&k),
+                    message,
+                });
             }
             if !r.anonymous && !a.header && a.query.is_none() && a.cookie.is_none() {
                 return Err(err(

@@ -62,6 +62,25 @@ struct HandleInner {
     kill: CancellationToken,
     close: Mutex<Option<CloseRequest>>,
     line: Line,
+    /// What revocations match: the claims of the token in force (a refresh replaces them).
+    token: Mutex<TokenIds>,
+}
+
+/// The claims of a connection's current token that a revocation can name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TokenIds {
+    pub(crate) jti: Option<String>,
+    pub(crate) sub: Option<String>,
+}
+
+impl TokenIds {
+    pub(crate) fn of(claims: &Map<String, Value>) -> Self {
+        let get = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
+        Self {
+            jti: get("jti"),
+            sub: get("sub"),
+        }
+    }
 }
 
 /// The outcome of one [`ConnHandle::deliver`].
@@ -102,6 +121,7 @@ impl ConnHandle {
             kill: CancellationToken::new(),
             close: Mutex::new(None),
             line,
+            token: Mutex::new(TokenIds::of(&info.claims)),
             info,
         };
         Self(Arc::new(inner))
@@ -153,6 +173,15 @@ impl ConnHandle {
         self.0.kill.cancel();
     }
 
+    /// The `jti` and `sub` of the token in force.
+    pub(crate) fn token_ids(&self) -> TokenIds {
+        self.0.token.lock().expect("token slot poisoned").clone()
+    }
+
+    fn set_token_ids(&self, ids: TokenIds) {
+        *self.0.token.lock().expect("token slot poisoned") = ids;
+    }
+
     fn refuse(&self) -> Delivery {
         if self.0.on_full == OnFull::Close {
             self.close(CloseRequest::new(1013, "slow consumer"));
@@ -189,9 +218,16 @@ pub enum ConnError {
     Refused,
     #[error("too many connections for this user")]
     TooManyConnections,
+    #[error("token expired without a refresh")]
+    TokenExpired,
     #[error("closed on request: {} {}", .0.code, .0.reason)]
     Requested(CloseRequest),
 }
+
+/// Close code and reason when a token expires on an open connection.
+pub const TOKEN_EXPIRED: (u16, &str) = (4001, "token expired");
+/// Close code and reason when a connection's token is revoked.
+pub const TOKEN_REVOKED: (u16, &str) = (4003, "token revoked");
 
 impl ConnError {
     /// The close frame to send, or `None` to drop the TCP connection without one.
@@ -205,6 +241,7 @@ impl ConnError {
             Self::RateLimited => (1008, "rate limit exceeded"),
             Self::Refused => (1008, "connection refused"),
             Self::TooManyConnections => (1008, "too many connections for this user"),
+            Self::TokenExpired => TOKEN_EXPIRED,
             Self::Requested(r) if r.hard => return None,
             Self::Requested(r) => return Some((r.code, r.reason.clone())),
         };
@@ -237,12 +274,23 @@ pub(crate) struct Conn<S> {
     pub(crate) inflight: FuturesUnordered<BoxFuture<'static, Reply>>,
     rate: TokenBucket,
     refused_in_a_row: u32,
+    /// When the token in force calls for `refresh_required` and for the close; none on
+    /// anonymous routes and tokens without `exp`.
+    pub(crate) token_clock: Option<TokenClock>,
+    /// Set when a refresh replaced `token_clock`: the timer is re-armed.
+    pub(crate) clock_changed: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(crate) fn new(ws: WebSocketStream<S>, handle: ConnHandle, shared: Arc<Shared>) -> Self {
         let rl = &handle.info().route.cfg.rate_limit;
         let rate = TokenBucket::new(rl.per_second, rl.burst);
+        let route = &handle.info().route;
+        let token_clock = if route.verifier.anonymous() {
+            None
+        } else {
+            crate::auth::expiry(&handle.info().claims).map(|exp| TokenClock::for_route(route, exp))
+        };
         Self {
             ws,
             handle,
@@ -252,7 +300,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             inflight: FuturesUnordered::new(),
             rate,
             refused_in_a_row: 0,
+            token_clock,
+            clock_changed: false,
         }
+    }
+
+    /// A refresh was accepted: the new token's claims and `exp` are in force.
+    pub(crate) fn refreshed(&mut self, claims: &Map<String, Value>, exp: Option<i64>) {
+        self.handle.set_token_ids(TokenIds::of(claims));
+        let route = Arc::clone(self.route());
+        self.token_clock = exp.map(|exp| TokenClock::for_route(&route, exp));
+        self.clock_changed = true;
     }
 
     pub(crate) fn route(&self) -> &Arc<Route> {
@@ -302,15 +360,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             active_at + beat
         };
         let mut pong_by: Option<Instant> = None;
-        let next_deadline = |active_at: Instant, ping_at: Instant, pong_by: Option<Instant>| {
+        // The token's deadlines (refresh notice, expiry) share the timer.
+        let next_deadline = |active_at: Instant,
+                             ping_at: Instant,
+                             pong_by: Option<Instant>,
+                             token: Option<&TokenClock>| {
             let idle_at = if idle_after.is_zero() {
                 far
             } else {
                 active_at + idle_after
             };
-            idle_at.min(ping_at).min(pong_by.unwrap_or(far))
+            let token_at = token.map_or(far, TokenClock::next);
+            idle_at
+                .min(ping_at)
+                .min(pong_by.unwrap_or(far))
+                .min(token_at)
         };
-        let timer = sleep_until(next_deadline(active_at, ping_at, pong_by));
+        let timer = sleep_until(next_deadline(
+            active_at,
+            ping_at,
+            pong_by,
+            self.token_clock.as_ref(),
+        ));
         tokio::pin!(timer);
         let mut onconnect = onconnect;
         let mut client_close: Option<u16> = None;
@@ -380,6 +451,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                             // Nothing a pump writes may overtake this frame's answer.
                             handle.line().hold().await;
                             if let Err(e) = Box::pin(self.on_text(&text)).await { return e; }
+                            if std::mem::take(&mut self.clock_changed) {
+                                timer.as_mut().reset(next_deadline(
+                                    active_at, ping_at, pong_by, self.token_clock.as_ref(),
+                                ));
+                            }
                         }
                         Message::Binary(_) => return ConnError::Binary,
                         Message::Ping(_) => {
@@ -414,6 +490,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     if !idle_after.is_zero() && active_at + idle_after <= now {
                         return ConnError::Idle(idle_after);
                     }
+                    match self.token_clock.as_mut().and_then(|c| c.on_timer(now)) {
+                        Some(TokenEvent::Expired) => return ConnError::TokenExpired,
+                        Some(TokenEvent::Notify { exp }) => {
+                            let f = proto::frame::FrameBuilder::new(route.key, "refresh_required")
+                                .value("exp", &Value::from(exp))
+                                .finish();
+                            if let Err(e) = self.push(f).await { return e; }
+                        }
+                        None => {}
+                    }
                     if ping_at <= now {
                         ping_at = now + beat;
                         pong_by.get_or_insert(now + cfg.heartbeat.timeout);
@@ -421,7 +507,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                             return ConnError::Transport(e);
                         }
                     }
-                    timer.as_mut().reset(next_deadline(active_at, ping_at, pong_by));
+                    timer.as_mut().reset(next_deadline(
+                        active_at, ping_at, pong_by, self.token_clock.as_ref(),
+                    ));
                 }
             }
         }
@@ -520,6 +608,88 @@ fn read_error(e: tungstenite::Error, max: usize) -> ConnError {
     }
 }
 
+/// A connection's token deadlines: `refresh_required` at `notify_at` (dialects with the
+/// `refresh` verb), the close with 4001 at `expire_at` (`exp` plus the route's leeway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TokenClock {
+    exp: i64,
+    notify_at: Option<Instant>,
+    expire_at: Instant,
+}
+
+/// What a [`TokenClock`] calls for when the timer fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenEvent {
+    Notify { exp: i64 },
+    Expired,
+}
+
+impl TokenClock {
+    fn for_route(route: &crate::server::Route, exp: i64) -> Self {
+        let auth = &route.cfg.auth;
+        let notify = route.cfg.dialect.refreshes() && !auth.refresh_lead.is_zero();
+        Self::new(
+            exp,
+            unix_ms(),
+            Instant::now(),
+            auth.leeway,
+            notify.then_some(auth.refresh_lead),
+        )
+    }
+
+    /// Deadlines for a token expiring at `exp` (Unix seconds), seen at `now_ms` (Unix
+    /// milliseconds) = `now`.
+    pub(crate) fn new(
+        exp: i64,
+        now_ms: i64,
+        now: Instant,
+        leeway: Duration,
+        lead: Option<Duration>,
+    ) -> Self {
+        // A far `exp` is as good as ten years: no connection lives that long, and the
+        // timer's arithmetic cannot overflow.
+        let left = exp
+            .saturating_mul(1000)
+            .saturating_sub(now_ms)
+            .clamp(0, TEN_YEARS_MS);
+        let exp_at = now + Duration::from_millis(left as u64);
+        Self {
+            exp,
+            notify_at: lead.map(|l| exp_at.checked_sub(l).unwrap_or(now).max(now)),
+            expire_at: exp_at
+                .checked_add(leeway)
+                .unwrap_or(exp_at + Duration::from_millis(TEN_YEARS_MS as u64)),
+        }
+    }
+
+    /// The next deadline.
+    pub(crate) fn next(&self) -> Instant {
+        self.notify_at
+            .map_or(self.expire_at, |n| n.min(self.expire_at))
+    }
+
+    /// What is due at `now`; a notice is given once.
+    pub(crate) fn on_timer(&mut self, now: Instant) -> Option<TokenEvent> {
+        if self.expire_at <= now {
+            return Some(TokenEvent::Expired);
+        }
+        if self.notify_at.is_some_and(|n| n <= now) {
+            self.notify_at = None;
+            return Some(TokenEvent::Notify { exp: self.exp });
+        }
+        None
+    }
+}
+
+const TEN_YEARS_MS: i64 = 10 * 365 * 86_400 * 1000;
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A token bucket refilled continuously.
 #[derive(Debug)]
 struct TokenBucket {
@@ -559,6 +729,38 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_clock_notifies_once_then_expires() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        // exp 10 s away, seen at t = 1000 s; 3 s notice, 1 s leeway.
+        let mut c = TokenClock::new(1010, 1_000_000, now, s(1), Some(s(3)));
+        assert_eq!(c.next(), now + s(7));
+        assert_eq!(c.on_timer(now + s(6)), None);
+        assert_eq!(
+            c.on_timer(now + s(7)),
+            Some(TokenEvent::Notify { exp: 1010 })
+        );
+        assert_eq!(
+            c.next(),
+            now + s(11),
+            "after the notice only the expiry is left"
+        );
+        assert_eq!(c.on_timer(now + s(10)), None);
+        assert_eq!(c.on_timer(now + s(11)), Some(TokenEvent::Expired));
+        // A lead longer than the token's life: the notice is due at once.
+        let c = TokenClock::new(1002, 1_000_000, now, Duration::ZERO, Some(s(30)));
+        assert_eq!(c.next(), now);
+        // Already expired: due at once; no notice on dialects without `refresh`.
+        let mut c = TokenClock::new(990, 1_000_000, now, Duration::ZERO, None);
+        assert_eq!(c.on_timer(now), Some(TokenEvent::Expired));
+        // Absurd values neither overflow nor expire early.
+        let c = TokenClock::new(i64::MAX, 0, now, s(u64::from(u32::MAX)), Some(s(30)));
+        assert!(c.next() > now + s(86_400 * 365));
+        let c = TokenClock::new(i64::MIN, i64::MAX, now, Duration::ZERO, Some(s(30)));
+        assert_eq!(c.next(), now);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn bucket_refills_at_its_rate() {

@@ -7,6 +7,8 @@
 //! | `server` | accept loop, health/metrics endpoints, upgrade, drain ([`Edge`]) |
 //! | `http` | request head parsing and plain responses |
 //! | `auth` | JWT verification, token sources, namespaces, origins |
+//! | `jwks` | JSON Web Key Sets: parsing, `kid` selection, the `jwks_url` fetcher |
+//! | `revoke` | revoked tokens: the bucket's copy and its watch |
 //! | `conn` | the task that serves one socket, and its clonable [`ConnHandle`] |
 //! | `outbox` | a connection's bounded outbound queue |
 //! | `socket` | the socket's write side, shared by its task and the fan-out pumps |
@@ -24,18 +26,22 @@ mod auth;
 mod command;
 mod conn;
 mod http;
+mod jwks;
 mod outbox;
 mod protocol;
 mod registry;
 mod report;
 mod resources;
+mod revoke;
 mod server;
 mod socket;
 mod tls;
 pub mod uplink;
 
-pub use auth::{AuthError, Identity};
+pub use auth::{AuthError, Identity, RouteKeys};
 pub use config::EdgeConfig;
-pub use conn::{CloseRequest, ConnError, ConnHandle, ConnInfo, Delivery};
+pub use conn::{
+    CloseRequest, ConnError, ConnHandle, ConnInfo, Delivery, TOKEN_EXPIRED, TOKEN_REVOKED,
+};
 pub use report::Reporter;
 pub use server::{Edge, EdgeError, Route};

@@ -88,11 +88,100 @@ where
         "subscribe" => Some(subscribe(conn, &frame).await),
         "unsubscribe" => Some(unsubscribe(conn, &frame)),
         "publish" => Some(publish(conn, &frame).await),
+        "refresh" => Some(refresh(conn, &frame).await),
         _ => resources::verb(conn, &frame).await,
     };
     match answer {
         Some(a) => conn.push(a).await,
         None => Ok(()),
+    }
+}
+
+/// `{"type":"refresh","token":…}`: a new token for an open connection, checked as the
+/// upgrade's was (signature, `exp`, same user, the connection's namespace still granted,
+/// not revoked). Answered `refreshed` with the new `exp`, or an `invalid_token` error; the
+/// old token's deadline stays in force after a refusal.
+async fn refresh<S>(conn: &mut Conn<S>, f: &ClientFrame) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let route = Arc::clone(conn.route());
+    let key = route.key;
+    let id = f.id.as_ref();
+    let Some(token) = f.str("token").filter(|t| !t.is_empty()) else {
+        return frame::error(
+            key,
+            id,
+            ErrorCode::InvalidFrame,
+            "refresh needs a string \"token\"",
+        );
+    };
+    if route.verifier.anonymous() {
+        return frame::error(
+            key,
+            id,
+            ErrorCode::NotSupported,
+            "this route takes no token",
+        );
+    }
+    let info = conn.handle.info();
+    let check = || {
+        route
+            .verifier
+            .refresh(&route.cfg, token, &info.user, &info.namespace)
+    };
+    let mut checked = check();
+    // A rotated key: refetch the URL's key set (rate-limited) and check again.
+    if matches!(checked, Err(crate::auth::AuthError::UnknownKey))
+        && let Some(fetcher) = &route.verifier.fetcher
+    {
+        fetcher.refetch_for_unknown_kid().await;
+        checked = check();
+    }
+    let checked = checked.and_then(|claims| {
+        let ids = crate::conn::TokenIds::of(&claims);
+        if conn.shared.revoked.revokes(&ids, &info.namespace) {
+            return Err(crate::auth::AuthError::Revoked);
+        }
+        Ok(claims)
+    });
+    match checked {
+        Ok(claims) => {
+            let exp = crate::auth::expiry(&claims);
+            conn.refreshed(&claims, exp);
+            // A revocation recorded since the check, whose scan saw the old token's ids.
+            let info = conn.handle.info();
+            if conn
+                .shared
+                .revoked
+                .revokes(&conn.handle.token_ids(), &info.namespace)
+            {
+                let (code, reason) = crate::conn::TOKEN_REVOKED;
+                conn.handle
+                    .close(crate::conn::CloseRequest::new(code, reason));
+            }
+            FrameBuilder::new(key, "refreshed")
+                .id(id)
+                .value("exp", &exp.map_or(Value::Null, Value::from))
+                .finish()
+        }
+        Err(e) => {
+            tracing::debug!(conn = %conn.handle.id(), error = %e, "refresh refused");
+            frame::error(key, id, ErrorCode::InvalidToken, refusal_message(&e))
+        }
+    }
+}
+
+/// What a client is told about a refused refresh: the reason, never the library's details.
+fn refusal_message(e: &crate::auth::AuthError) -> &'static str {
+    use crate::auth::AuthError as A;
+    match e {
+        A::OtherUser => "token is for another user",
+        A::NamespaceNotGranted(_) => "token does not grant this connection's namespace",
+        A::Revoked => "token has been revoked",
+        A::UnknownKey => "no key for the token's kid",
+        A::MissingUser(_) => "token names no user",
+        _ => "token rejected",
     }
 }
 

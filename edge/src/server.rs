@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use ulid::Ulid;
 
-use crate::auth::Verifier;
+use crate::auth::{AuthError, RouteKeys, Verifier};
 use crate::config::{EdgeConfig, MonumentMode, RouteConfig};
 use crate::conn::{Conn, ConnError, ConnHandle, ConnInfo};
 use crate::http::{self, RequestHead};
@@ -46,7 +46,7 @@ pub struct Route {
     pub cfg: RouteConfig,
     /// The routing field in effect (`cfg.key()`), resolved once.
     pub key: Key,
-    verifier: Verifier,
+    pub(crate) verifier: Verifier,
     ws: WebSocketConfig,
 }
 
@@ -63,6 +63,10 @@ pub(crate) struct Shared {
     pub(crate) reporter: Reporter,
     pub(crate) request_timeout: Duration,
     pub(crate) tracker: TaskTracker,
+    /// Revoked tokens, kept current by [`crate::revoke::watch`].
+    pub(crate) revoked: crate::revoke::Revocations,
+    /// Where the revocation bucket lives (none: nothing is revoked).
+    revocations: Option<SharedStore>,
     cfg: EdgeConfig,
     draining: AtomicBool,
     upstream_ready: AtomicBool,
@@ -87,20 +91,24 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// `rs256_pems[i]` is the public key file content of route `i`, if it names one.
+    /// `keys[i]` is the key material of route `i` (read by the binary); `revocations` is
+    /// the store holding `revocation_bucket`.
     pub fn new(
         node_id: String,
         cfg: EdgeConfig,
-        rs256_pems: &[Option<Vec<u8>>],
+        keys: &[RouteKeys],
         bus: SharedBus,
         store: Option<SharedStore>,
+        revocations: Option<SharedStore>,
     ) -> Result<Self, EdgeError> {
         let mut routes = Vec::with_capacity(cfg.routes.len());
+        let none = RouteKeys::default();
         for (i, r) in cfg.routes.iter().enumerate() {
-            let pem = rs256_pems.get(i).and_then(Option::as_deref);
-            let verifier = Verifier::new(r, pem).map_err(|message| EdgeError::Route {
-                path: r.path.clone(),
-                message,
+            let verifier = Verifier::new(r, keys.get(i).unwrap_or(&none)).map_err(|message| {
+                EdgeError::Route {
+                    path: r.path.clone(),
+                    message,
+                }
             })?;
             let ws = WebSocketConfig::default()
                 .read_buffer_size(READ_BUFFER)
@@ -125,6 +133,8 @@ impl Edge {
             reporter: Reporter::default(),
             request_timeout: cfg.request_timeout,
             tracker: TaskTracker::new(),
+            revoked: crate::revoke::Revocations::default(),
+            revocations,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             draining: AtomicBool::new(false),
             upstream_ready: AtomicBool::new(true),
@@ -220,6 +230,22 @@ impl Edge {
             subs,
             stop_commands.clone(),
         ));
+        // Token lifecycle: the revocation watch and the JWKS fetchers stop with the commands.
+        if let Some(store) = &shared.revocations {
+            shared.tracker.spawn(crate::revoke::watch(
+                Arc::clone(shared),
+                Arc::clone(store),
+                shared.cfg.revocation_bucket.clone(),
+                stop_commands.clone(),
+            ));
+        }
+        for fetcher in shared
+            .routes
+            .iter()
+            .filter_map(|r| r.verifier.fetcher.clone())
+        {
+            shared.tracker.spawn(fetcher.run(stop_commands.clone()));
+        }
         let conns = TaskTracker::new();
         let done = CancellationToken::new();
         let accept = tokio::spawn(accept_loop(
@@ -502,9 +528,24 @@ async fn admit<W: Wire>(
         )
         .await;
     };
-    let verdict = route.verifier.admit(&route.cfg, head, shared.secure);
+    let mut verdict = route.verifier.admit(&route.cfg, head, shared.secure);
+    // A key set from a URL may have gained the token's key: refetch (rate-limited; or wait
+    // for the fetch under way), then check again.
+    if matches!(verdict, Err(AuthError::UnknownKey))
+        && let Some(fetcher) = &route.verifier.fetcher
+    {
+        fetcher.refetch_for_unknown_kid().await;
+        verdict = route.verifier.admit(&route.cfg, head, shared.secure);
+    }
     // The token has been read: from here on, nothing of the request can carry it further.
     crate::auth::strip_credentials(&route.cfg, head);
+    let verdict = verdict.and_then(|id| {
+        let ids = crate::conn::TokenIds::of(&id.claims);
+        if shared.revoked.revokes(&ids, &id.namespace) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(id)
+    });
     let mut identity = match verdict {
         Ok(id) => id,
         Err(e) => {
@@ -658,6 +699,11 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
     // snapshot sees the flag here and leaves on its own.
     if attached && shared.draining.load(Ordering::SeqCst) {
         handle.close(crate::conn::CloseRequest::new(1001, "server shutting down"));
+    }
+    // Likewise a revocation recorded after the upgrade's check but scanned before the attach.
+    if attached && shared.revoked.revokes(&handle.token_ids(), &info.namespace) {
+        let (code, reason) = crate::conn::TOKEN_REVOKED;
+        handle.close(crate::conn::CloseRequest::new(code, reason));
     }
     tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
     let end = if attached {

@@ -80,11 +80,17 @@ impl Dialect {
         let resources = matches!(verb, "watch" | "stop" | "query" | "all" | "get");
         match self {
             Self::Native | Self::Hyperexpress => {
-                topics || resources || matches!(verb, "init" | "ping")
+                topics || resources || matches!(verb, "init" | "ping" | "refresh")
             }
             Self::Monorail => resources || verb == "init",
             Self::Monument | Self::Bodhi => false,
         }
+    }
+
+    /// Whether the edge tells this dialect's clients `refresh_required` before their token
+    /// expires (the dialects with the `refresh` verb); the others are closed at expiry.
+    pub fn refreshes(self) -> bool {
+        self.has_verb("refresh")
     }
 
     /// Whether `stop` is answered with `stopped` (MonoRail's stop has no answer).
@@ -110,6 +116,7 @@ pub enum ErrorCode {
     UnknownVerb,
     InvalidEvent,
     NotSupported,
+    InvalidToken,
 }
 
 impl ErrorCode {
@@ -129,6 +136,7 @@ impl ErrorCode {
             Self::UnknownVerb => "unknown_verb",
             Self::InvalidEvent => "invalid_event",
             Self::NotSupported => "not_supported",
+            Self::InvalidToken => "invalid_token",
         }
     }
 }

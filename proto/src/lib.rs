@@ -7,6 +7,7 @@
 //! | [`subject`] | NATS subjects and header names: the only place a subject is spelled |
 //! | [`topic`] | MQTT topic syntax: validation, matching, encoding into subject tokens |
 //! | [`frame`] | client ↔ edge JSON frames and their dialects |
+//! | [`revoke`] | entries of the revoked-token bucket |
 //! | [`credential`] | the per-node credentials edges and coordinators present to coordinators |
 //!
 //! **Invariant:** this crate pulls in no tokio runtime and no telemetry.
@@ -14,6 +15,7 @@
 pub mod credential;
 pub mod frame;
 pub mod json;
+pub mod revoke;
 pub mod subject;
 pub mod topic;
 

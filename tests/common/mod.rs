@@ -54,13 +54,14 @@ impl TestNode {
         init_tracing();
         edge.listen = "127.0.0.1:0".parse().unwrap();
         edge.validate().expect("test edge config is invalid");
-        let rs256_pems = edge
+        let route_keys = edge
             .routes
             .iter()
-            .map(|r| {
-                r.auth.rs256_public_key_file.as_ref().map(|p| {
+            .map(|r| edge::RouteKeys {
+                pem: r.auth.rs256_public_key_file.as_ref().map(|p| {
                     std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
-                })
+                }),
+                ..edge::RouteKeys::default()
             })
             .collect();
         let mut config = Config {
@@ -71,7 +72,7 @@ impl TestNode {
         config.coordinator.request_timeout = Duration::from_secs(1);
         let resolved = Resolved {
             config,
-            rs256_pems,
+            route_keys,
             ..Resolved::default()
         };
         let node = DevNode::bind(resolved).await.expect("node binds");

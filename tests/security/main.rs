@@ -6,3 +6,4 @@ mod grpc;
 mod harness;
 mod nats;
 mod tls;
+mod tokens;
