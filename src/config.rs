@@ -389,12 +389,11 @@ impl Config {
         let mut shown = self.clone();
         for r in &mut shown.edge.routes {
             r.namespace.precedence = Some(r.namespace.order());
-            if r.auth.hs256_secret_env.is_some() {
-                // The secret came from the variable; show only where it comes from.
-                r.auth.hs256_secret = None;
-            } else if r.auth.hs256_secret.is_some() {
-                r.auth.hs256_secret = Some("<redacted>".into());
-            }
+            redact(&mut r.auth);
+        }
+        // bodhi's block as written, whose route became one of the above.
+        if let Some(route) = shown.gateway.as_mut().and_then(|g| g.socket.route.as_mut()) {
+            redact(&mut route.auth);
         }
 
         serde_yaml_ng::to_string(&shown).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
@@ -534,6 +533,16 @@ fn resolve_api_keys(
         ));
     }
     Ok(keys)
+}
+
+/// Shows where a route's HS256 secret comes from, never the secret.
+fn redact(auth: &mut AuthConfig) {
+    if auth.hs256_secret_env.is_some() {
+        // The secret came from the variable.
+        auth.hs256_secret = None;
+    } else if auth.hs256_secret.is_some() {
+        auth.hs256_secret = Some("<redacted>".into());
+    }
 }
 
 /// Deep-merges `over` into `base`: mappings merge key by key, anything else replaces.
@@ -763,7 +772,7 @@ mod tests {
         .unwrap();
         let yaml = r.config.to_yaml();
         assert!(
-            yaml.contains("precedence: claim:tenant > query:namespace > default:default"),
+            yaml.contains("precedence: claim:tenant (required)"),
             "{yaml}"
         );
         // What check-config prints loads again.

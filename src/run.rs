@@ -139,6 +139,11 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         cfg.nats.url
     );
     tracing::info!(node = %node_id, grpc = %grpc_addr, %advertise, http = %http.local_addr()?, nats = %cfg.nats.url, "coordinator serving");
+    if cc.tls.is_some() && cfg.cluster.tls.is_none() {
+        tracing::warn!(
+            "coordinator.tls is set but cluster.tls is not: this coordinator dials its peers in plaintext, which they refuse"
+        );
+    }
     let tasks = [
         tokio::spawn(coordinator::cluster::run_membership(
             c.clone(),

@@ -164,7 +164,8 @@ impl Tls {
                     *seen = now;
                     match (source.reload)() {
                         Ok(()) => {
-                            tracing::info!(block = %source.block, "tls certificates reloaded")
+                            let trigger = if forced { "sighup" } else { "change" };
+                            tracing::info!(block = %source.block, trigger = %trigger, "tls certificates reloaded");
                         }
                         Err(e) => tracing::warn!(
                             key = %e.key,

@@ -525,7 +525,11 @@ async fn disconnect_gracefully_or_hard() {
 /// token gets HTTP 401.
 #[tokio::test]
 async fn wrong_input_gets_error_frames_and_nothing_else_breaks() {
-    let c = example_cluster().await;
+    // "no_responders" is true only when nobody at all listens: no monitoring tap here.
+    let spec = Spec::new(2, 1)
+        .config_file(example("hyperexpress.yaml"))
+        .without_tap();
+    let c = cluster(spec).await;
     let mut ann = client(&c, 0, "ann").await;
     let mut ben = client(&c, 1, "ben").await;
     let cases: [(&str, &str); 7] = [

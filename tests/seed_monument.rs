@@ -228,7 +228,11 @@ async fn passthrough_event_reaches_the_backend_with_its_socket_and_the_answer_go
 /// passed on": no error frame, counted in `edge_events_ignored_total`, the socket works on.
 #[tokio::test]
 async fn frames_without_an_event_are_ignored_counted_and_not_passed_on() {
-    let c = example_cluster().await;
+    // "no_responders" is true only when nobody at all listens: no monitoring tap here.
+    let spec = Spec::new(2, 1)
+        .config_file(example("monument.yaml"))
+        .without_tap();
+    let c = cluster(spec).await;
     let backend = c.backend().await;
     let mut this_item = backend.subscribe("data:get:this-item").await;
     let mut ann = client(&c, 1, "/connect", "ann").await;

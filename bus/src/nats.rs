@@ -320,20 +320,7 @@ impl NatsBus {
     /// Skipped while disconnected (the subscription is replayed on reconnect) and bounded by
     /// the request timeout.
     async fn registered(&self) {
-        if self.client.connection_state() != State::Connected {
-            return;
-        }
-        let inbox = self.client.new_inbox();
-        let round_trip = async {
-            let mut echo = self.client.subscribe(inbox.clone()).await.ok()?;
-            self.client.publish(inbox, bytes::Bytes::new()).await.ok()?;
-            echo.next().await
-        };
-        match tokio::time::timeout(self.request_timeout, round_trip).await {
-            Ok(Some(_)) => {}
-            Ok(None) => tracing::debug!("subscription registration round trip failed"),
-            Err(_) => tracing::debug!("subscription registration round trip timed out"),
-        }
+        caught_up(&self.client, self.request_timeout).await;
     }
 
     async fn request_now(&self, msg: Outgoing, timeout: Duration) -> Result<Message, BusError> {
@@ -360,6 +347,27 @@ impl NatsBus {
                 _ => BusError::Io(Box::new(e)),
             }),
         }
+    }
+}
+
+/// Waits (at most `limit`) until the server has processed everything `client` sent so far:
+/// a message it publishes to a fresh inbox it subscribed to comes back only after the server
+/// handled the earlier commands. It depends on nobody else, so a client listening on `>`
+/// changes nothing. Skipped while disconnected (subscriptions are replayed on reconnect).
+pub(crate) async fn caught_up(client: &async_nats::Client, limit: Duration) {
+    if client.connection_state() != State::Connected {
+        return;
+    }
+    let inbox = client.new_inbox();
+    let round_trip = async {
+        let mut echo = client.subscribe(inbox.clone()).await.ok()?;
+        client.publish(inbox, bytes::Bytes::new()).await.ok()?;
+        echo.next().await
+    };
+    match tokio::time::timeout(limit, round_trip).await {
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::debug!("registration round trip failed"),
+        Err(_) => tracing::debug!("registration round trip timed out"),
     }
 }
 

@@ -35,7 +35,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
-use async_nats::connection::State;
 use async_nats::jetstream;
 use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
@@ -50,6 +49,8 @@ const LIST_CONCURRENCY: usize = 16;
 /// Retries of an operation that found no stream listening, and the backoff step between them.
 const STREAM_MISSING_RETRIES: u32 = 3;
 const STREAM_MISSING_BACKOFF: Duration = Duration::from_millis(50);
+/// Bound on the round trip that confirms a watch subscription is registered.
+const REGISTRATION_LIMIT: Duration = Duration::from_secs(5);
 
 /// How new buckets are created (existing buckets are used as they are).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,24 +181,10 @@ impl Inner {
         error
     }
 
-    /// Waits until the server has processed everything this connection sent so far, so that
-    /// the subscription to a new watch consumer's deliveries is registered when `watch`
-    /// returns (`flush` only writes the socket): a request to a subject nobody listens on
-    /// comes back as "no responders" only after the server handled the earlier commands.
-    /// Skipped while disconnected (the subscription is replayed on reconnect).
+    /// Waits until the subscription to a new watch consumer's deliveries is registered, so
+    /// that nothing put after `watch` returns is missed (`flush` only writes the socket).
     async fn registered(&self) {
-        if self.client.connection_state() != State::Connected {
-            return;
-        }
-        let probe = async_nats::Request::new();
-        if let Err(error) = self
-            .client
-            .send_request(self.client.new_inbox(), probe)
-            .await
-            && error.kind() != RequestErrorKind::NoResponders
-        {
-            debug!(%error, "watch registration round trip failed");
-        }
+        crate::nats::caught_up(&self.client, REGISTRATION_LIMIT).await;
     }
 
     /// Runs `op` on the handle of `bucket`. When JetStream answers that no stream listens

@@ -17,6 +17,21 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// A listener's certificate and, for mutual TLS, the CA its clients' certificates must
+/// chain to (`edge.tls`, `coordinator.tls`). The binary reads the files, and reads them again
+/// when they change.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM: this server's certificate chain, leaf first.
+    pub cert_file: std::path::PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
+    /// PEM: CA certificates. When set, a client without a certificate signed by one of them
+    /// is refused at the handshake.
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
 /// A listener's TLS: the server config current at each handshake.
 pub type ServerTls = watch::Receiver<Arc<rustls::ServerConfig>>;
 
@@ -39,11 +54,6 @@ struct TlsDial {
 }
 
 impl Dialer {
-    /// Plain HTTP/2, as without `cluster.tls`.
-    pub fn plain() -> Self {
-        Self::default()
-    }
-
     /// TLS with the config `tls` holds at each connect; `server_name` (if any) is checked on
     /// the coordinators' certificates instead of the host of the address dialed.
     pub fn tls(tls: ClientTls, server_name: Option<ServerName<'static>>) -> Self {

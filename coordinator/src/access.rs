@@ -169,8 +169,8 @@ impl Refusal {
     }
 }
 
-/// The access policy of one gRPC listener.
-#[derive(Debug, Clone)]
+/// The access policy of one gRPC listener. Its `Debug` shows no secret.
+#[derive(Clone)]
 pub struct Access {
     keys: Vec<ApiKey>,
     cluster_secret: Option<Vec<u8>>,
@@ -180,6 +180,22 @@ pub struct Access {
     open_cluster: bool,
     open_health: bool,
     open_reflection: bool,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("keys", &self.keys)
+            .field(
+                "cluster_secret",
+                &self.cluster_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("open_api", &self.open_api)
+            .field("open_cluster", &self.open_cluster)
+            .field("open_health", &self.open_health)
+            .field("open_reflection", &self.open_reflection)
+            .finish()
+    }
 }
 
 /// What a method needs.
@@ -239,7 +255,10 @@ impl Access {
             let allowed = match (need, node.role) {
                 (Need::Edge, Role::Edge) => true,
                 (Need::Scope(Scope::Read), Role::Edge) => path == LIST_NODES,
-                (Need::Scope(Scope::Read | Scope::Messaging), Role::Coordinator) => true,
+                // Peers forward Placement and Messaging calls, nothing else.
+                (Need::Scope(Scope::Read | Scope::Messaging), Role::Coordinator) => {
+                    path.starts_with(PLACEMENT) || path.starts_with(MESSAGING)
+                }
                 _ => false,
             };
             return if allowed {
@@ -270,6 +289,8 @@ impl Access {
 }
 
 const LIST_NODES: &str = "/switchboard.v1.Placement/ListNodes";
+const PLACEMENT: &str = "/switchboard.v1.Placement/";
+const MESSAGING: &str = "/switchboard.v1.Messaging/";
 
 fn need(path: &str) -> Need {
     let (service, method) = path

@@ -73,7 +73,17 @@ impl Admin for AdminService {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let entry = revocation(request.into_inner(), now)?;
+        let mut entry = revocation(request.into_inner(), now)?;
+        // A second revocation of the same token never shortens the first. (Two revocations
+        // racing each other may still write the shorter last; both are logged.)
+        let earlier = self
+            .store
+            .get(&self.bucket, &entry.key())
+            .await
+            .map_err(|e| Status::unavailable(format!("revocation store: {e}")))?;
+        if let Some(earlier) = earlier.and_then(|v| serde_json::from_slice::<Revocation>(&v).ok()) {
+            entry.until = entry.until.max(earlier.until);
+        }
         let value =
             serde_json::to_vec(&entry).map_err(|_| Status::internal("revocation not encoded"))?;
         self.store

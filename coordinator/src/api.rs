@@ -76,9 +76,8 @@ fn is_local<T>(c: &Coordinator, r: &Request<T>) -> bool {
         return false;
     }
     match crate::grpc::caller(r) {
-        Caller::Node(n) => n.role == proto::credential::Role::Coordinator,
         Caller::Anonymous => c.peer_authorization().is_none(),
-        Caller::Key(_) => false,
+        caller => caller.is_coordinator(),
     }
 }
 

@@ -1,7 +1,6 @@
 //! The coordinator's configuration (the `coordinator:` block of the config file).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -46,19 +45,7 @@ pub struct CoordinatorConfig {
     pub tls: Option<TlsFiles>,
 }
 
-/// The gRPC listener's certificate and, for mutual TLS, the CA its clients' certificates
-/// must chain to. The binary reads the files, and reads them again when they change.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// PEM: this server's certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// PEM: CA certificates. When set, a client without a certificate signed by one of them
-    /// is refused at the handshake.
-    pub client_ca_file: Option<PathBuf>,
-}
+pub use bus::tls::TlsFiles;
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {

@@ -103,7 +103,14 @@ impl Coordinator {
     pub fn with_cluster_secret(mut self, secret: &[u8]) -> Self {
         let credential =
             proto::credential::mint(secret, proto::credential::Role::Coordinator, self.node_id());
-        self.peer_authorization = format!("Bearer {credential}").parse().ok();
+        // Sensitive: shown as such by `Debug`, and never indexed by HPACK.
+        self.peer_authorization = format!("Bearer {credential}")
+            .parse::<tonic::metadata::AsciiMetadataValue>()
+            .ok()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         self
     }
 

@@ -85,7 +85,7 @@ impl EdgeReport for ReportService {
         request: Request<Streaming<ReportBatch>>,
     ) -> Result<Response<AckStream>, Status> {
         // The node this stream may speak for, when its credential names one.
-        let bound = match crate::grpc::caller(&request) {
+        let mut bound = match crate::grpc::caller(&request) {
             Caller::Node(node) => Some(node.id),
             _ => None,
         };
@@ -125,7 +125,11 @@ impl EdgeReport for ReportService {
                 }
                 if claim.is_none() {
                     match Claim::take(&live, &batch.node_id) {
-                        Some(c) => claim = Some(c),
+                        Some(c) => {
+                            // Without a credential, the first batch names the one node.
+                            bound = Some(batch.node_id.clone());
+                            claim = Some(c);
+                        }
                         None => {
                             let _ = tx.try_send(Err(already_reporting(&batch.node_id)));
                             break;

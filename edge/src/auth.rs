@@ -48,6 +48,8 @@ pub enum AuthError {
     NamespaceNotClaimed(String),
     #[error("the token's namespace claim {0:?} is not a namespace")]
     BadNamespaceClaim(String),
+    #[error("the token has no namespace claim {0:?}")]
+    MissingNamespaceClaim(String),
     #[error("origin {0:?} is not allowed")]
     OriginNotAllowed(String),
     #[error("host {0:?} is not allowed")]
@@ -75,6 +77,7 @@ impl AuthError {
             Self::NamespaceNotGranted(_)
             | Self::NamespaceNotClaimed(_)
             | Self::BadNamespaceClaim(_)
+            | Self::MissingNamespaceClaim(_)
             | Self::OriginNotAllowed(_)
             | Self::HostNotAllowed(_) => 403,
             Self::BadNamespace(_) => 400,
@@ -89,7 +92,7 @@ impl AuthError {
             Self::InvalidToken(_) => "invalid_token",
             Self::MissingUser(_) => "missing_user",
             Self::NamespaceNotGranted(_) | Self::NamespaceNotClaimed(_) => "namespace_not_granted",
-            Self::BadNamespaceClaim(_) => "bad_namespace_claim",
+            Self::BadNamespaceClaim(_) | Self::MissingNamespaceClaim(_) => "bad_namespace_claim",
             Self::OriginNotAllowed(_) => "origin",
             Self::HostNotAllowed(_) => "host",
             Self::BadNamespace(_) => "bad_namespace",
@@ -129,6 +132,10 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     pub(crate) fn new(route: &RouteConfig, material: &RouteKeys) -> Result<Self, String> {
         let cfg = route.auth.clone();
+        let shared_keys = cfg.jwks_url.is_some() || cfg.jwks_file.is_some();
+        if !route.anonymous && shared_keys && cfg.audience.is_empty() {
+            tracing::warn!(route = %route.path, "tokens come from a key set and auth.audience is not set: a token its issuer signed for another application is accepted");
+        }
         let pem = || material.pem.as_deref().ok_or("the key file was not read");
         let one = |key: DecodingKey, alg| Keys::One(key, Box::new(validation(alg, &cfg)));
         let mut fetcher = None;
@@ -257,18 +264,8 @@ impl Verifier {
         if namespace.is_empty() || namespace.len() > 256 {
             return Err(AuthError::BadNamespace(namespace));
         }
-        if !self.anonymous() {
-            let granted = match claims.get(&self.cfg.namespaces_claim) {
-                None => true,
-                Some(Value::String(s)) => *s == namespace || s == "*",
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .any(|v| v.as_str().is_some_and(|s| s == namespace || s == "*")),
-                Some(_) => false,
-            };
-            if !granted {
-                return Err(AuthError::NamespaceNotGranted(namespace));
-            }
+        if !self.anonymous() && !lists(&self.cfg, &claims, &namespace) {
+            return Err(AuthError::NamespaceNotGranted(namespace));
         }
         Ok(Identity {
             user,
@@ -307,19 +304,24 @@ fn still_grants(
     claims: &Map<String, Value>,
     namespace: &str,
 ) -> bool {
-    let listed = match claims.get(&cfg.namespaces_claim) {
+    let from_claim = match ns_cfg.claim.as_ref() {
+        None => true,
+        Some(c) => claims.get(c).and_then(Value::as_str) == Some(namespace),
+    };
+    lists(cfg, claims, namespace) && from_claim
+}
+
+/// Whether the token's namespaces claim (`auth.namespaces_claim`) grants `namespace`: it
+/// lists it or `*`; a token without the claim may open any namespace.
+fn lists(cfg: &AuthConfig, claims: &Map<String, Value>, namespace: &str) -> bool {
+    match claims.get(&cfg.namespaces_claim) {
         None => true,
         Some(Value::String(s)) => s == namespace || s == "*",
         Some(Value::Array(list)) => list
             .iter()
             .any(|v| v.as_str().is_some_and(|s| s == namespace || s == "*")),
         Some(_) => false,
-    };
-    let from_claim = match ns_cfg.claim.as_ref().and_then(|c| claims.get(c)) {
-        None => true,
-        Some(v) => v.as_str() == Some(namespace),
-    };
-    listed && from_claim
+    }
 }
 
 /// The token's `exp` (Unix seconds), if it has a numeric one.
@@ -337,15 +339,23 @@ fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
     }
     v.validate_exp = true;
     v.validate_nbf = true;
-    v.validate_aud = false;
+    v.validate_aud = !cfg.audience.is_empty();
+    if v.validate_aud {
+        v.set_audience(&cfg.audience);
+        v.required_spec_claims.insert("aud".into());
+    }
+    if let Some(issuer) = &cfg.issuer {
+        v.set_issuer(&[issuer]);
+        v.required_spec_claims.insert("iss".into());
+    }
     v.leeway = cfg.leeway.as_secs();
     v
 }
 
 /// Where the namespace comes from (`namespace` in the route config): a claim, when the
-/// route names one and the token carries it, is authoritative (a `?namespace=` that differs
-/// is refused, the same value is fine); then the query parameter; then the default. A
-/// claim that is present but not a string is refused rather than skipped.
+/// route names one, is the only source (a `?namespace=` that differs is refused, the same
+/// value is fine; a token without the claim, or with one that is not a string, is refused);
+/// otherwise the query parameter, then the default.
 fn pick_namespace(
     route: &RouteConfig,
     head: &RequestHead,
@@ -357,10 +367,11 @@ fn pick_namespace(
         .as_ref()
         .and_then(|q| head.query.get(q))
         .filter(|v| !v.is_empty());
-    let claimed = match ns_cfg.claim.as_ref().and_then(|c| claims.get(c)) {
+    let claimed = match ns_cfg.claim.as_ref().map(|c| (c, claims.get(c))) {
         None => None,
-        Some(Value::String(s)) if !s.is_empty() => Some(s),
-        Some(other) => return Err(AuthError::BadNamespaceClaim(other.to_string())),
+        Some((_, Some(Value::String(s)))) if !s.is_empty() => Some(s),
+        Some((c, None)) => return Err(AuthError::MissingNamespaceClaim(c.clone())),
+        Some((_, Some(other))) => return Err(AuthError::BadNamespaceClaim(other.to_string())),
     };
     Ok(match (claimed, asked) {
         (Some(c), Some(q)) if c != q => return Err(AuthError::NamespaceNotClaimed(q.clone())),
@@ -566,9 +577,20 @@ mod tests {
         assert_eq!(pick(&[("namespace", "acme")], &claims).unwrap(), "acme");
         let e = pick(&[("namespace", "globex")], &claims).unwrap_err();
         assert_eq!((e.status(), e.reason()), (403, "namespace_not_granted"));
-        // Without the claim in the token: the query, then the default.
-        assert_eq!(pick(&[("namespace", "q")], &Map::new()).unwrap(), "q");
-        assert_eq!(pick(&[], &Map::new()).unwrap(), "default");
+        // Without the claim in the token: refused, whatever the query says.
+        let e = pick(&[("namespace", "q")], &Map::new()).unwrap_err();
+        assert_eq!((e.status(), e.reason()), (403, "bad_namespace_claim"));
+        assert!(pick(&[], &Map::new()).is_err());
+        // Routes without a claim: the query, then the default.
+        let plain = RouteConfig::default();
+        let no_claims = Map::new();
+        let q = head(&[("namespace", "q")], &[]);
+        assert_eq!(pick_namespace(&plain, &q, &no_claims).unwrap(), "q");
+        let bare = head(&[], &[]);
+        assert_eq!(
+            pick_namespace(&plain, &bare, &no_claims).unwrap(),
+            "default"
+        );
         // A claim that is there but not a string is refused, not skipped.
         let odd: Map<String, Value> =
             serde_json::from_value(serde_json::json!({"tenant": ["a", "b"]})).unwrap();
@@ -685,5 +707,39 @@ mod lifecycle_tests {
         assert_eq!(lax.decode(&token).unwrap()["sub"], "alice");
         assert_eq!(expiry(&claims(json!({"exp": 12}))), Some(12));
         assert_eq!(expiry(&claims(json!({"exp": "12"}))), None);
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_when_configured() {
+        let secret = "s";
+        let route = RouteConfig {
+            auth: AuthConfig {
+                hs256_secret: Some(secret.into()),
+                audience: vec!["chat".into()],
+                issuer: Some("https://idp".into()),
+                ..AuthConfig::default()
+            },
+            ..RouteConfig::default()
+        };
+        let v = Verifier::new(&route, &RouteKeys::default()).unwrap();
+        let exp = 4_000_000_000u64;
+        let sign = |c: Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &c,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let ok = sign(json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "https://idp"}));
+        assert!(v.decode(&ok).is_ok());
+        for bad in [
+            json!({"sub": "a", "exp": exp, "aud": "billing", "iss": "https://idp"}),
+            json!({"sub": "a", "exp": exp, "iss": "https://idp"}),
+            json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "https://other"}),
+            json!({"sub": "a", "exp": exp, "aud": "chat"}),
+        ] {
+            assert!(v.decode(&sign(bad.clone())).is_err(), "{bad}");
+        }
     }
 }

@@ -2,7 +2,6 @@
 //! YAML file by the binary; this crate never reads files or the environment.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use std::collections::BTreeMap;
@@ -47,19 +46,7 @@ pub struct EdgeConfig {
     pub tls: Option<TlsFiles>,
 }
 
-/// A listener's certificate and, for mutual TLS, the CA its clients' certificates must
-/// chain to. The binary reads the files, and reads them again when they change.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// PEM: this server's certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// PEM: CA certificates. When set, a client without a certificate signed by one of them
-    /// is refused at the handshake.
-    pub client_ca_file: Option<PathBuf>,
-}
+pub use bus::tls::TlsFiles;
 
 impl Default for EdgeConfig {
     fn default() -> Self {
@@ -194,12 +181,14 @@ impl Default for NamespaceConfig {
 }
 
 impl NamespaceConfig {
-    /// The sources in the order they are tried, as `check-config` states them.
+    /// The sources in the order they are tried, as `check-config` states them. A claim,
+    /// when configured, is the only source: a token without it is refused, so that no query
+    /// parameter can pick a tenant.
     pub fn order(&self) -> String {
-        let mut parts = Vec::new();
         if let Some(c) = &self.claim {
-            parts.push(format!("claim:{c}"));
+            return format!("claim:{c} (required)");
         }
+        let mut parts = Vec::new();
         if let Some(q) = &self.query {
             parts.push(format!("query:{q}"));
         }
@@ -257,6 +246,12 @@ pub struct AuthConfig {
     /// Clock skew allowed on `exp`/`nbf`. Default 0 s.
     #[serde(with = "duration")]
     pub leeway: Duration,
+    /// Accept only tokens whose `aud` names one of these (an identity provider shared with
+    /// other applications signs their tokens with the same keys). Empty: `aud` is not
+    /// checked.
+    pub audience: Vec<String>,
+    /// Accept only tokens whose `iss` is this. Default: not checked.
+    pub issuer: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -280,6 +275,8 @@ impl Default for AuthConfig {
             query: Some("token".into()),
             cookie: Some("ID_TOKEN".into()),
             leeway: Duration::ZERO,
+            audience: Vec::new(),
+            issuer: None,
         }
     }
 }

@@ -500,11 +500,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         }
                         None => {}
                     }
+                    // While the onconnect hook is pending nothing is read, so no pong could
+                    // be seen: no ping then (the hook's wait is bounded by request_timeout).
                     if ping_at <= now {
                         ping_at = now + beat;
-                        pong_by.get_or_insert(now + cfg.heartbeat.timeout);
-                        if let Err(e) = self.ws.send(Message::Ping(Default::default())).await {
-                            return ConnError::Transport(e);
+                        if !gate_reads {
+                            pong_by.get_or_insert(now + cfg.heartbeat.timeout);
+                            if let Err(e) = self.ws.send(Message::Ping(Default::default())).await {
+                                return ConnError::Transport(e);
+                            }
                         }
                     }
                     timer.as_mut().reset(next_deadline(

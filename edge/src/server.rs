@@ -556,7 +556,13 @@ async fn admit<W: Wire>(
     };
     if let Some(hook) = &route.cfg.hooks.upgrade {
         match intercept(shared, &hook.publish, &route, head, peer, &identity).await {
-            Ok(context) => identity.claims.extend(context),
+            // The context adds to the claims, never replaces the token's own: expiry and
+            // revocation (`exp`, `jti`, `sub`) must stay the token's.
+            Ok(context) => {
+                for (key, value) in context {
+                    identity.claims.entry(key).or_insert(value);
+                }
+            }
             Err((status, reason, body)) => {
                 return refuse(shared, tcp, status, reason, &body).await;
             }

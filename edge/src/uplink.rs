@@ -36,8 +36,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long leaving batches may take to reach the coordinators on shutdown.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What the uplink needs.
-#[derive(Debug, Clone)]
+/// What the uplink needs. Its `Debug` shows no credential.
+#[derive(Clone)]
 pub struct UplinkOptions {
     /// Coordinator addresses for first contact.
     pub seeds: Vec<String>,
@@ -51,10 +51,32 @@ pub struct UplinkOptions {
     pub credential: Option<String>,
 }
 
-/// A request carrying the edge's credential, if it has one.
+impl std::fmt::Debug for UplinkOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UplinkOptions")
+            .field("seeds", &self.seeds)
+            .field("member_timeout", &self.member_timeout)
+            .field("address", &self.address)
+            .field("dialer", &self.dialer)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// A request carrying the edge's credential, if it has one (sensitive: never indexed by
+/// HPACK, shown as such by `Debug`).
 fn authorized<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    if let Some(value) = credential.and_then(|c| format!("Bearer {c}").parse().ok()) {
+    let value = credential.and_then(|c| {
+        format!("Bearer {c}")
+            .parse::<tonic::metadata::AsciiMetadataValue>()
+            .ok()
+    });
+    if let Some(mut value) = value {
+        value.set_sensitive(true);
         request.metadata_mut().insert("authorization", value);
     }
     request

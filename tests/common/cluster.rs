@@ -36,7 +36,7 @@ pub use tools::{
 };
 
 use bus::testkit::TestNats;
-use bus::{Bus as _, BusError, NatsBus, NatsOptions, Outgoing, Subscription};
+use bus::{Bus as _, NatsBus, NatsOptions, Outgoing, Subscription};
 use futures::{SinkExt as _, StreamExt as _};
 use proto::v1::messaging_client::MessagingClient;
 use proto::v1::placement_client::PlacementClient;
@@ -306,6 +306,8 @@ pub struct Spec {
     env: Vec<(String, String)>,
     /// Whether every process gets the test API key and cluster secret.
     credentials: bool,
+    /// Whether a monitoring tap listens on `>` (see [`Cluster`]).
+    tap: bool,
     /// Variables of the coordinators only, then of the edges only.
     role_env: [Vec<(String, String)>; 2],
     nats_config: Option<PathBuf>,
@@ -344,9 +346,17 @@ impl Spec {
             config: Config::Yaml(ANONYMOUS_YAML.to_owned()),
             env: Vec::new(),
             credentials: true,
+            tap: true,
             role_env: [Vec::new(), Vec::new()],
             nats_config: None,
         }
+    }
+
+    /// No monitoring tap: for the few tests of "no responders", which NATS can report only
+    /// when nobody at all listens on a subject.
+    pub fn without_tap(mut self) -> Self {
+        self.tap = false;
+        self
     }
 
     /// No test API key or cluster secret: the test configures its own.
@@ -421,6 +431,10 @@ pub struct Cluster {
     pub nats: TestNats,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// A monitoring tap: another NATS client subscribed to `>` for the cluster's whole life
+    /// (when the server takes anonymous clients), as operators and audit services attach one.
+    /// It must change nothing: no process may depend on nobody else hearing a subject.
+    tap: Option<(NatsBus, Subscription)>,
 }
 
 impl Drop for Cluster {
@@ -472,7 +486,15 @@ impl Cluster {
             nats,
             dir,
             config,
+            tap: None,
         };
+        if spec.tap && spec.nats_config.is_none() {
+            let tap = cluster.observer().await;
+            let everything = bounded("tap subscribe", tap.subscribe(">".into(), None))
+                .await
+                .expect("the tap subscribes to >");
+            cluster.tap = Some((tap, everything));
+        }
         for i in 1..=spec.coordinators {
             let id = format!("c{i}");
             let mut cmd = switchboard();
@@ -738,14 +760,24 @@ impl Backend {
         sub
     }
 
-    /// Returns once the server has processed everything this client sent before (a request
-    /// to a subject nobody listens on comes back only after that).
+    /// Returns once the server has processed everything this client sent before (its own
+    /// message comes back only after that).
     pub async fn sync(&self) {
-        let probe = Outgoing::new(self.bus.new_inbox(), Vec::new());
-        match self.bus.request(probe, STEP).await {
-            Err(BusError::NoResponders { .. }) => {}
-            other => panic!("sync round trip with the NATS server: {other:?}"),
-        }
+        // Our own message to an inbox only we hear: it depends on nobody else (a request
+        // answered by "no responders" would wait whenever a tap hears the inbox).
+        let inbox = self.bus.new_inbox();
+        let mut echo = bounded("sync subscribe", self.bus.subscribe(inbox.clone(), None))
+            .await
+            .expect("sync subscribes to its inbox");
+        bounded(
+            "sync publish",
+            self.bus.publish(Outgoing::new(inbox, Vec::new())),
+        )
+        .await
+        .expect("sync publishes to its inbox");
+        bounded("sync round trip with the NATS server", echo.next())
+            .await
+            .expect("the echo comes back");
     }
 
     /// Publishes `body` (JSON) on `subject`.

@@ -271,6 +271,20 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
     )
     .await;
     assert_eq!((status, body.trim()), (403, "namespace_not_granted"));
+    // A token without the claim cannot pick a tenant with the query either.
+    let untenanted = token(&json!({"sub": "alice", "exp": unix_now() + 600}));
+    let (status, body) = refusal(
+        c.ws(0),
+        &raw_upgrade(
+            &format!("/connect?namespace=globex&token={untenanted}"),
+            "1.1",
+            &host,
+            KEY,
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!((status, body.trim()), (403, "bad_namespace_claim"));
     let mut same = c
         .connect(0, &format!("/connect?namespace=acme&token={t}"), &[])
         .await;
@@ -290,7 +304,7 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        text.contains("precedence: claim:tenant > query:namespace > default:default"),
+        text.contains("precedence: claim:tenant (required)"),
         "{text}"
     );
 }

@@ -819,6 +819,14 @@ async fn replaced_certificates_serve_new_handshakes_without_dropping_connections
     let grpc_v2 = pki.issue("grpc", "grpc v2");
     assert_ne!(edge_v2.der, edge_v1.der);
     hangup(&proc);
+    // The signal itself reloads (the file poll may see the change too, later or earlier).
+    eventually("a reload the signal triggered", STEP, async || {
+        proc.tail()
+            .lines()
+            .any(|l| l.contains("tls certificates reloaded") && l.contains("trigger=sighup"))
+            .then_some(())
+    })
+    .await;
     eventually(
         "a new wss handshake to see the new certificate",
         STEP,
