@@ -185,33 +185,33 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The certificate a TLS server at `addr` presents to a new handshake.
-async fn served_cert(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> CertificateDer<'static> {
+/// A TLS connection to `addr` (as `localhost`), handshake done or refused, within bounds.
+async fn tls_connect(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = bounded("TCP connect", TcpStream::connect(addr))
         .await
         .unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let stream = bounded(
+    bounded(
         "TLS handshake",
         tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
     )
     .await
-    .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
+}
+
+/// The certificate a TLS server at `addr` presents to a new handshake.
+async fn served_cert(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> CertificateDer<'static> {
+    let stream = tls_connect(addr, tls)
+        .await
+        .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
     stream.get_ref().1.peer_certificates().unwrap()[0].clone()
 }
 
 /// What a TLS client that the server refuses is told: the error of its first read.
 async fn handshake_refusal(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> String {
-    let tcp = bounded("TCP connect", TcpStream::connect(addr))
-        .await
-        .unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut stream = match bounded(
-        "TLS handshake",
-        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-    )
-    .await
-    {
+    let mut stream = match tls_connect(addr, tls).await {
         Ok(s) => s,
         Err(e) => return e.to_string(),
     };
@@ -230,16 +230,9 @@ async fn wss(
     path: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> (Wss, CertificateDer<'static>) {
-    let tcp = bounded("TCP connect", TcpStream::connect(addr))
+    let stream = tls_connect(addr, tls)
         .await
-        .unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let stream = bounded(
-        "TLS handshake",
-        tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("TLS handshake with the edge at {addr}: {e}"));
+        .unwrap_or_else(|e| panic!("TLS handshake with the edge at {addr}: {e}"));
     let cert = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
     let url = format!("wss://localhost:{}{path}", addr.port());
     let (ws, response) = bounded(
