@@ -34,6 +34,9 @@ use crate::socket::Wire;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// TLS handshakes in progress at once (each costs CPU before any limit applies); further
+/// connections wait in the listen backlog.
+const MAX_TLS_HANDSHAKES: usize = 256;
 /// Extra time after the drain window for connection tasks to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// tungstenite's read buffer per connection, allocated up front. Client frames are small;
@@ -324,7 +327,15 @@ async fn accept_loop(
     conns: TaskTracker,
     done: CancellationToken,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
     loop {
+        let permit = match &tls {
+            None => None,
+            Some(_) => tokio::select! {
+                () = done.cancelled() => break,
+                p = Arc::clone(&handshakes).acquire_owned() => p.ok(),
+            },
+        };
         let (tcp, peer) = tokio::select! {
             () = done.cancelled() => break,
             r = listener.accept() => match r {
@@ -342,7 +353,7 @@ async fn accept_loop(
             Some(tls) => {
                 // The config current now serves this connection for its whole life.
                 let config = Arc::clone(&tls.borrow());
-                conns.spawn(async move { handle_tls(shared, config, tcp, peer).await })
+                conns.spawn(async move { handle_tls(shared, config, tcp, peer, permit).await })
             }
         };
     }
@@ -366,15 +377,19 @@ async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     handle(shared, tcp, peer).await;
 }
 
-/// One TLS connection's task: the handshake, then as plain.
+/// One TLS connection's task: the handshake (holding one of the handshake permits), then
+/// as plain.
 async fn handle_tls(
     shared: Arc<Shared>,
     config: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
     peer: SocketAddr,
+    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let _ = tcp.set_nodelay(true);
-    match crate::tls::accept(config, tcp, shared.cfg.handshake_timeout).await {
+    let accepted = crate::tls::accept(config, tcp, shared.cfg.handshake_timeout).await;
+    drop(handshake);
+    match accepted {
         Ok(tls) => handle(shared, tls, peer).await,
         // A scanner or a plain-HTTP client on the TLS port: nothing to answer.
         Err(error) => tracing::debug!(%peer, %error, "tls handshake failed"),
