@@ -195,14 +195,7 @@ async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
         tls_log.contains("TLS required for client connections"),
         "the server requires TLS:\n{tls_log}"
     );
-    let mut alice = c.client(0, "alice", "default").await;
-    c.wait_located(0, "default", "alice", 1).await;
-    let r = send(c.grpc(0), "default", "alice", "note", r#"{"n":1}"#).await;
-    assert_eq!((r.delivered, r.nodes), (1, 1), "{r:?}");
-    assert_eq!(
-        alice.recv().await,
-        json!({"type": "note", "payload": {"n": 1}})
-    );
+    let _alice = alice_gets_a_send(&c).await;
 
     // Both are connected as their users, over TLS.
     let monitor = c.nats.monitor_url();
@@ -286,16 +279,8 @@ async fn documented_least_permissions_carry_a_full_flow() {
     let pki = pki(&dir);
     let c = cluster(&dir, &pki, true).await;
     let be = backend(&c, &pki, "backend").await;
-    let mut alice = c.client(0, "alice", "default").await;
-    c.wait_located(0, "default", "alice", 1).await;
-
     // gRPC Send: coordinator → sb.node.e1 → edge, and the edge's reply.
-    let r = send(c.grpc(0), "default", "alice", "note", r#"{"n":1}"#).await;
-    assert_eq!((r.delivered, r.nodes), (1, 1), "{r:?}");
-    assert_eq!(
-        alice.recv().await,
-        json!({"type": "note", "payload": {"n": 1}})
-    );
+    let mut alice = alice_gets_a_send(&c).await;
 
     // A topic: the edge subscribes; the coordinator (gRPC Publish), another client (through
     // its edge) and a backend publish; the backend hears the client's publication.
@@ -512,6 +497,19 @@ fn process(role: &str, c: &Cluster, config: &Path, url: &str, env: &[(&str, &str
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
+}
+
+/// alice connects to edge 0 and a gRPC Send reaches her (answered delivered 1 on 1 node).
+async fn alice_gets_a_send(c: &Cluster) -> crate::harness::Client {
+    let mut alice = c.client(0, "alice", "default").await;
+    c.wait_located(0, "default", "alice", 1).await;
+    let r = send(c.grpc(0), "default", "alice", "note", r#"{"n":1}"#).await;
+    assert_eq!((r.delivered, r.nodes), (1, 1), "{r:?}");
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "note", "payload": {"n": 1}})
+    );
+    alice
 }
 
 /// The result of a process that must not start: its exit status and what it printed.

@@ -601,6 +601,35 @@ async fn grpc_with_a_client_ca_serves_only_clients_it_certified() {
     assert!(!ok, "grpcurl -plaintext was served: {out}");
 }
 
+/// The config of a TLS edge (`edge`) and gRPC listener (`grpc`, clients signed by `ca`),
+/// plus, with `dial`, how processes dial the coordinators: the CA and an optional client
+/// certificate.
+fn tls_config(edge: &Issued, grpc: &Issued, ca: &Path, dial: Option<Option<&Issued>>) -> String {
+    let mut yaml = format!(
+        "edge:\n{ROUTE}  tls:\n    cert_file: {}\n    key_file: {}\n\
+         coordinator:\n  tls:\n    cert_file: {}\n    key_file: {}\n    client_ca_file: {}\n",
+        edge.cert.display(),
+        edge.key.display(),
+        grpc.cert.display(),
+        grpc.key.display(),
+        ca.display(),
+    );
+    if let Some(client) = dial {
+        yaml.push_str(&format!(
+            "cluster:\n  tls:\n    ca_file: {}\n",
+            ca.display()
+        ));
+        if let Some(c) = client {
+            yaml.push_str(&format!(
+                "    cert_file: {}\n    key_file: {}\n",
+                c.cert.display(),
+                c.key.display()
+            ));
+        }
+    }
+    yaml
+}
+
 /// A cluster whose edge serves `wss://` and reports to two coordinators over mutual TLS,
 /// which call each other over mutual TLS too: the edge is ready (a report stream is up),
 /// `Publish` and `Send` through either coordinator reach a `wss://` client in order (one of
@@ -614,19 +643,7 @@ async fn a_tls_cluster_delivers_publish_and_send_to_a_wss_client() {
     let node_cert = pki.issue("node", "e1");
     let operator = pki.issue("operator", "operator");
     let ca = pki.ca_file();
-    let yaml = format!(
-        "edge:\n{ROUTE}  tls:\n    cert_file: {}\n    key_file: {}\n\
-         coordinator:\n  tls:\n    cert_file: {}\n    key_file: {}\n    client_ca_file: {}\n\
-         cluster:\n  tls:\n    ca_file: {}\n    cert_file: {}\n    key_file: {}\n",
-        edge_cert.cert.display(),
-        edge_cert.key.display(),
-        coord_cert.cert.display(),
-        coord_cert.key.display(),
-        ca.display(),
-        ca.display(),
-        node_cert.cert.display(),
-        node_cert.key.display(),
-    );
+    let yaml = tls_config(&edge_cert, &coord_cert, &ca, Some(Some(&node_cert)));
     let config = write_config(&pki.dir, "config.yaml", &yaml);
     let nats = TestNats::start().await;
     let (_c1, grpc) = coordinator(&nats, &config, "c1").await;
@@ -732,17 +749,7 @@ async fn an_edge_without_a_client_certificate_is_refused_by_the_coordinator() {
     let coord_cert = pki.issue("coordinator", "coordinator");
     let edge_cert = pki.issue("edge", "edge");
     let ca = pki.ca_file();
-    let yaml = format!(
-        "edge:\n{ROUTE}  tls:\n    cert_file: {}\n    key_file: {}\n\
-         coordinator:\n  tls:\n    cert_file: {}\n    key_file: {}\n    client_ca_file: {}\n\
-         cluster:\n  tls:\n    ca_file: {}\n",
-        edge_cert.cert.display(),
-        edge_cert.key.display(),
-        coord_cert.cert.display(),
-        coord_cert.key.display(),
-        ca.display(),
-        ca.display(),
-    );
+    let yaml = tls_config(&edge_cert, &coord_cert, &ca, Some(None));
     let config = write_config(&pki.dir, "config.yaml", &yaml);
     let nats = TestNats::start().await;
     let (_c, grpc) = coordinator(&nats, &config, "c1").await;
@@ -780,15 +787,7 @@ async fn replaced_certificates_serve_new_handshakes_without_dropping_connections
     let grpc_v1 = pki.issue("grpc", "grpc v1");
     let operator = pki.issue("operator", "operator");
     let ca = pki.ca_file();
-    let yaml = format!(
-        "edge:\n{ROUTE}  tls:\n    cert_file: {}\n    key_file: {}\n\
-         coordinator:\n  tls:\n    cert_file: {}\n    key_file: {}\n    client_ca_file: {}\n",
-        edge_v1.cert.display(),
-        edge_v1.key.display(),
-        grpc_v1.cert.display(),
-        grpc_v1.key.display(),
-        ca.display(),
-    );
+    let yaml = tls_config(&edge_v1, &grpc_v1, &ca, None);
     let config = write_config(&pki.dir, "config.yaml", &yaml);
     let (proc, ws, grpc) = dev(&config).await;
     let http_tls = client_tls(&ca, None, b"http/1.1");
