@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use coordinator::CoordinatorConfig;
 use edge::EdgeConfig;
 use edge::config::{AuthConfig, Hook, MessageHooks, RouteConfig};
-use proto::frame::Dialect;
+use edge_core::Dialect;
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
@@ -133,7 +133,7 @@ impl BodhiSocket {
             ..RouteConfig::default()
         });
         route.path.clone_from(&self.path);
-        route.dialect = Dialect::Bodhi;
+        route.dialect = Dialect::named("bodhi").expect("bodhi is in the dialect table");
         route.hooks.onconnect.clone_from(&self.onconnect);
         route.hooks.onmessage.clone_from(&self.onmessage);
         route.hooks.onclose.clone_from(&self.onclose);

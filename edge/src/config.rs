@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use proto::frame::{Dialect, Key};
+use edge_core::Dialect;
+use proto::frame::Key;
 use serde::{Deserialize, Serialize};
 
 /// Everything an edge needs to know.
@@ -127,7 +128,7 @@ impl Default for RouteConfig {
     fn default() -> Self {
         Self {
             path: "/connect".into(),
-            dialect: Dialect::Native,
+            dialect: Dialect::default(),
             key: None,
             monument: MonumentMode::Off,
             resources: BTreeMap::new(),
@@ -721,17 +722,13 @@ impl EdgeConfig {
                     "must be at least 1 (refused frames in a row before closing)",
                 ));
             }
-            if r.monument != MonumentMode::Off && r.dialect != Dialect::Monument {
+            if r.monument != MonumentMode::Off && !r.dialect.row().monument_modes {
                 return Err(err(
                     key("monument"),
                     "applies to routes with dialect: monument",
                 ));
             }
-            let resource_verbs = matches!(
-                r.dialect,
-                Dialect::Native | Dialect::Hyperexpress | Dialect::Monorail
-            );
-            if !r.resources.is_empty() && !resource_verbs {
+            if !r.resources.is_empty() && !r.dialect.has_resources() {
                 return Err(err(key("resources"), "this dialect has no resource verbs"));
             }
             for (name, res) in &r.resources {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bus::{BusError, Outgoing, SharedBus};
 use futures::FutureExt;
-use proto::frame::{self, ClientFrame, Dialect, ErrorCode, FrameBuilder, FrameError, Key};
+use edge_core::Verb;
+use edge_core::dialect::{Other, Unreadable};
+use proto::frame::{self, ClientFrame, ErrorCode, FrameBuilder, FrameError, Key};
 use proto::{subject, topic};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,7 +36,7 @@ where
     let frame = match ClientFrame::parse(text, key) {
         Ok(f) => f,
         // monument ignores what it cannot route (counted, no error frame).
-        Err(_) if dialect == Dialect::Monument => {
+        Err(_) if dialect.row().unreadable == Unreadable::Ignore => {
             conn.shared.metrics.events_ignored.inc();
             return Ok(());
         }
@@ -55,25 +57,25 @@ where
         }
     };
     let id = frame.id.as_ref();
-    if !dialect.has_verb(&frame.verb) {
-        return match dialect {
-            Dialect::Monument => monument_event(conn, frame).await,
-            Dialect::Monorail if route.cfg.hooks.onmessage.is_none() => {
+    let Some(verb) = dialect.verb(&frame.verb) else {
+        return match dialect.row().other {
+            Other::SubjectEvent => monument_event(conn, frame).await,
+            Other::ForwardOrUnknownHandler if route.cfg.hooks.onmessage.is_none() => {
                 // MonoRail's error names the resource and params it was sent.
                 let msg = format!("unknown handler {:?}", frame.verb);
                 let resource = frame
-                    .str(dialect.resource_field())
+                    .str(dialect.row().resource_field)
                     .unwrap_or_default()
                     .to_owned();
                 let f = resources::error(conn, &frame, &resource, ErrorCode::UnknownVerb, &msg);
                 conn.push(f).await
             }
-            _ => forward_event(conn, frame).await,
+            Other::Forward | Other::ForwardOrUnknownHandler => forward_event(conn, frame).await,
         };
-    }
-    let answer = match frame.verb.as_str() {
+    };
+    let answer = match verb {
         // The session id is the answer's `id`.
-        "init" => {
+        Verb::Init => {
             let session = frame
                 .str("session")
                 .filter(|s| !s.is_empty() && s.len() <= 128)
@@ -84,12 +86,14 @@ where
                     .finish(),
             )
         }
-        "ping" => Some(FrameBuilder::new(key, "pong").id(id).finish()),
-        "subscribe" => Some(subscribe(conn, &frame).await),
-        "unsubscribe" => Some(unsubscribe(conn, &frame)),
-        "publish" => Some(publish(conn, &frame).await),
-        "refresh" => Some(refresh(conn, &frame).await),
-        _ => resources::verb(conn, &frame).await,
+        Verb::Ping => Some(FrameBuilder::new(key, "pong").id(id).finish()),
+        Verb::Subscribe => Some(subscribe(conn, &frame).await),
+        Verb::Unsubscribe => Some(unsubscribe(conn, &frame)),
+        Verb::Publish => Some(publish(conn, &frame).await),
+        Verb::Refresh => Some(refresh(conn, &frame).await),
+        Verb::Watch | Verb::Stop | Verb::Query | Verb::All | Verb::Get => {
+            resources::verb(conn, verb, &frame).await
+        }
     };
     match answer {
         Some(a) => conn.push(a).await,

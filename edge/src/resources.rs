@@ -17,18 +17,20 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
+use edge_core::Verb;
+
 use crate::config::{ResourceConfig, ResourceKind};
 use crate::conn::{Conn, ConnHandle};
 use crate::server::Shared;
 
 /// Handles a resource verb; returns the frame to answer with, if any.
-pub(crate) async fn verb<S>(conn: &mut Conn<S>, f: &ClientFrame) -> Option<String>
+pub(crate) async fn verb<S>(conn: &mut Conn<S>, verb: Verb, f: &ClientFrame) -> Option<String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let route = Arc::clone(conn.route());
     let (key, dialect) = (route.key, route.cfg.dialect);
-    let field = dialect.resource_field();
+    let field = dialect.row().resource_field;
     let name = f.str(field).unwrap_or_default().to_owned();
     let params = match f.body.get("params") {
         None | Some(Value::Null) => Map::new(),
@@ -43,7 +45,7 @@ where
             ));
         }
     };
-    if f.verb == "stop" {
+    if verb == Verb::Stop {
         let watch_key = watch_key(&name, &params);
         let stopped: Vec<String> = conn
             .watches
@@ -58,7 +60,7 @@ where
                 t.cancel();
             }
         }
-        if !dialect.answers_stop() {
+        if !dialect.row().answers_stop {
             return None;
         }
         let b = FrameBuilder::new(key, "stopped")
@@ -74,7 +76,7 @@ where
         };
         return Some(error(conn, f, &name, ErrorCode::UnknownResource, &msg));
     };
-    if res.kind == ResourceKind::Topic && f.verb != "watch" {
+    if res.kind == ResourceKind::Topic && verb != Verb::Watch {
         let msg = format!("{name} is a topic: it can be watched, not queried");
         return Some(error(conn, f, &name, ErrorCode::NotSupported, &msg));
     }
@@ -91,9 +93,9 @@ where
         ));
     };
     let bucket = res.bucket_name(&name);
-    match f.verb.as_str() {
-        "query" | "all" => {
-            let filter = if f.verb == "query" {
+    match verb {
+        Verb::Query | Verb::All => {
+            let filter = if verb == Verb::Query {
                 params
             } else {
                 Map::new()
@@ -116,7 +118,7 @@ where
                 )),
             }
         }
-        "get" => {
+        Verb::Get => {
             let Some(id) = params.get(&res.id_field).and_then(id_string) else {
                 let msg = format!("get needs params.{}", res.id_field);
                 return Some(error(conn, f, &name, ErrorCode::InvalidFrame, &msg));
@@ -136,7 +138,7 @@ where
                 )),
             }
         }
-        "watch" => start_watch(conn, f, &name, res, params, Some(store)),
+        Verb::Watch => start_watch(conn, f, &name, res, params, Some(store)),
         _ => Some(error(
             conn,
             f,
@@ -202,7 +204,7 @@ impl Watch {
     }
 
     fn field(&self) -> &'static str {
-        self.handle.info().route.cfg.dialect.resource_field()
+        self.handle.info().route.cfg.dialect.row().resource_field
     }
 
     fn push(&self, frame: String) {
@@ -413,7 +415,7 @@ where
         .id(f.id.as_ref())
         .str("code", code.as_str())
         .str("message", message);
-    b.str(route.cfg.dialect.resource_field(), name)
+    b.str(route.cfg.dialect.row().resource_field, name)
         .value("params", &params)
         .finish()
 }

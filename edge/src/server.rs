@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bus::tls::ServerTls;
 use bus::{SharedBus, SharedStore};
-use proto::frame::{Dialect, Key};
+use proto::frame::Key;
 use proto::subject;
 use proto::v1::ReportBatch;
 use serde_json::Value;
@@ -483,7 +483,7 @@ async fn admit<W: Wire>(
     let Some((route, path_params)) = matched else {
         return refuse(shared, tcp, 404, "no_route", "no route at this path").await;
     };
-    if route.cfg.dialect == Dialect::Monument && route.cfg.monument == MonumentMode::Off {
+    if route.cfg.dialect.row().monument_modes && route.cfg.monument == MonumentMode::Off {
         return refuse(
             shared,
             tcp,

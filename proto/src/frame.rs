@@ -36,69 +36,6 @@ impl Key {
     }
 }
 
-/// A route's dialect (PROTOCOL.md §4): the field names of its frames and which built-in
-/// verbs it has. One engine serves them all.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Dialect {
-    /// Everything in PROTOCOL.md §1.
-    #[default]
-    Native,
-    /// `event`-keyed; no built-ins: events are data-style requests or passthrough.
-    Monument,
-    /// The native protocol under HyperExpress's names for limits.
-    Hyperexpress,
-    /// `handler`-keyed: init, query, all, get, watch, stop; resources under `type`.
-    Monorail,
-    /// `type`-keyed; no built-ins: hooks, send and broadcast.
-    Bodhi,
-}
-
-impl Dialect {
-    /// The routing field.
-    pub fn key(self) -> Key {
-        match self {
-            Self::Native | Self::Hyperexpress | Self::Bodhi => Key::Type,
-            Self::Monument => Key::Event,
-            Self::Monorail => Key::Handler,
-        }
-    }
-
-    /// The field naming a resource type.
-    pub fn resource_field(self) -> &'static str {
-        match self {
-            Self::Monorail => "type",
-            _ => "resource",
-        }
-    }
-
-    /// Whether `verb` is a built-in verb of this dialect.
-    pub fn has_verb(self, verb: &str) -> bool {
-        let topics = matches!(verb, "subscribe" | "unsubscribe" | "publish");
-        let resources = matches!(verb, "watch" | "stop" | "query" | "all" | "get");
-        match self {
-            Self::Native | Self::Hyperexpress => {
-                topics || resources || matches!(verb, "init" | "ping" | "refresh")
-            }
-            Self::Monorail => resources || verb == "init",
-            Self::Monument | Self::Bodhi => false,
-        }
-    }
-
-    /// Whether the edge tells this dialect's clients `refresh_required` before their token
-    /// expires (the dialects with the `refresh` verb); the others are closed at expiry.
-    pub fn refreshes(self) -> bool {
-        self.has_verb("refresh")
-    }
-
-    /// Whether `stop` is answered with `stopped` (MonoRail's stop has no answer).
-    pub fn answers_stop(self) -> bool {
-        self != Self::Monorail
-    }
-}
-
 /// Machine-readable codes of error frames (PROTOCOL.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {

@@ -1,0 +1,15 @@
+//! The edge's pure core, in the manner of quinn-proto: state machines that take input and
+//! the time as parameters and return what is to be done. It does no I/O, reads no clock and
+//! holds no runtime: the `edge` crate's shell drives it (sockets, bus, timers), and
+//! `scripts/check-layers` fails the build if tokio, the bus or a socket type creeps in.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`dialect`] | the dialect table: one row per dialect (routing key, verbs, field names, answers) |
+//! | [`verb`] | the built-in verbs, parsed once |
+
+pub mod dialect;
+pub mod verb;
+
+pub use dialect::Dialect;
+pub use verb::Verb;
