@@ -206,24 +206,7 @@ pub enum BusError {
     Closed,
 }
 
-/// Whether `subject` is a valid subject to publish on: non-empty tokens, no wildcards,
-/// no whitespace.
-pub fn is_valid_publish_subject(subject: &str) -> bool {
-    is_valid_subject(subject) && subject.split('.').all(|t| t != "*" && t != ">")
-}
-
-/// Whether `subject` is a valid subscription subject: non-empty tokens, no whitespace,
-/// `*` only as a whole token, `>` only as the whole last token.
-pub fn is_valid_subject(subject: &str) -> bool {
-    if subject.is_empty() || subject.chars().any(char::is_whitespace) {
-        return false;
-    }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let last = tokens.len() - 1;
-    tokens.iter().enumerate().all(|(i, t)| {
-        !t.is_empty() && (t.len() == 1 || !t.contains(['*', '>'])) && (*t != ">" || i == last)
-    })
-}
+pub use proto::subject::{is_valid_publish_subject, is_valid_subject};
 
 /// Whether `queue` is a valid queue group name: non-empty, no whitespace.
 pub fn is_valid_queue_group(queue: &str) -> bool {

@@ -7,9 +7,12 @@
 //! | --- | --- |
 //! | [`dialect`] | the dialect table: one row per dialect (routing key, verbs, field names, answers) |
 //! | [`verb`] | the built-in verbs, parsed once |
+//! | [`session`] | one connection's protocol: a frame in, actions out; its timers as deadlines |
 
 pub mod dialect;
+pub mod session;
 pub mod verb;
 
 pub use dialect::Dialect;
+pub use session::{Action, Session};
 pub use verb::Verb;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::{BusError, Outgoing, SharedBus};
-use futures::FutureExt;
 use edge_core::Verb;
 use edge_core::dialect::{Other, Unreadable};
+use futures::FutureExt;
 use proto::frame::{self, ClientFrame, ErrorCode, FrameBuilder, FrameError, Key};
 use proto::{subject, topic};
 use serde_json::{Map, Value, json};
