@@ -73,8 +73,8 @@ impl Default for EdgeConfig {
 pub struct RouteConfig {
     /// The path, e.g. `/connect`; a `{name}` segment captures a path parameter.
     pub path: String,
-    /// `native`, `monument`, `hyperexpress`, `monorail` or `bodhi` (PROTOCOL.md §4): field
-    /// names and built-in verbs. Default `native`.
+    /// `native`, `monument`, `hyperexpress`, `monorail` or `bodhi` (docs/PROTOCOL.md §9
+    /// Dialects): field names and built-in verbs. Default `native`.
     pub dialect: Dialect,
     /// The routing field of client frames (`type`, `event`, `handler`); default: the
     /// dialect's.
@@ -112,8 +112,8 @@ pub struct RouteConfig {
     pub heartbeat: HeartbeatConfig,
     pub outbound: OutboundConfig,
     pub rate_limit: RateLimitConfig,
-    /// Sockets one user may hold on this edge and route; more close with 1008. 0 = no
-    /// limit. Default 100.
+    /// Sockets one user may hold in one namespace on this edge and route; more close with
+    /// 1008. 0 = no limit. Default 100.
     pub max_connections_per_user: usize,
     /// Topic filters one connection may hold. Default 256.
     pub max_topics: usize,
@@ -595,7 +595,8 @@ pub struct Hook {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MessageHooks {
-    /// Subject for every client event not matched by `types`.
+    /// Subject that hears every client event, those matched by `types` too (each subject's
+    /// reply reaches the client).
     pub publish: Option<String>,
     pub types: Vec<TypeHook>,
 }

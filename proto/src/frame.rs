@@ -36,7 +36,7 @@ impl Key {
     }
 }
 
-/// Machine-readable codes of error frames (PROTOCOL.md §1).
+/// Machine-readable codes of error frames (docs/PROTOCOL.md §7 Error codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     InvalidJson,
