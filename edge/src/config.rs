@@ -24,7 +24,8 @@ pub struct EdgeConfig {
     /// On shutdown, clients are closed (1001) spread over this window. Default 10 s.
     #[serde(with = "duration")]
     pub drain_window: Duration,
-    /// How long a hook request (onconnect, onmessage) may take. Default 5 s.
+    /// How long a hook request (upgrade, onconnect, onmessage, monument data-style) may take.
+    /// Default 5 s.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
     /// The WebSocket routes. Default: one `/connect` route that requires a JWT.
@@ -576,7 +577,8 @@ pub struct HooksConfig {
     /// request it sees has no credential: the token parameter, `Authorization` and the token
     /// cookie are removed once auth has read them.
     pub upgrade: Option<Hook>,
-    /// A request on connect: a reply is pushed as `onconnect`, a failure closes (1008).
+    /// A request on connect: a reply is pushed as `onconnect`; an `{"error":…}` answer (or,
+    /// when `required`, no answer) is pushed as an error and closes (1008).
     pub onconnect: Option<Hook>,
     pub onmessage: Option<MessageHooks>,
     /// Published (fire and forget) when a connection closes.
