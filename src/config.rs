@@ -26,8 +26,8 @@ pub struct Config {
     pub edge: EdgeConfig,
     pub coordinator: CoordinatorConfig,
     pub cluster: ClusterConfig,
-    /// bodhi's `socket.yaml` block, as written (seeds/004): becomes an edge route with its
-    /// hooks, and the coordinators' send and broadcast subjects.
+    /// bodhi's `socket.yaml` block, as written (docs/PROTOCOL.md §9): becomes an edge route
+    /// with its hooks, and the coordinators' send and broadcast subjects.
     pub gateway: Option<Gateway>,
 }
 

@@ -5,9 +5,10 @@
 //! | --- | --- |
 //! | [`config`] | defaults < file < environment < flags; errors name the key |
 //! | [`nats`] | the `nats:` block: credentials and TLS, resolved at load |
-//! | [`run`] | the modes (`dev`), signal handling |
-//! | [`telemetry`] | logging setup |
+//! | [`run`] | each mode wired (`edge`, `coordinator`, `dev`), signal handling |
+//! | [`telemetry`] | logs and OpenTelemetry traces |
 //! | [`tls`] | certificates from files, reloaded on change or SIGHUP |
+//! | [`token`] | `switchboard token` and `switchboard api-key`: a test JWT, a fresh API key |
 
 pub mod config;
 pub mod nats;

@@ -2,15 +2,23 @@
 //!
 //! One trait, [`Bus`], with NATS subject semantics (`.`-separated tokens, `*` matches one
 //! token, `>` matches one or more trailing tokens, queue groups, headers, request/reply with
-//! a timeout and "no responders"), and two implementations:
+//! a timeout and "no responders"), and one for key-value buckets with watch,
+//! [`ResourceStore`]; each with an in-process and a NATS implementation:
 //!
 //! | module | what |
 //! | --- | --- |
 //! | [`local`] | in-process bus for the embedded mode and unit tests |
 //! | [`nats`] | async-nats client for cluster mode |
+//! | [`store`] | the [`ResourceStore`] trait: buckets of resource items and revocations |
+//! | [`local_store`] | in-process store |
+//! | [`nats_store`] | store over NATS JetStream key-value buckets |
+//! | [`tls`] | the TLS configs the binary hands down; the [`tls::Dialer`] of the coordinators' gRPC listener |
+//! | [`trace`] | W3C trace context in bus headers and gRPC metadata |
+//! | [`metrics`] | Prometheus text primitives the edge and the coordinator share |
+//! | `testkit` | a real `nats-server` for tests (feature `testkit`) |
 //!
-//! Both pass the same conformance suite (`bus/tests/conformance.rs`). [`tls`] holds the TLS
-//! configs the binary hands down and the [`tls::Dialer`] of the coordinators' gRPC listener.
+//! Both buses pass the same conformance suite (`bus/tests/conformance.rs`), both stores theirs
+//! (`bus/tests/store_conformance.rs`).
 //!
 //! **Invariant:** every queue here is bounded; a subscriber that falls behind loses messages
 //! (counted in [`Subscription::dropped`]) rather than stalling the publisher, as NATS does.

@@ -1,5 +1,5 @@
 //! The resource store: key-value buckets with watch, for resources that clients `query`,
-//! `get` and `watch` (PROTOCOL.md §1, the MonoRail dialect).
+//! `get` and `watch` (docs/PROTOCOL.md §4.3 Resources).
 //!
 //! | implementation | what |
 //! | --- | --- |

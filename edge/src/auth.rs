@@ -65,7 +65,7 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The HTTP status of the refusal (PROTOCOL.md §2).
+    /// The HTTP status of the refusal (docs/PROTOCOL.md §2 Connecting).
     pub fn status(&self) -> u16 {
         match self {
             Self::MissingToken

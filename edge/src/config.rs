@@ -24,7 +24,8 @@ pub struct EdgeConfig {
     /// On shutdown, clients are closed (1001) spread over this window. Default 10 s.
     #[serde(with = "duration")]
     pub drain_window: Duration,
-    /// How long a hook request (onconnect, onmessage) may take. Default 5 s.
+    /// How long a hook request (upgrade, onconnect, onmessage, monument data-style) may take.
+    /// Default 5 s.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
     /// The WebSocket routes. Default: one `/connect` route that requires a JWT.
@@ -73,8 +74,8 @@ impl Default for EdgeConfig {
 pub struct RouteConfig {
     /// The path, e.g. `/connect`; a `{name}` segment captures a path parameter.
     pub path: String,
-    /// `native`, `monument`, `hyperexpress`, `monorail` or `bodhi` (PROTOCOL.md §4): field
-    /// names and built-in verbs. Default `native`.
+    /// `native`, `monument`, `hyperexpress`, `monorail` or `bodhi` (docs/PROTOCOL.md §9
+    /// Dialects): field names and built-in verbs. Default `native`.
     pub dialect: Dialect,
     /// The routing field of client frames (`type`, `event`, `handler`); default: the
     /// dialect's.
@@ -112,8 +113,8 @@ pub struct RouteConfig {
     pub heartbeat: HeartbeatConfig,
     pub outbound: OutboundConfig,
     pub rate_limit: RateLimitConfig,
-    /// Sockets one user may hold on this edge and route; more close with 1008. 0 = no
-    /// limit. Default 100.
+    /// Sockets one user may hold in one namespace on this edge and route; more close with
+    /// 1008. 0 = no limit. Default 100.
     pub max_connections_per_user: usize,
     /// Topic filters one connection may hold. Default 256.
     pub max_topics: usize,
@@ -576,7 +577,8 @@ pub struct HooksConfig {
     /// request it sees has no credential: the token parameter, `Authorization` and the token
     /// cookie are removed once auth has read them.
     pub upgrade: Option<Hook>,
-    /// A request on connect: a reply is pushed as `onconnect`, a failure closes (1008).
+    /// A request on connect: a reply is pushed as `onconnect`; an `{"error":…}` answer (or,
+    /// when `required`, no answer) is pushed as an error and closes (1008).
     pub onconnect: Option<Hook>,
     pub onmessage: Option<MessageHooks>,
     /// Published (fire and forget) when a connection closes.
@@ -595,7 +597,8 @@ pub struct Hook {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MessageHooks {
-    /// Subject for every client event not matched by `types`.
+    /// Subject that hears every client event, those matched by `types` too (each subject's
+    /// reply reaches the client).
     pub publish: Option<String>,
     pub types: Vec<TypeHook>,
 }

@@ -1,9 +1,10 @@
 //! Client ↔ edge JSON frames.
 //!
 //! Every frame is a JSON object whose routing field is named by the route's dialect
-//! ([`Key`]): `type` (native, bodhi), `event` (monument) or `handler` (MonoRail). Frames the
-//! edge sends are built with [`FrameBuilder`], which writes JSON text directly: a frame for
-//! many connections is built once and its bytes shared.
+//! ([`Key`]): `type` (native, hyperexpress, bodhi), `event` (monument) or `handler`
+//! (MonoRail); the dialect table itself is `edge_core::dialect`. Frames the edge sends are
+//! built with [`FrameBuilder`], which writes JSON text directly: a frame for many connections
+//! is built once and its bytes shared.
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -36,7 +37,7 @@ impl Key {
     }
 }
 
-/// Machine-readable codes of error frames (PROTOCOL.md §1).
+/// Machine-readable codes of error frames (docs/PROTOCOL.md §7 Error codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     InvalidJson,

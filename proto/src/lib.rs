@@ -6,7 +6,8 @@
 //! | [`v1`] | gRPC services and messages generated from `switchboard/v1/*.proto` |
 //! | [`subject`] | NATS subjects and header names: the only place a subject is spelled |
 //! | [`topic`] | MQTT topic syntax: validation, matching, encoding into subject tokens |
-//! | [`frame`] | client ↔ edge JSON frames and their dialects |
+//! | [`frame`] | client ↔ edge JSON frames: routing fields, error codes, the frame writer (docs/PROTOCOL.md) |
+//! | [`json`] | JSON ↔ `google.protobuf.Struct` for the gRPC fields that carry free-form JSON |
 //! | [`revoke`] | entries of the revoked-token bucket |
 //! | [`credential`] | the per-node credentials edges and coordinators present to coordinators |
 //!
