@@ -131,7 +131,7 @@ pub enum Action {
     /// A request to backends; its outcome goes to [`Session::on_reply`] with `request`.
     Request {
         request: RequestId,
-        subject: String,
+        to: To,
         body: Body,
     },
     /// A message to backends that nobody answers (monument passthrough); report a failure
@@ -148,6 +148,16 @@ pub enum Action {
     Ignored,
     /// End the connection.
     Close(Close),
+}
+
+/// Where a message to backends goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum To {
+    /// A subject the route's config names, or monument's event name.
+    Subject(String),
+    /// The event's own subject (`sb.event.<namespace>.<type>`), which the shell spells: it
+    /// knows the connection's namespace.
+    OwnEvent(String),
 }
 
 /// The body of a message to backends: the shell wraps it in the connection's context.
@@ -305,7 +315,7 @@ impl Session {
             });
             s.out.push_back(Action::Request {
                 request,
-                subject: hook.subject,
+                to: To::Subject(hook.subject),
                 body: Body::Context,
             });
         }
@@ -852,30 +862,27 @@ impl Session {
             .find(|(t, _)| *t == f.verb)
             .map(|(_, s)| s.clone());
         let general = events.general.clone();
-        let hooked = typed.is_some() || general.is_some();
-        let subjects: Vec<(String, bool)> = match (typed, general) {
-            (None, None) => vec![(String::new(), false)],
-            (Some(t), None) => vec![(t, false)],
-            (None, Some(g)) => vec![(g, false)],
+        let subjects: Vec<(To, bool)> = match (typed, general) {
+            (None, None) => vec![(To::OwnEvent(f.verb.clone()), false)],
+            (Some(t), None) => vec![(To::Subject(t), false)],
+            (None, Some(g)) => vec![(To::Subject(g), false)],
             // Both hear it; only the type's own subject reports that nobody listens.
-            (Some(t), Some(g)) => vec![(t, false), (g, true)],
+            (Some(t), Some(g)) => vec![(To::Subject(t), false), (To::Subject(g), true)],
         };
-        for (subject, quiet) in subjects {
-            let reply_type = if hooked {
-                subject.clone()
-            } else {
-                f.verb.clone()
+        for (to, quiet) in subjects {
+            // The answer's type, unless the backend names one: the hook's subject, or the
+            // event's type on its own subject.
+            let reply_type = match &to {
+                To::Subject(s) | To::OwnEvent(s) => s.clone(),
             };
             let request = self.track(Pending::Event {
                 reply_type,
                 id: f.id.clone(),
                 quiet,
             });
-            // An empty subject: the event's own (`sb.event.<ns>.<type>`), which only the
-            // shell can spell (it knows the namespace).
             self.out.push_back(Action::Request {
                 request,
-                subject,
+                to,
                 body: Body::Event(f.body.clone()),
             });
         }
@@ -905,7 +912,7 @@ impl Session {
             let request = self.track(Pending::MonumentData { set });
             return self.out.push_back(Action::Request {
                 request,
-                subject: event,
+                to: To::Subject(event),
                 body: Body::Socket(f.body),
             });
         }
