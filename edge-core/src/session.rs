@@ -92,7 +92,8 @@ pub struct Resource {
     pub id_field: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ResourceKind {
     /// A key-value bucket: query, all, get, watch.
     Kv,
@@ -814,6 +815,14 @@ impl Session {
             id: f.id.clone(),
             watch_key,
         }));
+    }
+
+    /// A frame the shell built for the client (a resource's answer), sent in order with the
+    /// session's own.
+    pub fn answer(&mut self, frame: String) {
+        if !self.closed {
+            self.out.push_back(Action::Send(frame));
+        }
     }
 
     /// The shell's watch ended on its own (its store failed): forget its key.

@@ -546,12 +546,8 @@ fn default_id_field() -> String {
     "id".into()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResourceKind {
-    Kv,
-    Topic,
-}
+/// `kv` or `topic` (the session decides which verbs each takes).
+pub use edge_core::session::ResourceKind;
 
 impl ResourceConfig {
     /// The bucket of a kv resource named `name`.

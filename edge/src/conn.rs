@@ -6,7 +6,7 @@
 //! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
 //! the slow consumer with 1013).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
@@ -25,9 +25,11 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use ulid::Ulid;
 
+use edge_core::session::{Action, Close, Failure, RequestId, Session};
+
 use crate::config::OnFull;
 use crate::outbox::Outbox;
-use crate::protocol::{self, Reply};
+use crate::protocol;
 use crate::server::{Route, Shared};
 use crate::socket::{Direct, Line};
 
@@ -262,55 +264,45 @@ impl ConnError {
     }
 }
 
-/// The task state of one connection.
+/// A backend request in flight, and which of the session's it answers.
+pub(crate) type Inflight = BoxFuture<'static, (RequestId, Result<bus::Message, bus::BusError>)>;
+
+/// The task state of one connection: the socket, and the [`Session`] it drives.
 pub(crate) struct Conn<S> {
     pub(crate) ws: WebSocketStream<S>,
     pub(crate) handle: ConnHandle,
     pub(crate) shared: Arc<Shared>,
-    /// Topic filters this connection holds.
-    pub(crate) topics: HashSet<String>,
-    /// Running resource watches, by resource and params.
+    /// The protocol: what to answer, subscribe, ask backends, and when to close.
+    pub(crate) session: Session,
+    /// Running resource watches, by the session's watch key.
     pub(crate) watches: HashMap<String, CancellationToken>,
-    pub(crate) inflight: FuturesUnordered<BoxFuture<'static, Reply>>,
-    rate: TokenBucket,
-    refused_in_a_row: u32,
-    /// When the token in force calls for `refresh_required` and for the close; none on
-    /// anonymous routes and tokens without `exp`.
-    pub(crate) token_clock: Option<TokenClock>,
-    /// Set when a refresh replaced `token_clock`: the timer is re-armed.
-    pub(crate) clock_changed: bool,
+    pub(crate) inflight: FuturesUnordered<Inflight>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(crate) fn new(ws: WebSocketStream<S>, handle: ConnHandle, shared: Arc<Shared>) -> Self {
-        let rl = &handle.info().route.cfg.rate_limit;
-        let rate = TokenBucket::new(rl.per_second, rl.burst);
         let route = &handle.info().route;
-        let token_clock = if route.verifier.anonymous() {
-            None
-        } else {
-            crate::auth::expiry(&handle.info().claims).map(|exp| TokenClock::for_route(route, exp))
-        };
+        let exp = crate::auth::expiry(&handle.info().claims);
+        let session = Session::new(
+            Arc::clone(&route.rules),
+            handle.id().to_string(),
+            Instant::now().into_std(),
+            unix_ms(),
+            exp,
+        );
         Self {
             ws,
             handle,
             shared,
-            topics: HashSet::new(),
+            session,
             watches: HashMap::new(),
             inflight: FuturesUnordered::new(),
-            rate,
-            refused_in_a_row: 0,
-            token_clock,
-            clock_changed: false,
         }
     }
 
-    /// A refresh was accepted: the new token's claims and `exp` are in force.
-    pub(crate) fn refreshed(&mut self, claims: &Map<String, Value>, exp: Option<i64>) {
+    /// A refresh was accepted: the new token's claims are the ones revocations match.
+    pub(crate) fn refreshed(&mut self, claims: &Map<String, Value>) {
         self.handle.set_token_ids(TokenIds::of(claims));
-        let route = Arc::clone(self.route());
-        self.token_clock = exp.map(|exp| TokenClock::for_route(&route, exp));
-        self.clock_changed = true;
     }
 
     pub(crate) fn route(&self) -> &Arc<Route> {
@@ -318,8 +310,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     /// Runs until the connection ends; sends the close frame; returns why it ended.
-    pub(crate) async fn run(&mut self, onconnect: Option<BoxFuture<'static, Reply>>) -> ConnError {
-        let end = self.serve(onconnect).await;
+    pub(crate) async fn run(&mut self) -> ConnError {
+        let end = self.serve().await;
         self.end(end).await
     }
 
@@ -341,54 +333,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         end
     }
 
-    async fn serve(&mut self, onconnect: Option<BoxFuture<'static, Reply>>) -> ConnError {
-        // The route is shared: borrow its config through our own Arc, not a copy per connection.
-        let route = Arc::clone(self.route());
-        let cfg = &route.cfg;
+    async fn serve(&mut self) -> ConnError {
         let handle = self.handle.clone();
+        let max_payload = self.route().cfg.max_payload;
         // The cancellation future and one timer live across iterations: a wake-up registers
-        // nothing new. The timer serves three deadlines (idle, next ping, pong due); activity
-        // moves the idle one lazily, when the timer fires.
+        // nothing new. The timer is armed for the session's earliest deadline and moved only
+        // when that comes earlier (activity moves the idle deadline later: the timer then
+        // fires early, finds nothing due, and is re-armed).
         let killed = handle.0.kill.cancelled();
         tokio::pin!(killed);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let (idle_after, beat) = (cfg.idle_timeout, cfg.heartbeat.interval);
-        let mut active_at = Instant::now();
-        let mut ping_at = if beat.is_zero() {
-            far
-        } else {
-            active_at + beat
-        };
-        let mut pong_by: Option<Instant> = None;
-        // The token's deadlines (refresh notice, expiry) share the timer.
-        let next_deadline = |active_at: Instant,
-                             ping_at: Instant,
-                             pong_by: Option<Instant>,
-                             token: Option<&TokenClock>| {
-            let idle_at = if idle_after.is_zero() {
-                far
-            } else {
-                active_at + idle_after
-            };
-            let token_at = token.map_or(far, TokenClock::next);
-            idle_at
-                .min(ping_at)
-                .min(pong_by.unwrap_or(far))
-                .min(token_at)
-        };
-        let timer = sleep_until(next_deadline(
-            active_at,
-            ping_at,
-            pong_by,
-            self.token_clock.as_ref(),
-        ));
+        let deadline = |s: &Session| s.poll_timeout().map_or(far, Instant::from_std);
+        let mut armed = deadline(&self.session);
+        let timer = sleep_until(armed);
         tokio::pin!(timer);
-        let mut onconnect = onconnect;
         let mut client_close: Option<u16> = None;
         let requested = || {
             let req = handle.take_close();
             ConnError::Requested(req.unwrap_or_else(|| CloseRequest::new(1000, "")))
         };
+        // The connect hook's request, if the route has one.
+        if let Err(e) = Box::pin(self.drive()).await {
+            return e;
+        }
 
         loop {
             // Give the socket back to the pumps once tungstenite has written everything; after
@@ -404,23 +371,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     handle.line().release();
                 }
             }
-            let gate_reads = onconnect.is_some();
+            let reads_paused = self.session.reads_paused();
             tokio::select! {
                 biased;
                 () = &mut killed => return requested(),
-                reply = async {
-                    match onconnect.as_mut() {
-                        Some(f) => f.await,
-                        None => std::future::pending().await,
-                    }
-                }, if onconnect.is_some() => {
-                    onconnect = None;
-                    let refused = reply.refuse;
-                    if let Err(e) = Box::pin(self.push_reply(reply)).await { return e; }
-                    if refused { return ConnError::Refused; }
-                }
-                Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    if let Err(e) = Box::pin(self.push_reply(reply)).await { return e; }
+                Some((request, result)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.session.on_reply(request, result.as_ref().map(|m| &m.payload[..]).map_err(failure));
                 }
                 // A pump handed over the socket with a partial write: the loop's top ends it.
                 () = handle.line().rest_ready.notified() => {}
@@ -431,49 +387,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         () = &mut killed => continue,
                     }
                 }
-                msg = self.ws.next(), if !gate_reads => {
+                msg = self.ws.next(), if !reads_paused => {
                     let msg = match msg {
                         None => return ConnError::ClientClosed(client_close),
                         Some(Ok(m)) => m,
                         Some(Err(e)) => {
-                            return match read_error(e, cfg.max_payload) {
+                            return match read_error(e, max_payload) {
                                 ConnError::ClientClosed(None) => ConnError::ClientClosed(client_close),
                                 other => other,
                             };
                         }
                     };
-                    pong_by = None;
+                    self.session.on_received();
                     match msg {
                         Message::Text(text) => {
-                            active_at = Instant::now();
                             self.shared.metrics.frames_in.inc();
                             self.shared.metrics.bytes_in.add(text.len() as u64);
                             // Nothing a pump writes may overtake this frame's answer.
                             handle.line().hold().await;
-                            if let Err(e) = Box::pin(self.on_text(&text)).await { return e; }
-                            if std::mem::take(&mut self.clock_changed) {
-                                timer.as_mut().reset(next_deadline(
-                                    active_at, ping_at, pong_by, self.token_clock.as_ref(),
-                                ));
-                            }
+                            self.session.on_text(&text, Instant::now().into_std());
                         }
                         Message::Binary(_) => return ConnError::Binary,
-                        Message::Ping(_) => {
-                            active_at = Instant::now();
-                            // Pings count toward the rate limit like frames. tungstenite
-                            // queued the pong: send it now, or, when refused, leave it to go
-                            // with the next write (a newer ping replaces it). No error frame:
-                            // that would answer a flood with a flood.
-                            match self.rate_check() {
-                                Err(e) => return e,
-                                Ok(false) => {}
-                                Ok(true) => {
-                                    if let Err(e) = self.ws.flush().await {
-                                        return ConnError::Transport(e);
-                                    }
-                                }
-                            }
-                        }
+                        // tungstenite queued the pong; the session says whether it goes now.
+                        Message::Ping(_) => self.session.on_ping(Instant::now().into_std()),
                         Message::Pong(_) | Message::Frame(_) => {}
                         Message::Close(frame) => {
                             // tungstenite answers the close; the next read ends the stream.
@@ -483,40 +419,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     }
                 }
                 () = &mut timer => {
-                    let now = Instant::now();
-                    if pong_by.is_some_and(|t| t <= now) {
-                        return ConnError::HeartbeatTimeout(cfg.heartbeat.timeout);
-                    }
-                    if !idle_after.is_zero() && active_at + idle_after <= now {
-                        return ConnError::Idle(idle_after);
-                    }
-                    match self.token_clock.as_mut().and_then(|c| c.on_timer(now)) {
-                        Some(TokenEvent::Expired) => return ConnError::TokenExpired,
-                        Some(TokenEvent::Notify { exp }) => {
-                            let f = proto::frame::FrameBuilder::new(route.key, "refresh_required")
-                                .value("exp", &Value::from(exp))
-                                .finish();
-                            if let Err(e) = self.push(f).await { return e; }
-                        }
-                        None => {}
-                    }
-                    // While the onconnect hook is pending nothing is read, so no pong could
-                    // be seen: no ping then (the hook's wait is bounded by request_timeout).
-                    if ping_at <= now {
-                        ping_at = now + beat;
-                        if !gate_reads {
-                            pong_by.get_or_insert(now + cfg.heartbeat.timeout);
-                            if let Err(e) = self.ws.send(Message::Ping(Default::default())).await {
-                                return ConnError::Transport(e);
-                            }
-                        }
-                    }
-                    timer.as_mut().reset(next_deadline(
-                        active_at, ping_at, pong_by, self.token_clock.as_ref(),
-                    ));
+                    self.session.handle_timeout(Instant::now().into_std());
+                    armed = far;
                 }
             }
+            if let Err(e) = Box::pin(self.drive()).await {
+                return e;
+            }
+            let next = deadline(&self.session);
+            if next < armed {
+                armed = next;
+                timer.as_mut().reset(armed);
+            }
         }
+    }
+
+    /// Carries out what the session asks, in order, until it asks nothing more.
+    async fn drive(&mut self) -> Result<(), ConnError> {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Send(frame) => self.push(frame).await?,
+                Action::Ping => self
+                    .ws
+                    .send(Message::Ping(Default::default()))
+                    .await
+                    .map_err(ConnError::Transport)?,
+                Action::FlushPong => self.ws.flush().await.map_err(ConnError::Transport)?,
+                Action::Close(why) => return Err(why.into()),
+                action => protocol::perform(self, action).await,
+            }
+        }
+        Ok(())
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
@@ -553,41 +486,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             .await
             .map_err(ConnError::Transport)
     }
-
-    async fn push_reply(&mut self, reply: Reply) -> Result<(), ConnError> {
-        match reply.frame {
-            Some(frame) => self.push(frame).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Takes a token for one client frame (text or ping): `Ok(false)` when refused, the
-    /// error when refused `close_after` times in a row.
-    fn rate_check(&mut self) -> Result<bool, ConnError> {
-        if self.rate.take(Instant::now()) {
-            self.refused_in_a_row = 0;
-            return Ok(true);
-        }
-        self.refused_in_a_row += 1;
-        if self.refused_in_a_row >= self.route().cfg.rate_limit.close_after {
-            return Err(ConnError::RateLimited);
-        }
-        Ok(false)
-    }
-
-    async fn on_text(&mut self, text: &str) -> Result<(), ConnError> {
-        if !self.rate_check()? {
-            let key = self.route().cfg.key();
-            let f = proto::frame::error(
-                key,
-                None,
-                proto::frame::ErrorCode::RateLimited,
-                "too many frames; slow down",
-            );
-            return self.push(f).await;
-        }
-        protocol::on_text(self, text).await
-    }
 }
 
 /// However the task ends (even by a panic), pumps stop writing, the peer sees the socket
@@ -612,81 +510,6 @@ fn read_error(e: tungstenite::Error, max: usize) -> ConnError {
     }
 }
 
-/// A connection's token deadlines: `refresh_required` at `notify_at` (dialects with the
-/// `refresh` verb), the close with 4001 at `expire_at` (`exp` plus the route's leeway).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TokenClock {
-    exp: i64,
-    notify_at: Option<Instant>,
-    expire_at: Instant,
-}
-
-/// What a [`TokenClock`] calls for when the timer fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TokenEvent {
-    Notify { exp: i64 },
-    Expired,
-}
-
-impl TokenClock {
-    fn for_route(route: &crate::server::Route, exp: i64) -> Self {
-        let auth = &route.cfg.auth;
-        let notify = route.cfg.dialect.refreshes() && !auth.refresh_lead.is_zero();
-        Self::new(
-            exp,
-            unix_ms(),
-            Instant::now(),
-            auth.leeway,
-            notify.then_some(auth.refresh_lead),
-        )
-    }
-
-    /// Deadlines for a token expiring at `exp` (Unix seconds), seen at `now_ms` (Unix
-    /// milliseconds) = `now`.
-    pub(crate) fn new(
-        exp: i64,
-        now_ms: i64,
-        now: Instant,
-        leeway: Duration,
-        lead: Option<Duration>,
-    ) -> Self {
-        // A far `exp` is as good as ten years: no connection lives that long, and the
-        // timer's arithmetic cannot overflow.
-        let left = exp
-            .saturating_mul(1000)
-            .saturating_sub(now_ms)
-            .clamp(0, TEN_YEARS_MS);
-        let exp_at = now + Duration::from_millis(left as u64);
-        Self {
-            exp,
-            notify_at: lead.map(|l| exp_at.checked_sub(l).unwrap_or(now).max(now)),
-            expire_at: exp_at
-                .checked_add(leeway)
-                .unwrap_or(exp_at + Duration::from_millis(TEN_YEARS_MS as u64)),
-        }
-    }
-
-    /// The next deadline.
-    pub(crate) fn next(&self) -> Instant {
-        self.notify_at
-            .map_or(self.expire_at, |n| n.min(self.expire_at))
-    }
-
-    /// What is due at `now`; a notice is given once.
-    pub(crate) fn on_timer(&mut self, now: Instant) -> Option<TokenEvent> {
-        if self.expire_at <= now {
-            return Some(TokenEvent::Expired);
-        }
-        if self.notify_at.is_some_and(|n| n <= now) {
-            self.notify_at = None;
-            return Some(TokenEvent::Notify { exp: self.exp });
-        }
-        None
-    }
-}
-
-const TEN_YEARS_MS: i64 = 10 * 365 * 86_400 * 1000;
-
 /// Milliseconds since the Unix epoch.
 pub(crate) fn unix_ms() -> i64 {
     std::time::SystemTime::now()
@@ -694,86 +517,23 @@ pub(crate) fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// A token bucket refilled continuously.
-#[derive(Debug)]
-struct TokenBucket {
-    per_second: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl TokenBucket {
-    fn new(per_second: u32, burst: u32) -> Self {
-        let burst = f64::from(burst);
-        Self {
-            per_second: f64::from(per_second),
-            burst,
-            tokens: burst,
-            at: Instant::now(),
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        if self.per_second == 0.0 {
-            return true;
-        }
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+/// What the session is told of a failed backend request (the bus's details stay here).
+fn failure(e: &bus::BusError) -> Failure {
+    match e {
+        bus::BusError::NoResponders { .. } => Failure::NoResponders,
+        bus::BusError::Timeout { timeout, .. } => Failure::Timeout(*timeout),
+        other => Failure::Unavailable(other.to_string()),
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_clock_notifies_once_then_expires() {
-        let now = Instant::now();
-        let s = Duration::from_secs;
-        // exp 10 s away, seen at t = 1000 s; 3 s notice, 1 s leeway.
-        let mut c = TokenClock::new(1010, 1_000_000, now, s(1), Some(s(3)));
-        assert_eq!(c.next(), now + s(7));
-        assert_eq!(c.on_timer(now + s(6)), None);
-        assert_eq!(
-            c.on_timer(now + s(7)),
-            Some(TokenEvent::Notify { exp: 1010 })
-        );
-        assert_eq!(
-            c.next(),
-            now + s(11),
-            "after the notice only the expiry is left"
-        );
-        assert_eq!(c.on_timer(now + s(10)), None);
-        assert_eq!(c.on_timer(now + s(11)), Some(TokenEvent::Expired));
-        // A lead longer than the token's life: the notice is due at once.
-        let c = TokenClock::new(1002, 1_000_000, now, Duration::ZERO, Some(s(30)));
-        assert_eq!(c.next(), now);
-        // Already expired: due at once; no notice on dialects without `refresh`.
-        let mut c = TokenClock::new(990, 1_000_000, now, Duration::ZERO, None);
-        assert_eq!(c.on_timer(now), Some(TokenEvent::Expired));
-        // Absurd values neither overflow nor expire early.
-        let c = TokenClock::new(i64::MAX, 0, now, s(u64::from(u32::MAX)), Some(s(30)));
-        assert!(c.next() > now + s(86_400 * 365));
-        let c = TokenClock::new(i64::MIN, i64::MAX, now, Duration::ZERO, Some(s(30)));
-        assert_eq!(c.next(), now);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn bucket_refills_at_its_rate() {
-        let mut b = TokenBucket::new(10, 2);
-        let t0 = Instant::now();
-        assert!(b.take(t0));
-        assert!(b.take(t0));
-        assert!(!b.take(t0));
-        assert!(b.take(t0 + Duration::from_millis(100)));
-        assert!(!b.take(t0 + Duration::from_millis(100)));
+impl From<Close> for ConnError {
+    fn from(why: Close) -> Self {
+        match why {
+            Close::Idle(after) => Self::Idle(after),
+            Close::HeartbeatTimeout(after) => Self::HeartbeatTimeout(after),
+            Close::RateLimited => Self::RateLimited,
+            Close::Refused => Self::Refused,
+            Close::TokenExpired => Self::TokenExpired,
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Resource verbs (PROTOCOL.md §1; the MonoRail dialect): `query`, `all`, `get`, `watch`,
-//! `stop` on the resource types a route configures. A key-value resource lives in the
+//! Resource verbs (docs/PROTOCOL.md §4.3; the MonoRail dialect, §9): `query`, `all`, `get`
+//! and `watch` on the resource types a route configures, once the session has checked the
+//! frame (and handled `stop`). A key-value resource lives in the
 //! resource store (NATS JetStream KV in cluster mode), so a backend writing the bucket
 //! directly is seen by every watcher; a topic resource is a bus subject whose messages are
 //! items, which can only be watched.
@@ -10,169 +11,108 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use edge_core::Verb;
+use edge_core::session::ResourceCall;
 use futures::StreamExt;
-use proto::frame::{self, ClientFrame, ErrorCode, FrameBuilder, Key};
+use proto::frame::{ErrorCode, FrameBuilder, Key};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-use edge_core::Verb;
-
 use crate::config::{ResourceConfig, ResourceKind};
 use crate::conn::{Conn, ConnHandle};
 use crate::server::Shared;
 
-/// Handles a resource verb; returns the frame to answer with, if any.
-pub(crate) async fn verb<S>(conn: &mut Conn<S>, verb: Verb, f: &ClientFrame) -> Option<String>
+/// Runs a resource verb the session has checked: answers a query, all or get from the
+/// store, or starts a watch (its frames go through the connection's queue).
+pub(crate) async fn run<S>(conn: &mut Conn<S>, call: ResourceCall)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let route = Arc::clone(conn.route());
-    let (key, dialect) = (route.key, route.cfg.dialect);
-    let field = dialect.row().resource_field;
-    let name = f.str(field).unwrap_or_default().to_owned();
-    let params = match f.body.get("params") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => {
-            return Some(error(
-                conn,
-                f,
-                &name,
-                ErrorCode::InvalidFrame,
-                "params must be an object",
-            ));
-        }
+    let (key, field) = (route.key, route.cfg.dialect.row().resource_field);
+    let Some(res) = route.cfg.resources.get(&call.name) else {
+        return;
     };
-    if verb == Verb::Stop {
-        let watch_key = watch_key(&name, &params);
-        let stopped: Vec<String> = conn
-            .watches
-            .keys()
-            .filter(|k| {
-                **k == watch_key || (params.is_empty() && k.starts_with(&format!("{name}\u{0}")))
-            })
-            .cloned()
-            .collect();
-        for k in stopped {
-            if let Some(t) = conn.watches.remove(&k) {
-                t.cancel();
-            }
-        }
-        if !dialect.row().answers_stop {
-            return None;
-        }
-        let b = FrameBuilder::new(key, "stopped")
-            .id(f.id.as_ref())
-            .str(field, &name);
-        return Some(b.value("params", &Value::Object(params)).finish());
-    }
-    let Some(res) = route.cfg.resources.get(&name) else {
-        let msg = if name.is_empty() {
-            format!("{} needs a \"{field}\" naming a resource", f.verb)
-        } else {
-            format!("no resource type {name:?} on this route")
+    let store = conn.shared.store.clone();
+    if call.verb == Verb::Watch {
+        let Some(watch_key) = call.watch_key.clone() else {
+            return;
         };
-        return Some(error(conn, f, &name, ErrorCode::UnknownResource, &msg));
-    };
-    if res.kind == ResourceKind::Topic && verb != Verb::Watch {
-        let msg = format!("{name} is a topic: it can be watched, not queried");
-        return Some(error(conn, f, &name, ErrorCode::NotSupported, &msg));
+        return start_watch(conn, call, watch_key, res, store);
     }
-    if res.kind == ResourceKind::Topic {
-        return start_watch(conn, f, &name, res, params, None);
-    }
-    let Some(store) = conn.shared.store.clone() else {
-        return Some(error(
-            conn,
-            f,
-            &name,
+    let id = call.id.as_ref();
+    let frame = match store {
+        None => error(
+            key,
+            field,
+            &call,
             ErrorCode::Unavailable,
             "no resource store on this node",
-        ));
-    };
-    let bucket = res.bucket_name(&name);
-    match verb {
-        Verb::Query | Verb::All => {
-            let filter = if verb == Verb::Query {
-                params
-            } else {
-                Map::new()
-            };
-            match store.list(&bucket).await {
-                Ok(entries) => {
-                    let items: Vec<Value> = entries
-                        .iter()
-                        .filter_map(|(_, v)| item(v))
-                        .filter(|i| matches(i, &filter))
-                        .collect();
-                    Some(list_frame(key, field, &name, f.id.as_ref(), &items))
+        ),
+        Some(store) => {
+            let bucket = res.bucket_name(&call.name);
+            match call.verb {
+                Verb::Query | Verb::All => {
+                    let filter = if call.verb == Verb::Query {
+                        call.params.clone()
+                    } else {
+                        Map::new()
+                    };
+                    match store.list(&bucket).await {
+                        Ok(entries) => {
+                            let items: Vec<Value> = entries
+                                .iter()
+                                .filter_map(|(_, v)| item(v))
+                                .filter(|i| matches(i, &filter))
+                                .collect();
+                            list_frame(key, field, &call.name, id, &items)
+                        }
+                        Err(e) => error(key, field, &call, ErrorCode::Unavailable, &e.to_string()),
+                    }
                 }
-                Err(e) => Some(error(
-                    conn,
-                    f,
-                    &name,
-                    ErrorCode::Unavailable,
-                    &e.to_string(),
-                )),
+                Verb::Get => {
+                    let Some(item_id) = call.params.get(&call.id_field).and_then(id_string) else {
+                        let msg = format!("get needs params.{}", call.id_field);
+                        let f = error(key, field, &call, ErrorCode::InvalidFrame, &msg);
+                        return conn.session.answer(f);
+                    };
+                    match store.get(&bucket, &item_id).await {
+                        Ok(Some(v)) => match item(&v) {
+                            Some(data) => item_frame(key, field, &call.name, id, &data),
+                            None => remove_frame(key, field, &call.name, id, &call.params),
+                        },
+                        Ok(None) => remove_frame(key, field, &call.name, id, &call.params),
+                        Err(e) => error(key, field, &call, ErrorCode::Unavailable, &e.to_string()),
+                    }
+                }
+                _ => return,
             }
         }
-        Verb::Get => {
-            let Some(id) = params.get(&res.id_field).and_then(id_string) else {
-                let msg = format!("get needs params.{}", res.id_field);
-                return Some(error(conn, f, &name, ErrorCode::InvalidFrame, &msg));
-            };
-            match store.get(&bucket, &id).await {
-                Ok(Some(v)) => match item(&v) {
-                    Some(data) => Some(item_frame(key, field, &name, f.id.as_ref(), &data)),
-                    None => Some(remove_frame(key, field, &name, f.id.as_ref(), &params)),
-                },
-                Ok(None) => Some(remove_frame(key, field, &name, f.id.as_ref(), &params)),
-                Err(e) => Some(error(
-                    conn,
-                    f,
-                    &name,
-                    ErrorCode::Unavailable,
-                    &e.to_string(),
-                )),
-            }
-        }
-        Verb::Watch => start_watch(conn, f, &name, res, params, Some(store)),
-        _ => Some(error(
-            conn,
-            f,
-            &name,
-            ErrorCode::UnknownVerb,
-            "unknown resource verb",
-        )),
-    }
+    };
+    conn.session.answer(frame);
 }
 
 fn start_watch<S>(
     conn: &mut Conn<S>,
-    f: &ClientFrame,
-    name: &str,
+    call: ResourceCall,
+    watch_key: String,
     res: &ResourceConfig,
-    params: Map<String, Value>,
     store: Option<bus::SharedStore>,
-) -> Option<String>
-where
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let k = watch_key(name, &params);
-    if let Some(old) = conn.watches.remove(&k) {
-        old.cancel();
-    }
+    // A watch with the same key was stopped by the session's `StopWatch` before this.
     let stop = CancellationToken::new();
-    conn.watches.insert(k, stop.clone());
+    conn.watches.insert(watch_key, stop.clone());
     let w = Watch {
         shared: Arc::clone(&conn.shared),
         handle: conn.handle.clone(),
-        name: name.to_owned(),
+        name: call.name,
         res: res.clone(),
-        params,
-        id: f.id.clone(),
+        params: call.params,
+        id: call.id,
         stop,
     };
     let tracker = conn.shared.tracker.clone();
@@ -180,11 +120,13 @@ where
         (ResourceKind::Kv, Some(store)) => {
             tracker.spawn(w.run_kv(store));
         }
-        _ => {
+        (ResourceKind::Kv, None) => {
+            w.fail("no resource store on this node");
+        }
+        (ResourceKind::Topic, _) => {
             tracker.spawn(w.run_topic());
         }
     }
-    None
 }
 
 /// One running watch.
@@ -341,11 +283,6 @@ impl Watch {
     }
 }
 
-/// The identity of a watch on a connection: resource and params.
-fn watch_key(name: &str, params: &Map<String, Value>) -> String {
-    format!("{name}\u{0}{}", Value::Object(params.clone()))
-}
-
 fn item(bytes: &[u8]) -> Option<Value> {
     serde_json::from_slice(bytes).ok()
 }
@@ -395,27 +332,12 @@ fn remove_frame(
 
 /// An error about a resource: the usual code and message, plus the resource and params (as
 /// MonoRail's `{handler: error, type, params}`).
-pub(crate) fn error<S>(
-    conn: &Conn<S>,
-    f: &ClientFrame,
-    name: &str,
-    code: ErrorCode,
-    message: &str,
-) -> String
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let route = conn.route();
-    let params = f
-        .body
-        .get("params")
-        .cloned()
-        .unwrap_or(Value::Object(Map::new()));
-    let b = frame::FrameBuilder::new(route.key, "error")
-        .id(f.id.as_ref())
+fn error(key: Key, field: &str, call: &ResourceCall, code: ErrorCode, message: &str) -> String {
+    FrameBuilder::new(key, "error")
+        .id(call.id.as_ref())
         .str("code", code.as_str())
-        .str("message", message);
-    b.str(route.cfg.dialect.row().resource_field, name)
-        .value("params", &params)
+        .str("message", message)
+        .str(field, &call.name)
+        .value("params", &Value::Object(call.params.clone()))
         .finish()
 }

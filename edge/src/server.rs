@@ -50,7 +50,63 @@ pub struct Route {
     /// The routing field in effect (`cfg.key()`), resolved once.
     pub key: Key,
     pub(crate) verifier: Verifier,
+    /// What each connection's session needs of the route.
+    pub(crate) rules: Arc<edge_core::session::Rules>,
     ws: WebSocketConfig,
+}
+
+/// The session's view of a route's config.
+fn session_rules(cfg: &RouteConfig, anonymous: bool) -> edge_core::session::Rules {
+    use edge_core::session as s;
+    let onmessage = cfg.hooks.onmessage.as_ref();
+    s::Rules {
+        dialect: cfg.dialect,
+        key: cfg.key(),
+        idle_timeout: cfg.idle_timeout,
+        heartbeat_interval: cfg.heartbeat.interval,
+        heartbeat_timeout: cfg.heartbeat.timeout,
+        rate: s::RateLimit {
+            per_second: cfg.rate_limit.per_second,
+            burst: cfg.rate_limit.burst,
+            close_after: cfg.rate_limit.close_after,
+        },
+        max_topics: cfg.max_topics,
+        max_inflight: cfg.max_inflight,
+        client_publish: cfg.publish,
+        events: s::EventRoutes {
+            hooked: onmessage.is_some(),
+            typed: onmessage.map_or_else(Vec::new, |h| {
+                h.types
+                    .iter()
+                    .map(|t| (t.event_type.clone(), t.publish.clone()))
+                    .collect()
+            }),
+            general: onmessage.and_then(|h| h.publish.clone()),
+        },
+        onconnect: cfg.hooks.onconnect.as_ref().map(|h| s::ConnectHook {
+            subject: h.publish.clone(),
+            required: h.required,
+        }),
+        monument: s::MonumentModes {
+            data: cfg.monument.data(),
+            passthrough: cfg.monument.passthrough(),
+        },
+        resources: cfg
+            .resources
+            .iter()
+            .map(|(name, r)| {
+                let resource = s::Resource {
+                    kind: r.kind,
+                    id_field: r.id_field.clone(),
+                };
+                (name.clone(), resource)
+            })
+            .collect(),
+        token: (!anonymous).then_some(s::TokenPolicy {
+            leeway: cfg.auth.leeway,
+            refresh_lead: cfg.auth.refresh_lead,
+        }),
+    }
 }
 
 /// State shared by the accept loop, every connection task and the pumps.
@@ -121,6 +177,7 @@ impl Edge {
                 .max_frame_size(Some(r.max_payload));
             routes.push(Arc::new(Route {
                 key: r.key(),
+                rules: Arc::new(session_rules(r, verifier.anonymous())),
                 cfg: r.clone(),
                 verifier,
                 ws,
@@ -728,17 +785,13 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
     let end = if attached {
-        let onconnect = protocol::onconnect(
-            &handle,
-            &shared.node_id,
-            &shared.bus,
-            shared.request_timeout,
-        );
-        let end = Box::pin(conn.run(onconnect)).await;
+        let end = Box::pin(conn.run()).await;
         for (_, watch) in conn.watches.drain() {
             watch.cancel();
         }
-        shared.registry.detach(&shared, &handle, conn.topics.iter());
+        shared
+            .registry
+            .detach(&shared, &handle, conn.session.topics());
         end
     } else {
         Box::pin(conn.close_now(ConnError::TooManyConnections)).await
