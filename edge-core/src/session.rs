@@ -1089,3 +1089,56 @@ impl TokenBucket {
         }
     }
 }
+
+#[cfg(test)]
+// A test needs an origin instant; std has no other way to make one.
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_clock_notifies_once_then_expires() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        // exp 10 s away, seen at t = 1000 s; 3 s notice, 1 s leeway.
+        let mut c = TokenClock::new(1010, 1_000_000, now, s(1), Some(s(3)));
+        assert_eq!(c.next(), now + s(7));
+        assert_eq!(c.on_timer(now + s(6)), None);
+        assert_eq!(
+            c.on_timer(now + s(7)),
+            Some(TokenEvent::Notify { exp: 1010 })
+        );
+        assert_eq!(
+            c.next(),
+            now + s(11),
+            "after the notice only the expiry is left"
+        );
+        assert_eq!(c.on_timer(now + s(10)), None);
+        assert_eq!(c.on_timer(now + s(11)), Some(TokenEvent::Expired));
+        // A lead longer than the token's life: the notice is due at once.
+        let c = TokenClock::new(1002, 1_000_000, now, Duration::ZERO, Some(s(30)));
+        assert_eq!(c.next(), now);
+        // Already expired: due at once; no notice on dialects without `refresh`.
+        let mut c = TokenClock::new(990, 1_000_000, now, Duration::ZERO, None);
+        assert_eq!(c.on_timer(now), Some(TokenEvent::Expired));
+        // Absurd values neither overflow nor expire early.
+        let c = TokenClock::new(i64::MAX, 0, now, s(u64::from(u32::MAX)), Some(s(30)));
+        assert!(c.next() > now + s(86_400 * 365));
+        let c = TokenClock::new(i64::MIN, i64::MAX, now, Duration::ZERO, Some(s(30)));
+        assert_eq!(c.next(), now);
+    }
+
+    #[test]
+    fn bucket_refills_at_its_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 2, t0);
+        assert!(b.take(t0));
+        assert!(b.take(t0));
+        assert!(!b.take(t0));
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+        // No limit: always.
+        let mut free = TokenBucket::new(0, 0, t0);
+        assert!((0..1000).all(|_| free.take(t0)));
+    }
+}
