@@ -225,7 +225,7 @@ fn event_message(handle: &ConnHandle, subject: String, body: String) -> Outgoing
         .with_header(subject::HEADER_USER, info.user.clone())
 }
 
-/// The connection context every bus message about a connection carries (PROTOCOL.md §3).
+/// The connection context every bus message about a connection carries (docs/PROTOCOL.md §10).
 pub(crate) fn context(handle: &ConnHandle, node_id: &str, event: Option<Value>) -> Value {
     let info = handle.info();
     let params: Map<String, Value> = info
