@@ -1133,7 +1133,7 @@ mod tests {
             6 => (conn.clone(), filter.clone(), prop::bool::weighted(0.8))
                 .prop_map(|(conn, filter, confirm)| Op::Subscribe { conn, filter, confirm }),
             1 => (conn.clone(), filter.clone()).prop_map(|(c, f)| Op::Confirm(c, f)),
-            2 => (conn.clone(), filter.clone()).prop_map(|(c, f)| Op::Unsubscribe(c, f)),
+            2 => (conn, filter.clone()).prop_map(|(c, f)| Op::Unsubscribe(c, f)),
             1 => (0..NAMESPACES.len(), filter).prop_map(|(n, f)| Op::DropTopic(n, f)),
             2 => Just(Op::Take),
             1 => Just(Op::Resync),

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::{BusError, Outgoing, SharedBus};
-use futures::FutureExt;
 use edge_core::Verb;
 use edge_core::dialect::{Other, Unreadable};
+use futures::FutureExt;
 use proto::frame::{self, ClientFrame, ErrorCode, FrameBuilder, FrameError, Key};
 use proto::{subject, topic};
 use serde_json::{Map, Value, json};
@@ -214,7 +214,7 @@ where
         let shared = Arc::clone(&conn.shared);
         if let Err(e) = shared
             .registry
-            .subscribe(&shared, &conn.handle, filter, conn.topics.iter())
+            .subscribe(&shared, &conn.handle, filter)
             .await
         {
             tracing::warn!(conn = %conn.handle.id(), error = %e, "subscribe failed");
@@ -246,7 +246,7 @@ where
     if conn.topics.remove(filter) {
         conn.shared
             .registry
-            .unsubscribe(&conn.shared, &conn.handle, filter, conn.topics.iter());
+            .unsubscribe(&conn.shared, &conn.handle, filter);
     }
     FrameBuilder::new(key, "unsubscribed")
         .id(id)

@@ -126,12 +126,13 @@ impl Edge {
                 ws,
             }));
         }
+        let registry = Registry::new(node_id.clone());
         let shared = Shared {
             node_id,
             routes,
             bus,
             store,
-            registry: Registry::default(),
+            registry,
             metrics: Metrics::default(),
             reporter: Reporter::default(),
             request_timeout: cfg.request_timeout,
@@ -179,7 +180,8 @@ impl Edge {
 
     /// Makes the next report batch a full one.
     pub fn resync_reports(&self) {
-        self.shared.reporter.resync();
+        self.shared.registry.resync_reports();
+        self.shared.reporter.wake();
     }
 
     /// The metrics text `/metrics` serves.
@@ -738,7 +740,7 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
         for (_, watch) in conn.watches.drain() {
             watch.cancel();
         }
-        shared.registry.detach(&shared, &handle, conn.topics.iter());
+        shared.registry.detach(&shared, &handle);
         end
     } else {
         Box::pin(conn.close_now(ConnError::TooManyConnections)).await
