@@ -262,15 +262,9 @@ mod tests {
     fn config_names_round_trip_and_unknown_ones_are_refused() {
         for name in Dialect::names() {
             let parsed: Dialect = serde_json::from_str(&format!("\"{name}\"")).unwrap();
-            assert_eq!(
-                serde_json::to_string(&parsed).unwrap(),
-                format!("\"{name}\"")
-            );
+            assert_eq!(serde_json::to_string(&parsed).unwrap(), format!("\"{name}\""));
         }
         let e = serde_json::from_str::<Dialect>("\"socketio\"").unwrap_err();
-        assert!(
-            e.to_string().contains("expected one of native, monument"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("expected one of native, monument"), "{e}");
     }
 }
