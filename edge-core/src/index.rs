@@ -153,6 +153,11 @@ impl<C: Clone> Subscribers<C> {
         self.0.lock().expect("topic subscribers poisoned")
     }
 
+    /// Empties the list (without copying it, even while a pump holds a snapshot).
+    fn take(&self) -> Arc<Vec<Subscriber<C>>> {
+        std::mem::take(&mut *self.lock())
+    }
+
     fn edit<R>(&self, f: impl FnOnce(&mut Vec<Subscriber<C>>) -> R) -> R {
         f(Arc::make_mut(&mut self.lock()))
     }
@@ -416,8 +421,8 @@ impl<C: Handle, T> Index<C, T> {
             return None;
         }
         let topic = self.topics.remove(&key)?;
-        let gone = topic.subscribers.edit(std::mem::take);
-        for s in gone {
+        let gone = topic.subscribers.take();
+        for s in gone.iter() {
             let Some(entry) = self.conns.get_mut(&s.conn.id()) else {
                 continue;
             };
