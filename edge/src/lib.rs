@@ -14,9 +14,10 @@
 //! | `socket` | the socket's write side, shared by its task and the fan-out pumps |
 //! | `tls` | TLS on the listener: handshake, and a sealed line for the task alone |
 //! | `protocol` | built-in verbs and events forwarded through route hooks |
-//! | `registry` | local index of connections and topics; topic fan-out pumps |
+//! | `registry` | the local index ([`edge_core::index`]) under its lock; bus subscriptions and topic pumps |
 //! | `command` | what coordinators ask of this edge over the bus |
-//! | `report` | placement deltas for the coordinators |
+//! | `report` | the wake-up of the report log ([`edge_core::report`]): readers wait for the next batch |
+//! | [`uplink`] | cluster mode: a report stream per coordinator, routed by [`edge_core::router`] |
 //! | `metrics` | Prometheus text |
 
 pub mod config;
@@ -43,5 +44,4 @@ pub use config::EdgeConfig;
 pub use conn::{
     CloseRequest, ConnError, ConnHandle, ConnInfo, Delivery, TOKEN_EXPIRED, TOKEN_REVOKED,
 };
-pub use report::Reporter;
 pub use server::{Edge, EdgeError, Route};

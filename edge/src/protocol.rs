@@ -28,7 +28,7 @@ where
             let shared = Arc::clone(&conn.shared);
             let result = shared
                 .registry
-                .subscribe(&shared, &conn.handle, &filter, conn.session.topics())
+                .subscribe(&shared, &conn.handle, &filter)
                 .await;
             if let Err(error) = &result {
                 tracing::warn!(conn = %conn.handle.id(), %error, "subscribe failed");
@@ -37,9 +37,7 @@ where
         }
         Action::Unsubscribe { filter } => {
             let shared = &conn.shared;
-            shared
-                .registry
-                .unsubscribe(shared, &conn.handle, &filter, conn.session.topics());
+            shared.registry.unsubscribe(shared, &conn.handle, &filter);
         }
         Action::Publish {
             topic,

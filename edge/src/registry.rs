@@ -1,76 +1,50 @@
-//! The edge's local index: connections by id and by user, and topic filters with their
-//! local subscribers. One bus subscription per active (namespace, filter); its pump frames
-//! each publication once per dialect and hands the same bytes to every local subscriber.
+//! The shell of the edge's local index ([`edge_core::index`]): the index under one lock,
+//! one bus subscription per active (namespace, filter), and its pump, which frames each
+//! publication once per dialect and hands the same bytes to every local subscriber. What
+//! the index decides (the per-user limit, which filters of a connection overlap, the report
+//! delta of every change) is pure and tested there; this file does the I/O around it.
 //!
-//! A connection whose filters overlap (`#`, `+/#` and `x/y`) hears each publication once:
-//! every subscriber entry lists the connection's *older* filters that overlap it (none for
-//! almost every entry), and a pump skips a publication one of them matches, since the
-//! oldest matching filter's pump delivers it. A new filter never makes an older one skip
-//! anything, so subscribing loses nothing; an unsubscribe takes the filter out of the lists
-//! of the connection's younger ones.
+//! A topic's subscribers live in its [`Subscribers`] list, which the index edits under the
+//! registry lock and the pump reads without it: one lock and one reference count per batch
+//! of publications, whatever the number of subscribers.
 //!
 //! **Invariant:** the index lock is never held across `.await`; fan-out takes one lock per
 //! message, not per recipient.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bus::{Message, Outgoing, Subscription};
+use edge_core::index::{Handle, Index, JoinError, Subscribers};
+use edge_core::report::Batch;
 use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 use proto::frame::{FrameBuilder, Key, json_or_string};
 use proto::subject;
-use proto::v1::{DeliveryReport, Target, delta};
+use proto::v1::{Connection, DeliveryReport, Target};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use ulid::Ulid;
 
 use crate::conn::{CloseRequest, ConnHandle, Delivery};
-use crate::report;
 use crate::server::Shared;
 use crate::socket::Direct;
 
 /// How long a subscriber waits for the bus subscription of a new topic.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Registry {
-    inner: Mutex<Inner>,
+    index: Mutex<Index<ConnHandle, Arc<Topic>>>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    conns: HashMap<Ulid, ConnHandle>,
-    users: HashMap<String, Vec<ConnHandle>>,
-    topics: HashMap<(String, String), Arc<Topic>>,
-}
-
-/// One active topic filter in one namespace.
+/// One active topic filter in one namespace: what its pump needs.
 #[derive(Debug)]
 pub(crate) struct Topic {
-    subscribers: Mutex<Vec<Subscriber>>,
+    subscribers: Subscribers<ConnHandle>,
     ready: watch::Sender<Ready>,
     stop: CancellationToken,
-}
-
-/// A connection holding a topic filter.
-#[derive(Debug, Clone)]
-struct Subscriber {
-    handle: ConnHandle,
-    /// The connection's filters, subscribed before this one, that overlap it; `None` when
-    /// there are none (the common case costs one branch per delivery).
-    older: Option<Arc<[String]>>,
-}
-
-impl Subscriber {
-    /// Whether an older filter of the connection matches `topic`: its pump delivers it.
-    fn shadowed(&self, topic: &str) -> bool {
-        self.older
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|f| proto::topic::matches(f, topic)))
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,24 +61,46 @@ pub(crate) enum SubscribeError {
     Bus(#[from] bus::BusError),
     #[error("bus subscription not ready in time")]
     Timeout,
+    #[error("subscription refused by the index")]
+    Refused(#[from] JoinError),
+    #[error("subscription ended before it was confirmed")]
+    Ended,
 }
 
-/// The whole index at one instant, for a full report.
-#[derive(Debug)]
-pub(crate) struct Snapshot {
-    pub(crate) conns: Vec<ConnHandle>,
-    /// Topic filters per connection.
-    pub(crate) by_conn: HashMap<Ulid, Vec<String>>,
-    /// Active (namespace, filter) pairs on this edge.
-    pub(crate) active: Vec<(String, String)>,
-}
+impl Handle for ConnHandle {
+    type Id = Ulid;
 
-fn node_topic(namespace: &str, topic: &str, active: bool) -> delta::Kind {
-    delta::Kind::NodeTopic(proto::v1::NodeTopic {
-        namespace: namespace.to_owned(),
-        topic: topic.to_owned(),
-        active,
-    })
+    fn id(&self) -> Ulid {
+        self.info().id
+    }
+
+    fn namespace(&self) -> &str {
+        &self.info().namespace
+    }
+
+    fn user(&self) -> &str {
+        &self.info().user
+    }
+
+    fn user_limit(&self) -> usize {
+        self.info().route.cfg.max_connections_per_user
+    }
+
+    fn same_route(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.info().route, &other.info().route)
+    }
+
+    fn record(&self) -> Connection {
+        let info = self.info();
+        Connection {
+            remote_addr: info.remote.to_string(),
+            connected_at_ms: info.connected_at_ms,
+            route: info.route.cfg.path.clone(),
+            context: Some(proto::json::to_struct(&info.claims)),
+            params: info.params.iter().cloned().collect(),
+            ..Connection::default()
+        }
+    }
 }
 
 /// Frames of one message, built lazily once per dialect.
@@ -154,124 +150,67 @@ impl Tally {
 }
 
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().expect("registry poisoned")
+    /// The registry of node `node_id` (its connections' report records name it).
+    pub(crate) fn new(node_id: String) -> Self {
+        Self {
+            index: Mutex::new(Index::new(node_id)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index<ConnHandle, Arc<Topic>>> {
+        self.index.lock().expect("registry poisoned")
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.lock().conns.len()
+        self.lock().len()
     }
 
     pub(crate) fn topic_count(&self) -> usize {
-        self.lock().topics.len()
+        self.lock().topic_count()
     }
 
     /// Adds a connection; refuses when its user holds too many on this route.
     pub(crate) fn attach(&self, shared: &Shared, handle: &ConnHandle) -> bool {
-        let info = handle.info();
-        let limit = info.route.cfg.max_connections_per_user;
-        let mut inner = self.lock();
-        if limit > 0 && !info.user.is_empty() {
-            let held = inner.users.get(&info.user).map_or(0, |v| {
-                v.iter()
-                    .filter(|h| {
-                        h.info().namespace == info.namespace
-                            && Arc::ptr_eq(&h.info().route, &info.route)
-                    })
-                    .count()
-            });
-            if held >= limit {
-                return false;
-            }
+        let attached = self.lock().attach(handle.clone()).is_ok();
+        if attached {
+            shared.reporter.wake();
         }
-        inner.conns.insert(info.id, handle.clone());
-        inner
-            .users
-            .entry(info.user.clone())
-            .or_default()
-            .push(handle.clone());
-        shared.reporter.push(delta::Kind::Attach(report::connection(
-            handle,
-            &shared.node_id,
-            &[],
-        )));
-        true
+        attached
     }
 
-    /// Removes a connection and its topic subscriptions.
-    pub(crate) fn detach<'a>(
-        &self,
-        shared: &Shared,
-        handle: &ConnHandle,
-        topics: impl Iterator<Item = &'a String>,
-    ) {
-        for filter in topics {
-            // The connection is going: no younger filter needs its list updated.
-            self.unsubscribe(shared, handle, filter, std::iter::empty());
+    /// Removes a connection and its topic subscriptions (those still being made too).
+    pub(crate) fn detach(&self, shared: &Shared, handle: &ConnHandle) {
+        let stopped = self.lock().detach(handle.id());
+        for topic in stopped {
+            topic.stop.cancel();
         }
-        let info = handle.info();
-        let mut inner = self.lock();
-        if inner.conns.remove(&info.id).is_none() {
-            return;
-        }
-        if let Some(list) = inner.users.get_mut(&info.user) {
-            list.retain(|h| h.id() != info.id);
-            if list.is_empty() {
-                inner.users.remove(&info.user);
-            }
-        }
-        shared
-            .reporter
-            .push(delta::Kind::Detach(report::conn_ref(handle)));
+        shared.reporter.wake();
     }
 
     /// Adds `handle` to the subscribers of `filter`, creating the bus subscription if this
-    /// edge had no subscriber of it; returns once publications are flowing. `held` are the
-    /// filters the connection already holds.
-    pub(crate) async fn subscribe<'a>(
+    /// edge had no subscriber of it; returns once publications are flowing.
+    pub(crate) async fn subscribe(
         &self,
         shared: &Arc<Shared>,
         handle: &ConnHandle,
         filter: &str,
-        held: impl Iterator<Item = &'a String>,
     ) -> Result<(), SubscribeError> {
-        let older: Vec<String> = held
-            .filter(|f| proto::topic::overlaps(f, filter))
-            .cloned()
-            .collect();
-        let subscriber = Subscriber {
-            handle: handle.clone(),
-            older: (!older.is_empty()).then(|| older.into()),
-        };
-        let ns = handle.info().namespace.clone();
-        let topic_key = (ns.clone(), filter.to_owned());
-        let (topic, created) = {
-            let mut inner = self.lock();
-            let mut created = false;
-            let topic = inner
-                .topics
-                .entry(topic_key.clone())
-                .or_insert_with(|| {
-                    created = true;
-                    Arc::new(Topic {
-                        subscribers: Mutex::new(Vec::new()),
-                        ready: watch::channel(Ready::Pending).0,
-                        stop: CancellationToken::new(),
-                    })
+        let id = handle.id();
+        let (topic, life, created) = {
+            let mut index = self.lock();
+            let joined = index.subscribe(id, filter, |subscribers| {
+                Arc::new(Topic {
+                    subscribers: subscribers.clone(),
+                    ready: watch::channel(Ready::Pending).0,
+                    stop: CancellationToken::new(),
                 })
-                .clone();
-            topic
-                .subscribers
-                .lock()
-                .expect("topic poisoned")
-                .push(subscriber);
-            if created {
-                shared.reporter.push(node_topic(&ns, filter, true));
-            }
-            (topic, created)
+            })?;
+            (Arc::clone(joined.state), joined.topic, joined.created)
         };
+        let ns = &handle.info().namespace;
         if created {
-            match open_subscriptions(shared, &ns, filter).await {
+            shared.reporter.wake();
+            match open_subscriptions(shared, ns, filter).await {
                 Ok(subs) => {
                     topic.ready.send_replace(Ready::Yes);
                     shared
@@ -280,7 +219,11 @@ impl Registry {
                 }
                 Err(e) => {
                     topic.ready.send_replace(Ready::Failed);
-                    self.drop_topic(shared, &topic_key, &topic);
+                    topic.stop.cancel();
+                    // Everyone waiting for this topic fails with it; the next subscriber
+                    // makes it anew.
+                    self.lock().drop_topic(ns, filter, life);
+                    shared.reporter.wake();
                     return Err(e);
                 }
             }
@@ -289,146 +232,56 @@ impl Registry {
             let waited =
                 tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.wait_for(|r| *r != Ready::Pending))
                     .await;
-            match waited {
-                Ok(Ok(r)) if *r == Ready::Yes => {}
-                Ok(_) => {
-                    self.remove_subscriber(shared, &topic_key, handle);
-                    return Err(SubscribeError::Timeout);
-                }
-                Err(_) => {
-                    self.remove_subscriber(shared, &topic_key, handle);
-                    return Err(SubscribeError::Timeout);
-                }
+            let ready = match waited {
+                Ok(Ok(r)) => *r == Ready::Yes,
+                Ok(Err(_)) | Err(_) => false,
+            };
+            if !ready {
+                self.unsubscribe(shared, handle, filter);
+                return Err(SubscribeError::Timeout);
             }
         }
-        let change = report::topic_change(handle, filter);
-        shared.reporter.push(delta::Kind::Subscribe(change));
+        if !self.lock().confirm(id, filter) {
+            return Err(SubscribeError::Ended);
+        }
+        shared.reporter.wake();
         Ok(())
     }
 
-    /// Removes `handle` from the subscribers of `filter`; `remaining` are the filters the
-    /// connection keeps, whose lists of older overlapping filters lose this one.
-    pub(crate) fn unsubscribe<'a>(
-        &self,
-        shared: &Shared,
-        handle: &ConnHandle,
-        filter: &str,
-        remaining: impl Iterator<Item = &'a String>,
-    ) {
-        let ns = &handle.info().namespace;
-        let key = (ns.clone(), filter.to_owned());
-        let removed = self.remove_subscriber(shared, &key, handle);
-        for other in remaining.filter(|f| proto::topic::overlaps(f, filter)) {
-            let inner = self.lock();
-            let Some(topic) = inner.topics.get(&(ns.clone(), other.clone())) else {
-                continue;
-            };
-            let mut subs = topic.subscribers.lock().expect("topic poisoned");
-            if let Some(s) = subs.iter_mut().find(|s| s.handle.id() == handle.id())
-                && let Some(older) = &s.older
-            {
-                let kept: Vec<String> = older.iter().filter(|f| *f != filter).cloned().collect();
-                s.older = (!kept.is_empty()).then(|| kept.into());
-            }
-        }
-        if removed {
-            shared
-                .reporter
-                .push(delta::Kind::Unsubscribe(report::topic_change(
-                    handle, filter,
-                )));
-        }
-    }
-
-    fn remove_subscriber(
-        &self,
-        shared: &Shared,
-        key: &(String, String),
-        handle: &ConnHandle,
-    ) -> bool {
-        let mut inner = self.lock();
-        let Some(topic) = inner.topics.get(key).cloned() else {
-            return false;
-        };
-        let mut subs = topic.subscribers.lock().expect("topic poisoned");
-        let before = subs.len();
-        subs.retain(|s| s.handle.id() != handle.id());
-        let removed = subs.len() < before;
-        if subs.is_empty() {
-            drop(subs);
-            inner.topics.remove(key);
+    /// Removes `handle` from the subscribers of `filter`; the connection's younger
+    /// overlapping filters stop deferring to it.
+    pub(crate) fn unsubscribe(&self, shared: &Shared, handle: &ConnHandle, filter: &str) {
+        let stopped = self.lock().unsubscribe(handle.id(), filter);
+        if let Some(topic) = stopped {
             topic.stop.cancel();
-            shared.reporter.push(node_topic(&key.0, &key.1, false));
         }
-        removed
+        shared.reporter.wake();
     }
 
-    fn drop_topic(&self, shared: &Shared, key: &(String, String), topic: &Arc<Topic>) {
-        let mut inner = self.lock();
-        if inner.topics.get(key).is_some_and(|t| Arc::ptr_eq(t, topic)) {
-            inner.topics.remove(key);
-            shared.reporter.push(node_topic(&key.0, &key.1, false));
-        }
-        topic.stop.cancel();
+    /// The next report batch (a full one is built under the lock, and the log switches
+    /// back to deltas in the same step); `None` when nothing changed.
+    pub(crate) fn next_report(&self) -> Option<Batch> {
+        self.lock().next_batch()
+    }
+
+    /// Makes the next report batch a full one.
+    pub(crate) fn resync_reports(&self) {
+        self.lock().resync();
     }
 
     /// Every connection, for drain, broadcast and snapshots.
     pub(crate) fn all(&self) -> Vec<ConnHandle> {
-        self.lock().conns.values().cloned().collect()
-    }
-
-    /// Every connection with its topic filters, taken under the index lock; `during` runs
-    /// under the same lock (the reporter switches back to deltas there).
-    pub(crate) fn snapshot(&self, during: impl FnOnce()) -> Snapshot {
-        let inner = self.lock();
-        let mut by_conn: HashMap<Ulid, Vec<String>> = HashMap::new();
-        for ((_, filter), topic) in &inner.topics {
-            for s in topic.subscribers.lock().expect("topic poisoned").iter() {
-                by_conn
-                    .entry(s.handle.id())
-                    .or_default()
-                    .push(filter.clone());
-            }
-        }
-        let conns = inner.conns.values().cloned().collect();
-        let active = inner.topics.keys().cloned().collect();
-        during();
-        Snapshot {
-            conns,
-            by_conn,
-            active,
-        }
+        self.lock().conns().cloned().collect()
     }
 
     /// The connections a command's target names.
     pub(crate) fn select(&self, target: &Target) -> Vec<ConnHandle> {
-        let inner = self.lock();
-        if !target.conn_ids.is_empty() {
-            return target
-                .conn_ids
-                .iter()
-                .filter_map(|id| Ulid::from_string(id).ok())
-                .filter_map(|id| inner.conns.get(&id).cloned())
-                .filter(|h| target.namespace.is_empty() || h.info().namespace == target.namespace)
-                .collect();
-        }
-        inner
-            .users
-            .get(&target.user)
-            .map(|list| {
-                list.iter()
-                    .filter(|h| {
-                        target.namespace.is_empty() || h.info().namespace == target.namespace
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.lock().select(target)
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<ConnHandle> {
         let id = Ulid::from_string(id).ok()?;
-        self.lock().conns.get(&id).cloned()
+        self.lock().get(&id).cloned()
     }
 }
 
@@ -594,11 +447,11 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
         return;
     }
     // A snapshot: the loop yields, and the lock is never held across an await.
-    let subs: Vec<Subscriber> = topic.subscribers.lock().expect("topic poisoned").clone();
+    let subs = topic.subscribers.snapshot();
     let mut framed: [Option<Framed>; 3] = [None, None, None];
     let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
-    for s in &subs {
-        let h = &s.handle;
+    for s in subs.iter() {
+        let h = &s.conn;
         let key = h.info().route.cfg.key();
         let id = h.id();
         // Not the publisher's own (unless it asked), and not one an older overlapping filter

@@ -183,12 +183,13 @@ impl Edge {
                 ws,
             }));
         }
+        let registry = Registry::new(node_id.clone());
         let shared = Shared {
             node_id,
             routes,
             bus,
             store,
-            registry: Registry::default(),
+            registry,
             metrics: Metrics::default(),
             reporter: Reporter::default(),
             request_timeout: cfg.request_timeout,
@@ -236,7 +237,8 @@ impl Edge {
 
     /// Makes the next report batch a full one.
     pub fn resync_reports(&self) {
-        self.shared.reporter.resync();
+        self.shared.registry.resync_reports();
+        self.shared.reporter.wake();
     }
 
     /// The metrics text `/metrics` serves.
@@ -789,9 +791,7 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
         for (_, watch) in conn.watches.drain() {
             watch.cancel();
         }
-        shared
-            .registry
-            .detach(&shared, &handle, conn.session.topics());
+        shared.registry.detach(&shared, &handle);
         end
     } else {
         Box::pin(conn.close_now(ConnError::TooManyConnections)).await

@@ -2,24 +2,25 @@
 //!
 //! The edge learns the coordinators from their announcements on the bus (and, for first
 //! contact, from `ListNodes` on the configured coordinators), builds the same ring they do, and
-//! keeps one `EdgeReport` stream per coordinator. Each connection's deltas go to the owner of
-//! its `namespace/user` key; node-level topic activations go to every coordinator. A mirror of
-//! what was reported lets the edge re-send each coordinator its whole share when the ring
-//! changes or a stream reconnects.
+//! keeps one `EdgeReport` stream per coordinator. Which coordinator each delta goes to is
+//! decided by the pure [`Router`] ([`edge_core::router`]): each connection's deltas go to the
+//! owner of its `namespace/user` key, node-level topic activations to every coordinator, and
+//! its mirror of what was reported gives each coordinator its whole share when the ring
+//! changes or a stream reconnects. This file keeps the streams, the clock and the bus.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bus::SharedBus;
 use bus::tls::Dialer;
+use edge_core::router::Router;
 use futures::StreamExt;
-use membership::{Membership, Ring};
 use prost::Message as _;
 use proto::subject;
 use proto::v1::edge_report_client::EdgeReportClient;
 use proto::v1::placement_client::PlacementClient;
-use proto::v1::{Connection, CoordinatorAnnounce, Delta, ListNodesRequest, ReportBatch, delta};
+use proto::v1::{CoordinatorAnnounce, ListNodesRequest, ReportBatch};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -126,13 +127,13 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
             Some(m) = announces.next() => {
                 let Ok(a) = CoordinatorAnnounce::decode(m.payload.as_ref()) else { continue };
                 let now = epoch.elapsed();
-                if router.membership.observe(&a.node_id, &a.grpc_address, a.leaving, now) {
-                    reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                if router.observe(&a.node_id, &a.grpc_address, a.leaving, now) {
+                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
             }
             Some((id, address)) = found.recv() => {
-                if router.membership.observe(&id, &address, false, epoch.elapsed()) {
-                    reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                if router.observe(&id, &address, false, epoch.elapsed()) {
+                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
             }
             Some(ev) = events.recv() => match ev {
@@ -152,9 +153,9 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 }
                 StreamEvent::Unreachable(id) => {
                     // Out of the ring until it announces again, as the coordinators do.
-                    if router.membership.remove(&id) {
+                    if router.remove(&id) {
                         tracing::warn!(node = %id, "coordinator unreachable; removed from the ring");
-                        reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                        reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                         edge.set_upstream_ready(streams.values().any(|s| s.connected));
                     }
                 }
@@ -164,16 +165,15 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 if !bus.is_connected() {
                     bus_was_down = true;
                 } else if std::mem::take(&mut bus_was_down) {
-                    router.membership.touch_all(epoch.elapsed());
-                } else if router.membership.expire(epoch.elapsed()) {
-                    reconcile(&mut router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                    router.touch_all(epoch.elapsed());
+                } else if router.expire(epoch.elapsed()) {
+                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
                 }
-                if router.membership.is_empty() {
+                if router.is_alone() {
                     let _ = bus.publish(bus::Outgoing::new(subject::HELLO, Vec::new())).await;
                 }
                 let draining = edge.is_draining();
-                if draining != router.draining {
-                    router.draining = draining;
+                if router.set_draining(draining) {
                     for s in streams.values_mut() {
                         s.needs_full = true;
                     }
@@ -241,19 +241,17 @@ fn flush_fulls(router: &Router, streams: &mut HashMap<String, StreamHandle>, dra
 }
 
 /// Opens streams to new members, closes streams to gone ones, and re-sends every coordinator
-/// its share of the new ring.
+/// its share of the new ring (the router rebuilt it when the members changed).
 fn reconcile(
-    router: &mut Router,
+    router: &Router,
     credential: Option<&Arc<str>>,
     dialer: &Dialer,
     streams: &mut HashMap<String, StreamHandle>,
     events: &mpsc::Sender<StreamEvent>,
     shutdown: &CancellationToken,
 ) {
-    router.ring = router.membership.ring();
-    tracing::info!(ring = ?router.ring.members(), "coordinator ring changed");
+    tracing::info!(ring = ?router.ring().members(), "coordinator ring changed");
     let members: HashMap<String, String> = router
-        .membership
         .members()
         .map(|m| (m.node_id.clone(), m.address.clone()))
         .collect();
@@ -290,7 +288,7 @@ fn reconcile(
     for s in streams.values_mut() {
         s.needs_full = true;
     }
-    flush_fulls(router, streams, router.draining);
+    flush_fulls(router, streams, router.draining());
 }
 
 /// Keeps one report stream to one coordinator open, reconnecting with backoff.
@@ -433,124 +431,5 @@ async fn first_contact(
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
-}
-
-/// What was reported, and to whom each delta goes.
-#[derive(Debug)]
-struct Router {
-    node_id: String,
-    address: String,
-    membership: Membership,
-    ring: Ring,
-    draining: bool,
-    conns: HashMap<String, Connection>,
-    topics: BTreeSet<(String, String)>,
-}
-
-impl Router {
-    fn new(node_id: String, address: String, member_timeout: Duration) -> Self {
-        Self {
-            node_id,
-            address,
-            membership: Membership::new(member_timeout),
-            ring: Ring::new(Vec::new()),
-            draining: false,
-            conns: HashMap::new(),
-            topics: BTreeSet::new(),
-        }
-    }
-
-    /// Applies a batch from the edge to the mirror and splits it by coordinator.
-    fn on_batch(&mut self, batch: ReportBatch) -> Vec<(String, ReportBatch)> {
-        if batch.full {
-            self.conns.clear();
-            self.topics.clear();
-        }
-        let mut out: HashMap<String, Vec<Delta>> = HashMap::new();
-        let everyone: Vec<String> = self.ring.members().to_vec();
-        for d in batch.deltas {
-            let Some(kind) = &d.kind else { continue };
-            let owner = match kind {
-                delta::Kind::Attach(c) => {
-                    self.conns.insert(c.conn_id.clone(), c.clone());
-                    self.ring.owner(&c.namespace, &c.user)
-                }
-                delta::Kind::Detach(r) => {
-                    self.conns.remove(&r.conn_id);
-                    self.ring.owner(&r.namespace, &r.user)
-                }
-                delta::Kind::Subscribe(t) | delta::Kind::Unsubscribe(t) => {
-                    let on = matches!(kind, delta::Kind::Subscribe(_));
-                    if let Some(c) = self.conns.get_mut(&t.conn_id) {
-                        c.topics.retain(|x| *x != t.topic);
-                        if on {
-                            c.topics.push(t.topic.clone());
-                        }
-                    }
-                    self.ring.owner(&t.namespace, &t.user)
-                }
-                delta::Kind::NodeTopic(t) => {
-                    let key = (t.namespace.clone(), t.topic.clone());
-                    if t.active {
-                        self.topics.insert(key);
-                    } else {
-                        self.topics.remove(&key);
-                    }
-                    for id in &everyone {
-                        out.entry(id.clone()).or_default().push(d.clone());
-                    }
-                    continue;
-                }
-            };
-            if let Some(owner) = owner {
-                out.entry(owner.to_owned()).or_default().push(d);
-            }
-        }
-        if batch.full {
-            // The edge's whole state changed under us: everyone gets a full share.
-            return everyone
-                .into_iter()
-                .map(|id| {
-                    let full = self.full_for(&id);
-                    (id, full)
-                })
-                .collect();
-        }
-        out.into_iter()
-            .map(|(id, deltas)| (id, self.batch(deltas, false)))
-            .collect()
-    }
-
-    /// Everything coordinator `id` owns, plus every active topic.
-    fn full_for(&self, id: &str) -> ReportBatch {
-        let attach = self
-            .conns
-            .values()
-            .filter(|c| self.ring.owner(&c.namespace, &c.user) == Some(id))
-            .map(|c| delta::Kind::Attach(c.clone()));
-        let topics = self.topics.iter().map(|(namespace, topic)| {
-            delta::Kind::NodeTopic(proto::v1::NodeTopic {
-                namespace: namespace.clone(),
-                topic: topic.clone(),
-                active: true,
-            })
-        });
-        let deltas = attach
-            .chain(topics)
-            .map(|k| Delta { kind: Some(k) })
-            .collect();
-        self.batch(deltas, true)
-    }
-
-    fn batch(&self, deltas: Vec<Delta>, full: bool) -> ReportBatch {
-        ReportBatch {
-            node_id: self.node_id.clone(),
-            address: self.address.clone(),
-            full,
-            deltas,
-            draining: self.draining,
-            leaving: false,
-        }
     }
 }
