@@ -817,4 +817,458 @@ mod tests {
         let direct: usize = told.iter().map(Vec::len).sum();
         assert!(direct > 0 && !own.is_empty(), "both kinds of writer wrote");
     }
+
+    /// An exhaustive model of the line: every interleaving of two pumps (each one
+    /// `try_write`: enter, write, leave), the task (take, write its own frame, then flush and
+    /// give back whenever it holds the socket) and a close, with every write outcome (all,
+    /// cut anywhere, would block, messages already queued), from a free and from a sealed
+    /// line. Each step is the line's own code over a scripted socket.
+    mod model {
+        use std::cell::RefCell;
+        use std::collections::HashSet;
+        use std::sync::atomic::AtomicBool;
+
+        use futures::task::ArcWake;
+
+        use super::*;
+
+        /// What the socket's next write takes; the later writes of the same step take all.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+        enum Take {
+            #[default]
+            All,
+            Upto(usize),
+            WouldBlock,
+            /// Not a write: the pump finds messages queued before its batch.
+            Queued,
+        }
+
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+        struct Wire {
+            bytes: Vec<u8>,
+            next: Take,
+            /// The last write would have blocked: the next readiness poll is pending.
+            blocked: bool,
+            shut: bool,
+            writes: u32,
+            /// Writes tried after the shutdown.
+            late: u32,
+        }
+
+        #[derive(Debug, Default)]
+        struct Scripted(RefCell<Wire>);
+
+        impl Raw for Scripted {
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                let mut w = self.0.borrow_mut();
+                if w.shut {
+                    w.late += 1;
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
+                let n = match std::mem::take(&mut w.next) {
+                    Take::All | Take::Queued => buf.len(),
+                    Take::Upto(n) => n.min(buf.len()),
+                    Take::WouldBlock => {
+                        w.blocked = true;
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                };
+                w.bytes.extend_from_slice(&buf[..n]);
+                w.writes += 1;
+                Ok(n)
+            }
+
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                if std::mem::take(&mut self.0.borrow_mut().blocked) {
+                    // Room comes later, and with it a wake-up.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(()))
+            }
+
+            fn shutdown(&self) {
+                self.0.borrow_mut().shut = true;
+            }
+        }
+
+        #[derive(Debug, Default)]
+        struct Flag(AtomicBool);
+
+        impl ArcWake for Flag {
+            fn wake_by_ref(arc: &Arc<Self>) {
+                arc.0.store(true, Ordering::SeqCst);
+            }
+        }
+
+        /// How many of its messages a pump was told went out (written, or cut and handed
+        /// to the task).
+        fn handed(direct: Direct, len: usize) -> usize {
+            match direct {
+                Direct::Written => len,
+                Direct::Partial { queue_from } => queue_from,
+                Direct::Busy => 0,
+            }
+        }
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        enum Pump {
+            Start,
+            Inside,
+            Leaving { to: u8, handed: usize },
+            Done { handed: usize },
+        }
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        enum Task {
+            Take,
+            Write {
+                at: usize,
+            },
+            /// Flushes and gives back whenever it holds the socket (the connection's loop).
+            Serve,
+            Done,
+        }
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Step {
+            PumpEnter(usize),
+            PumpWrite(usize, Take),
+            PumpLeave(usize),
+            TaskTake,
+            TaskWrite(Take),
+            TaskServe(Take),
+            Close,
+        }
+
+        const MESSAGES: [&[&str]; 2] = [&["a1", "a2"], &["b1"]];
+        const OWN: &str = "t1";
+        /// Every way the kernel may take a pump's batch: cut in the first frame, at the
+        /// frame boundary, in the second frame.
+        const PUMP_TAKES: [&[Take]; 2] = [
+            &[
+                Take::All,
+                Take::Upto(1),
+                Take::Upto(4),
+                Take::Upto(6),
+                Take::WouldBlock,
+                Take::Queued,
+            ],
+            &[Take::All, Take::Upto(2), Take::WouldBlock, Take::Queued],
+        ];
+        const TASK_TAKES: [Take; 3] = [Take::All, Take::Upto(1), Take::WouldBlock];
+
+        struct World {
+            line: Line<Scripted>,
+            framed: [Vec<u8>; 2],
+            ends: [Vec<usize>; 2],
+            pumps: [Pump; 2],
+            task: Task,
+            parked: bool,
+            woken: Arc<Flag>,
+            closed: bool,
+        }
+
+        type Key = (u8, Option<Vec<u8>>, Wire, [Pump; 2], Task, bool, bool, bool);
+
+        impl World {
+            fn new(state: u8) -> Self {
+                let mut framed: [Vec<u8>; 2] = Default::default();
+                let mut ends: [Vec<usize>; 2] = Default::default();
+                for (i, messages) in MESSAGES.iter().enumerate() {
+                    let mut b = batch(messages);
+                    let f = b.framed::<Text>();
+                    framed[i].clone_from(&f.bytes);
+                    ends[i].clone_from(&f.ends);
+                }
+                Self {
+                    line: Line::with_state(Scripted::default(), state),
+                    framed,
+                    ends,
+                    pumps: [Pump::Start; 2],
+                    task: Task::Take,
+                    parked: false,
+                    woken: Arc::default(),
+                    closed: false,
+                }
+            }
+
+            fn state(&self) -> u8 {
+                self.line.state.load(Ordering::SeqCst)
+            }
+
+            fn wire(&self) -> std::cell::Ref<'_, Wire> {
+                self.line.raw.0.borrow()
+            }
+
+            fn key(&self) -> Key {
+                (
+                    self.state(),
+                    self.line.rest.lock().unwrap().as_ref().map(|r| r.to_vec()),
+                    self.wire().clone(),
+                    self.pumps,
+                    self.task,
+                    self.parked,
+                    self.woken.0.load(Ordering::SeqCst),
+                    self.closed,
+                )
+            }
+
+            fn copy(&self) -> Self {
+                let line =
+                    Line::with_state(Scripted(RefCell::new(self.wire().clone())), self.state());
+                *line.rest.lock().unwrap() = self.line.rest.lock().unwrap().clone();
+                let woken = Arc::new(Flag(AtomicBool::new(self.woken.0.load(Ordering::SeqCst))));
+                if self.parked {
+                    line.taker
+                        .register(&futures::task::waker(Arc::clone(&woken)));
+                }
+                Self {
+                    line,
+                    framed: self.framed.clone(),
+                    ends: self.ends.clone(),
+                    pumps: self.pumps,
+                    task: self.task,
+                    parked: self.parked,
+                    woken,
+                    closed: self.closed,
+                }
+            }
+
+            fn steps(&self) -> Vec<Step> {
+                let mut steps = Vec::new();
+                for (i, pump) in self.pumps.iter().enumerate() {
+                    match pump {
+                        Pump::Start => steps.push(Step::PumpEnter(i)),
+                        Pump::Inside => {
+                            steps.extend(PUMP_TAKES[i].iter().map(|&t| Step::PumpWrite(i, t)));
+                        }
+                        Pump::Leaving { .. } => steps.push(Step::PumpLeave(i)),
+                        Pump::Done { .. } => {}
+                    }
+                }
+                if !self.parked || self.woken.0.load(Ordering::SeqCst) {
+                    match self.task {
+                        Task::Take => steps.push(Step::TaskTake),
+                        Task::Write { .. } => steps.extend(TASK_TAKES.map(Step::TaskWrite)),
+                        Task::Serve if self.line.held_by_task() => {
+                            steps.extend(TASK_TAKES.map(Step::TaskServe));
+                        }
+                        Task::Serve | Task::Done => {}
+                    }
+                }
+                if !self.closed {
+                    steps.push(Step::Close);
+                }
+                steps
+            }
+
+            /// The task's poll, with the wake-up flag as its waker; whether it is pending.
+            fn poll_task<R>(
+                &mut self,
+                poll: impl FnOnce(&Line<Scripted>, &mut Context<'_>) -> Poll<R>,
+            ) -> Poll<R> {
+                self.woken.0.store(false, Ordering::SeqCst);
+                let waker = futures::task::waker(Arc::clone(&self.woken));
+                let r = poll(&self.line, &mut Context::from_waker(&waker));
+                self.parked = r.is_pending();
+                r
+            }
+
+            /// Takes `step`; checks what must hold of every step.
+            fn step(&mut self, step: Step) {
+                let (before, writes) = (self.state(), self.wire().writes);
+                let mut task_state = None;
+                match step {
+                    Step::PumpEnter(i) => {
+                        self.pumps[i] = if self.line.enter_pump() {
+                            Pump::Inside
+                        } else {
+                            Pump::Done { handed: 0 }
+                        };
+                    }
+                    Step::PumpWrite(i, take) => {
+                        let (direct, to) = if take == Take::Queued {
+                            (Direct::Busy, FREE)
+                        } else {
+                            self.line.raw.0.borrow_mut().next = take;
+                            let framed = Framed {
+                                bytes: self.framed[i].clone(),
+                                ends: self.ends[i].clone(),
+                            };
+                            self.line.write_in_pump(&framed)
+                        };
+                        let handed = handed(direct, MESSAGES[i].len());
+                        self.pumps[i] = Pump::Leaving { to, handed };
+                    }
+                    Step::PumpLeave(i) => {
+                        let Pump::Leaving { to, handed } = self.pumps[i] else {
+                            unreachable!()
+                        };
+                        self.line.leave_pump(to);
+                        self.pumps[i] = Pump::Done { handed };
+                    }
+                    Step::TaskTake => {
+                        self.task = match self.poll_task(|l, cx| l.poll_take(cx)) {
+                            Poll::Pending => Task::Take,
+                            Poll::Ready(Ok(())) => Task::Write { at: 0 },
+                            Poll::Ready(Err(_)) => Task::Done,
+                        };
+                    }
+                    Step::TaskWrite(take) => {
+                        let Task::Write { at } = self.task else {
+                            unreachable!()
+                        };
+                        self.line.raw.0.borrow_mut().next = take;
+                        let own = framed(OWN.as_bytes());
+                        let r = self.poll_task(|l, cx| l.poll_write(cx, &own[at..]));
+                        task_state = Some(self.state());
+                        self.task = match r {
+                            Poll::Pending => Task::Write { at },
+                            Poll::Ready(Ok(n)) if at + n == own.len() => Task::Serve,
+                            Poll::Ready(Ok(n)) => Task::Write { at: at + n },
+                            Poll::Ready(Err(_)) => Task::Done,
+                        };
+                    }
+                    Step::TaskServe(take) => {
+                        self.line.raw.0.borrow_mut().next = take;
+                        let r = self.poll_task(|l, cx| l.poll_flush(cx));
+                        task_state = Some(self.state());
+                        match r {
+                            Poll::Pending => {}
+                            Poll::Ready(Ok(())) => self.line.release(),
+                            Poll::Ready(Err(_)) => self.task = Task::Done,
+                        }
+                    }
+                    Step::Close => {
+                        self.line.close();
+                        self.closed = true;
+                    }
+                }
+                let wire = self.wire();
+                assert_eq!(wire.late, 0, "{step:?}: written after the close");
+                let wrote = wire.writes > writes;
+                drop(wire);
+                if wrote {
+                    assert_ne!(before, CLOSED, "{step:?}: written on a closed line");
+                    match step {
+                        Step::PumpWrite(..) => assert!(
+                            matches!(before, PUMP | PUMP_TASK_WAITS | CLOSING),
+                            "{step:?}: a pump wrote in state {before}"
+                        ),
+                        _ => assert!(
+                            matches!(task_state, Some(TASK | SEALED)),
+                            "{step:?}: the task wrote in state {task_state:?}"
+                        ),
+                    }
+                }
+                let inside = self
+                    .pumps
+                    .iter()
+                    .filter(|p| matches!(p, Pump::Inside | Pump::Leaving { .. }))
+                    .count();
+                assert!(inside <= 1, "{step:?}: two pumps inside");
+                let state = self.state();
+                assert!(
+                    inside == 0 || matches!(state, PUMP | PUMP_TASK_WAITS | CLOSING),
+                    "{step:?}: a pump inside in state {state}"
+                );
+                assert!(
+                    inside == 1 || !matches!(state, PUMP | PUMP_TASK_WAITS | CLOSING),
+                    "{step:?}: state {state} with no pump inside"
+                );
+                self.frames();
+            }
+
+            /// The messages on the wire, checked: whole known frames, each once, each pump's
+            /// in order; and whether a cut frame ends it.
+            fn frames(&self) -> (Vec<String>, bool) {
+                let wire = self.wire();
+                let (frames, cut) = parse(&wire.bytes).expect("only frames on the wire");
+                let frames: Vec<String> = frames
+                    .iter()
+                    .map(|f| String::from_utf8(f.to_vec()).expect("utf-8"))
+                    .collect();
+                let known = ["a1", "a2", "b1", OWN];
+                for (i, f) in frames.iter().enumerate() {
+                    assert!(
+                        known.contains(&f.as_str()),
+                        "a mangled frame {f:?}: {frames:?}"
+                    );
+                    assert!(!frames[..i].contains(f), "{f} twice");
+                }
+                let at = |m: &str| frames.iter().position(|f| f == m);
+                if let Some(a2) = at("a2") {
+                    assert!(at("a1").is_some_and(|a1| a1 < a2), "a2 before a1");
+                }
+                (frames, cut)
+            }
+
+            /// Where nothing can move: everything handed out arrived, or the line closed.
+            fn check_end(&self) {
+                let woken = self.woken.0.load(Ordering::SeqCst);
+                assert!(
+                    !self.parked || woken || self.task == Task::Done,
+                    "the task waits for a wake-up that never comes: {:?}, state {}",
+                    self.task,
+                    self.state()
+                );
+                let (frames, cut) = self.frames();
+                let mut told: Vec<&str> = Vec::new();
+                for (i, p) in self.pumps.iter().enumerate() {
+                    let Pump::Done { handed } = p else {
+                        panic!("a pump stuck at {p:?}")
+                    };
+                    told.extend(&MESSAGES[i][..*handed]);
+                }
+                if self.task == Task::Serve {
+                    told.push(OWN);
+                }
+                if self.closed {
+                    assert_eq!(self.state(), CLOSED, "a close left unfinished");
+                    assert!(self.wire().shut, "the peer never saw the end");
+                    assert!(frames.iter().all(|f| told.contains(&f.as_str())));
+                    return;
+                }
+                assert!(!cut, "a cut frame never finished: {frames:?}");
+                let mut frames: Vec<&str> = frames.iter().map(String::as_str).collect();
+                frames.sort_unstable();
+                told.sort_unstable();
+                assert_eq!(frames, told, "what arrived is what the writers were told");
+            }
+        }
+
+        fn explore(state: u8) -> usize {
+            let mut seen: HashSet<Key> = HashSet::new();
+            let mut stack = vec![World::new(state)];
+            while let Some(world) = stack.pop() {
+                if !seen.insert(world.key()) {
+                    continue;
+                }
+                let steps = world.steps();
+                // Where only a close could move: the end of a run that is never closed.
+                if steps.iter().all(|&s| s == Step::Close) {
+                    world.check_end();
+                }
+                for step in steps {
+                    let mut next = world.copy();
+                    next.step(step);
+                    stack.push(next);
+                }
+            }
+            seen.len()
+        }
+
+        #[test]
+        fn every_interleaving_of_a_free_line_keeps_its_invariants() {
+            let states = explore(FREE);
+            assert!(states > 2_000, "explored {states} states");
+        }
+
+        #[test]
+        fn every_interleaving_of_a_sealed_line_keeps_its_invariants() {
+            let states = explore(SEALED);
+            assert!(states > 100, "explored {states} states");
+        }
+    }
 }
