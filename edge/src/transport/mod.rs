@@ -95,8 +95,10 @@ pub(crate) trait Framer: 'static {
 #[derive(Debug)]
 pub(crate) struct Batch {
     messages: Vec<Utf8Bytes>,
-    /// One entry per transport kind that framed the batch: almost always one.
-    framed: Vec<(TypeId, Framed)>,
+    /// Framed by the first transport kind (almost always the only one).
+    first: Option<(TypeId, Framed)>,
+    /// Framed by any other kinds.
+    others: Vec<(TypeId, Framed)>,
 }
 
 /// A batch framed back to back by one transport, for one write per connection.
@@ -111,7 +113,8 @@ impl Batch {
     pub(crate) fn new(messages: Vec<Utf8Bytes>) -> Self {
         Self {
             messages,
-            framed: Vec::new(),
+            first: None,
+            others: Vec::new(),
         }
     }
 
@@ -123,20 +126,32 @@ impl Batch {
     /// The batch as framed by `F`, framed on the first call.
     pub(crate) fn framed<F: Framer>(&mut self) -> &Framed {
         let kind = TypeId::of::<F>();
-        let at = match self.framed.iter().position(|(k, _)| *k == kind) {
+        let Some((first, _)) = &self.first else {
+            let framed = self.frame::<F>();
+            return &self.first.insert((kind, framed)).1;
+        };
+        if *first == kind {
+            return &self.first.as_ref().expect("framed above").1;
+        }
+        let at = match self.others.iter().position(|(k, _)| *k == kind) {
             Some(at) => at,
             None => {
-                let mut bytes = Vec::new();
-                let mut ends = Vec::with_capacity(self.messages.len());
-                for m in &self.messages {
-                    F::frame(m.as_bytes(), &mut bytes);
-                    ends.push(bytes.len());
-                }
-                self.framed.push((kind, Framed { bytes, ends }));
-                self.framed.len() - 1
+                let framed = self.frame::<F>();
+                self.others.push((kind, framed));
+                self.others.len() - 1
             }
         };
-        &self.framed[at].1
+        &self.others[at].1
+    }
+
+    fn frame<F: Framer>(&self) -> Framed {
+        let mut bytes = Vec::new();
+        let mut ends = Vec::with_capacity(self.messages.len());
+        for m in &self.messages {
+            F::frame(m.as_bytes(), &mut bytes);
+            ends.push(bytes.len());
+        }
+        Framed { bytes, ends }
     }
 }
 
@@ -176,7 +191,7 @@ mod tests {
             at,
             "the second recipient of a kind gets the same bytes"
         );
-        assert_eq!(batch.framed.len(), 2);
+        assert_eq!(batch.others.len(), 1);
         assert_eq!(batch.messages().len(), 2);
     }
 }

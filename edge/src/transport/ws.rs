@@ -19,18 +19,21 @@
 //! - `SEALED`: a TLS connection (`crate::tls`): the task owns the socket for good. Bytes
 //!   on the wire are TLS records that only the task's TLS session can make, so pumps never
 //!   write there; they find the socket taken and queue, as for a busy plain socket.
-//! - `CLOSING`: the connection was closed while a pump was inside its write: the pump,
-//!   leaving, finishes the close. Nobody waits for the pump, and nobody spins.
+//! - `CLOSING`: the connection was closed while a pump was inside its write: that write may
+//!   still land (before the shutdown, so the peer sees whole frames, then the end); the
+//!   pump, leaving, finishes the close. Nobody waits for the pump, and nobody spins.
 //! - `CLOSED`: the connection is over; nobody writes again.
 //!
 //! ```text
-//!          pump enters           pump leaves (all written, or would block)
-//!   FREE ───────────────▶ PUMP ─────────────────────────────────────────▶ FREE
-//!    │  ▲                  │ │ pump leaves after a partial write (rest)
-//!    │  │ task settles     │ └───────────────────────────────────────────▶ TASK
-//!    │  └──────── TASK ◀───┼── PUMP_TASK_WAITS ◀── task wants the socket ── PUMP
-//!    └── task takes ─▶ TASK│   (the pump, leaving, hands it over)
-//!   close: PUMP, PUMP_TASK_WAITS ─▶ CLOSING ─(pump leaves)─▶ CLOSED; any other ─▶ CLOSED
+//! state            writer             moves on when
+//! FREE             nobody             a pump enters → PUMP; the task takes → TASK; close → CLOSED
+//! PUMP             that pump          it leaves → FREE (→ TASK with a rest); the task asks →
+//!                                     PUMP_TASK_WAITS; close → CLOSING
+//! PUMP_TASK_WAITS  that pump          it leaves → TASK, waking the task; close → CLOSING
+//! TASK             the task           the task settles → FREE; close → CLOSED
+//! SEALED           the task           close → CLOSED
+//! CLOSING          that pump's write  it leaves → CLOSED, and shuts the socket
+//! CLOSED           nobody             never
 //! ```
 //!
 //! Pumps that find the socket taken, or messages already queued, queue instead, so a
