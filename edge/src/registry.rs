@@ -526,7 +526,6 @@ struct Publication {
     skip: Option<Ulid>,
     reply: Option<String>,
     span: tracing::Span,
-    frames: [Option<Utf8Bytes>; 3],
     tally: Tally,
 }
 
@@ -551,21 +550,17 @@ impl Publication {
             skip: if echo { None } else { origin },
             reply: msg.reply,
             span,
-            frames: [None, None, None],
             tally: Tally::default(),
         })
     }
 
-    /// The message frame in one dialect, built once.
-    fn frame(&mut self, key: Key) -> &Utf8Bytes {
-        let (concrete, payload) = (&self.concrete, &self.payload);
-        self.frames[key.index()].get_or_insert_with(|| {
-            FrameBuilder::new(key, "message")
-                .str("topic", concrete)
-                .raw("payload", payload)
-                .finish()
-                .into()
-        })
+    /// The message in one dialect (built once per batch, by its [`Batch`]).
+    fn message(&self, key: Key) -> Utf8Bytes {
+        FrameBuilder::new(key, "message")
+            .str("topic", &self.concrete)
+            .raw("payload", &self.payload)
+            .finish()
+            .into()
     }
 }
 
@@ -591,9 +586,8 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
         let wanted = |p: &Publication| p.skip != Some(id) && !s.shadowed(&p.concrete);
         // The publications from this index on are queued; those before it were written.
         let mut queue_from = 0;
-        let batch = batches[key.index()].get_or_insert_with(|| {
-            Batch::new(pubs.iter_mut().map(|p| p.frame(key).clone()).collect())
-        });
+        let batch = batches[key.index()]
+            .get_or_insert_with(|| Batch::new(pubs.iter().map(|p| p.message(key)).collect()));
         if pubs.iter().all(wanted) {
             queue_from = match Outlet::try_write(h, batch) {
                 Direct::Written => pubs.len(),
