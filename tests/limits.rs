@@ -324,7 +324,7 @@ fn check_padded(m: &Value, seq: u64) {
     assert!(pad.bytes().all(|b| b == b'x'), "message {seq} is torn");
 }
 
-/// Fan-out writes straight to free sockets and queues for busy ones (edge/src/socket.rs); a
+/// Fan-out writes straight to free sockets and queues for busy ones (edge/src/transport/ws.rs); a
 /// reader that falls behind sees both, plus partial writes handed to its task. Every frame
 /// must still arrive whole and in order, on a runtime where pumps and connection tasks run
 /// on different threads.

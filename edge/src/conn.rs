@@ -1,6 +1,7 @@
 //! One task serves each socket ([`Conn`]): it reads, answers and writes what is queued;
-//! everyone else holds a [`ConnHandle`]. Fan-out pumps may also write pre-framed bytes to an
-//! idle plain socket directly, under the rules of [`crate::socket`] (never to a TLS one).
+//! everyone else holds a [`ConnHandle`], the connection's [`Outlet`] for the fan-out. Pumps
+//! may also write pre-framed bytes to an idle plain socket directly, under the rules of
+//! [`crate::transport::ws`] (never to a TLS one).
 //!
 //! **Invariant:** nothing awaits a client. [`ConnHandle::deliver`] never blocks: it queues
 //! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
@@ -28,13 +29,12 @@ use ulid::Ulid;
 use edge_core::session::{Action, Close, Failure, RequestId, Session};
 
 use crate::config::OnFull;
-use crate::outbox::Outbox;
 use crate::protocol;
 use crate::server::{Route, Shared};
-use crate::socket::{Direct, Line};
-
-/// Frames written to the socket per flush at most, so that reading is not starved.
-const WRITE_BATCH: usize = 256;
+use crate::transport::outbox::Outbox;
+use crate::transport::ws::{self, Line};
+use crate::transport::{Batch, Direct, Outlet};
+pub use crate::transport::{CloseRequest, Delivery};
 /// How long a closing handshake may take before the TCP connection is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -85,35 +85,6 @@ impl TokenIds {
     }
 }
 
-/// The outcome of one [`ConnHandle::deliver`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    Queued,
-    /// The outbound queue was full (backpressure).
-    Refused,
-    /// The connection is gone.
-    Gone,
-}
-
-/// A request from outside the task to close the connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseRequest {
-    pub code: u16,
-    pub reason: String,
-    /// Drop the TCP connection without a close frame.
-    pub hard: bool,
-}
-
-impl CloseRequest {
-    pub fn new(code: u16, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-            hard: false,
-        }
-    }
-}
-
 impl ConnHandle {
     pub(crate) fn new(info: ConnInfo, line: Line) -> Self {
         let out = &info.route.cfg.outbound;
@@ -149,16 +120,8 @@ impl ConnHandle {
         }
         match self.0.outbox.push(frame) {
             Ok(()) => Delivery::Queued,
-            Err(crate::outbox::Full) => self.refuse(),
+            Err(crate::transport::outbox::Full) => self.refuse(),
         }
-    }
-
-    /// Writes whole pre-framed frames straight to the socket if it is free and nothing is
-    /// queued before them (see [`crate::socket`]); otherwise the caller queues them.
-    pub(crate) fn try_write_frames(&self, frames: &[u8], ends: &[usize]) -> Direct {
-        self.0
-            .line
-            .try_write_frames(frames, ends, || self.0.outbox.buffered() != 0)
     }
 
     pub(crate) fn line(&self) -> &Line {
@@ -193,6 +156,30 @@ impl ConnHandle {
 
     fn take_close(&self) -> Option<CloseRequest> {
         self.0.close.lock().expect("close slot poisoned").clone()
+    }
+}
+
+/// The fan-out's view: a WebSocket connection writes a batch straight to its free plain
+/// socket ([`ws::Line`]) and queues the rest in its outbox.
+impl Outlet for ConnHandle {
+    fn try_write(&self, batch: &mut Batch) -> Direct {
+        self.0
+            .line
+            .try_write(batch, || self.0.outbox.buffered() != 0)
+    }
+
+    fn deliver(&self, message: &Utf8Bytes) -> Delivery {
+        ConnHandle::deliver(self, message)
+    }
+
+    fn close(&self, req: CloseRequest) {
+        ConnHandle::close(self, req);
+    }
+}
+
+impl AsRef<Line> for ConnHandle {
+    fn as_ref(&self) -> &Line {
+        &self.0.line
     }
 }
 
@@ -361,14 +348,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             // Give the socket back to the pumps once tungstenite has written everything; after
             // the client's close, keep it: no data frame may follow the close reply.
             if handle.line().held_by_task() {
-                let flush = pin!(self.ws.flush());
+                let settle = pin!(ws::settle(
+                    &mut self.ws,
+                    handle.line(),
+                    client_close.is_some()
+                ));
                 tokio::select! {
                     biased;
                     () = &mut killed => return requested(),
-                    r = flush => if let Err(e) = r { return ConnError::Transport(e); },
-                }
-                if client_close.is_none() {
-                    handle.line().release();
+                    r = settle => if let Err(e) = r { return ConnError::Transport(e); },
                 }
             }
             let reads_paused = self.session.reads_paused();
@@ -379,7 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     self.session.on_reply(request, result.as_ref().map(|m| &m.payload[..]).map_err(failure));
                 }
                 // A pump handed over the socket with a partial write: the loop's top ends it.
-                () = handle.line().rest_ready.notified() => {}
+                () = ws::rest_handed_over(handle.line()) => {}
                 frame = handle.0.outbox.recv() => {
                     let write = pin!(self.write_batch(frame));
                     tokio::select! {
@@ -454,35 +442,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Writes `first` and whatever else is queued, then flushes once.
     async fn write_batch(&mut self, first: Utf8Bytes) -> Result<(), ConnError> {
-        let mut bytes = first.len();
-        let mut frames = 1u64;
-        self.ws
-            .feed(Message::Text(first))
+        let wrote = ws::write_queued(&mut self.ws, &self.handle.0.outbox, first)
             .await
             .map_err(ConnError::Transport)?;
-        while frames < WRITE_BATCH as u64 {
-            let Some(next) = self.handle.0.outbox.pop() else {
-                break;
-            };
-            bytes += next.len();
-            frames += 1;
-            self.ws
-                .feed(Message::Text(next))
-                .await
-                .map_err(ConnError::Transport)?;
-        }
-        self.ws.flush().await.map_err(ConnError::Transport)?;
-        self.handle.0.outbox.written(bytes);
-        self.shared.metrics.frames_out.add(frames);
-        self.shared.metrics.bytes_out.add(bytes as u64);
+        self.shared.metrics.frames_out.add(wrote.frames);
+        self.shared.metrics.bytes_out.add(wrote.bytes as u64);
         Ok(())
     }
 
     /// Sends one frame built by this connection (a reply or an error), bypassing the queue.
     pub(crate) async fn push(&mut self, frame: String) -> Result<(), ConnError> {
         self.shared.metrics.frames_out.inc();
-        self.ws
-            .send(Message::Text(frame.into()))
+        ws::send(&mut self.ws, frame.into())
             .await
             .map_err(ConnError::Transport)
     }

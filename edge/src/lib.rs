@@ -10,8 +10,7 @@
 //! | `jwks` | JSON Web Key Sets: parsing, `kid` selection, the `jwks_url` fetcher |
 //! | `revoke` | revoked tokens: the bucket's copy and its watch |
 //! | `conn` | the task that serves one socket, and its clonable [`ConnHandle`] |
-//! | `outbox` | a connection's bounded outbound queue |
-//! | `socket` | the socket's write side, shared by its task and the fan-out pumps |
+//! | `transport` | what the fan-out needs of a connection (`Outlet`); the outbox; the WebSocket line |
 //! | `tls` | TLS on the listener: handshake, and a sealed line for the task alone |
 //! | `protocol` | built-in verbs and events forwarded through route hooks |
 //! | `registry` | the local index ([`edge_core::index`]) under its lock; bus subscriptions and topic pumps |
@@ -28,15 +27,14 @@ mod command;
 mod conn;
 mod http;
 mod jwks;
-mod outbox;
 mod protocol;
 mod registry;
 mod report;
 mod resources;
 mod revoke;
 mod server;
-mod socket;
 mod tls;
+mod transport;
 pub mod uplink;
 
 pub use auth::{AuthError, Identity, RouteKeys};

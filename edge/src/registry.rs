@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bus::{Message, Outgoing, Subscription};
 use edge_core::index::{Handle, Index, JoinError, Subscribers};
-use edge_core::report::Batch;
+use edge_core::report;
 use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 use proto::frame::{FrameBuilder, Key, json_or_string};
@@ -29,7 +29,7 @@ use ulid::Ulid;
 
 use crate::conn::{CloseRequest, ConnHandle, Delivery};
 use crate::server::Shared;
-use crate::socket::Direct;
+use crate::transport::{Batch, Direct, Outlet};
 
 /// How long a subscriber waits for the bus subscription of a new topic.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -260,7 +260,7 @@ impl Registry {
 
     /// The next report batch (a full one is built under the lock, and the log switches
     /// back to deltas in the same step); `None` when nothing changed.
-    pub(crate) fn next_report(&self) -> Option<Batch> {
+    pub(crate) fn next_report(&self) -> Option<report::Batch> {
         self.lock().next_batch()
     }
 
@@ -301,7 +301,7 @@ pub(crate) fn deliver_typed<'h>(
     let mut frames = Frames::new(&build);
     let mut tally = Tally::default();
     for h in handles {
-        tally.add(h.deliver(frames.get(h.info().route.cfg.key())));
+        tally.add(Outlet::deliver(h, frames.get(h.info().route.cfg.key())));
     }
     shared.metrics.record_fanout(tally);
     tally
@@ -311,11 +311,14 @@ pub(crate) fn deliver_typed<'h>(
 pub(crate) fn disconnect(handles: &[ConnHandle], code: u16, reason: &str, hard: bool) -> Tally {
     let code = if code == 0 { 1000 } else { code };
     for h in handles {
-        h.close(CloseRequest {
-            code,
-            reason: reason.to_owned(),
-            hard,
-        });
+        Outlet::close(
+            h,
+            CloseRequest {
+                code,
+                reason: reason.to_owned(),
+                hard,
+            },
+        );
     }
     Tally {
         delivered: handles.len() as u64,
@@ -376,7 +379,6 @@ struct Publication {
     skip: Option<Ulid>,
     reply: Option<String>,
     span: tracing::Span,
-    frames: [Option<Utf8Bytes>; 3],
     tally: Tally,
 }
 
@@ -401,46 +403,24 @@ impl Publication {
             skip: if echo { None } else { origin },
             reply: msg.reply,
             span,
-            frames: [None, None, None],
             tally: Tally::default(),
         })
     }
 
-    /// The message frame in one dialect, built once.
-    fn frame(&mut self, key: Key) -> &Utf8Bytes {
-        let (concrete, payload) = (&self.concrete, &self.payload);
-        self.frames[key.index()].get_or_insert_with(|| {
-            FrameBuilder::new(key, "message")
-                .str("topic", concrete)
-                .raw("payload", payload)
-                .finish()
-                .into()
-        })
+    /// The message in one dialect (built once per batch, by its [`Batch`]).
+    fn message(&self, key: Key) -> Utf8Bytes {
+        FrameBuilder::new(key, "message")
+            .str("topic", &self.concrete)
+            .raw("payload", &self.payload)
+            .finish()
+            .into()
     }
 }
 
-/// A batch's frames in one dialect, framed back to back for one write per socket.
-struct Framed {
-    bytes: Vec<u8>,
-    /// Where each frame ends in `bytes`.
-    ends: Vec<usize>,
-}
-
-impl Framed {
-    fn new(pubs: &mut [Publication], key: Key) -> Self {
-        let mut bytes = Vec::new();
-        let mut ends = Vec::with_capacity(pubs.len());
-        for p in pubs {
-            crate::socket::text_frame(p.frame(key).as_bytes(), &mut bytes);
-            ends.push(bytes.len());
-        }
-        Self { bytes, ends }
-    }
-}
-
-/// A batch of publications to this edge's subscribers of one filter. Each dialect's frames
-/// are built once and framed into one buffer; a subscriber whose socket is free gets that
-/// buffer in one write, the others get the frames queued.
+/// A batch of publications to this edge's subscribers of one filter. Each dialect's messages
+/// are built once, and framed once per transport kind into one buffer; a subscriber whose
+/// connection can take it now gets that buffer in one write, the others get the messages
+/// queued.
 async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>) {
     let mut pubs: Vec<Publication> = batch.drain(..).filter_map(Publication::new).collect();
     if pubs.is_empty() {
@@ -448,7 +428,7 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
     }
     // A snapshot: the loop yields, and the lock is never held across an await.
     let subs = topic.subscribers.snapshot();
-    let mut framed: [Option<Framed>; 3] = [None, None, None];
+    let mut batches: [Option<Batch>; 3] = [None, None, None];
     let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
     for s in subs.iter() {
         let h = &s.conn;
@@ -459,22 +439,22 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
         let wanted = |p: &Publication| p.skip != Some(id) && !s.shadowed(&p.concrete);
         // The publications from this index on are queued; those before it were written.
         let mut queue_from = 0;
+        let batch = batches[key.index()]
+            .get_or_insert_with(|| Batch::new(pubs.iter().map(|p| p.message(key)).collect()));
         if pubs.iter().all(wanted) {
-            let f = framed[key.index()].get_or_insert_with(|| Framed::new(&mut pubs, key));
-            queue_from = match h.try_write_frames(&f.bytes, &f.ends) {
+            queue_from = match Outlet::try_write(h, batch) {
                 Direct::Written => pubs.len(),
                 Direct::Partial { queue_from } => queue_from,
                 Direct::Busy => 0,
             };
         }
-        for (i, p) in pubs.iter_mut().enumerate() {
+        for ((i, p), message) in pubs.iter_mut().enumerate().zip(batch.messages()) {
             if i < queue_from {
                 p.tally.delivered += 1;
                 direct_frames += 1;
-                direct_bytes += p.frame(key).len() as u64;
+                direct_bytes += message.len() as u64;
             } else if wanted(p) {
-                let d = h.deliver(p.frame(key));
-                p.tally.add(d);
+                p.tally.add(Outlet::deliver(h, message));
             }
         }
         if queue_from > 0 {

@@ -30,7 +30,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::protocol;
 use crate::registry::{self, Registry};
 use crate::report::Reporter;
-use crate::socket::Wire;
+use crate::tls::Wire;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

@@ -2,9 +2,14 @@
 //! `/metrics`): the handshake with the server config current at accept, then the same request
 //! head, upgrade and connection task as a plain socket.
 //!
-//! A TLS connection's [`Line`] is sealed ([`crate::socket`]): fan-out pumps cannot write
-//! framed bytes into a TLS session, so they queue every frame for it and its task writes
-//! them through the TLS stream. Plain connections keep the direct write.
+//! A TLS connection's [`Line`] is sealed ([`crate::transport::ws`]): fan-out pumps cannot
+//! write framed bytes into a TLS session, so they queue every frame for it and its task
+//! writes them through the TLS stream. Plain connections keep the direct write.
+//!
+//! What an accepted connection arrives on is a [`Wire`]: the plain [`TcpStream`], whose
+//! task writes through [`Socket`], or TLS over it, whose task writes through its TLS stream
+//! over a [`Socket`] of a sealed line. A plain connection's code is the same as if TLS did
+//! not exist: the choice is made once per accepted socket, by type.
 
 use std::io;
 use std::pin::Pin;
@@ -17,7 +22,28 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::conn::{ConnHandle, ConnInfo};
-use crate::socket::{Line, Socket, Wire};
+use crate::transport::ws::{Line, Socket};
+
+/// What an accepted connection arrives on; the request head is read and answered through
+/// it.
+pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// What tungstenite reads and writes once the connection runs.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Gives the socket to a new handle for `info`; returns the handle and the task's side.
+    fn attach(self, info: ConnInfo, stall_limit: Option<Duration>) -> (ConnHandle, Self::Io);
+}
+
+/// Plain: pumps may write to the socket directly.
+impl Wire for TcpStream {
+    type Io = Socket<ConnHandle>;
+
+    fn attach(self, info: ConnInfo, stall_limit: Option<Duration>) -> (ConnHandle, Self::Io) {
+        let handle = ConnHandle::new(info, Line::new(self));
+        let socket = Socket::new(handle.clone(), stall_limit);
+        (handle, socket)
+    }
+}
 
 /// Runs the TLS handshake on `tcp` within `limit`.
 pub(crate) async fn accept(
@@ -40,7 +66,7 @@ pub(crate) async fn accept(
 #[derive(Debug)]
 pub(crate) enum TlsIo {
     Tcp(TcpStream),
-    Line(Socket),
+    Line(Socket<ConnHandle>),
     /// Between the two, for the length of [`Wire::attach`].
     Moving,
 }
