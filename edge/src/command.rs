@@ -2,21 +2,24 @@
 //! broadcast, disconnect, inspect. Each answer is an encoded protobuf message.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+
+use bus::{Outgoing, Subscription};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 use prost::Message as _;
 use proto::v1::{EdgeCommand, InspectReply, edge_command::Kind};
 
-use crate::registry::{self, Tally};
-use crate::server::Shared;
+use crate::registry::{self, Registry, Tally};
 
-pub(crate) fn run(shared: &Shared, cmd: EdgeCommand) -> Vec<u8> {
-    let reg = &shared.registry;
+pub(crate) fn run(reg: &Registry, cmd: EdgeCommand) -> Vec<u8> {
     let tally = match cmd.kind {
         None => Tally::default(),
         Some(Kind::Deliver(d)) => {
             let target = d.target.unwrap_or_default();
             let handles = reg.select(&target);
-            registry::deliver_typed(shared, handles.iter(), &d.r#type, &d.payload)
+            registry::deliver_typed(reg.metrics(), handles.iter(), &d.r#type, &d.payload)
         }
         Some(Kind::Broadcast(b)) => {
             let skip_conns: HashSet<&str> = b.skip_conn_ids.iter().map(String::as_str).collect();
@@ -28,7 +31,7 @@ pub(crate) fn run(shared: &Shared, cmd: EdgeCommand) -> Vec<u8> {
                     && !skip_users.contains(info.user.as_str())
                     && !skip_conns.contains(info.id.to_string().as_str())
             });
-            registry::deliver_typed(shared, targets, &b.r#type, &b.payload)
+            registry::deliver_typed(reg.metrics(), targets, &b.r#type, &b.payload)
         }
         Some(Kind::Disconnect(d)) => {
             let handles = reg.select(&d.target.unwrap_or_default());
@@ -45,5 +48,40 @@ pub(crate) fn run(shared: &Shared, cmd: EdgeCommand) -> Vec<u8> {
         }
     };
     tracing::Span::current().record("delivered", tally.delivered);
-    tally.report(&shared.node_id).encode_to_vec()
+    tally.report(reg.node_id()).encode_to_vec()
+}
+
+/// Commands from coordinators on this node's subject and the all-edges subject.
+pub(crate) async fn pump(
+    registry: Arc<Registry>,
+    subs: Vec<Subscription>,
+    stop: CancellationToken,
+) {
+    let mut messages = futures::stream::select_all(subs);
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            m = messages.next() => match m { Some(m) => m, None => break },
+        };
+        let answer = match proto::v1::EdgeCommand::decode(msg.payload.as_ref()) {
+            Ok(cmd) if bus::trace::is_traced(&msg.headers) => {
+                // Only traced commands pay for a span: the trace runs from the backend's call
+                // to the sockets this edge queued the frame for.
+                let span = tracing::info_span!("edge.command", node = %registry.node_id(), delivered = tracing::field::Empty);
+                bus::trace::follow(&span, &msg.headers);
+                let _inside = span.enter();
+                run(&registry, cmd)
+            }
+            Ok(cmd) => run(&registry, cmd),
+            Err(error) => {
+                tracing::warn!(%error, subject = %msg.subject, "undecodable edge command");
+                continue;
+            }
+        };
+        if let Some(reply) = msg.reply
+            && let Err(error) = registry.bus().publish(Outgoing::new(reply, answer)).await
+        {
+            tracing::debug!(%error, "command answer not sent");
+        }
+    }
 }

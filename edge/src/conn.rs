@@ -1,22 +1,17 @@
-//! One task serves each socket ([`Conn`]): it reads, answers and writes what is queued;
-//! everyone else holds a [`ConnHandle`], the connection's [`Outlet`] for the fan-out. Pumps
-//! may also write pre-framed bytes to an idle plain socket directly, under the rules of
-//! [`crate::transport::ws`] (never to a TLS one).
-//!
-//! **Invariant:** nothing awaits a client. [`ConnHandle::deliver`] never blocks: it queues
-//! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
-//! the slow consumer with 1013).
+//! The connection driver: one task serves each socket ([`Conn`]). It reads frames into the
+//! connection's [`Session`] (the pure protocol), carries out the actions the session asks
+//! for, in order, and writes what is queued; everyone else holds the connection's
+//! [`ConnHandle`]. What a connection may use of the node is its [`Env`], handed down
+//! explicitly.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
-use serde_json::{Map, Value};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
@@ -24,164 +19,17 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
-use ulid::Ulid;
 
 use edge_core::session::{Action, Close, Failure, RequestId, Session};
 
-use crate::config::OnFull;
-use crate::protocol;
-use crate::server::{Route, Shared};
-use crate::transport::outbox::Outbox;
-use crate::transport::ws::{self, Line};
-use crate::transport::{Batch, Direct, Outlet};
-pub use crate::transport::{CloseRequest, Delivery};
+use crate::env::Env;
+use crate::handle::{CloseRequest, ConnHandle, TOKEN_EXPIRED, unix_ms};
+use crate::route::Route;
+use crate::transport::ws;
+use crate::{protocol, resources};
+
 /// How long a closing handshake may take before the TCP connection is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What is known about a connection, fixed at admission.
-#[derive(Debug)]
-pub struct ConnInfo {
-    pub id: Ulid,
-    pub namespace: String,
-    pub user: String,
-    pub remote: SocketAddr,
-    pub connected_at_ms: i64,
-    pub claims: Map<String, Value>,
-    /// Query and path parameters of the upgrade request (the token parameter removed).
-    pub params: Vec<(String, String)>,
-    pub route: Arc<Route>,
-}
-
-/// The clonable front door of a connection.
-#[derive(Debug, Clone)]
-pub struct ConnHandle(Arc<HandleInner>);
-
-#[derive(Debug)]
-struct HandleInner {
-    info: ConnInfo,
-    outbox: Outbox,
-    on_full: OnFull,
-    kill: CancellationToken,
-    close: Mutex<Option<CloseRequest>>,
-    line: Line,
-    /// What revocations match: the claims of the token in force (a refresh replaces them).
-    token: Mutex<TokenIds>,
-}
-
-/// The claims of a connection's current token that a revocation can name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct TokenIds {
-    pub(crate) jti: Option<String>,
-    pub(crate) sub: Option<String>,
-}
-
-impl TokenIds {
-    pub(crate) fn of(claims: &Map<String, Value>) -> Self {
-        let get = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
-        Self {
-            jti: get("jti"),
-            sub: get("sub"),
-        }
-    }
-}
-
-impl ConnHandle {
-    pub(crate) fn new(info: ConnInfo, line: Line) -> Self {
-        let out = &info.route.cfg.outbound;
-        let inner = HandleInner {
-            outbox: Outbox::new(out.queue, out.max_bytes),
-            on_full: out.on_full,
-            kill: CancellationToken::new(),
-            close: Mutex::new(None),
-            line,
-            token: Mutex::new(TokenIds::of(&info.claims)),
-            info,
-        };
-        Self(Arc::new(inner))
-    }
-
-    pub fn info(&self) -> &ConnInfo {
-        &self.0.info
-    }
-
-    pub fn id(&self) -> Ulid {
-        self.0.info.id
-    }
-
-    /// Bytes queued and not yet written to the socket.
-    pub fn buffered(&self) -> usize {
-        self.0.outbox.buffered()
-    }
-
-    /// Queues a frame. Never awaits: one slow client must not slow anyone else.
-    pub fn deliver(&self, frame: &Utf8Bytes) -> Delivery {
-        if self.0.line.is_closed() {
-            return Delivery::Gone;
-        }
-        match self.0.outbox.push(frame) {
-            Ok(()) => Delivery::Queued,
-            Err(crate::transport::outbox::Full) => self.refuse(),
-        }
-    }
-
-    pub(crate) fn line(&self) -> &Line {
-        &self.0.line
-    }
-
-    /// Asks the task to close; the first request wins.
-    pub fn close(&self, req: CloseRequest) {
-        let mut slot = self.0.close.lock().expect("close slot poisoned");
-        if slot.is_none() {
-            *slot = Some(req);
-        }
-        drop(slot);
-        self.0.kill.cancel();
-    }
-
-    /// The `jti` and `sub` of the token in force.
-    pub(crate) fn token_ids(&self) -> TokenIds {
-        self.0.token.lock().expect("token slot poisoned").clone()
-    }
-
-    fn set_token_ids(&self, ids: TokenIds) {
-        *self.0.token.lock().expect("token slot poisoned") = ids;
-    }
-
-    fn refuse(&self) -> Delivery {
-        if self.0.on_full == OnFull::Close {
-            self.close(CloseRequest::new(1013, "slow consumer"));
-        }
-        Delivery::Refused
-    }
-
-    fn take_close(&self) -> Option<CloseRequest> {
-        self.0.close.lock().expect("close slot poisoned").clone()
-    }
-}
-
-/// The fan-out's view: a WebSocket connection writes a batch straight to its free plain
-/// socket ([`ws::Line`]) and queues the rest in its outbox.
-impl Outlet for ConnHandle {
-    fn try_write(&self, batch: &mut Batch) -> Direct {
-        self.0
-            .line
-            .try_write(batch, || self.0.outbox.buffered() != 0)
-    }
-
-    fn deliver(&self, message: &Utf8Bytes) -> Delivery {
-        ConnHandle::deliver(self, message)
-    }
-
-    fn close(&self, req: CloseRequest) {
-        ConnHandle::close(self, req);
-    }
-}
-
-impl AsRef<Line> for ConnHandle {
-    fn as_ref(&self) -> &Line {
-        &self.0.line
-    }
-}
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -212,11 +60,6 @@ pub enum ConnError {
     #[error("closed on request: {} {}", .0.code, .0.reason)]
     Requested(CloseRequest),
 }
-
-/// Close code and reason when a token expires on an open connection.
-pub const TOKEN_EXPIRED: (u16, &str) = (4001, "token expired");
-/// Close code and reason when a connection's token is revoked.
-pub const TOKEN_REVOKED: (u16, &str) = (4003, "token revoked");
 
 impl ConnError {
     /// The close frame to send, or `None` to drop the TCP connection without one.
@@ -258,7 +101,7 @@ pub(crate) type Inflight = BoxFuture<'static, (RequestId, Result<bus::Message, b
 pub(crate) struct Conn<S> {
     pub(crate) ws: WebSocketStream<S>,
     pub(crate) handle: ConnHandle,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) env: Arc<Env>,
     /// The protocol: what to answer, subscribe, ask backends, and when to close.
     pub(crate) session: Session,
     /// Running resource watches, by the session's watch key.
@@ -267,7 +110,7 @@ pub(crate) struct Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
-    pub(crate) fn new(ws: WebSocketStream<S>, handle: ConnHandle, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(ws: WebSocketStream<S>, handle: ConnHandle, env: Arc<Env>) -> Self {
         let route = &handle.info().route;
         let exp = crate::auth::expiry(&handle.info().claims);
         let session = Session::new(
@@ -280,20 +123,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Self {
             ws,
             handle,
-            shared,
+            env,
             session,
             watches: HashMap::new(),
             inflight: FuturesUnordered::new(),
         }
     }
 
-    /// A refresh was accepted: the new token's claims are the ones revocations match.
-    pub(crate) fn refreshed(&mut self, claims: &Map<String, Value>) {
-        self.handle.set_token_ids(TokenIds::of(claims));
-    }
-
     pub(crate) fn route(&self) -> &Arc<Route> {
-        &self.handle.0.info.route
+        self.handle.route()
     }
 
     /// Runs until the connection ends; sends the close frame; returns why it ended.
@@ -327,7 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         // nothing new. The timer is armed for the session's earliest deadline and moved only
         // when that comes earlier (activity moves the idle deadline later: the timer then
         // fires early, finds nothing due, and is re-armed).
-        let killed = handle.0.kill.cancelled();
+        let killed = handle.killed();
         tokio::pin!(killed);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let deadline = |s: &Session| s.poll_timeout().map_or(far, Instant::from_std);
@@ -368,7 +206,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
                 // A pump handed over the socket with a partial write: the loop's top ends it.
                 () = ws::rest_handed_over(handle.line()) => {}
-                frame = handle.0.outbox.recv() => {
+                frame = handle.outbox().recv() => {
                     let write = pin!(self.write_batch(frame));
                     tokio::select! {
                         r = write => if let Err(e) = r { return e; },
@@ -389,8 +227,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     self.session.on_received();
                     match msg {
                         Message::Text(text) => {
-                            self.shared.metrics.frames_in.inc();
-                            self.shared.metrics.bytes_in.add(text.len() as u64);
+                            self.env.metrics.frames_in.inc();
+                            self.env.metrics.bytes_in.add(text.len() as u64);
                             // Nothing a pump writes may overtake this frame's answer.
                             handle.line().hold().await;
                             self.session.on_text(&text, Instant::now().into_std());
@@ -434,25 +272,92 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     .map_err(ConnError::Transport)?,
                 Action::FlushPong => self.ws.flush().await.map_err(ConnError::Transport)?,
                 Action::Close(why) => return Err(why.into()),
-                action => protocol::perform(self, action).await,
+                action => self.perform(action).await,
             }
         }
         Ok(())
     }
 
+    /// Carries out an action that needs more than the socket: the bus, the registry, the
+    /// store; its outcome goes back to the session.
+    async fn perform(&mut self, action: Action) {
+        let env = Arc::clone(&self.env);
+        match action {
+            Action::Subscribe { filter, id } => {
+                let result = env.registry.subscribe(&self.handle, &filter).await;
+                if let Err(error) = &result {
+                    tracing::warn!(conn = %self.handle.id(), %error, "subscribe failed");
+                }
+                self.session.subscribed(filter, id.as_ref(), result.is_ok());
+            }
+            Action::Unsubscribe { filter } => env.registry.unsubscribe(&self.handle, &filter),
+            Action::Publish {
+                topic,
+                payload,
+                echo,
+                id,
+            } => {
+                let ok = protocol::publish(&env.bus, &self.handle, &topic, payload, echo).await;
+                self.session.published(&topic, id.as_ref(), ok);
+            }
+            Action::Request { request, to, body } => {
+                let fut = protocol::request(&env, &self.handle, to, body);
+                self.inflight.push(fut.map(move |r| (request, r)).boxed());
+            }
+            Action::Emit { subject, body } => {
+                if !protocol::emit(&env, &self.handle, subject, body).await {
+                    self.session.emit_failed();
+                }
+            }
+            Action::Resource(call) => {
+                let Some(res) = self.route().cfg.resources.get(&call.name).cloned() else {
+                    return;
+                };
+                match call.watch_key.clone() {
+                    Some(key) => {
+                        let stop = resources::watch(&env, &self.handle, call, &res);
+                        self.watches.insert(key, stop);
+                    }
+                    None => {
+                        let route = Arc::clone(self.route());
+                        let answer = resources::answer(env.store.as_ref(), &route, &call, &res);
+                        if let Some(frame) = answer.await {
+                            self.session.answer(frame);
+                        }
+                    }
+                }
+            }
+            Action::StopWatch(key) => {
+                if let Some(watch) = self.watches.remove(&key) {
+                    watch.cancel();
+                }
+            }
+            Action::CheckToken { token, id } => {
+                let checked = protocol::check_token(&self.handle, &env.revoked, &token).await;
+                let now = Instant::now().into_std();
+                self.session
+                    .token_checked(id.as_ref(), checked, now, unix_ms());
+            }
+            Action::Ignored => env.metrics.events_ignored.inc(),
+            Action::Send(_) | Action::Ping | Action::FlushPong | Action::Close(_) => {
+                unreachable!("drive carries out socket actions itself")
+            }
+        }
+    }
+
     /// Writes `first` and whatever else is queued, then flushes once.
     async fn write_batch(&mut self, first: Utf8Bytes) -> Result<(), ConnError> {
-        let wrote = ws::write_queued(&mut self.ws, &self.handle.0.outbox, first)
+        let wrote = ws::write_queued(&mut self.ws, self.handle.outbox(), first)
             .await
             .map_err(ConnError::Transport)?;
-        self.shared.metrics.frames_out.add(wrote.frames);
-        self.shared.metrics.bytes_out.add(wrote.bytes as u64);
+        self.env.metrics.frames_out.add(wrote.frames);
+        self.env.metrics.bytes_out.add(wrote.bytes as u64);
         Ok(())
     }
 
     /// Sends one frame built by this connection (a reply or an error), bypassing the queue.
     pub(crate) async fn push(&mut self, frame: String) -> Result<(), ConnError> {
-        self.shared.metrics.frames_out.inc();
+        self.env.metrics.frames_out.inc();
         ws::send(&mut self.ws, frame.into())
             .await
             .map_err(ConnError::Transport)
@@ -479,13 +384,6 @@ fn read_error(e: tungstenite::Error, max: usize) -> ConnError {
         }
         other => ConnError::Transport(other),
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// What the session is told of a failed backend request (the bus's details stay here).

@@ -5,8 +5,6 @@
 
 use bus::metrics::{Counter, Histogram, LabeledCounter, Text};
 
-use crate::registry::Tally;
-
 /// Upper bounds of the fan-out size histogram (recipients per message).
 static FANOUT_BOUNDS: [f64; 9] = [
     1.0,
@@ -85,13 +83,14 @@ pub(crate) fn client_close_label(code: u16) -> &'static str {
 }
 
 impl Metrics {
-    pub(crate) fn record_fanout(&self, t: Tally) {
-        self.messages_delivered.add(t.delivered);
-        if t.refused > 0 {
-            self.messages_dropped.add(t.refused);
+    /// One message's fan-out: connections that took it, and those that refused it.
+    pub(crate) fn record_fanout(&self, delivered: u64, refused: u64) {
+        self.messages_delivered.add(delivered);
+        if refused > 0 {
+            self.messages_dropped.add(refused);
         }
         #[allow(clippy::cast_precision_loss)]
-        self.fanout.observe((t.delivered + t.refused) as f64);
+        self.fanout.observe((delivered + refused) as f64);
     }
 
     /// Prometheus text exposition format.

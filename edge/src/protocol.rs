@@ -1,126 +1,101 @@
-//! What a session's actions do over the bus (docs/PROTOCOL.md §4, §5, §10): topic
-//! subscriptions and client publications, requests to backends (the connect hook, client
-//! events, monument data-style events) and their replies, monument passthrough, resource
-//! verbs, and the check of a refreshed token. The session ([`edge_core::session`]) decides
-//! every answer; this module only carries out the I/O and reports the outcome back.
+//! What a session's actions send to backends (docs/PROTOCOL.md §4, §5, §10): client
+//! publications, requests (the connect hook, client events, monument data-style events),
+//! monument passthrough, the close event, and the check of a refreshed token. The session
+//! ([`edge_core::session`]) decides every answer; these functions carry out the I/O and
+//! return the outcome for the driver ([`crate::conn`]) to report back.
 
 use std::sync::Arc;
 
-use bus::{Outgoing, SharedBus};
-use edge_core::session::{Action, Body, To};
+use bus::{BusError, Message, Outgoing, SharedBus};
+use edge_core::session::{Body, To};
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use proto::subject;
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::conn::{Conn, ConnHandle, unix_ms};
-use crate::resources;
+use crate::env::Env;
+use crate::handle::{CloseRequest, ConnHandle, TOKEN_REVOKED, TokenIds};
+use crate::revoke::Revocations;
 
-/// Carries out one action of the session (those that need more than the socket).
-pub(crate) async fn perform<S>(conn: &mut Conn<S>, action: Action)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    match action {
-        Action::Subscribe { filter, id } => {
-            let shared = Arc::clone(&conn.shared);
-            let result = shared
-                .registry
-                .subscribe(&shared, &conn.handle, &filter)
-                .await;
-            if let Err(error) = &result {
-                tracing::warn!(conn = %conn.handle.id(), %error, "subscribe failed");
-            }
-            conn.session.subscribed(filter, id.as_ref(), result.is_ok());
+/// Publishes a client's topic message; whether the bus took it.
+pub(crate) async fn publish(
+    bus: &SharedBus,
+    handle: &ConnHandle,
+    topic: &str,
+    payload: String,
+    echo: bool,
+) -> bool {
+    let info = handle.info();
+    let mut msg = Outgoing::new(subject::topic(&info.namespace, topic.split('/')), payload)
+        .with_header(subject::HEADER_ORIGIN, info.id.to_string());
+    if echo {
+        msg = msg.with_header(subject::HEADER_ECHO, "1");
+    }
+    match bus.publish(msg).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(conn = %info.id, %error, "publish failed");
+            false
         }
-        Action::Unsubscribe { filter } => {
-            let shared = &conn.shared;
-            shared.registry.unsubscribe(shared, &conn.handle, &filter);
+    }
+}
+
+/// A request to backends that owns what it needs, so it can run beside the connection's
+/// task; a client event gets a span, its context carried to the backend in the headers.
+pub(crate) fn request(
+    env: &Env,
+    handle: &ConnHandle,
+    to: To,
+    body: Body,
+) -> BoxFuture<'static, Result<Message, BusError>> {
+    let subject = match to {
+        To::Subject(s) => s,
+        To::OwnEvent(event) => subject::event(&handle.info().namespace, &event),
+    };
+    let span = match &body {
+        Body::Event(frame) => {
+            let key = handle.route().key;
+            let event = frame.get(key.as_str()).and_then(Value::as_str);
+            let event = event.unwrap_or_default();
+            Some(tracing::info_span!("edge.event", event = %event, subject = %subject))
         }
-        Action::Publish {
-            topic,
-            payload,
-            echo,
-            id,
-        } => {
-            let info = conn.handle.info();
-            let mut msg = Outgoing::new(subject::topic(&info.namespace, topic.split('/')), payload)
-                .with_header(subject::HEADER_ORIGIN, info.id.to_string());
-            if echo {
-                msg = msg.with_header(subject::HEADER_ECHO, "1");
-            }
-            let result = conn.shared.bus.publish(msg).await;
-            if let Err(error) = &result {
-                tracing::warn!(conn = %info.id, %error, "publish failed");
-            }
-            conn.session.published(&topic, id.as_ref(), result.is_ok());
+        _ => None,
+    };
+    let mut msg = event_message(handle, subject, backend_body(handle, &env.node_id, body));
+    let bus = Arc::clone(&env.bus);
+    let timeout = env.request_timeout;
+    match span {
+        Some(span) => {
+            bus::trace::inject(&span, &mut msg.headers);
+            async move { bus.request(msg, timeout).await }
+                .instrument(span)
+                .boxed()
         }
-        Action::Request { request, to, body } => {
-            let subject = match to {
-                To::Subject(s) => s,
-                To::OwnEvent(event) => subject::event(&conn.handle.info().namespace, &event),
-            };
-            // A client event gets a span, its context carried to the backend in the headers.
-            let span = match &body {
-                Body::Event(frame) => {
-                    let key = conn.handle.info().route.key;
-                    let event = frame.get(key.as_str()).and_then(Value::as_str);
-                    let event = event.unwrap_or_default();
-                    Some(tracing::info_span!("edge.event", event = %event, subject = %subject))
-                }
-                _ => None,
-            };
-            let mut msg = event_message(&conn.handle, subject, backend_body(conn, body));
-            let bus = Arc::clone(&conn.shared.bus);
-            let timeout = conn.shared.request_timeout;
-            let fut = match span {
-                Some(span) => {
-                    bus::trace::inject(&span, &mut msg.headers);
-                    async move { bus.request(msg, timeout).await }
-                        .instrument(span)
-                        .boxed()
-                }
-                None => async move { bus.request(msg, timeout).await }.boxed(),
-            };
-            conn.inflight.push(fut.map(move |r| (request, r)).boxed());
-        }
-        Action::Emit { subject, body } => {
-            let msg = event_message(&conn.handle, subject, backend_body(conn, body));
-            if let Err(error) = conn.shared.bus.publish(msg).await {
-                tracing::warn!(conn = %conn.handle.id(), %error, "passthrough event not published");
-                conn.session.emit_failed();
-            }
-        }
-        Action::Resource(call) => resources::run(conn, call).await,
-        Action::StopWatch(key) => {
-            if let Some(watch) = conn.watches.remove(&key) {
-                watch.cancel();
-            }
-        }
-        Action::CheckToken { token, id } => {
-            let checked = check_token(conn, &token).await;
-            let now = Instant::now().into_std();
-            conn.session
-                .token_checked(id.as_ref(), checked, now, unix_ms());
-        }
-        Action::Ignored => conn.shared.metrics.events_ignored.inc(),
-        Action::Send(_) | Action::Ping | Action::FlushPong | Action::Close(_) => {
-            unreachable!("the connection's task carries out socket actions")
+        None => async move { bus.request(msg, timeout).await }.boxed(),
+    }
+}
+
+/// A message to backends that nobody answers (monument passthrough); whether the bus took it.
+pub(crate) async fn emit(env: &Env, handle: &ConnHandle, subject: String, body: Body) -> bool {
+    let msg = event_message(handle, subject, backend_body(handle, &env.node_id, body));
+    match env.bus.publish(msg).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(conn = %handle.id(), %error, "passthrough event not published");
+            false
         }
     }
 }
 
 /// What backends receive: the connection's context, with the client's frame where the
 /// action carries one.
-fn backend_body<S>(conn: &Conn<S>, body: Body) -> String {
-    let node = &conn.shared.node_id;
+fn backend_body(handle: &ConnHandle, node_id: &str, body: Body) -> String {
     match body {
-        Body::Context => context(&conn.handle, node, None).to_string(),
-        Body::Event(frame) => context(&conn.handle, node, Some(Value::Object(frame))).to_string(),
+        Body::Context => context(handle, node_id, None).to_string(),
+        Body::Event(frame) => context(handle, node_id, Some(Value::Object(frame))).to_string(),
         Body::Socket(frame) => {
-            let socket = context(&conn.handle, node, None);
+            let socket = context(handle, node_id, None);
             json!({ "message": Value::Object(frame), "socket": socket }).to_string()
         }
     }
@@ -128,13 +103,14 @@ fn backend_body<S>(conn: &Conn<S>, body: Body) -> String {
 
 /// A new token for an open connection, checked as the upgrade's was (signature, `exp`, same
 /// user, the connection's namespace still granted, not revoked): its `exp`, or what the
-/// client is told. The old token's deadline stays in force after a refusal.
-async fn check_token<S>(conn: &mut Conn<S>, token: &str) -> Result<Option<i64>, &'static str>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let route = Arc::clone(conn.route());
-    let info = conn.handle.info();
+/// client is told. On success its claims are the ones revocations match from now on.
+pub(crate) async fn check_token(
+    handle: &ConnHandle,
+    revoked: &Revocations,
+    token: &str,
+) -> Result<Option<i64>, &'static str> {
+    let route = Arc::clone(handle.route());
+    let info = handle.info();
     let check = || {
         route
             .verifier
@@ -149,30 +125,23 @@ where
         checked = check();
     }
     let checked = checked.and_then(|claims| {
-        let ids = crate::conn::TokenIds::of(&claims);
-        if conn.shared.revoked.revokes(&ids, &info.namespace) {
+        if revoked.revokes(&TokenIds::of(&claims), &info.namespace) {
             return Err(crate::auth::AuthError::Revoked);
         }
         Ok(claims)
     });
     match checked {
         Ok(claims) => {
-            conn.refreshed(&claims);
+            handle.set_token_ids(TokenIds::of(&claims));
             // A revocation recorded since the check, whose scan saw the old token's ids.
-            let info = conn.handle.info();
-            if conn
-                .shared
-                .revoked
-                .revokes(&conn.handle.token_ids(), &info.namespace)
-            {
-                let (code, reason) = crate::conn::TOKEN_REVOKED;
-                conn.handle
-                    .close(crate::conn::CloseRequest::new(code, reason));
+            if revoked.revokes(&handle.token_ids(), &info.namespace) {
+                let (code, reason) = TOKEN_REVOKED;
+                handle.close(CloseRequest::new(code, reason));
             }
             Ok(crate::auth::expiry(&claims))
         }
         Err(e) => {
-            tracing::debug!(conn = %conn.handle.id(), error = %e, "refresh refused");
+            tracing::debug!(conn = %handle.id(), error = %e, "refresh refused");
             Err(refusal_message(&e))
         }
     }

@@ -14,29 +14,37 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bus::{Message, Outgoing, Subscription};
+use bus::{Message, Outgoing, SharedBus, Subscription};
 use edge_core::index::{Handle, Index, JoinError, Subscribers};
-use edge_core::report;
 use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 use proto::frame::{FrameBuilder, Key, json_or_string};
 use proto::subject;
-use proto::v1::{Connection, DeliveryReport, Target};
-use tokio::sync::watch;
+use proto::v1::{Connection, DeliveryReport, ReportBatch, Target};
+use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use ulid::Ulid;
 
-use crate::conn::{CloseRequest, ConnHandle, Delivery};
-use crate::server::Shared;
+use crate::handle::{CloseRequest, ConnHandle, Delivery};
+use crate::metrics::Metrics;
 use crate::transport::{Batch, Direct, Outlet};
 
 /// How long a subscriber waits for the bus subscription of a new topic.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The index and what its changes need: the bus for topic subscriptions, the tasks that
+/// pump them, the metrics they count, and the wake-up of the report log's reader.
 #[derive(Debug)]
 pub(crate) struct Registry {
     index: Mutex<Index<ConnHandle, Arc<Topic>>>,
+    node_id: String,
+    bus: SharedBus,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    /// Something was logged (or a full report is due): the report's reader looks.
+    reports: Notify,
 }
 
 /// One active topic filter in one namespace: what its pump needs.
@@ -150,11 +158,38 @@ impl Tally {
 }
 
 impl Registry {
-    /// The registry of node `node_id` (its connections' report records name it).
-    pub(crate) fn new(node_id: String) -> Self {
+    /// The registry of node `node_id` (its connections' report records name it); topic
+    /// pumps run on `tracker`.
+    pub(crate) fn new(
+        node_id: String,
+        bus: SharedBus,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+    ) -> Self {
         Self {
-            index: Mutex::new(Index::new(node_id)),
+            index: Mutex::new(Index::new(node_id.clone())),
+            node_id,
+            bus,
+            metrics,
+            tracker,
+            reports: Notify::new(),
         }
+    }
+
+    pub(crate) fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub(crate) fn bus(&self) -> &SharedBus {
+        &self.bus
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn wake_reports(&self) {
+        self.reports.notify_one();
     }
 
     fn lock(&self) -> MutexGuard<'_, Index<ConnHandle, Arc<Topic>>> {
@@ -170,28 +205,27 @@ impl Registry {
     }
 
     /// Adds a connection; refuses when its user holds too many on this route.
-    pub(crate) fn attach(&self, shared: &Shared, handle: &ConnHandle) -> bool {
+    pub(crate) fn attach(&self, handle: &ConnHandle) -> bool {
         let attached = self.lock().attach(handle.clone()).is_ok();
         if attached {
-            shared.reporter.wake();
+            self.wake_reports();
         }
         attached
     }
 
     /// Removes a connection and its topic subscriptions (those still being made too).
-    pub(crate) fn detach(&self, shared: &Shared, handle: &ConnHandle) {
+    pub(crate) fn detach(&self, handle: &ConnHandle) {
         let stopped = self.lock().detach(handle.id());
         for topic in stopped {
             topic.stop.cancel();
         }
-        shared.reporter.wake();
+        self.wake_reports();
     }
 
     /// Adds `handle` to the subscribers of `filter`, creating the bus subscription if this
     /// edge had no subscriber of it; returns once publications are flowing.
     pub(crate) async fn subscribe(
-        &self,
-        shared: &Arc<Shared>,
+        self: &Arc<Self>,
         handle: &ConnHandle,
         filter: &str,
     ) -> Result<(), SubscribeError> {
@@ -209,13 +243,12 @@ impl Registry {
         };
         let ns = &handle.info().namespace;
         if created {
-            shared.reporter.wake();
-            match open_subscriptions(shared, ns, filter).await {
+            self.wake_reports();
+            match self.open_subscriptions(ns, filter).await {
                 Ok(subs) => {
                     topic.ready.send_replace(Ready::Yes);
-                    shared
-                        .tracker
-                        .spawn(pump(Arc::clone(shared), Arc::clone(&topic), subs));
+                    self.tracker
+                        .spawn(pump(Arc::clone(self), Arc::clone(&topic), subs));
                 }
                 Err(e) => {
                     topic.ready.send_replace(Ready::Failed);
@@ -223,7 +256,7 @@ impl Registry {
                     // Everyone waiting for this topic fails with it; the next subscriber
                     // makes it anew.
                     self.lock().drop_topic(ns, filter, life);
-                    shared.reporter.wake();
+                    self.wake_reports();
                     return Err(e);
                 }
             }
@@ -237,36 +270,47 @@ impl Registry {
                 Ok(Err(_)) | Err(_) => false,
             };
             if !ready {
-                self.unsubscribe(shared, handle, filter);
+                self.unsubscribe(handle, filter);
                 return Err(SubscribeError::Timeout);
             }
         }
         if !self.lock().confirm(id, filter) {
             return Err(SubscribeError::Ended);
         }
-        shared.reporter.wake();
+        self.wake_reports();
         Ok(())
     }
 
     /// Removes `handle` from the subscribers of `filter`; the connection's younger
     /// overlapping filters stop deferring to it.
-    pub(crate) fn unsubscribe(&self, shared: &Shared, handle: &ConnHandle, filter: &str) {
+    pub(crate) fn unsubscribe(&self, handle: &ConnHandle, filter: &str) {
         let stopped = self.lock().unsubscribe(handle.id(), filter);
         if let Some(topic) = stopped {
             topic.stop.cancel();
         }
-        shared.reporter.wake();
+        self.wake_reports();
     }
 
-    /// The next report batch (a full one is built under the lock, and the log switches
-    /// back to deltas in the same step); `None` when nothing changed.
-    pub(crate) fn next_report(&self) -> Option<report::Batch> {
-        self.lock().next_batch()
+    /// Waits for changes and returns the next report batch (a full one is built under the
+    /// lock, and the log switches back to deltas in the same step).
+    pub(crate) async fn next_report(&self, address: &str) -> ReportBatch {
+        loop {
+            let notified = self.reports.notified();
+            let batch = self.lock().next_batch();
+            if let Some(batch) = batch {
+                if batch.more {
+                    self.wake_reports();
+                }
+                return batch.into_report(&self.node_id, address);
+            }
+            notified.await;
+        }
     }
 
     /// Makes the next report batch a full one.
     pub(crate) fn resync_reports(&self) {
         self.lock().resync();
+        self.wake_reports();
     }
 
     /// Every connection, for drain, broadcast and snapshots.
@@ -287,7 +331,7 @@ impl Registry {
 
 /// Delivers `{"<key>": msg_type, "payload": payload}` to `handles`.
 pub(crate) fn deliver_typed<'h>(
-    shared: &Shared,
+    metrics: &Metrics,
     handles: impl Iterator<Item = &'h ConnHandle>,
     msg_type: &str,
     payload: &[u8],
@@ -303,7 +347,7 @@ pub(crate) fn deliver_typed<'h>(
     for h in handles {
         tally.add(Outlet::deliver(h, frames.get(h.info().route.cfg.key())));
     }
-    shared.metrics.record_fanout(tally);
+    metrics.record_fanout(tally.delivered, tally.refused);
     tally
 }
 
@@ -326,20 +370,22 @@ pub(crate) fn disconnect(handles: &[ConnHandle], code: u16, reason: &str, hard: 
     }
 }
 
-async fn open_subscriptions(
-    shared: &Shared,
-    ns: &str,
-    filter: &str,
-) -> Result<Vec<Subscription>, SubscribeError> {
-    let mut subs = Vec::new();
-    for s in subject::topic_filter(ns, filter) {
-        subs.push(shared.bus.subscribe(s, None).await?);
+impl Registry {
+    async fn open_subscriptions(
+        &self,
+        ns: &str,
+        filter: &str,
+    ) -> Result<Vec<Subscription>, SubscribeError> {
+        let mut subs = Vec::new();
+        for s in subject::topic_filter(ns, filter) {
+            subs.push(self.bus.subscribe(s, None).await?);
+        }
+        // Make sure the server has the subscriptions before the client hears "subscribed".
+        tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.bus.flush())
+            .await
+            .map_err(|_| SubscribeError::Timeout)??;
+        Ok(subs)
     }
-    // Make sure the server has the subscriptions before the client hears "subscribed".
-    tokio::time::timeout(SUBSCRIBE_TIMEOUT, shared.bus.flush())
-        .await
-        .map_err(|_| SubscribeError::Timeout)??;
-    Ok(subs)
 }
 
 /// Publications a pump takes in one go at most.
@@ -348,7 +394,7 @@ const PUMP_BATCH: usize = 256;
 /// thread for long.
 const WRITES_PER_YIELD: usize = 256;
 
-async fn pump(shared: Arc<Shared>, topic: Arc<Topic>, subs: Vec<Subscription>) {
+async fn pump(registry: Arc<Registry>, topic: Arc<Topic>, subs: Vec<Subscription>) {
     let mut messages = futures::stream::select_all(subs);
     let mut batch = Vec::new();
     loop {
@@ -367,7 +413,7 @@ async fn pump(shared: Arc<Shared>, topic: Arc<Topic>, subs: Vec<Subscription>) {
                 _ => break,
             }
         }
-        publish_local(&shared, &topic, &mut batch).await;
+        publish_local(&registry, &topic, &mut batch).await;
     }
 }
 
@@ -421,7 +467,7 @@ impl Publication {
 /// are built once, and framed once per transport kind into one buffer; a subscriber whose
 /// connection can take it now gets that buffer in one write, the others get the messages
 /// queued.
-async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>) {
+async fn publish_local(registry: &Registry, topic: &Topic, batch: &mut Vec<Message>) {
     let mut pubs: Vec<Publication> = batch.drain(..).filter_map(Publication::new).collect();
     if pubs.is_empty() {
         return;
@@ -464,51 +510,17 @@ async fn publish_local(shared: &Shared, topic: &Topic, batch: &mut Vec<Message>)
             }
         }
     }
-    shared.metrics.frames_out.add(direct_frames);
-    shared.metrics.bytes_out.add(direct_bytes);
+    let metrics = &registry.metrics;
+    metrics.frames_out.add(direct_frames);
+    metrics.bytes_out.add(direct_bytes);
     for p in pubs {
-        shared.metrics.record_fanout(p.tally);
+        metrics.record_fanout(p.tally.delivered, p.tally.refused);
         p.span.record("delivered", p.tally.delivered);
         if let Some(reply) = p.reply {
-            let out = Outgoing::new(reply, p.tally.report(&shared.node_id).encode_to_vec());
-            if let Err(error) = shared.bus.publish(out).await {
+            let out = Outgoing::new(reply, p.tally.report(&registry.node_id).encode_to_vec());
+            if let Err(error) = registry.bus.publish(out).await {
                 tracing::debug!(%error, "publish report not sent");
             }
-        }
-    }
-}
-
-/// Commands from coordinators on this node's subject and the all-edges subject.
-pub(crate) async fn command_pump(
-    shared: Arc<Shared>,
-    subs: Vec<Subscription>,
-    stop: CancellationToken,
-) {
-    let mut messages = futures::stream::select_all(subs);
-    loop {
-        let msg = tokio::select! {
-            () = stop.cancelled() => break,
-            m = messages.next() => match m { Some(m) => m, None => break },
-        };
-        let answer = match proto::v1::EdgeCommand::decode(msg.payload.as_ref()) {
-            Ok(cmd) if bus::trace::is_traced(&msg.headers) => {
-                // Only traced commands pay for a span: the trace runs from the backend's call
-                // to the sockets this edge queued the frame for.
-                let span = tracing::info_span!("edge.command", node = %shared.node_id, delivered = tracing::field::Empty);
-                bus::trace::follow(&span, &msg.headers);
-                let _inside = span.enter();
-                crate::command::run(&shared, cmd)
-            }
-            Ok(cmd) => crate::command::run(&shared, cmd),
-            Err(error) => {
-                tracing::warn!(%error, subject = %msg.subject, "undecodable edge command");
-                continue;
-            }
-        };
-        if let Some(reply) = msg.reply
-            && let Err(error) = shared.bus.publish(Outgoing::new(reply, answer)).await
-        {
-            tracing::debug!(%error, "command answer not sent");
         }
     }
 }

@@ -16,122 +16,99 @@ use edge_core::session::ResourceCall;
 use futures::StreamExt;
 use proto::frame::{ErrorCode, FrameBuilder, Key};
 use serde_json::{Map, Value};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ResourceConfig, ResourceKind};
-use crate::conn::{Conn, ConnHandle};
-use crate::server::Shared;
+use crate::env::Env;
+use crate::handle::ConnHandle;
+use crate::route::Route;
 
-/// Runs a resource verb the session has checked: answers a query, all or get from the
-/// store, or starts a watch (its frames go through the connection's queue).
-pub(crate) async fn run<S>(conn: &mut Conn<S>, call: ResourceCall)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let route = Arc::clone(conn.route());
+/// Answers a `query`, `all` or `get` the session has checked, from the store; `None` for
+/// other verbs.
+pub(crate) async fn answer(
+    store: Option<&bus::SharedStore>,
+    route: &Route,
+    call: &ResourceCall,
+    res: &ResourceConfig,
+) -> Option<String> {
     let (key, field) = (route.key, route.cfg.dialect.row().resource_field);
-    let Some(res) = route.cfg.resources.get(&call.name) else {
-        return;
-    };
-    let store = conn.shared.store.clone();
-    if call.verb == Verb::Watch {
-        let Some(watch_key) = call.watch_key.clone() else {
-            return;
-        };
-        return start_watch(conn, call, watch_key, res, store);
-    }
     let id = call.id.as_ref();
-    let frame = match store {
-        None => error(
-            key,
-            field,
-            &call,
-            ErrorCode::Unavailable,
-            "no resource store on this node",
-        ),
-        Some(store) => {
-            let bucket = res.bucket_name(&call.name);
-            match call.verb {
-                Verb::Query | Verb::All => {
-                    let filter = if call.verb == Verb::Query {
-                        call.params.clone()
-                    } else {
-                        Map::new()
-                    };
-                    match store.list(&bucket).await {
-                        Ok(entries) => {
-                            let items: Vec<Value> = entries
-                                .iter()
-                                .filter_map(|(_, v)| item(v))
-                                .filter(|i| matches(i, &filter))
-                                .collect();
-                            list_frame(key, field, &call.name, id, &items)
-                        }
-                        Err(e) => error(key, field, &call, ErrorCode::Unavailable, &e.to_string()),
-                    }
+    let Some(store) = store else {
+        let msg = "no resource store on this node";
+        return Some(error(key, field, call, ErrorCode::Unavailable, msg));
+    };
+    let bucket = res.bucket_name(&call.name);
+    Some(match call.verb {
+        Verb::Query | Verb::All => {
+            let filter = if call.verb == Verb::Query {
+                call.params.clone()
+            } else {
+                Map::new()
+            };
+            match store.list(&bucket).await {
+                Ok(entries) => {
+                    let items: Vec<Value> = entries
+                        .iter()
+                        .filter_map(|(_, v)| item(v))
+                        .filter(|i| matches(i, &filter))
+                        .collect();
+                    list_frame(key, field, &call.name, id, &items)
                 }
-                Verb::Get => {
-                    let Some(item_id) = call.params.get(&call.id_field).and_then(id_string) else {
-                        let msg = format!("get needs params.{}", call.id_field);
-                        let f = error(key, field, &call, ErrorCode::InvalidFrame, &msg);
-                        return conn.session.answer(f);
-                    };
-                    match store.get(&bucket, &item_id).await {
-                        Ok(Some(v)) => match item(&v) {
-                            Some(data) => item_frame(key, field, &call.name, id, &data),
-                            None => remove_frame(key, field, &call.name, id, &call.params),
-                        },
-                        Ok(None) => remove_frame(key, field, &call.name, id, &call.params),
-                        Err(e) => error(key, field, &call, ErrorCode::Unavailable, &e.to_string()),
-                    }
-                }
-                _ => return,
+                Err(e) => error(key, field, call, ErrorCode::Unavailable, &e.to_string()),
             }
         }
-    };
-    conn.session.answer(frame);
+        Verb::Get => {
+            let Some(item_id) = call.params.get(&call.id_field).and_then(id_string) else {
+                let msg = format!("get needs params.{}", call.id_field);
+                return Some(error(key, field, call, ErrorCode::InvalidFrame, &msg));
+            };
+            match store.get(&bucket, &item_id).await {
+                Ok(Some(v)) => match item(&v) {
+                    Some(data) => item_frame(key, field, &call.name, id, &data),
+                    None => remove_frame(key, field, &call.name, id, &call.params),
+                },
+                Ok(None) => remove_frame(key, field, &call.name, id, &call.params),
+                Err(e) => error(key, field, call, ErrorCode::Unavailable, &e.to_string()),
+            }
+        }
+        _ => return None,
+    })
 }
 
-fn start_watch<S>(
-    conn: &mut Conn<S>,
+/// Starts a watch for `handle` (its frames go through the connection's queue); cancel the
+/// token to stop it.
+pub(crate) fn watch(
+    env: &Env,
+    handle: &ConnHandle,
     call: ResourceCall,
-    watch_key: String,
     res: &ResourceConfig,
-    store: Option<bus::SharedStore>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    // A watch with the same key was stopped by the session's `StopWatch` before this.
+) -> CancellationToken {
     let stop = CancellationToken::new();
-    conn.watches.insert(watch_key, stop.clone());
     let w = Watch {
-        shared: Arc::clone(&conn.shared),
-        handle: conn.handle.clone(),
+        bus: Arc::clone(&env.bus),
+        handle: handle.clone(),
         name: call.name,
         res: res.clone(),
         params: call.params,
         id: call.id,
-        stop,
+        stop: stop.clone(),
     };
-    let tracker = conn.shared.tracker.clone();
-    match (res.kind, store) {
+    match (res.kind, env.store.clone()) {
         (ResourceKind::Kv, Some(store)) => {
-            tracker.spawn(w.run_kv(store));
+            env.tracker.spawn(w.run_kv(store));
         }
-        (ResourceKind::Kv, None) => {
-            w.fail("no resource store on this node");
-        }
+        (ResourceKind::Kv, None) => w.fail("no resource store on this node"),
         (ResourceKind::Topic, _) => {
-            tracker.spawn(w.run_topic());
+            env.tracker.spawn(w.run_topic());
         }
     }
+    stop
 }
 
 /// One running watch.
 struct Watch {
-    shared: Arc<Shared>,
+    bus: bus::SharedBus,
     handle: ConnHandle,
     name: String,
     res: ResourceConfig,
@@ -142,11 +119,11 @@ struct Watch {
 
 impl Watch {
     fn key(&self) -> Key {
-        self.handle.info().route.key
+        self.handle.route().key
     }
 
     fn field(&self) -> &'static str {
-        self.handle.info().route.cfg.dialect.row().resource_field
+        self.handle.route().cfg.dialect.row().resource_field
     }
 
     fn push(&self, frame: String) {
@@ -244,11 +221,11 @@ impl Watch {
     /// An empty `list`, then each message on the subject that matches as an `item`.
     async fn run_topic(self) {
         let subject = self.res.subject_name(&self.name);
-        let mut sub = match self.shared.bus.subscribe(subject, None).await {
+        let mut sub = match self.bus.subscribe(subject, None).await {
             Ok(s) => s,
             Err(e) => return self.fail(&e.to_string()),
         };
-        let _ = self.shared.bus.flush().await;
+        let _ = self.bus.flush().await;
         self.push(list_frame(
             self.key(),
             self.field(),

@@ -15,8 +15,8 @@ use futures::StreamExt as _;
 use proto::revoke::{Kind, Revocation};
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::{CloseRequest, TOKEN_REVOKED, TokenIds};
-use crate::server::Shared;
+use crate::handle::{CloseRequest, TOKEN_REVOKED, TokenIds};
+use crate::registry::Registry;
 
 /// Pause before watching again after the store failed, doubled on each failure in a row
 /// up to [`RETRY_MAX`] (a server without JetStream is retried, not hammered).
@@ -109,9 +109,11 @@ impl Revocations {
     }
 }
 
-/// Keeps `shared.revoked` in step with `bucket` until `shutdown`.
+/// Keeps `revoked` in step with `bucket` until `shutdown`, closing the connections of
+/// `registry` that a new entry names.
 pub(crate) async fn watch(
-    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+    revoked: Arc<Revocations>,
     store: SharedStore,
     bucket: String,
     shutdown: CancellationToken,
@@ -123,7 +125,9 @@ pub(crate) async fn watch(
             w = store.watch(&bucket) => w,
         };
         let watched = match changes {
-            Ok(w) => relist(&shared, &*store, &bucket).await.then_some(w),
+            Ok(w) => relist(&registry, &revoked, &*store, &bucket)
+                .await
+                .then_some(w),
             Err(error) => {
                 tracing::warn!(%bucket, %error, ?retry, "revocation watch failed; retrying");
                 None
@@ -150,14 +154,14 @@ pub(crate) async fn watch(
                     // Recorded before the scan: a connection attached after the scan sees
                     // the entry when it checks itself (`server::run_conn`).
                     Some(r) => {
-                        shared.revoked.put(key, r.clone());
-                        close_matching(&shared, std::slice::from_ref(&r));
+                        revoked.put(key, r.clone());
+                        close_matching(&registry, std::slice::from_ref(&r));
                     }
                     None => tracing::warn!(%bucket, "ignoring a revocation that is not valid JSON"),
                 },
-                Some(Change::Delete { key }) => shared.revoked.remove(&key),
+                Some(Change::Delete { key }) => revoked.remove(&key),
                 Some(Change::Resync) => {
-                    if !relist(&shared, &*store, &bucket).await {
+                    if !relist(&registry, &revoked, &*store, &bucket).await {
                         break;
                     }
                 }
@@ -166,8 +170,13 @@ pub(crate) async fn watch(
     }
 }
 
-/// Lists the bucket into `shared.revoked` and closes every connection it names.
-async fn relist(shared: &Shared, store: &dyn bus::ResourceStore, bucket: &str) -> bool {
+/// Lists the bucket into `revoked` and closes every connection it names.
+async fn relist(
+    registry: &Registry,
+    revoked: &Revocations,
+    store: &dyn bus::ResourceStore,
+    bucket: &str,
+) -> bool {
     let entries = match store.list(bucket).await {
         Ok(e) => e,
         Err(error) => {
@@ -180,21 +189,21 @@ async fn relist(shared: &Shared, store: &dyn bus::ResourceStore, bucket: &str) -
         .filter_map(|(k, v)| Some((k, parse(&v)?)))
         .collect();
     let live: Vec<Revocation> = all.iter().map(|(_, r)| r.clone()).collect();
-    shared.revoked.replace(all);
-    close_matching(shared, &live);
-    tracing::debug!(%bucket, entries = shared.revoked.len(), "revocations listed");
+    revoked.replace(all);
+    close_matching(registry, &live);
+    tracing::debug!(%bucket, entries = revoked.len(), "revocations listed");
     true
 }
 
 /// Closes the open connections whose token one of `entries` revokes.
-fn close_matching(shared: &Shared, entries: &[Revocation]) {
+fn close_matching(registry: &Registry, entries: &[Revocation]) {
     let now = unix_now();
     let live: Vec<&Revocation> = entries.iter().filter(|r| r.live(now)).collect();
     if live.is_empty() {
         return;
     }
     let mut closed = 0u64;
-    for h in shared.registry.all() {
+    for h in registry.all() {
         let ids = h.token_ids();
         let ns = &h.info().namespace;
         if live
@@ -215,7 +224,7 @@ fn parse(value: &[u8]) -> Option<Revocation> {
 }
 
 fn unix_now() -> i64 {
-    crate::conn::unix_ms() / 1000
+    crate::handle::unix_ms() / 1000
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bus::tls::ServerTls;
 use bus::{SharedBus, SharedStore};
-use proto::frame::Key;
 use proto::subject;
 use proto::v1::ReportBatch;
 use serde_json::Value;
@@ -16,20 +15,22 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use ulid::Ulid;
 
-use crate::auth::{AuthError, RouteKeys, Verifier};
-use crate::config::{EdgeConfig, MonumentMode, RouteConfig};
-use crate::conn::{Conn, ConnError, ConnHandle, ConnInfo};
+use crate::auth::{AuthError, RouteKeys};
+use crate::config::{EdgeConfig, MonumentMode};
+use crate::conn::{Conn, ConnError};
+use crate::env::Env;
+use crate::handle::{ConnHandle, ConnInfo};
 use crate::http::{self, RequestHead};
 use crate::metrics::{Gauges, Metrics};
 use crate::protocol;
-use crate::registry::{self, Registry};
-use crate::report::Reporter;
+use crate::registry::Registry;
+use crate::route::Route;
 use crate::tls::Wire;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
@@ -39,91 +40,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_TLS_HANDSHAKES: usize = 256;
 /// Extra time after the drain window for connection tasks to finish.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
-/// tungstenite's read buffer per connection, allocated up front. Client frames are small;
-/// a larger one grows the buffer while it is read, up to the route's `max_payload`.
-const READ_BUFFER: usize = 1024;
 
-/// A configured route, compiled.
+/// The server's state: the routes, the admission state, and the [`Env`] every connection
+/// gets.
 #[derive(Debug)]
-pub struct Route {
-    pub cfg: RouteConfig,
-    /// The routing field in effect (`cfg.key()`), resolved once.
-    pub key: Key,
-    pub(crate) verifier: Verifier,
-    /// What each connection's session needs of the route.
-    pub(crate) rules: Arc<edge_core::session::Rules>,
-    ws: WebSocketConfig,
-}
-
-/// The session's view of a route's config.
-fn session_rules(cfg: &RouteConfig, anonymous: bool) -> edge_core::session::Rules {
-    use edge_core::session as s;
-    let onmessage = cfg.hooks.onmessage.as_ref();
-    s::Rules {
-        dialect: cfg.dialect,
-        key: cfg.key(),
-        idle_timeout: cfg.idle_timeout,
-        heartbeat_interval: cfg.heartbeat.interval,
-        heartbeat_timeout: cfg.heartbeat.timeout,
-        rate: s::RateLimit {
-            per_second: cfg.rate_limit.per_second,
-            burst: cfg.rate_limit.burst,
-            close_after: cfg.rate_limit.close_after,
-        },
-        max_topics: cfg.max_topics,
-        max_inflight: cfg.max_inflight,
-        client_publish: cfg.publish,
-        events: s::EventRoutes {
-            hooked: onmessage.is_some(),
-            typed: onmessage.map_or_else(Vec::new, |h| {
-                h.types
-                    .iter()
-                    .map(|t| (t.event_type.clone(), t.publish.clone()))
-                    .collect()
-            }),
-            general: onmessage.and_then(|h| h.publish.clone()),
-        },
-        onconnect: cfg.hooks.onconnect.as_ref().map(|h| s::ConnectHook {
-            subject: h.publish.clone(),
-            required: h.required,
-        }),
-        monument: s::MonumentModes {
-            data: cfg.monument.data(),
-            passthrough: cfg.monument.passthrough(),
-        },
-        resources: cfg
-            .resources
-            .iter()
-            .map(|(name, r)| {
-                let resource = s::Resource {
-                    kind: r.kind,
-                    id_field: r.id_field.clone(),
-                };
-                (name.clone(), resource)
-            })
-            .collect(),
-        token: (!anonymous).then_some(s::TokenPolicy {
-            leeway: cfg.auth.leeway,
-            refresh_lead: cfg.auth.refresh_lead,
-        }),
-    }
-}
-
-/// State shared by the accept loop, every connection task and the pumps.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) node_id: String,
-    pub(crate) routes: Vec<Arc<Route>>,
-    pub(crate) bus: SharedBus,
-    /// Where key-value resources live (none: kv resources answer `unavailable`).
-    pub(crate) store: Option<SharedStore>,
-    pub(crate) registry: Registry,
-    pub(crate) metrics: Metrics,
-    pub(crate) reporter: Reporter,
-    pub(crate) request_timeout: Duration,
-    pub(crate) tracker: TaskTracker,
-    /// Revoked tokens, kept current by [`crate::revoke::watch`].
-    pub(crate) revoked: crate::revoke::Revocations,
+struct Node {
+    routes: Vec<Arc<Route>>,
+    env: Arc<Env>,
     /// Where the revocation bucket lives (none: nothing is revoked).
     revocations: Option<SharedStore>,
     cfg: EdgeConfig,
@@ -146,7 +69,7 @@ pub enum EdgeError {
 /// An edge node: build with [`Edge::new`], run with [`Edge::serve`].
 #[derive(Debug, Clone)]
 pub struct Edge {
-    shared: Arc<Shared>,
+    node: Arc<Node>,
 }
 
 impl Edge {
@@ -160,41 +83,41 @@ impl Edge {
         store: Option<SharedStore>,
         revocations: Option<SharedStore>,
     ) -> Result<Self, EdgeError> {
-        let mut routes = Vec::with_capacity(cfg.routes.len());
         let none = RouteKeys::default();
-        for (i, r) in cfg.routes.iter().enumerate() {
-            let verifier = Verifier::new(r, keys.get(i).unwrap_or(&none)).map_err(|message| {
-                EdgeError::Route {
-                    path: r.path.clone(),
-                    message,
-                }
-            })?;
-            let ws = WebSocketConfig::default()
-                .read_buffer_size(READ_BUFFER)
-                .write_buffer_size(8 * 1024)
-                .max_write_buffer_size(r.outbound.max_bytes.max(64 * 1024) * 2)
-                .max_message_size(Some(r.max_payload))
-                .max_frame_size(Some(r.max_payload));
-            routes.push(Arc::new(Route {
-                key: r.key(),
-                rules: Arc::new(session_rules(r, verifier.anonymous())),
-                cfg: r.clone(),
-                verifier,
-                ws,
-            }));
-        }
-        let registry = Registry::new(node_id.clone());
-        let shared = Shared {
+        let routes = cfg
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                Route::new(r, keys.get(i).unwrap_or(&none))
+                    .map(Arc::new)
+                    .map_err(|message| EdgeError::Route {
+                        path: r.path.clone(),
+                        message,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let metrics = Arc::new(Metrics::default());
+        let tracker = TaskTracker::new();
+        let registry = Arc::new(Registry::new(
+            node_id.clone(),
+            Arc::clone(&bus),
+            Arc::clone(&metrics),
+            tracker.clone(),
+        ));
+        let env = Env {
             node_id,
-            routes,
+            registry,
             bus,
             store,
-            registry,
-            metrics: Metrics::default(),
-            reporter: Reporter::default(),
+            metrics,
+            revoked: Arc::new(crate::revoke::Revocations::default()),
+            tracker,
             request_timeout: cfg.request_timeout,
-            tracker: TaskTracker::new(),
-            revoked: crate::revoke::Revocations::default(),
+        };
+        let node = Node {
+            routes,
+            env: Arc::new(env),
             revocations,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             draining: AtomicBool::new(false),
@@ -204,46 +127,42 @@ impl Edge {
             cfg,
         };
         Ok(Self {
-            shared: Arc::new(shared),
+            node: Arc::new(node),
         })
     }
 
     pub fn node_id(&self) -> &str {
-        &self.shared.node_id
+        &self.node.env.node_id
     }
 
     /// Connected to the bus (and, when set, to the coordinators) and not draining.
     pub fn is_ready(&self) -> bool {
-        self.shared.is_ready()
+        self.node.is_ready()
     }
 
     /// Whether the edge is draining for shutdown.
     pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::SeqCst)
+        self.node.draining.load(Ordering::SeqCst)
     }
 
     /// Readiness of whatever the edge reports to (the coordinator streams).
     pub fn set_upstream_ready(&self, ready: bool) {
-        self.shared.upstream_ready.store(ready, Ordering::Relaxed);
+        self.node.upstream_ready.store(ready, Ordering::Relaxed);
     }
 
     /// The next batch of placement deltas (the first one is a full report).
     pub async fn next_report(&self, address: &str) -> ReportBatch {
-        self.shared
-            .reporter
-            .next_batch(&self.shared.registry, &self.shared.node_id, address)
-            .await
+        self.node.env.registry.next_report(address).await
     }
 
     /// Makes the next report batch a full one.
     pub fn resync_reports(&self) {
-        self.shared.registry.resync_reports();
-        self.shared.reporter.wake();
+        self.node.env.registry.resync_reports();
     }
 
     /// The metrics text `/metrics` serves.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics_text()
+        self.node.metrics_text()
     }
 
     /// Serves `listener` until `shutdown` is cancelled, then drains: upgrades are refused
@@ -274,44 +193,45 @@ impl Edge {
         tls: Option<ServerTls>,
         shutdown: CancellationToken,
     ) -> Result<(), EdgeError> {
-        let shared = &self.shared;
+        let node = &self.node;
         let subs = vec![
-            shared
+            node.env
                 .bus
-                .subscribe(subject::node(&shared.node_id), None)
+                .subscribe(subject::node(&node.env.node_id), None)
                 .await?,
-            shared
+            node.env
                 .bus
                 .subscribe(subject::EDGES.to_owned(), None)
                 .await?,
         ];
-        shared.bus.flush().await?;
+        node.env.bus.flush().await?;
         let stop_commands = CancellationToken::new();
-        let pump = tokio::spawn(registry::command_pump(
-            Arc::clone(shared),
+        let pump = tokio::spawn(crate::command::pump(
+            Arc::clone(&node.env.registry),
             subs,
             stop_commands.clone(),
         ));
         // Token lifecycle: the revocation watch and the JWKS fetchers stop with the commands.
-        if let Some(store) = &shared.revocations {
-            shared.tracker.spawn(crate::revoke::watch(
-                Arc::clone(shared),
+        if let Some(store) = &node.revocations {
+            node.env.tracker.spawn(crate::revoke::watch(
+                Arc::clone(&node.env.registry),
+                Arc::clone(&node.env.revoked),
                 Arc::clone(store),
-                shared.cfg.revocation_bucket.clone(),
+                node.cfg.revocation_bucket.clone(),
                 stop_commands.clone(),
             ));
         }
-        for fetcher in shared
+        for fetcher in node
             .routes
             .iter()
             .filter_map(|r| r.verifier.fetcher.clone())
         {
-            shared.tracker.spawn(fetcher.run(stop_commands.clone()));
+            node.env.tracker.spawn(fetcher.run(stop_commands.clone()));
         }
         let conns = TaskTracker::new();
         let done = CancellationToken::new();
         let accept = tokio::spawn(accept_loop(
-            Arc::clone(shared),
+            Arc::clone(node),
             listener,
             tls,
             conns.clone(),
@@ -319,10 +239,10 @@ impl Edge {
         ));
 
         shutdown.cancelled().await;
-        shared.draining.store(true, Ordering::SeqCst);
+        node.draining.store(true, Ordering::SeqCst);
 
-        tracing::info!(connections = shared.registry.len(), window = ?shared.cfg.drain_window, "draining");
-        drain(shared).await;
+        tracing::info!(connections = node.env.registry.len(), window = ?node.cfg.drain_window, "draining");
+        drain(node).await;
         conns.close();
         if tokio::time::timeout(DRAIN_GRACE, conns.wait())
             .await
@@ -334,21 +254,21 @@ impl Edge {
         let _ = accept.await;
         stop_commands.cancel();
         let _ = pump.await;
-        shared.tracker.close();
-        let _ = tokio::time::timeout(DRAIN_GRACE, shared.tracker.wait()).await;
+        node.env.tracker.close();
+        let _ = tokio::time::timeout(DRAIN_GRACE, node.env.tracker.wait()).await;
         Ok(())
     }
 }
 
-impl Shared {
+impl Node {
     fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::Relaxed)
-            && self.bus.is_connected()
+            && self.env.bus.is_connected()
             && self.upstream_ready.load(Ordering::Relaxed)
     }
 
     fn metrics_text(&self) -> String {
-        let all = self.registry.all();
+        let all = self.env.registry.all();
         let mut by_route: std::collections::BTreeMap<&str, (u64, std::collections::HashSet<&str>)> =
             self.routes
                 .iter()
@@ -369,18 +289,18 @@ impl Shared {
                 .iter()
                 .map(|(r, (_, ns))| ((*r).to_owned(), ns.len() as u64))
                 .collect(),
-            topics: self.registry.topic_count(),
+            topics: self.env.registry.topic_count(),
             buffered_bytes: all.iter().map(|h| h.buffered() as u64).sum(),
-            bus_connected: self.bus.is_connected(),
-            bus_reconnects: self.bus.reconnects(),
+            bus_connected: self.env.bus.is_connected(),
+            bus_reconnects: self.env.bus.reconnects(),
             draining: self.draining.load(Ordering::Relaxed),
         };
-        self.metrics.render(&gauges)
+        self.env.metrics.render(&gauges)
     }
 }
 
 async fn accept_loop(
-    shared: Arc<Shared>,
+    node: Arc<Node>,
     listener: TcpListener,
     tls: Option<ServerTls>,
     conns: TaskTracker,
@@ -406,50 +326,53 @@ async fn accept_loop(
                 }
             },
         };
-        let shared = Arc::clone(&shared);
+        let node = Arc::clone(&node);
         match &tls {
-            None => conns.spawn(async move { handle_tcp(shared, tcp, peer).await }),
+            None => conns.spawn(async move { handle_tcp(node, tcp, peer).await }),
             Some(tls) => {
                 // The config current now serves this connection for its whole life.
                 let config = Arc::clone(&tls.borrow());
-                conns.spawn(async move { handle_tls(shared, config, tcp, peer, permit).await })
+                conns.spawn(async move { handle_tls(node, config, tcp, peer, permit).await })
             }
         };
     }
 }
 
 /// Closes every connection with 1001, spread evenly over the drain window.
-async fn drain(shared: &Shared) {
-    let all = shared.registry.all();
+async fn drain(node: &Node) {
+    let all = node.env.registry.all();
     let n = all.len().max(1) as u32;
     let start = tokio::time::Instant::now();
     for (i, h) in all.iter().enumerate() {
-        let at = start + shared.cfg.drain_window * (i as u32) / n;
+        let at = start + node.cfg.drain_window * (i as u32) / n;
         tokio::time::sleep_until(at).await;
-        h.close(crate::conn::CloseRequest::new(1001, "server shutting down"));
+        h.close(crate::handle::CloseRequest::new(
+            1001,
+            "server shutting down",
+        ));
     }
 }
 
 /// One plain TCP connection's task.
-async fn handle_tcp(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+async fn handle_tcp(node: Arc<Node>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    handle(shared, tcp, peer).await;
+    handle(node, tcp, peer).await;
 }
 
 /// One TLS connection's task: the handshake (holding one of the handshake permits), then
 /// as plain.
 async fn handle_tls(
-    shared: Arc<Shared>,
+    node: Arc<Node>,
     config: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
     peer: SocketAddr,
     handshake: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let accepted = crate::tls::accept(config, tcp, shared.cfg.handshake_timeout).await;
+    let accepted = crate::tls::accept(config, tcp, node.cfg.handshake_timeout).await;
     drop(handshake);
     match accepted {
-        Ok(tls) => handle(shared, tls, peer).await,
+        Ok(tls) => handle(node, tls, peer).await,
         // A scanner or a plain-HTTP client on the TLS port: nothing to answer.
         Err(error) => tracing::debug!(%peer, %error, "tls handshake failed"),
     }
@@ -458,21 +381,21 @@ async fn handle_tls(
 /// One connection's task. Its phases are boxed so that the task itself, which lives as
 /// long as the connection, is a few pointers: nothing of the request head, the admission
 /// or the hooks is kept while the connection runs.
-async fn handle<W: Wire>(shared: Arc<Shared>, wire: W, peer: SocketAddr) {
-    let Some(up) = Box::pin(answer_request(&shared, wire, peer)).await else {
+async fn handle<W: Wire>(node: Arc<Node>, wire: W, peer: SocketAddr) {
+    let Some(up) = Box::pin(answer_request(&node, wire, peer)).await else {
         return;
     };
     let span = tracing::info_span!("conn", conn = %up.handle.id(), %peer);
-    Box::pin(run_conn(shared, up).instrument(span)).await;
+    Box::pin(run_conn(node, up).instrument(span)).await;
 }
 
 /// Reads the request head; answers health and metrics requests, or upgrades.
 async fn answer_request<W: Wire>(
-    shared: &Arc<Shared>,
+    node: &Arc<Node>,
     mut tcp: W,
     peer: SocketAddr,
 ) -> Option<Upgraded<W::Io>> {
-    let (head, rest) = match http::read_head(&mut tcp, shared.cfg.handshake_timeout).await {
+    let (head, rest) = match http::read_head(&mut tcp, node.cfg.handshake_timeout).await {
         Ok(x) => x,
         Err(error) => {
             tracing::debug!(%peer, %error, "bad request head");
@@ -490,14 +413,14 @@ async fn answer_request<W: Wire>(
     let result = match head.path.as_str() {
         "/healthz" => http::respond(&mut tcp, 200, "text/plain", "ok\n").await,
         "/readyz" => {
-            let (status, body) = readiness(shared);
+            let (status, body) = readiness(node);
             http::respond(&mut tcp, status, "text/plain", body).await
         }
         "/metrics" => {
-            let body = shared.metrics_text();
+            let body = node.metrics_text();
             http::respond(&mut tcp, 200, "text/plain; version=0.0.4", &body).await
         }
-        _ => return upgrade(shared, tcp, peer, head, rest).await,
+        _ => return upgrade(node, tcp, peer, head, rest).await,
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "response not written");
@@ -505,12 +428,12 @@ async fn answer_request<W: Wire>(
     None
 }
 
-fn readiness(shared: &Shared) -> (u16, &'static str) {
-    if shared.draining.load(Ordering::Relaxed) {
+fn readiness(node: &Node) -> (u16, &'static str) {
+    if node.draining.load(Ordering::Relaxed) {
         (503, "draining\n")
-    } else if !shared.bus.is_connected() {
+    } else if !node.env.bus.is_connected() {
         (503, "bus disconnected\n")
-    } else if !shared.upstream_ready.load(Ordering::Relaxed) {
+    } else if !node.upstream_ready.load(Ordering::Relaxed) {
         (503, "coordinator unreachable\n")
     } else {
         (200, "ready\n")
@@ -518,33 +441,33 @@ fn readiness(shared: &Shared) -> (u16, &'static str) {
 }
 
 async fn refuse<T, W: Wire>(
-    shared: &Shared,
+    node: &Node,
     tcp: &mut W,
     status: u16,
     reason: &str,
     body: &str,
 ) -> Option<T> {
-    shared.metrics.upgrades_refused.inc(reason);
+    node.env.metrics.upgrades_refused.inc(reason);
     let _ = http::respond(tcp, status, "text/plain", &format!("{body}\n")).await;
     None
 }
 
 /// Route, checks, auth, the upgrade hook, and the 101; `None` when refused (answered).
 async fn admit<W: Wire>(
-    shared: &Arc<Shared>,
+    node: &Arc<Node>,
     tcp: &mut W,
     peer: SocketAddr,
     head: &mut RequestHead,
 ) -> Option<Admitted> {
-    let matched = shared.routes.iter().find_map(|r| {
+    let matched = node.routes.iter().find_map(|r| {
         http::match_path(&r.cfg.path, &head.path).map(|params| (Arc::clone(r), params))
     });
     let Some((route, path_params)) = matched else {
-        return refuse(shared, tcp, 404, "no_route", "no route at this path").await;
+        return refuse(node, tcp, 404, "no_route", "no route at this path").await;
     };
     if route.cfg.dialect.row().monument_modes && route.cfg.monument == MonumentMode::Off {
         return refuse(
-            shared,
+            node,
             tcp,
             404,
             "no_route",
@@ -553,11 +476,11 @@ async fn admit<W: Wire>(
         .await;
     }
     if head.method != "GET" {
-        return refuse(shared, tcp, 405, "method", "websocket upgrades use GET").await;
+        return refuse(node, tcp, 405, "method", "websocket upgrades use GET").await;
     }
     if head.version < 1 {
         return refuse(
-            shared,
+            node,
             tcp,
             400,
             "bad_handshake",
@@ -567,7 +490,7 @@ async fn admit<W: Wire>(
     }
     if !head.is_upgrade() || head.header("sec-websocket-version") != Some("13") {
         return refuse(
-            shared,
+            node,
             tcp,
             426,
             "not_websocket",
@@ -581,7 +504,7 @@ async fn admit<W: Wire>(
         .map(str::to_owned)
     else {
         return refuse(
-            shared,
+            node,
             tcp,
             400,
             "bad_handshake",
@@ -589,12 +512,12 @@ async fn admit<W: Wire>(
         )
         .await;
     };
-    if shared.draining.load(Ordering::Relaxed) {
-        return refuse(shared, tcp, 503, "draining", "node is draining").await;
+    if node.draining.load(Ordering::Relaxed) {
+        return refuse(node, tcp, 503, "draining", "node is draining").await;
     }
-    let Ok(permit) = Arc::clone(&shared.limit).try_acquire_owned() else {
+    let Ok(permit) = Arc::clone(&node.limit).try_acquire_owned() else {
         return refuse(
-            shared,
+            node,
             tcp,
             503,
             "capacity",
@@ -602,20 +525,20 @@ async fn admit<W: Wire>(
         )
         .await;
     };
-    let mut verdict = route.verifier.admit(&route.cfg, head, shared.secure);
+    let mut verdict = route.verifier.admit(&route.cfg, head, node.secure);
     // A key set from a URL may have gained the token's key: refetch (rate-limited; or wait
     // for the fetch under way), then check again.
     if matches!(verdict, Err(AuthError::UnknownKey))
         && let Some(fetcher) = &route.verifier.fetcher
     {
         fetcher.refetch_for_unknown_kid().await;
-        verdict = route.verifier.admit(&route.cfg, head, shared.secure);
+        verdict = route.verifier.admit(&route.cfg, head, node.secure);
     }
     // The token has been read: from here on, nothing of the request can carry it further.
     crate::auth::strip_credentials(&route.cfg, head);
     let verdict = verdict.and_then(|id| {
-        let ids = crate::conn::TokenIds::of(&id.claims);
-        if shared.revoked.revokes(&ids, &id.namespace) {
+        let ids = crate::handle::TokenIds::of(&id.claims);
+        if node.env.revoked.revokes(&ids, &id.namespace) {
             return Err(AuthError::Revoked);
         }
         Ok(id)
@@ -625,11 +548,11 @@ async fn admit<W: Wire>(
         Err(e) => {
             // The details (jsonwebtoken's text, the namespace asked for) stay in the log.
             tracing::debug!(%peer, error = %e, "upgrade refused");
-            return refuse(shared, tcp, e.status(), e.reason(), e.reason()).await;
+            return refuse(node, tcp, e.status(), e.reason(), e.reason()).await;
         }
     };
     if let Some(hook) = &route.cfg.hooks.upgrade {
-        match intercept(shared, &hook.publish, &route, head, peer, &identity).await {
+        match intercept(node, &hook.publish, &route, head, peer, &identity).await {
             // The context adds to the claims, never replaces the token's own: expiry and
             // revocation (`exp`, `jti`, `sub`) must stay the token's.
             Ok(context) => {
@@ -638,7 +561,7 @@ async fn admit<W: Wire>(
                 }
             }
             Err((status, reason, body)) => {
-                return refuse(shared, tcp, status, reason, &body).await;
+                return refuse(node, tcp, status, reason, &body).await;
             }
         }
     }
@@ -673,14 +596,14 @@ struct Upgraded<Io> {
 }
 
 async fn upgrade<W: Wire>(
-    shared: &Arc<Shared>,
+    node: &Arc<Node>,
     mut tcp: W,
     peer: SocketAddr,
     mut head: RequestHead,
     rest: Vec<u8>,
 ) -> Option<Upgraded<W::Io>> {
     let span = tracing::info_span!("edge.upgrade", path = %head.path, %peer);
-    let admitted = admit(shared, &mut tcp, peer, &mut head)
+    let admitted = admit(node, &mut tcp, peer, &mut head)
         .instrument(span)
         .await?;
     let Admitted {
@@ -719,7 +642,7 @@ async fn upgrade<W: Wire>(
 /// The upgrade hook (HyperExpress's upgrade interception): a backend sees the request before
 /// the upgrade and admits it with a context, or refuses it with an HTTP status.
 async fn intercept(
-    shared: &Shared,
+    node: &Node,
     subject: &str,
     route: &Route,
     head: &RequestHead,
@@ -737,7 +660,7 @@ async fn intercept(
         "headers": head.headers,
     });
     let msg = bus::Outgoing::new(subject.to_owned(), body.to_string());
-    let reply = match shared.bus.request(msg, shared.request_timeout).await {
+    let reply = match node.env.bus.request(msg, node.env.request_timeout).await {
         Ok(m) => m,
         Err(error) => {
             tracing::warn!(%peer, %error, "upgrade hook did not answer");
@@ -766,24 +689,29 @@ async fn intercept(
     })
 }
 
-async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
-    shared: Arc<Shared>,
-    up: Upgraded<Io>,
-) {
+async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, up: Upgraded<Io>) {
     let Upgraded { ws, handle, permit } = up;
     let info = handle.info();
-    let mut conn = Conn::new(ws, handle.clone(), Arc::clone(&shared));
-    shared.metrics.upgrades.inc();
-    let attached = shared.registry.attach(&shared, &handle);
+    let mut conn = Conn::new(ws, handle.clone(), Arc::clone(&node.env));
+    node.env.metrics.upgrades.inc();
+    let attached = node.env.registry.attach(&handle);
     // A drain snapshots the registry after setting the flag: a connection attached after the
     // snapshot sees the flag here and leaves on its own.
-    if attached && shared.draining.load(Ordering::SeqCst) {
-        handle.close(crate::conn::CloseRequest::new(1001, "server shutting down"));
+    if attached && node.draining.load(Ordering::SeqCst) {
+        handle.close(crate::handle::CloseRequest::new(
+            1001,
+            "server shutting down",
+        ));
     }
     // Likewise a revocation recorded after the upgrade's check but scanned before the attach.
-    if attached && shared.revoked.revokes(&handle.token_ids(), &info.namespace) {
-        let (code, reason) = crate::conn::TOKEN_REVOKED;
-        handle.close(crate::conn::CloseRequest::new(code, reason));
+    if attached
+        && node
+            .env
+            .revoked
+            .revokes(&handle.token_ids(), &info.namespace)
+    {
+        let (code, reason) = crate::handle::TOKEN_REVOKED;
+        handle.close(crate::handle::CloseRequest::new(code, reason));
     }
     tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
     let end = if attached {
@@ -791,7 +719,7 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
         for (_, watch) in conn.watches.drain() {
             watch.cancel();
         }
-        shared.registry.detach(&shared, &handle);
+        node.env.registry.detach(&handle);
         end
     } else {
         Box::pin(conn.close_now(ConnError::TooManyConnections)).await
@@ -799,14 +727,15 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
     let code = end.code();
     match end {
         // A client may send any code: those the protocol does not know share one label.
-        ConnError::ClientClosed(Some(c)) => shared
+        ConnError::ClientClosed(Some(c)) => node
+            .env
             .metrics
             .closes
             .inc(crate::metrics::client_close_label(c)),
-        _ => shared.metrics.closes.inc(&code.to_string()),
+        _ => node.env.metrics.closes.inc(&code.to_string()),
     }
     if code == 1013 {
-        shared.metrics.slow_consumer_closes.inc();
+        node.env.metrics.slow_consumer_closes.inc();
     }
     if end.client_fault() {
         tracing::info!(code, reason = %end, "connection closed");
@@ -817,8 +746,8 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(
         let reason = end.close_frame().map(|(_, r)| r).unwrap_or_default();
         Box::pin(protocol::onclose(
             &handle,
-            &shared.node_id,
-            &shared.bus,
+            &node.env.node_id,
+            &node.env.bus,
             code,
             &reason,
         ))

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::conn::{ConnHandle, ConnInfo};
+use crate::handle::{ConnHandle, ConnInfo};
 use crate::transport::ws::{Line, Socket};
 
 /// What an accepted connection arrives on; the request head is read and answered through

@@ -1,0 +1,196 @@
+//! A connection's front door ([`ConnHandle`]): what everyone but its own task holds. The
+//! registry's pumps, coordinator commands, watches and revocations reach a connection only
+//! through it: deliver a frame (never awaiting), write a batch straight to a free socket
+//! ([`Outlet`]), or ask the task to close.
+//!
+//! **Invariant:** nothing awaits a client. [`ConnHandle::deliver`] never blocks: it queues
+//! the frame, or refuses it when the bounded outbound queue is full (and, by policy, closes
+//! the slow consumer with 1013).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use ulid::Ulid;
+
+use crate::config::OnFull;
+use crate::route::Route;
+use crate::transport::outbox::Outbox;
+use crate::transport::ws::Line;
+use crate::transport::{Batch, Direct, Outlet};
+pub use crate::transport::{CloseRequest, Delivery};
+
+/// What is known about a connection, fixed at admission.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub id: Ulid,
+    pub namespace: String,
+    pub user: String,
+    pub remote: SocketAddr,
+    pub connected_at_ms: i64,
+    pub claims: Map<String, Value>,
+    /// Query and path parameters of the upgrade request (the token parameter removed).
+    pub params: Vec<(String, String)>,
+    pub route: Arc<Route>,
+}
+
+/// The clonable front door of a connection.
+#[derive(Debug, Clone)]
+pub struct ConnHandle(Arc<HandleInner>);
+
+#[derive(Debug)]
+struct HandleInner {
+    info: ConnInfo,
+    outbox: Outbox,
+    on_full: OnFull,
+    kill: CancellationToken,
+    close: Mutex<Option<CloseRequest>>,
+    line: Line,
+    /// What revocations match: the claims of the token in force (a refresh replaces them).
+    token: Mutex<TokenIds>,
+}
+
+/// The claims of a connection's current token that a revocation can name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TokenIds {
+    pub(crate) jti: Option<String>,
+    pub(crate) sub: Option<String>,
+}
+
+impl TokenIds {
+    pub(crate) fn of(claims: &Map<String, Value>) -> Self {
+        let get = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
+        Self {
+            jti: get("jti"),
+            sub: get("sub"),
+        }
+    }
+}
+
+impl ConnHandle {
+    pub(crate) fn new(info: ConnInfo, line: Line) -> Self {
+        let out = &info.route.cfg.outbound;
+        let inner = HandleInner {
+            outbox: Outbox::new(out.queue, out.max_bytes),
+            on_full: out.on_full,
+            kill: CancellationToken::new(),
+            close: Mutex::new(None),
+            line,
+            token: Mutex::new(TokenIds::of(&info.claims)),
+            info,
+        };
+        Self(Arc::new(inner))
+    }
+
+    pub fn info(&self) -> &ConnInfo {
+        &self.0.info
+    }
+
+    pub fn route(&self) -> &Arc<Route> {
+        &self.0.info.route
+    }
+
+    pub fn id(&self) -> Ulid {
+        self.0.info.id
+    }
+
+    /// Bytes queued and not yet written to the socket.
+    pub fn buffered(&self) -> usize {
+        self.0.outbox.buffered()
+    }
+
+    /// Queues a frame. Never awaits: one slow client must not slow anyone else.
+    pub fn deliver(&self, frame: &Utf8Bytes) -> Delivery {
+        if self.0.line.is_closed() {
+            return Delivery::Gone;
+        }
+        match self.0.outbox.push(frame) {
+            Ok(()) => Delivery::Queued,
+            Err(crate::transport::outbox::Full) => self.refuse(),
+        }
+    }
+
+    pub(crate) fn line(&self) -> &Line {
+        &self.0.line
+    }
+
+    /// Asks the task to close; the first request wins.
+    pub fn close(&self, req: CloseRequest) {
+        let mut slot = self.0.close.lock().expect("close slot poisoned");
+        if slot.is_none() {
+            *slot = Some(req);
+        }
+        drop(slot);
+        self.0.kill.cancel();
+    }
+
+    /// The `jti` and `sub` of the token in force.
+    pub(crate) fn token_ids(&self) -> TokenIds {
+        self.0.token.lock().expect("token slot poisoned").clone()
+    }
+
+    /// A refresh was accepted: the new token's claims are the ones revocations match.
+    pub(crate) fn set_token_ids(&self, ids: TokenIds) {
+        *self.0.token.lock().expect("token slot poisoned") = ids;
+    }
+
+    fn refuse(&self) -> Delivery {
+        if self.0.on_full == OnFull::Close {
+            self.close(CloseRequest::new(1013, "slow consumer"));
+        }
+        Delivery::Refused
+    }
+
+    /// Resolves when someone asked the task to close.
+    pub(crate) fn killed(&self) -> WaitForCancellationFuture<'_> {
+        self.0.kill.cancelled()
+    }
+
+    /// The outbound queue, which only the connection's task drains.
+    pub(crate) fn outbox(&self) -> &Outbox {
+        &self.0.outbox
+    }
+
+    /// The close asked for, if any (the first request wins).
+    pub(crate) fn take_close(&self) -> Option<CloseRequest> {
+        self.0.close.lock().expect("close slot poisoned").clone()
+    }
+}
+
+/// The fan-out's view: a WebSocket connection writes a batch straight to its free plain
+/// socket ([`ws::Line`]) and queues the rest in its outbox.
+impl Outlet for ConnHandle {
+    fn try_write(&self, batch: &mut Batch) -> Direct {
+        self.0
+            .line
+            .try_write(batch, || self.0.outbox.buffered() != 0)
+    }
+
+    fn deliver(&self, message: &Utf8Bytes) -> Delivery {
+        ConnHandle::deliver(self, message)
+    }
+
+    fn close(&self, req: CloseRequest) {
+        ConnHandle::close(self, req);
+    }
+}
+
+impl AsRef<Line> for ConnHandle {
+    fn as_ref(&self) -> &Line {
+        &self.0.line
+    }
+}
+
+/// Close code and reason when a token expires on an open connection.
+pub const TOKEN_EXPIRED: (u16, &str) = (4001, "token expired");
+/// Close code and reason when a connection's token is revoked.
+pub const TOKEN_REVOKED: (u16, &str) = (4003, "token revoked");
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
