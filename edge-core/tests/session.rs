@@ -264,6 +264,53 @@ fn ping_is_answered_pong_with_the_frames_id() {
     }
 }
 
+/// A client matching answers by a numeric `id` (JavaScript's `Math.random()`, say) gets back
+/// the number it sent, not a neighbour of it.
+#[test]
+fn a_fractional_id_comes_back_as_the_same_number() {
+    let mut c = Conn::open(rules(dialect("native")));
+    for id in [
+        "0.9856906946328695",
+        "0.21291890726713458",
+        "3.775875797511407e150",
+    ] {
+        let text = format!(r#"{{"type":"ping","id":{id}}}"#);
+        let f = only_frame(c.text(&text));
+        let sent: f64 = id.parse().expect("a float");
+        assert_eq!(f["id"].as_f64(), Some(sent), "{text} answered {f}");
+    }
+}
+
+/// A route's `key:` overrides its dialect's routing field, in what clients send and in every
+/// frame the edge builds (docs/PROTOCOL.md §9).
+#[test]
+fn a_routes_key_routes_every_frame() {
+    let native = dialect("native");
+    let mut c = Conn::open_with_exp(
+        Rules {
+            key: Key::Event,
+            ..with_token(with_resources(rules(native)))
+        },
+        Some(EXP),
+    );
+    assert_eq!(
+        c.answer("ping", json!({"id": 1})),
+        json!({"event": "pong", "id": 1})
+    );
+    let f = c.answer("query", json!({"resource": "nope"}));
+    assert_eq!(f["event"], "error");
+    // The dialect's own field is no routing field any more.
+    error_frame(c.key, c.text(r#"{"type":"ping"}"#), "missing_type", None);
+    c.s.handle_timeout(c.at(70_000));
+    assert_eq!(
+        only_frame(c.drain()),
+        json!({"event": "refresh_required", "exp": EXP})
+    );
+    let reqs = c.requests("chat", json!({"id": 2}));
+    let f = only_frame(c.reply(reqs[0].0, Ok(b"1")));
+    assert_eq!(f, json!({"event": "chat", "id": 2, "payload": 1}));
+}
+
 /// A verb a dialect lacks is whatever that dialect makes of any other routing value.
 #[test]
 fn verbs_a_dialect_lacks_are_not_answered_as_verbs() {
@@ -1944,7 +1991,7 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
         8 => client_text().prop_map(Step::Text),
         1 => Just(Step::Ping),
         1 => Just(Step::Received),
-        2 => (0..15_000u64).prop_map(Step::Wait),
+        2 => (0..40_000u64).prop_map(Step::Wait),
         4 => (any::<usize>(), any::<u8>()).prop_map(|(i, how)| Step::Outcome(i, how)),
     ];
     prop::collection::vec(step, 1..40)
