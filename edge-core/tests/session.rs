@@ -1718,12 +1718,7 @@ fn the_outcomes_of_actions_after_the_close_send_nothing() {
 
 /// The codes of docs/PROTOCOL.md §7, read from its table.
 fn documented_codes() -> BTreeSet<String> {
-    let doc = include_str!("../../docs/PROTOCOL.md");
-    let start = doc
-        .find("## 7. Error codes")
-        .expect("§7 in docs/PROTOCOL.md");
-    let end = start + doc[start..].find("## 8.").expect("§8 in docs/PROTOCOL.md");
-    doc[start..end]
+    protocol_section("## 7. Error codes")
         .lines()
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
@@ -1736,6 +1731,68 @@ fn the_documented_error_codes_are_read_from_the_protocol() {
     let codes = documented_codes();
     assert_eq!(codes.len(), 15, "{codes:?}");
     assert!(codes.contains("invalid_json") && codes.contains("invalid_event"));
+}
+
+/// A section of docs/PROTOCOL.md: from its heading to the next one of its level.
+fn protocol_section(heading: &str) -> &'static str {
+    let doc = include_str!("../../docs/PROTOCOL.md");
+    let start = doc
+        .find(heading)
+        .unwrap_or_else(|| panic!("{heading} in docs/PROTOCOL.md"));
+    let rest = &doc[start + heading.len()..];
+    let end = rest.find("\n## ").unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// §4's table lists the verbs in the order of [`Verb::ALL`], and nothing else.
+#[test]
+fn the_protocol_documents_every_verb() {
+    let documented: Vec<_> = protocol_section("## 4. Built-in verbs")
+        .lines()
+        .filter_map(|l| l.strip_prefix(r#"| `{"type":""#))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    let verbs: Vec<_> = Verb::ALL.iter().map(|v| v.as_str()).collect();
+    assert_eq!(documented, verbs);
+}
+
+/// §9's table says of each dialect what its row of the table does.
+#[test]
+fn the_protocol_documents_the_dialect_table() {
+    let mut named = BTreeSet::new();
+    for line in protocol_section("## 9. Dialects").lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let Some(name) = cells.get(1).and_then(|c| c.strip_prefix('`')) else {
+            continue;
+        };
+        let d = dialect(name.trim_end_matches('`'));
+        named.insert(d.name());
+        let [routing, verbs, field, stop, unreadable] = [2, 3, 4, 5, 6].map(|i| cells[i]);
+        assert_eq!(routing, format!("`{}`", d.key().as_str()), "{d}");
+        let listed: Vec<_> = verbs
+            .split(", ")
+            .map(|v| v.trim_matches('`'))
+            .filter_map(Verb::parse)
+            .collect();
+        match verbs {
+            "all (§4)" => assert!(Verb::ALL.iter().all(|v| d.has(*v)), "{d}"),
+            "none" => assert!(Verb::ALL.iter().all(|v| !d.has(*v)), "{d}"),
+            _ => assert_eq!(listed, d.row().verbs, "{d}"),
+        }
+        if d.has_resources() {
+            assert_eq!(field, format!("`{}`", d.row().resource_field), "{d}");
+        } else {
+            assert_eq!(field, "–", "{d}");
+        }
+        match (d.has(Verb::Stop), d.row().answers_stop) {
+            (true, true) => assert_eq!(stop, "`stopped`", "{d}"),
+            (true, false) => assert_eq!(stop, "none", "{d}"),
+            (false, _) => assert!(stop.starts_with('–'), "{d}"),
+        }
+        let ignores = unreadable.starts_with("ignored");
+        assert_eq!(ignores, d.row().unreadable == Unreadable::Ignore, "{d}");
+    }
+    assert_eq!(named, Dialect::names().collect(), "every dialect, once");
 }
 
 /// Routing values: the verbs, events (monument's data-style ones too), reserved subjects
