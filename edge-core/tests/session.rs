@@ -2122,53 +2122,113 @@ fn check_frame(
     Ok(())
 }
 
+/// A session driven as the shell drives it, and what the checks need to know.
+struct Driver {
+    s: Session,
+    key: Key,
+    codes: BTreeSet<String>,
+    under_way: Vec<UnderWay>,
+    closed: bool,
+    /// The `id` the answers to the requests made next must carry.
+    request_id: Option<Value>,
+}
+
+impl Driver {
+    /// Carries out the session's actions, checking each: every frame (with `direct`, the
+    /// `id` it must carry), nothing after the close. Returns how many there were.
+    fn drain(&mut self, direct: Option<&Option<Value>>) -> Result<usize, TestCaseError> {
+        let mut n = 0;
+        while let Some(action) = self.s.poll_action() {
+            n += 1;
+            prop_assert!(!self.closed, "{:?} after the close", action);
+            let under_way = match action {
+                Action::Send(text) => {
+                    check_frame(&text, self.key, &self.codes, direct)?;
+                    continue;
+                }
+                Action::Close(_) => {
+                    self.closed = true;
+                    prop_assert!(self.s.is_closed());
+                    continue;
+                }
+                Action::Request { request, .. } => {
+                    UnderWay::Request(request, self.request_id.clone())
+                }
+                Action::Subscribe { filter, id } => UnderWay::Subscribe(filter, id),
+                Action::Publish { topic, id, .. } => UnderWay::Publish(topic, id),
+                Action::CheckToken { id, .. } => UnderWay::Token(id),
+                Action::Emit { .. } => UnderWay::Emit,
+                Action::Ping
+                | Action::FlushPong
+                | Action::Unsubscribe { .. }
+                | Action::Resource(_)
+                | Action::StopWatch(_)
+                | Action::Ignored => continue,
+            };
+            self.under_way.push(under_way);
+        }
+        prop_assert_eq!(self.s.is_closed(), self.closed);
+        Ok(n)
+    }
+}
+
 /// Drives a session through `steps` as a shell would, checking every action.
 fn run(rules: Rules, steps: Vec<Step>) -> Result<(), TestCaseError> {
-    let codes = documented_codes();
     let key = rules.key;
     let monument = rules.dialect.row().other == Other::SubjectEvent;
     let t0 = origin();
     let mut now = t0;
-    let mut s = Session::new(
+    let s = Session::new(
         Arc::new(rules),
         CONN.to_owned(),
         t0,
         NOW_MS,
         Some(NOW_S + 60),
     );
-    let mut under_way: Vec<UnderWay> = vec![];
-    let mut closed = false;
-    // The connect hook's request comes first.
-    let mut pending_id: Option<Option<Value>> = Some(None);
+    let mut d = Driver {
+        s,
+        key,
+        codes: documented_codes(),
+        under_way: vec![],
+        closed: false,
+        request_id: None,
+    };
+    // The connect hook's request, if any.
+    d.drain(None)?;
     for step in steps {
-        // The `id` every frame of this step must carry, when the step is a client frame.
+        // The `id` every frame of this step must carry, when the step answers a client frame.
         let mut direct: Option<Option<Value>> = None;
         match step {
             Step::Text(text) => {
                 let text = text.to_text(key);
-                if s.reads_paused() {
-                    continue;
+                // The shell reads nothing while the connect hook is pending.
+                if !d.s.reads_paused() {
+                    if let Ok(id) = client_id(&text, key) {
+                        direct = Some(id.clone());
+                        // monument's answers carry no id.
+                        d.request_id = if monument { None } else { id };
+                    }
+                    d.s.on_text(&text, now);
                 }
-                if let Ok(id) = client_id(&text, key) {
-                    direct = Some(id.clone());
-                    pending_id = Some(if monument { None } else { id });
-                }
-                s.on_text(&text, now);
             }
-            Step::Ping => s.on_ping(now),
-            Step::Received => s.on_received(),
+            Step::Ping => d.s.on_ping(now),
+            Step::Received => d.s.on_received(),
             Step::Wait(ms) => {
                 now += Duration::from_millis(ms);
-                if let Some(t) = s.poll_timeout() {
-                    prop_assert!(t >= t0, "a deadline before the session opened");
-                }
-                s.handle_timeout(now);
+                let due = d.s.poll_timeout().is_some_and(|t| t <= now);
+                d.s.handle_timeout(now);
+                let n = d.drain(None)?;
+                // A timer that fires early finds nothing due; one that fired leaves no
+                // deadline behind it (the shell would spin).
+                prop_assert!(due || n == 0, "{} actions before any deadline", n);
+                let next = d.s.poll_timeout();
+                prop_assert!(d.closed || next.is_none_or(|t| t > now), "still due");
             }
             Step::Outcome(i, how) => {
-                if under_way.is_empty() {
+                if d.under_way.is_empty() {
                     continue;
                 }
-                let action = under_way.remove(i % under_way.len());
+                let action = d.under_way.remove(i % d.under_way.len());
                 // The outcomes the shell reports after the close are checked on their own
                 // (`the_outcomes_of_actions_after_the_close_send_nothing`).
                 match action {
@@ -2180,16 +2240,16 @@ fn run(rules: Rules, steps: Vec<Step>) -> Result<(), TestCaseError> {
                             2 => Err(Failure::Unavailable("bus unavailable".to_owned())),
                             _ => Ok(REPLIES[usize::from(how / 4) % REPLIES.len()]),
                         };
-                        s.on_reply(request, result);
+                        d.s.on_reply(request, result);
                     }
-                    _ if closed => {}
+                    _ if d.closed => {}
                     UnderWay::Subscribe(filter, id) => {
                         direct = Some(id.clone());
-                        s.subscribed(filter, id.as_ref(), how % 2 == 0);
+                        d.s.subscribed(filter, id.as_ref(), how % 2 == 0);
                     }
                     UnderWay::Publish(topic, id) => {
                         direct = Some(id.clone());
-                        s.published(&topic, id.as_ref(), how % 2 == 0);
+                        d.s.published(&topic, id.as_ref(), how % 2 == 0);
                     }
                     UnderWay::Token(id) => {
                         direct = Some(id.clone());
@@ -2199,37 +2259,13 @@ fn run(rules: Rules, steps: Vec<Step>) -> Result<(), TestCaseError> {
                             _ => Err("token is for another user"),
                         };
                         let ms = i64::try_from((now - t0).as_millis()).unwrap_or(i64::MAX);
-                        s.token_checked(id.as_ref(), checked, now, NOW_MS + ms);
+                        d.s.token_checked(id.as_ref(), checked, now, NOW_MS + ms);
                     }
-                    UnderWay::Emit => s.emit_failed(),
+                    UnderWay::Emit => d.s.emit_failed(),
                 }
             }
         }
-        while let Some(action) = s.poll_action() {
-            prop_assert!(!closed, "{:?} after the close", action);
-            match action {
-                Action::Send(text) => check_frame(&text, key, &codes, direct.as_ref())?,
-                Action::Close(_) => {
-                    closed = true;
-                    prop_assert!(s.is_closed());
-                }
-                Action::Request { request, .. } => {
-                    let id = pending_id.clone().unwrap_or_default();
-                    under_way.push(UnderWay::Request(request, id));
-                }
-                Action::Subscribe { filter, id } => under_way.push(UnderWay::Subscribe(filter, id)),
-                Action::Publish { topic, id, .. } => under_way.push(UnderWay::Publish(topic, id)),
-                Action::CheckToken { id, .. } => under_way.push(UnderWay::Token(id)),
-                Action::Emit { .. } => under_way.push(UnderWay::Emit),
-                Action::Ping
-                | Action::FlushPong
-                | Action::Unsubscribe { .. }
-                | Action::Resource(_)
-                | Action::StopWatch(_)
-                | Action::Ignored => {}
-            }
-        }
-        prop_assert_eq!(s.is_closed(), closed);
+        d.drain(direct.as_ref())?;
     }
     Ok(())
 }
