@@ -2352,3 +2352,94 @@ proptest! {
         }
     }
 }
+
+/// The params of the watch model test.
+const PARAMS: &[&str] = &[
+    r#"{}"#,
+    r#"{"rack":"r1"}"#,
+    r#"{"rack":"r2"}"#,
+    r#"{"rack":"r1","row":1}"#,
+];
+
+/// What a client or the shell does to a connection's watches.
+#[derive(Debug, Clone)]
+enum WatchOp {
+    Watch(bool, usize),
+    Stop(bool, usize),
+    /// The shell's watch with these params ended on its own.
+    Ended(bool, usize),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Watches and stops in any order, on two resources: the session's watches are those of
+    /// a map from (resource, params) to the watch's key; a watch of a pair already watched
+    /// stops the old one first; `stop` ends the pair's watch, or with empty params every
+    /// watch of the resource; each is answered as the dialect answers.
+    #[test]
+    fn watches_follow_a_map(
+        d in prop::sample::select(having(Verb::Watch)),
+        ops in prop::collection::vec(
+            prop_oneof![
+                3 => (any::<bool>(), 0..PARAMS.len()).prop_map(|(r, p)| WatchOp::Watch(r, p)),
+                2 => (any::<bool>(), 0..PARAMS.len()).prop_map(|(r, p)| WatchOp::Stop(r, p)),
+                1 => (any::<bool>(), 0..PARAMS.len()).prop_map(|(r, p)| WatchOp::Ended(r, p)),
+            ],
+            0..40,
+        ),
+    ) {
+        let mut c = Conn::open(with_resources(rules(d)));
+        let (k, field) = (d.key().as_str(), d.row().resource_field);
+        let mut model: std::collections::BTreeMap<(&str, &str), String> = Default::default();
+        for op in ops {
+            let (WatchOp::Watch(r, p) | WatchOp::Stop(r, p) | WatchOp::Ended(r, p)) = op;
+            let name = if r { "nodes" } else { "alerts" };
+            let params: Value = serde_json::from_str(PARAMS[p]).expect("JSON");
+            let fields = |params: Value| {
+                let mut f = Map::new();
+                f.insert(field.to_owned(), json!(name));
+                f.insert("params".to_owned(), params);
+                Value::Object(f)
+            };
+            match op {
+                WatchOp::Watch(..) => {
+                    let mut actions = c.verb("watch", fields(params));
+                    let call = match actions.pop() {
+                        Some(Action::Resource(call)) => call,
+                        other => return Err(TestCaseError::fail(format!("{other:?}"))),
+                    };
+                    let key = call.watch_key.expect("a watch has a key");
+                    let stops: Vec<_> = model.get(&(name, PARAMS[p])).cloned().into_iter().collect();
+                    prop_assert_eq!(actions, stops.into_iter().map(Action::StopWatch).collect::<Vec<_>>());
+                    if let Some(old) = model.insert((name, PARAMS[p]), key.clone()) {
+                        prop_assert_eq!(old, key, "the same pair, the same key");
+                    }
+                    let keys: BTreeSet<_> = model.values().collect();
+                    prop_assert_eq!(keys.len(), model.len(), "a key per pair");
+                }
+                WatchOp::Stop(..) => {
+                    let mut actions = norm(c.verb("stop", fields(params.clone())));
+                    if d.row().answers_stop {
+                        let mut answer = fields(params);
+                        answer[k] = json!("stopped");
+                        prop_assert_eq!(actions.pop(), Some(Norm::Frame(answer)));
+                    }
+                    let stopped: BTreeSet<String> = actions.into_iter().collect_keys();
+                    let expected: BTreeSet<String> = model
+                        .iter()
+                        .filter(|((n, ps), _)| *n == name && (p == 0 || *ps == PARAMS[p]))
+                        .map(|(_, key)| key.clone())
+                        .collect();
+                    model.retain(|_, key| !expected.contains(key));
+                    prop_assert_eq!(stopped, expected);
+                }
+                WatchOp::Ended(..) => {
+                    if let Some(key) = model.remove(&(name, PARAMS[p])) {
+                        c.s.watch_ended(&key);
+                    }
+                }
+            }
+        }
+    }
+}
