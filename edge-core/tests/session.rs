@@ -2443,3 +2443,59 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Frames and pings at any pace: in any stretch of time, no more are acted on than the
+    /// burst plus the rate over that stretch; each refused frame is answered `rate_limited` (a ping: nothing),
+    /// and the `close_after`th refusal in a row closes instead.
+    #[test]
+    fn the_rate_limit_holds_at_any_pace(
+        per_second in 1..10u32,
+        burst in 1..10u32,
+        close_after in 1..5u32,
+        frames in prop::collection::vec((0..400u64, any::<bool>()), 1..80),
+    ) {
+        let mut c = Conn::open(with_rate(rules(dialect("native")), per_second, burst, close_after));
+        let (mut ms, mut refused_in_a_row) = (0u64, 0u32);
+        // When each frame acted on was received.
+        let mut accepted: Vec<u64> = vec![];
+        for (gap, ping) in frames {
+            ms += gap;
+            if ping {
+                c.s.on_ping(c.at(ms));
+            } else {
+                c.s.on_text(r#"{"type":"ping"}"#, c.at(ms));
+            }
+            let actions = c.drain();
+            let refused = match actions.as_slice() {
+                [Action::FlushPong] if ping => false,
+                [Action::Send(f)] if !ping && parse(f)["type"] == "pong" => false,
+                [] if ping => true,
+                [Action::Send(f)] if !ping => {
+                    prop_assert_eq!(&parse(f)["code"], "rate_limited");
+                    true
+                }
+                [Action::Close(Close::RateLimited)] => {
+                    prop_assert_eq!(refused_in_a_row + 1, close_after);
+                    prop_assert!(c.s.is_closed());
+                    return Ok(());
+                }
+                other => return Err(TestCaseError::fail(format!("{other:?}"))),
+            };
+            if refused {
+                refused_in_a_row += 1;
+                prop_assert!(refused_in_a_row < close_after);
+            } else {
+                refused_in_a_row = 0;
+                accepted.push(ms);
+                for (i, from) in accepted.iter().enumerate() {
+                    let n = accepted.len() - i;
+                    let allowed = f64::from(burst) + f64::from(per_second) * (ms - from) as f64 / 1000.0;
+                    prop_assert!(n as f64 <= allowed + 1e-9, "{} acted on from {} to {} ms", n, from, ms);
+                }
+            }
+        }
+    }
+}
