@@ -1,0 +1,110 @@
+//! Plain HTTP/1 on a raw TCP connection, as curl, a probe or a scraper speaks it (and as a
+//! browser's upgrade request looks): readiness, metrics, refused upgrades.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::poll::STEP;
+
+/// A plain HTTP/1.0 GET: (status, body). `Err` when the connection fails.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_exchange(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await
+}
+
+/// Writes `request` as it is and reads the response until the server closes (or
+/// [`STEP`]): (status, everything after the head). `Err` when the connection fails.
+pub async fn http_exchange(addr: SocketAddr, request: &str) -> Result<(u16, String), String> {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        tcp.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let text = timeout(STEP, exchange)
+        .await
+        .map_err(|_| format!("request to {addr} timed out"))??;
+    parse_response(&text)
+}
+
+/// The text of a WebSocket upgrade request for `path_and_query` on `addr` with extra
+/// headers, as a browser or curl sends it.
+pub fn upgrade_request(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> String {
+    let mut text = format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    text.push_str("\r\n");
+    text
+}
+
+/// An upgrade request the edge refuses: (status, body), read until the edge closes.
+pub async fn refused_upgrade(
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let request = upgrade_request(addr, path_and_query, headers);
+    http_exchange(addr, &request)
+        .await
+        .unwrap_or_else(|e| panic!("upgrade of {path_and_query}: {e}"))
+}
+
+/// Writes `request` as it is and reads only the response head (the connection may stay
+/// open, as after a `101`): (status, the head).
+pub async fn http_head(addr: SocketAddr, request: &str) -> Result<(u16, String), String> {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        tcp.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut chunk).await.map_err(|e| e.to_string())? {
+                0 => break,
+                n => raw.extend_from_slice(&chunk[..n]),
+            }
+        }
+        Ok::<_, String>(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let text = timeout(STEP, exchange)
+        .await
+        .map_err(|_| format!("request to {addr} timed out"))??;
+    let (status, _) = parse_response(&text)?;
+    let head = text.split("\r\n\r\n").next().unwrap_or_default().to_owned();
+    Ok((status, head))
+}
+
+fn parse_response(text: &str) -> Result<(u16, String), String> {
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of an unlabelled Prometheus sample.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
