@@ -33,5 +33,10 @@
 mod harness;
 
 mod auth;
+mod binary;
+mod cluster;
 mod limits;
+mod observe;
 mod protocol;
+mod seeds;
+mod tracing;
