@@ -28,8 +28,6 @@
 //! would be a test binary of its own, with its own link and its own copy of the harness.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
-// Until every area has moved in, part of the harness is unused.
-#[allow(dead_code, unused_imports)]
 mod harness;
 
 mod auth;
@@ -38,5 +36,6 @@ mod cluster;
 mod limits;
 mod observe;
 mod protocol;
+mod security;
 mod seeds;
 mod tracing;

@@ -29,8 +29,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 
 use crate::harness::{
-    Authed, MISSING_GRPCURL, Proc, STEP, TEST_API_KEY, authed, bounded, eventually, poll_for,
-    switchboard,
+    Authed, MISSING_GRPCURL, Proc, STEP, TEST_API_KEY, after, authed, bounded, eventually,
+    poll_for, scratch_dir, switchboard,
 };
 
 /// Timings of the cluster processes: fast announcements, so that a test waits little.
@@ -60,9 +60,7 @@ struct Issued {
 
 impl Pki {
     fn new(name: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("tls-{name}-{}", ulid::Ulid::new()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir(&format!("tls-{name}"));
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -386,13 +384,6 @@ async fn grpcurl_tls(args: &[&str]) -> (bool, String) {
 // ---------------------------------------------------------------------------------------
 // Processes.
 
-/// The word after `key` in a banner line.
-fn after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let mut words = line.split_whitespace();
-    words.find(|w| *w == key)?;
-    words.next()
-}
-
 fn write_config(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, yaml).unwrap();
@@ -469,15 +460,6 @@ async fn dev(config: &Path) -> (Proc, SocketAddr, SocketAddr) {
         .unwrap()
         .expect("a wss:// address in the banner");
     (proc, ws, grpc)
-}
-
-/// SIGHUP to `proc`, through the shell's own `kill` (no procps needed).
-fn hangup(proc: &Proc) {
-    let status = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -HUP {}", proc.pid())])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -HUP {}", proc.pid());
 }
 
 const ROUTE: &str = "  routes:\n    - path: /connect\n      anonymous: true\n      publish: true\n      allowed_origins: [\"*\"]\n";
@@ -810,7 +792,7 @@ async fn replaced_certificates_serve_new_handshakes_without_dropping_connections
     let edge_v2 = pki.issue("edge", "edge v2");
     let grpc_v2 = pki.issue("grpc", "grpc v2");
     assert_ne!(edge_v2.der, edge_v1.der);
-    hangup(&proc);
+    proc.hangup().await;
     // The signal itself reloads (the file poll may see the change too, later or earlier).
     eventually("a reload the signal triggered", STEP, async || {
         proc.tail()
@@ -849,7 +831,7 @@ async fn replaced_certificates_serve_new_handshakes_without_dropping_connections
 
     // A bad file: the last good certificate stays, and the warning names key and file.
     std::fs::write(&edge_v2.cert, b"not a certificate").unwrap();
-    hangup(&proc);
+    proc.hangup().await;
     let warning = eventually(
         "a warning about the bad certificate file",
         STEP,

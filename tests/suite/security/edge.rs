@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::harness::{
     Cluster, STEP, Spec, bounded, eventually, hs256, http_exchange, http_get, http_head,
-    list_connections, publish, switchboard, unix_now,
+    list_connections, publish, scratch_dir, switchboard, unix_now,
 };
 
 const SECRET: &str = "edge-security-secret";
@@ -23,15 +23,10 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// One edge and one coordinator over a real nats-server, every process on `yaml`, the JWT
 /// secret in `SWITCHBOARD_JWT_SECRET`, and logs at debug level for the edge's own crates.
 async fn cluster(yaml: &str) -> Cluster {
-    Cluster::launch(
-        Spec::new(1, 1)
-            .config_yaml(yaml)
-            .env("SWITCHBOARD_JWT_SECRET", SECRET)
-            .env(
-                "RUST_LOG",
-                "info,edge=debug,coordinator=debug,switchboard=debug,bus=debug",
-            ),
-    )
+    Cluster::launch(Spec::new(1, 1).config_yaml(yaml).jwt_secret(SECRET).env(
+        "RUST_LOG",
+        "info,edge=debug,coordinator=debug,switchboard=debug,bus=debug",
+    ))
     .await
 }
 
@@ -170,7 +165,7 @@ async fn a_token_is_consumed_by_auth_and_leaks_nowhere() {
     }
 
     for client in clients {
-        client.close(1000).await;
+        client.close_code(1000).await;
     }
     // Every hook: 3 upgrades, 3 connects, 3 messages, 3 closes.
     let mut bodies = Vec::new();
@@ -312,18 +307,11 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
 // ---------------------------------------------------------------------------------------
 // The check-config row.
 
-fn config_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("edge-security-{}", ulid::Ulid::new()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Each contradiction of the issue (and a namespace claim on an anonymous route) exits 64
 /// naming the key; every example in deploy/examples still loads.
 #[tokio::test]
 async fn check_config_refuses_contradictions_naming_the_key() {
-    let dir = config_dir();
+    let dir = scratch_dir("edge-security");
     let cases = [
         (
             "edge:\n  routes:\n    - path: /x\n      anonymous: true\n      auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET }\n",
@@ -618,7 +606,7 @@ async fn unknown_client_close_codes_share_one_label() {
     let c = cluster(ANONYMOUS).await;
     for (i, code) in [4321u16, 3999, 4999, 1000].into_iter().enumerate() {
         let client = c.client(0, &format!("closer{i}"), "default").await;
-        client.close(code).await;
+        client.close_code(code).await;
     }
     let text = eventually("the other closes in /metrics", STEP, async || {
         let again = edge_metrics(&c).await;

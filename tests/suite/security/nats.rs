@@ -19,12 +19,12 @@ use serde_json::json;
 
 use crate::harness::{
     Backend, Cluster, Proc, Spec, authed, bounded, broadcast, channel, http_get, next_json,
-    placement, publish, resources, send, switchboard,
+    placement, publish, resources, scratch_dir, send, switchboard,
 };
 
 /// The documented permissions, as the docs page shows them.
-const PERMISSIONS: &str = include_str!("../../deploy/nats/permissions.conf");
-const DOCS: &str = include_str!("../../docs/nats.md");
+const PERMISSIONS: &str = include_str!("../../../deploy/nats/permissions.conf");
+const DOCS: &str = include_str!("../../../docs/nats.md");
 
 const PASSWORDS: [(&str, &str); 3] = [
     ("coordinator", "pw-coordinator-5f1c"),
@@ -59,14 +59,6 @@ fn pki(dir: &Path) -> Pki {
     std::fs::write(&pki.cert, server.pem()).unwrap();
     std::fs::write(&pki.key, key.serialize_pem()).unwrap();
     pki
-}
-
-/// A fresh directory for one test's files.
-fn test_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("nats-{name}-{}", ulid::Ulid::new()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A server config: TLS with `pki`, an account with JetStream and the three users, each with
@@ -174,7 +166,7 @@ fn violations(c: &Cluster) -> Vec<String> {
 /// a gRPC `Send`; nothing prints a password or the seed.
 #[tokio::test]
 async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
-    let dir = test_dir("tls");
+    let dir = scratch_dir("nats-tls");
     let pki = pki(&dir);
     let nkey = nkeys::KeyPair::new_user();
     let seed = nkey.seed().unwrap();
@@ -275,7 +267,7 @@ async fn documented_least_permissions_carry_a_full_flow() {
         "docs/nats.md shows deploy/nats/permissions.conf as it is"
     );
 
-    let dir = test_dir("least");
+    let dir = scratch_dir("nats-least");
     let pki = pki(&dir);
     let c = cluster(&dir, &pki, true).await;
     let be = backend(&c, &pki, "backend").await;
@@ -535,7 +527,7 @@ async fn failed_start(role: &str, c: &Cluster, yaml: &str, env: &[(&str, &str)])
 /// naming the key — and never the password.
 #[tokio::test]
 async fn wrong_credentials_or_ca_stop_the_process_naming_the_key() {
-    let dir = test_dir("fail");
+    let dir = scratch_dir("nats-fail");
     let pki = pki(&dir);
     let c = cluster(&dir, &pki, true).await;
     let good = switchboard_yaml(&pki);
