@@ -306,11 +306,7 @@ async fn claims_are_the_connection_context() {
     assert_eq!(got, claims);
 
     // The same claims travel with the connection's events.
-    let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("ctx", "hello"), None)
-        .await
-        .unwrap();
+    let mut backend = node.subscribe(proto::subject::event("ctx", "hello")).await;
     c.send(json!({"type": "hello"})).await;
     let m = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut backend))
         .await

@@ -659,24 +659,22 @@ async fn nats_restart_keeps_sockets_and_delivery_recovers() {
     c.nats.kill().await;
     let down = Instant::now();
     for e in &c.edges {
-        eventually(
-            &format!("/readyz of {} to answer 503 during the outage", e.id),
+        wait_http_status(
+            &format!("{} during the outage", e.id),
+            e.ws,
+            "/readyz",
+            503,
             STEP,
-            async || {
-                let (status, _) = http_get(e.ws, "/readyz").await.ok()?;
-                (status == 503).then_some(())
-            },
         )
         .await;
     }
     for k in &c.coords {
-        eventually(
-            &format!("/readyz of {} to answer 503 during the outage", k.id),
+        wait_http_status(
+            &format!("{} during the outage", k.id),
+            k.http,
+            "/readyz",
+            503,
             STEP,
-            async || {
-                let (status, _) = http_get(k.http, "/readyz").await.ok()?;
-                (status == 503).then_some(())
-            },
         )
         .await;
     }
@@ -692,13 +690,12 @@ async fn nats_restart_keeps_sockets_and_delivery_recovers() {
     c.nats.restart().await;
     let restarted = Instant::now();
     for e in &c.edges {
-        eventually(
-            &format!("/readyz of {} to answer 200 after the restart", e.id),
+        wait_http_status(
+            &format!("{} after the restart", e.id),
+            e.ws,
+            "/readyz",
+            200,
             RECOVERY,
-            async || {
-                let (status, _) = http_get(e.ws, "/readyz").await.ok()?;
-                (status == 200).then_some(())
-            },
         )
         .await;
     }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::harness::{
     Authed, TestNode, WAIT, config_with, dev_config, dev_route, eventually, upgrade_status,
+    wait_http_status,
 };
 
 #[tokio::test]
@@ -296,7 +297,7 @@ fn report_closes(route: &mut edge::config::RouteConfig) {
 }
 
 async fn close_events(node: &TestNode) -> bus::Subscription {
-    node.bus.subscribe(CLOSES.into(), None).await.unwrap()
+    node.subscribe(CLOSES).await
 }
 
 /// The next close event's body, within `limit`.
@@ -493,10 +494,7 @@ async fn shutdown_drains_with_1001_and_refuses_new_sockets() {
     assert_eq!(node.http_get("/readyz").await.0, 200);
 
     node.shutdown_token().cancel();
-    eventually("/readyz to turn 503 while draining", WAIT, async || {
-        (node.http_get("/readyz").await.0 == 503).then_some(())
-    })
-    .await;
+    wait_http_status("the draining node", node.ws_addr, "/readyz", 503, WAIT).await;
     assert_eq!(
         upgrade_status(node.ws_addr, "/connect?user=late", &[]).await,
         503

@@ -3,15 +3,15 @@
 
 use std::time::Duration;
 
-use bus::Outgoing;
 use edge::config::{Hook, HooksConfig, MessageHooks, TypeHook};
-use futures::StreamExt;
 use proto::v1::{
     BroadcastRequest, DisconnectRequest, ListConnectionsRequest, PublishRequest, SendRequest,
 };
 use serde_json::{Value, json};
 
-use crate::harness::{Client, TestNode, WAIT, config_with, dev_config, dev_route, eventually};
+use crate::harness::{
+    Client, TestNode, WAIT, config_with, dev_config, dev_route, eventually, next_json, send_req,
+};
 
 async fn dev_node() -> TestNode {
     TestNode::start(dev_config()).await
@@ -43,24 +43,6 @@ fn message(topic: &str, payload: Value) -> Value {
     let mut m = json!({"type": "message", "topic": topic});
     m["payload"] = payload;
     m
-}
-
-/// The next bus message on `sub`, as JSON.
-async fn next_bus(sub: &mut bus::Subscription) -> (bus::Message, Value) {
-    let m = tokio::time::timeout(WAIT, sub.next())
-        .await
-        .expect("no bus message in time")
-        .expect("bus subscription ended");
-    let v = serde_json::from_slice(&m.payload).expect("bus message is JSON");
-    (m, v)
-}
-
-async fn reply(node: &TestNode, to: &bus::Message, body: Value) {
-    let inbox = to.reply.clone().expect("request has a reply subject");
-    node.bus
-        .publish(Outgoing::new(inbox, body.to_string()))
-        .await
-        .expect("reply published");
 }
 
 #[tokio::test]
@@ -297,11 +279,7 @@ async fn namespace_with_dots_cannot_reach_another_namespace() {
 
     // The same holds for events: a backend of namespace "a", type "b.c" must not hear
     // namespace "a.b", type "c".
-    let _backend = node
-        .bus
-        .subscribe(proto::subject::event("a", "b.c"), None)
-        .await
-        .unwrap();
+    let _backend = node.subscribe(proto::subject::event("a", "b.c")).await;
     pub_ab.send(json!({"type": "c", "id": 1})).await;
     let e = pub_ab.recv_error("no_responders").await;
     assert_eq!(e["id"], 1);
@@ -402,17 +380,15 @@ async fn event_without_backend_answers_no_responders() {
 async fn event_reaches_backend_with_context_and_reply_goes_back() {
     let node = dev_node().await;
     let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("default", "greet"), None)
-        .await
-        .unwrap();
+        .subscribe(proto::subject::event("default", "greet"))
+        .await;
     let mut c = node.connect("/connect?user=eve&room=42").await;
     let mut other = node.connect("/connect?user=eve").await;
     let conn = node.conn_of(&c).await;
 
     let event = json!({"type": "greet", "id": 9, "text": "hi"});
     c.send(event.clone()).await;
-    let (req, body) = next_bus(&mut backend).await;
+    let (req, body) = next_json(&mut backend).await;
     assert_eq!(body["conn_id"], conn.conn_id.as_str());
     assert_eq!(body["node_id"], conn.node_id.as_str());
     assert_eq!(body["namespace"], "default");
@@ -420,15 +396,15 @@ async fn event_reaches_backend_with_context_and_reply_goes_back() {
     assert_eq!(body["params"], json!({"user": "eve", "room": "42"}));
     assert_eq!(body["claims"], json!({}));
     assert_eq!(body["event"], event);
-    reply(&node, &req, json!({"payload": {"ok": true}})).await;
+    node.reply(&req, json!({"payload": {"ok": true}})).await;
     assert_eq!(
         c.recv().await,
         json!({"type": "greet", "id": 9, "payload": {"ok": true}})
     );
 
     c.send(json!({"type": "greet", "id": "x2"})).await;
-    let (req, _) = next_bus(&mut backend).await;
-    reply(&node, &req, json!({"error": {"reason": "bad"}})).await;
+    let (req, _) = next_json(&mut backend).await;
+    node.reply(&req, json!({"error": {"reason": "bad"}})).await;
     assert_eq!(
         c.recv().await,
         json!({"type": "error", "id": "x2", "payload": {"reason": "bad"}})
@@ -441,14 +417,10 @@ async fn event_reaches_backend_with_context_and_reply_goes_back() {
 #[tokio::test]
 async fn path_parameters_are_part_of_the_context() {
     let node = TestNode::start(config_with(vec![dev_route("/{channel}")])).await;
-    let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("default", "hi"), None)
-        .await
-        .unwrap();
+    let mut backend = node.subscribe(proto::subject::event("default", "hi")).await;
     let mut c = node.connect("/logs?user=chan").await;
     c.send(json!({"type": "hi"})).await;
-    let (_, body) = next_bus(&mut backend).await;
+    let (_, body) = next_json(&mut backend).await;
     assert_eq!(body["params"], json!({"channel": "logs", "user": "chan"}));
     let conn = node.conn_of(&c).await;
     assert_eq!(conn.params.get("channel").map(String::as_str), Some("logs"));
@@ -460,13 +432,11 @@ async fn event_without_reply_times_out() {
     cfg.request_timeout = Duration::from_millis(300);
     let node = TestNode::start(cfg).await;
     let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("default", "slow"), None)
-        .await
-        .unwrap();
+        .subscribe(proto::subject::event("default", "slow"))
+        .await;
     let mut c = node.connect("/connect?user=waiter").await;
     c.send(json!({"type": "slow", "id": 5})).await;
-    let _ = next_bus(&mut backend).await;
+    let _ = next_json(&mut backend).await;
     let e = c.recv_error("timeout").await;
     assert_eq!(e["id"], 5);
     c.roundtrip().await;
@@ -486,48 +456,40 @@ async fn onmessage_hooks_route_events_by_type() {
         ..HooksConfig::default()
     };
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut general = node
-        .bus
-        .subscribe("socket:generalMessage".into(), None)
-        .await
-        .unwrap();
-    let mut typed = node
-        .bus
-        .subscribe("socket:type_one".into(), None)
-        .await
-        .unwrap();
+    let mut general = node.subscribe("socket:generalMessage").await;
+    let mut typed = node.subscribe("socket:type_one").await;
     let mut c = node.connect("/bodhi?user=hooked&namespace=n1").await;
 
     c.send(json!({"type": "message_type_one", "id": 1, "x": 1}))
         .await;
-    let (req, body) = next_bus(&mut typed).await;
+    let (req, body) = next_json(&mut typed).await;
     assert_eq!(
         body["event"],
         json!({"type": "message_type_one", "id": 1, "x": 1})
     );
     assert_eq!(body["namespace"], "n1");
-    reply(&node, &req, json!({"payload": "one"})).await;
+    node.reply(&req, json!({"payload": "one"})).await;
     let r = c.recv().await;
     assert_eq!((&r["id"], &r["payload"]), (&json!(1), &json!("one")), "{r}");
 
     // The general subject hears every event, typed ones included (bodhi's `onmessage.publish`),
     // and its reply comes back too, typed after the general subject.
-    let (req, body) = next_bus(&mut general).await;
+    let (req, body) = next_json(&mut general).await;
     assert_eq!(
         body["event"],
         json!({"type": "message_type_one", "id": 1, "x": 1})
     );
-    reply(&node, &req, json!({"payload": "all"})).await;
+    node.reply(&req, json!({"payload": "all"})).await;
     assert_eq!(
         c.recv().await,
         json!({"type": "socket:generalMessage", "id": 1, "payload": "all"})
     );
 
     c.send(json!({"type": "anything", "id": 2})).await;
-    let (req, body) = next_bus(&mut general).await;
+    let (req, body) = next_json(&mut general).await;
     assert_eq!(body["event"], json!({"type": "anything", "id": 2}));
     assert_eq!(body["username"], "hooked");
-    reply(&node, &req, json!({"payload": {"n": 2}})).await;
+    node.reply(&req, json!({"payload": {"n": 2}})).await;
     assert_eq!(
         c.recv().await,
         json!({"type": "socket:generalMessage", "id": 2, "payload": {"n": 2}})
@@ -556,20 +518,17 @@ fn hook(subject: &str, required: bool) -> Option<Hook> {
 async fn onconnect_reply_is_the_first_frame() {
     let route = hooked_route(hook("socket:connection", false), None);
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut backend = node
-        .bus
-        .subscribe("socket:connection".into(), None)
-        .await
-        .unwrap();
+    let mut backend = node.subscribe("socket:connection").await;
     let mut c = node.connect("/connect?user=welcome&namespace=ns1").await;
     // Sent before the hook answers: must be answered after the onconnect frame.
     c.send(json!({"type": "ping", "id": "early"})).await;
-    let (req, body) = next_bus(&mut backend).await;
+    let (req, body) = next_json(&mut backend).await;
     assert_eq!(body["username"], "welcome");
     assert_eq!(body["namespace"], "ns1");
     assert!(body["conn_id"].is_string() && body["node_id"].is_string());
     assert_eq!(body["event"], Value::Null);
-    reply(&node, &req, json!({"payload": {"hello": "welcome"}})).await;
+    node.reply(&req, json!({"payload": {"hello": "welcome"}}))
+        .await;
     assert_eq!(
         c.recv().await,
         json!({"type": "onconnect", "payload": {"hello": "welcome"}})
@@ -581,14 +540,10 @@ async fn onconnect_reply_is_the_first_frame() {
 async fn onconnect_failure_sends_error_then_closes_1008() {
     let route = hooked_route(hook("socket:connection", false), None);
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut backend = node
-        .bus
-        .subscribe("socket:connection".into(), None)
-        .await
-        .unwrap();
+    let mut backend = node.subscribe("socket:connection").await;
     let mut c = node.connect("/connect?user=unwelcome").await;
-    let (req, _) = next_bus(&mut backend).await;
-    reply(&node, &req, json!({"error": "not welcome"})).await;
+    let (req, _) = next_json(&mut backend).await;
+    node.reply(&req, json!({"error": "not welcome"})).await;
     let ((code, _), frames) = c.close_frame_after_texts_within(WAIT).await;
     assert_eq!(code, 1008);
     assert_eq!(frames.len(), 1, "{frames:?}");
@@ -619,15 +574,11 @@ async fn optional_onconnect_without_backend_lets_the_client_in() {
 async fn onclose_hook_hears_every_disconnect() {
     let route = hooked_route(None, hook("socket:close", false));
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut closes = node
-        .bus
-        .subscribe("socket:close".into(), None)
-        .await
-        .unwrap();
+    let mut closes = node.subscribe("socket:close").await;
     let c = node.connect("/connect?user=leaver&namespace=nsx&k=v").await;
     let conn = node.conn_of(&c).await;
     c.close().await;
-    let (_, body) = next_bus(&mut closes).await;
+    let (_, body) = next_json(&mut closes).await;
     assert_eq!(body["conn_id"], conn.conn_id.as_str());
     assert_eq!(body["username"], "leaver");
     assert_eq!(body["namespace"], "nsx");
@@ -644,19 +595,9 @@ async fn onclose_hook_hears_every_disconnect() {
     };
     node.messaging().await.disconnect(req).await.unwrap();
     assert_eq!(d.expect_close().await, (4000, "out".into()));
-    let (_, body) = next_bus(&mut closes).await;
+    let (_, body) = next_json(&mut closes).await;
     assert_eq!(body["conn_id"], conn.conn_id.as_str());
     assert_eq!(body["username"], "kicked");
-}
-
-fn send_req(namespace: &str, user: &str, ty: &str, payload_json: &str) -> SendRequest {
-    SendRequest {
-        namespace: namespace.into(),
-        user: user.into(),
-        r#type: ty.into(),
-        payload_json: payload_json.into(),
-        ..Default::default()
-    }
 }
 
 fn marker_to(conn_id: &str) -> SendRequest {

@@ -22,9 +22,9 @@ use super::files::{example, scratch_dir};
 use super::grpc::{
     TEST_API_KEY, TEST_CLUSTER_SECRET, send_request, try_list_connections, try_locate,
 };
-use super::http::{http_get, metric};
+use super::http::{http_get, metric, wait_http_status};
 use super::nats::Backend;
-use super::poll::{STEP, bounded, eventually, poll_for};
+use super::poll::{STEP, bounded, poll_for};
 use super::process::{Proc, after, switchboard};
 use super::ws::{Client, Refusal, upgrade_status};
 
@@ -366,15 +366,7 @@ impl Cluster {
             );
         }
         for e in &self.edges {
-            eventually(
-                &format!("/readyz of {} to answer 200", e.id),
-                STEP,
-                async || {
-                    let (status, _) = http_get(e.ws, "/readyz").await.ok()?;
-                    (status == 200).then_some(())
-                },
-            )
-            .await;
+            wait_http_status(&e.id, e.ws, "/readyz", 200, STEP).await;
         }
     }
 

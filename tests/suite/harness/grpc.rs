@@ -135,17 +135,19 @@ pub async fn send(
     ty: &str,
     json: &str,
 ) -> DeliveryReport {
-    send_request(
-        addr,
-        SendRequest {
-            namespace: namespace.into(),
-            user: user.into(),
-            r#type: ty.into(),
-            payload_json: json.into(),
-            ..SendRequest::default()
-        },
-    )
-    .await
+    send_request(addr, send_req(namespace, user, ty, json)).await
+}
+
+/// A Send of `ty` with the JSON `payload_json` to `user` in `namespace` (every namespace
+/// when empty).
+pub fn send_req(namespace: &str, user: &str, ty: &str, payload_json: &str) -> SendRequest {
+    SendRequest {
+        namespace: namespace.into(),
+        user: user.into(),
+        r#type: ty.into(),
+        payload_json: payload_json.into(),
+        ..SendRequest::default()
+    }
 }
 
 pub async fn send_request(addr: SocketAddr, req: SendRequest) -> DeliveryReport {
@@ -202,8 +204,16 @@ pub async fn grpcurl(args: &[&str]) -> String {
 /// Runs `grpcurl -plaintext ARGS…` exactly as given (no key added) and returns what it did;
 /// fails (never skips) when grpcurl is missing.
 pub async fn grpcurl_output(args: &[&str]) -> std::process::Output {
+    let mut all = vec!["-plaintext"];
+    all.extend_from_slice(args);
+    grpcurl_run(&all).await
+}
+
+/// Runs `grpcurl ARGS…` (bounded by `-max-time 5`) and returns what it did; fails (never
+/// skips) when grpcurl is missing.
+pub async fn grpcurl_run(args: &[&str]) -> std::process::Output {
     let run = Command::new("grpcurl")
-        .args(["-plaintext", "-max-time", "5"])
+        .args(["-max-time", "5"])
         .args(args)
         // No .proto files anywhere near: everything comes from server reflection.
         .current_dir(env!("CARGO_TARGET_TMPDIR"))

@@ -7,7 +7,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::poll::STEP;
+use super::poll::{STEP, eventually};
+use std::time::Duration;
 
 /// A plain HTTP/1.0 GET: (status, body). `Err` when the connection fails.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
@@ -39,10 +40,28 @@ pub async fn http_exchange(addr: SocketAddr, request: &str) -> Result<(u16, Stri
 /// The text of a WebSocket upgrade request for `path_and_query` on `addr` with extra
 /// headers, as a browser or curl sends it.
 pub fn upgrade_request(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> String {
+    let host = addr.to_string();
+    upgrade_request_as(
+        path_and_query,
+        "1.1",
+        &host,
+        "dGhlIHNhbXBsZSBub25jZQ==",
+        headers,
+    )
+}
+
+/// A raw upgrade request with any HTTP `version`, `Host`, `Sec-WebSocket-Key` and extra
+/// headers, valid or not.
+pub fn upgrade_request_as(
+    path_and_query: &str,
+    version: &str,
+    host: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> String {
     let mut text = format!(
-        "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
-         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "GET {path_and_query} HTTP/{version}\r\nHost: {host}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
     );
     for (k, v) in headers {
         text.push_str(&format!("{k}: {v}\r\n"));
@@ -89,7 +108,7 @@ pub async fn http_head(addr: SocketAddr, request: &str) -> Result<(u16, String),
     Ok((status, head))
 }
 
-fn parse_response(text: &str) -> Result<(u16, String), String> {
+pub fn parse_response(text: &str) -> Result<(u16, String), String> {
     let status = text
         .split(' ')
         .nth(1)
@@ -107,4 +126,21 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until `GET path` on `addr` (of the process `who`) answers `status`; fails the test
+/// after `limit`.
+pub async fn wait_http_status(
+    who: &str,
+    addr: SocketAddr,
+    path: &str,
+    status: u16,
+    limit: Duration,
+) {
+    let what = format!("{path} of {who} to answer {status}");
+    eventually(&what, limit, async || {
+        let (got, _) = http_get(addr, path).await.ok()?;
+        (got == status).then_some(())
+    })
+    .await;
 }

@@ -12,11 +12,13 @@
 //! | [`grpc`] | tonic clients with the test API key, the calls tests make, `grpcurl` |
 //! | [`nats`] | `Backend`: a NATS client playing a backend; `/connz` helpers |
 //! | [`tokens`] | JWTs and `Authorization: Bearer` |
+//! | [`certs`] | `TestCa`: a CA made in the test and the certificates it issues |
 //! | [`files`] | fixtures, `deploy/examples`, scratch directories |
 //!
 //! Areas import what they use: `use crate::harness::*;` or named items.
 #![allow(unreachable_pub)] // `pub` is what the areas may use; the crate is a test binary
 
+mod certs;
 mod cluster;
 mod files;
 mod grpc;
@@ -28,6 +30,7 @@ mod process;
 mod tokens;
 mod ws;
 
+pub use certs::*;
 pub use cluster::*;
 pub use files::*;
 pub use grpc::*;

@@ -5,11 +5,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bus::SharedBus;
+use bus::{Outgoing, SharedBus};
 use edge::EdgeConfig;
 use proto::v1::messaging_client::MessagingClient;
 use proto::v1::placement_client::PlacementClient;
 use proto::v1::{Connection, ListConnectionsRequest};
+use serde_json::Value;
 use switchboard::config::{Config, Resolved};
 use switchboard::run::DevNode;
 use tokio::task::JoinHandle;
@@ -195,6 +196,27 @@ impl TestNode {
             },
         )
         .await
+    }
+
+    /// Subscribes to `subject` on the node's bus, as a backend in this process.
+    pub async fn subscribe(&self, subject: impl Into<String>) -> bus::Subscription {
+        let subject = subject.into();
+        self.bus
+            .subscribe(subject.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("subscribe to {subject}: {e}"))
+    }
+
+    /// Answers the request `to` with `body` (JSON), as a backend in this process.
+    pub async fn reply(&self, to: &bus::Message, body: Value) {
+        let inbox = to
+            .reply
+            .clone()
+            .unwrap_or_else(|| panic!("the message on {} is not a request", to.subject));
+        self.bus
+            .publish(Outgoing::new(inbox, body.to_string()))
+            .await
+            .unwrap_or_else(|e| panic!("reply to {}: {e}", to.subject));
     }
 
     /// A plain HTTP GET on the edge port: (status, body).

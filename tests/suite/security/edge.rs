@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::harness::{
     Cluster, STEP, Spec, bounded, eventually, hs256, http_exchange, http_get, http_head,
-    list_connections, publish, scratch_dir, switchboard, unix_now,
+    list_connections, publish, scratch_dir, switchboard, unix_now, upgrade_request_as,
 };
 
 const SECRET: &str = "edge-security-secret";
@@ -38,19 +38,6 @@ fn jwt_route(extra: &str) -> String {
     format!(
         "edge:\n  routes:\n    - path: /connect\n      auth: {{ hs256_secret_env: SWITCHBOARD_JWT_SECRET }}\n{extra}"
     )
-}
-
-/// A raw upgrade request with the given Host and extra headers.
-fn raw_upgrade(path: &str, version: &str, host: &str, key: &str, extra: &[(&str, &str)]) -> String {
-    let mut text = format!(
-        "GET {path} HTTP/{version}\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
-    );
-    for (k, v) in extra {
-        text.push_str(&format!("{k}: {v}\r\n"));
-    }
-    text.push_str("\r\n");
-    text
 }
 
 /// The status of an upgrade request (the head only: a 101 keeps the connection open).
@@ -256,7 +243,7 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
     let host = c.ws(0).to_string();
     let (status, body) = refusal(
         c.ws(0),
-        &raw_upgrade(
+        &upgrade_request_as(
             &format!("/connect?namespace=globex&token={t}"),
             "1.1",
             &host,
@@ -270,7 +257,7 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
     let untenanted = token(&json!({"sub": "alice", "exp": unix_now() + 600}));
     let (status, body) = refusal(
         c.ws(0),
-        &raw_upgrade(
+        &upgrade_request_as(
             &format!("/connect?namespace=globex&token={untenanted}"),
             "1.1",
             &host,
@@ -408,7 +395,8 @@ async fn same_origin_compares_scheme_host_and_port() {
     let c = cluster(ANONYMOUS).await;
     let addr = c.ws(0);
     let host = addr.to_string();
-    let up = |origin: &str| raw_upgrade("/connect", "1.1", &host, KEY, &[("Origin", origin)]);
+    let up =
+        |origin: &str| upgrade_request_as("/connect", "1.1", &host, KEY, &[("Origin", origin)]);
     let own = format!("http://{host}");
     assert_eq!(status_of(addr, &up(&own)).await, 101);
     let https = format!("https://{host}");
@@ -427,7 +415,7 @@ async fn allowed_hosts_refuse_a_rebound_host_and_public_origins_stand_in() {
     let addr = c.ws(0);
     let host = addr.to_string();
     let up = |path: &str, host: &str, origin: &str| {
-        raw_upgrade(path, "1.1", host, KEY, &[("Origin", origin)])
+        upgrade_request_as(path, "1.1", host, KEY, &[("Origin", origin)])
     };
     assert_eq!(
         status_of(addr, &up("/same", "evil", "http://evil")).await,
@@ -474,7 +462,8 @@ async fn refusals_say_a_reason_code_only() {
             (403, "namespace_not_granted"),
         ),
     ] {
-        let (status, body) = refusal(c.ws(0), &raw_upgrade(&path, "1.1", &host, KEY, &[])).await;
+        let (status, body) =
+            refusal(c.ws(0), &upgrade_request_as(&path, "1.1", &host, KEY, &[])).await;
         assert_eq!(
             (status, body.as_str()),
             (want.0, format!("{}\n", want.1).as_str()),
@@ -567,18 +556,18 @@ async fn http10_upgrades_and_malformed_keys_get_400() {
     let host = addr.to_string();
     let path = "/connect?user=k";
     assert_eq!(
-        refusal(addr, &raw_upgrade(path, "1.0", &host, KEY, &[]))
+        refusal(addr, &upgrade_request_as(path, "1.0", &host, KEY, &[]))
             .await
             .0,
         400
     );
     // "Hello, world!" is 13 bytes.
     for key in ["SGVsbG8sIHdvcmxkIQ==", "abc", "!!!!!!!!!!!!!!!!!!!!!!=="] {
-        let (status, _) = refusal(addr, &raw_upgrade(path, "1.1", &host, key, &[])).await;
+        let (status, _) = refusal(addr, &upgrade_request_as(path, "1.1", &host, key, &[])).await;
         assert_eq!(status, 400, "{key}");
     }
     assert_eq!(
-        status_of(addr, &raw_upgrade(path, "1.1", &host, KEY, &[])).await,
+        status_of(addr, &upgrade_request_as(path, "1.1", &host, KEY, &[])).await,
         101
     );
 }

@@ -14,11 +14,10 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use proto::v1::{
     BroadcastRequest, GetRequest, ListRequest, PutRequest, WatchRequest, placement_event,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::json;
 
 use crate::harness::{
-    Backend, Cluster, Proc, Spec, authed, bounded, broadcast, channel, http_get, next_json,
+    Backend, Cluster, Proc, Spec, TestCa, authed, bounded, broadcast, channel, http_get, next_json,
     placement, publish, resources, scratch_dir, send, switchboard,
 };
 
@@ -37,28 +36,19 @@ struct Pki {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    /// Holds the files (removed on drop).
+    _issuer: TestCa,
 }
 
-fn pki(dir: &Path) -> Pki {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "switchboard test CA");
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let pki = Pki {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server-key.pem"),
-    };
-    std::fs::write(&pki.ca, ca.pem()).unwrap();
-    std::fs::write(&pki.cert, server.pem()).unwrap();
-    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
-    pki
+fn pki() -> Pki {
+    let issuer = TestCa::new("nats");
+    let server = issuer.issue("server", "localhost");
+    Pki {
+        ca: issuer.ca_file(),
+        cert: server.cert,
+        key: server.key,
+        _issuer: issuer,
+    }
 }
 
 /// A server config: TLS with `pki`, an account with JetStream and the three users, each with
@@ -167,7 +157,7 @@ fn violations(c: &Cluster) -> Vec<String> {
 #[tokio::test]
 async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
     let dir = scratch_dir("nats-tls");
-    let pki = pki(&dir);
+    let pki = pki();
     let nkey = nkeys::KeyPair::new_user();
     let seed = nkey.seed().unwrap();
     let seed_file = dir.join("edge.nk");
@@ -268,7 +258,7 @@ async fn documented_least_permissions_carry_a_full_flow() {
     );
 
     let dir = scratch_dir("nats-least");
-    let pki = pki(&dir);
+    let pki = pki();
     let c = cluster(&dir, &pki, true).await;
     let be = backend(&c, &pki, "backend").await;
     // gRPC Send: coordinator → sb.node.e1 → edge, and the edge's reply.
@@ -528,7 +518,7 @@ async fn failed_start(role: &str, c: &Cluster, yaml: &str, env: &[(&str, &str)])
 #[tokio::test]
 async fn wrong_credentials_or_ca_stop_the_process_naming_the_key() {
     let dir = scratch_dir("nats-fail");
-    let pki = pki(&dir);
+    let pki = pki();
     let c = cluster(&dir, &pki, true).await;
     let good = switchboard_yaml(&pki);
     let wrong = "wrong-password-7c2d";
