@@ -22,19 +22,34 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), Str
 /// Writes `request` as it is and reads the response until the server closes (or
 /// [`STEP`]): (status, everything after the head). `Err` when the connection fails.
 pub async fn http_exchange(addr: SocketAddr, request: &str) -> Result<(u16, String), String> {
+    let text = exchange(
+        addr,
+        request,
+        async |tcp: &mut TcpStream, raw: &mut Vec<u8>| tcp.read_to_end(raw).await.map(drop),
+    )
+    .await?;
+    parse_response(&text)
+}
+
+/// Connects to `addr`, writes `request` and lets `read` read the answer, all within
+/// [`STEP`]: what was read.
+async fn exchange(
+    addr: SocketAddr,
+    request: &str,
+    read: impl AsyncFnOnce(&mut TcpStream, &mut Vec<u8>) -> std::io::Result<()>,
+) -> Result<String, String> {
     let exchange = async {
         let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         tcp.write_all(request.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        read(&mut tcp, &mut raw).await.map_err(|e| e.to_string())?;
         Ok::<_, String>(String::from_utf8_lossy(&raw).into_owned())
     };
-    let text = timeout(STEP, exchange)
+    timeout(STEP, exchange)
         .await
-        .map_err(|_| format!("request to {addr} timed out"))??;
-    parse_response(&text)
+        .map_err(|_| format!("request to {addr} timed out"))?
 }
 
 /// The text of a WebSocket upgrade request for `path_and_query` on `addr` with extra
@@ -85,24 +100,21 @@ pub async fn refused_upgrade(
 /// Writes `request` as it is and reads only the response head (the connection may stay
 /// open, as after a `101`): (status, the head).
 pub async fn http_head(addr: SocketAddr, request: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        tcp.write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
-            match tcp.read(&mut chunk).await.map_err(|e| e.to_string())? {
-                0 => break,
-                n => raw.extend_from_slice(&chunk[..n]),
+    let text = exchange(
+        addr,
+        request,
+        async |tcp: &mut TcpStream, raw: &mut Vec<u8>| {
+            let mut chunk = [0u8; 1024];
+            while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut chunk).await? {
+                    0 => break,
+                    n => raw.extend_from_slice(&chunk[..n]),
+                }
             }
-        }
-        Ok::<_, String>(String::from_utf8_lossy(&raw).into_owned())
-    };
-    let text = timeout(STEP, exchange)
-        .await
-        .map_err(|_| format!("request to {addr} timed out"))??;
+            Ok(())
+        },
+    )
+    .await?;
     let (status, _) = parse_response(&text)?;
     let head = text.split("\r\n\r\n").next().unwrap_or_default().to_owned();
     Ok((status, head))
