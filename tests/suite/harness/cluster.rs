@@ -25,7 +25,7 @@ use super::grpc::{
 use super::http::{http_get, metric, wait_http_status};
 use super::nats::Backend;
 use super::poll::{STEP, bounded, poll_for};
-use super::process::{Proc, after, switchboard};
+use super::process::{Proc, coordinator_banner, edge_banner, node_command};
 use super::ws::{Client, Refusal, upgrade_status};
 
 /// The config of [`Cluster::start`]: one anonymous `/connect` route where `?user=` names the
@@ -293,21 +293,9 @@ impl Cluster {
         }
         for i in 1..=spec.coordinators {
             let id = format!("c{i}");
-            let mut cmd = switchboard();
-            cmd.arg("coordinator")
-                .arg("--config")
-                .arg(&cluster.config)
-                .args(["--nats", &cluster.nats.url()])
-                .args(["--grpc-listen", "127.0.0.1:0"])
-                .args(["--http-listen", "127.0.0.1:0"])
-                .args(["--node-id", &id])
-                .envs(env.iter().chain(&spec.role_env[0]).map(|(k, v)| (k, v)));
-            let (proc, (grpc, http)) = Proc::start(&id, cmd, |line| {
-                let grpc = after(line, "grpc")?.parse().ok()?;
-                let http = after(line, "http")?.strip_prefix("http://")?.parse().ok()?;
-                Some((grpc, http))
-            })
-            .await;
+            let mut cmd = node_command("coordinator", &cluster.config, &cluster.nats.url(), &id);
+            cmd.envs(env.iter().chain(&spec.role_env[0]).map(|(k, v)| (k, v)));
+            let (proc, (grpc, http)) = Proc::start(&id, cmd, coordinator_banner).await;
             cluster.coords.push(Coord {
                 id,
                 grpc,
@@ -319,23 +307,10 @@ impl Cluster {
         let seeds = seeds.join(",");
         for i in 1..=spec.edges {
             let id = format!("e{i}");
-            let mut cmd = switchboard();
-            cmd.arg("edge")
-                .arg("--config")
-                .arg(&cluster.config)
-                .args(["--nats", &cluster.nats.url()])
-                .args(["--coordinator", &seeds])
-                .args(["--listen", "127.0.0.1:0"])
-                .args(["--node-id", &id])
+            let mut cmd = node_command("edge", &cluster.config, &cluster.nats.url(), &id);
+            cmd.args(["--coordinator", &seeds])
                 .envs(env.iter().chain(&spec.role_env[1]).map(|(k, v)| (k, v)));
-            let (proc, ws) = Proc::start(&id, cmd, |line| {
-                after(line, "websocket")?
-                    .strip_prefix("ws://")?
-                    .trim_end_matches('/')
-                    .parse()
-                    .ok()
-            })
-            .await;
+            let (proc, ws) = Proc::start(&id, cmd, |line| edge_banner(line, "ws")).await;
             cluster.edges.push(EdgeNode { id, ws, proc });
         }
         cluster.wait_ready().await;

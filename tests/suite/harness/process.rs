@@ -2,6 +2,8 @@
 //! found through the banner it prints, signalled, killed (and reaped) when its guard drops;
 //! its output is kept and printed when a test fails.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +34,44 @@ pub fn switchboard() -> Command {
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
+}
+
+/// `switchboard <role> --config <config> --nats <nats_url> --node-id <id>` with every
+/// listener of the role on a free loopback port; the caller adds the rest (seeds, env).
+pub fn node_command(role: &str, config: &Path, nats_url: &str, id: &str) -> Command {
+    let mut cmd = switchboard();
+    cmd.arg(role)
+        .arg("--config")
+        .arg(config)
+        .args(["--nats", nats_url])
+        .args(["--node-id", id]);
+    match role {
+        "coordinator" => cmd.args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]),
+        _ => cmd.args(["--listen", "127.0.0.1:0"]),
+    };
+    cmd
+}
+
+/// The gRPC and HTTP addresses in a coordinator's banner line.
+pub fn coordinator_banner(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let grpc = after(line, "grpc")?.parse().ok()?;
+    let http = after(line, "http")?.strip_prefix("http://")?.parse().ok()?;
+    Some((grpc, http))
+}
+
+/// The WebSocket address in an edge's banner line, whose URL has `scheme` (`ws`, `wss`).
+pub fn edge_banner(line: &str, scheme: &str) -> Option<SocketAddr> {
+    after(line, "websocket")?
+        .strip_prefix(scheme)?
+        .strip_prefix("://")?
+        .trim_end_matches('/')
+        .parse()
+        .ok()
 }
 
 /// The word after `key` in a banner line.

@@ -5,7 +5,6 @@
 //! missing CA stop a process at start, naming the key.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tokio::process::Command;
 
@@ -18,7 +17,7 @@ use serde_json::json;
 
 use crate::harness::{
     Backend, Cluster, Proc, Spec, TestCa, authed, bounded, broadcast, channel, http_get, next_json,
-    placement, publish, resources, scratch_dir, send, switchboard,
+    node_command, placement, publish, resources, scratch_dir, send,
 };
 
 /// The documented permissions, as the docs page shows them.
@@ -464,20 +463,11 @@ async fn documented_least_permissions_carry_a_full_flow() {
 /// A `switchboard ROLE` of the cluster `c` with the config file `config`, NATS at `url`,
 /// listeners on free ports and the variables `env`.
 fn process(role: &str, c: &Cluster, config: &Path, url: &str, env: &[(&str, &str)]) -> Command {
-    let mut cmd = switchboard();
-    cmd.arg(role)
-        .arg("--config")
-        .arg(config)
-        .args(["--nats", url])
-        .args(["--node-id", &format!("{role}-{}", ulid::Ulid::new())])
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--grpc-listen", "127.0.0.1:0"])
-        .args(["--http-listen", "127.0.0.1:0"])
-        .args(["--coordinator", &c.grpc(0).to_string()])
+    let id = format!("{role}-{}", ulid::Ulid::new());
+    let mut cmd = node_command(role, config, url, &id);
+    cmd.args(["--coordinator", &c.grpc(0).to_string()])
         .envs(crate::harness::test_credentials())
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .envs(env.iter().copied());
     cmd
 }
 

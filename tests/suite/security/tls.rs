@@ -27,8 +27,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 
 use crate::harness::{
-    Authed, Issued, Proc, STEP, TEST_API_KEY, TestCa, after, authed, bounded, eventually,
-    grpcurl_run, parse_response, poll_for, switchboard, upgrade_request,
+    Authed, Issued, Proc, STEP, TEST_API_KEY, TestCa, after, authed, bounded, coordinator_banner,
+    edge_banner, eventually, grpcurl_run, node_command, parse_response, poll_for, switchboard,
+    upgrade_request,
 };
 
 /// Timings of the cluster processes: fast announcements, so that a test waits little.
@@ -303,21 +304,11 @@ fn write_config(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 /// A coordinator with `config`: its process and gRPC address.
 async fn coordinator(nats: &TestNats, config: &Path, id: &str) -> (Proc, SocketAddr) {
-    let mut cmd = switchboard();
-    cmd.arg("coordinator")
-        .arg("--config")
-        .arg(config)
-        .args(["--nats", &nats.url()])
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--node-id", id])
-        .envs(ENV.iter().copied())
+    let mut cmd = node_command("coordinator", config, &nats.url(), id);
+    cmd.envs(ENV.iter().copied())
         .envs(crate::harness::test_credentials());
-    Proc::start(id, cmd, |line| after(line, "grpc")?.parse().ok()).await
+    let (proc, (grpc, _)) = Proc::start(id, cmd, coordinator_banner).await;
+    (proc, grpc)
 }
 
 /// An edge with `config` seeded with `coordinator`: its process and `wss://` address.
@@ -327,23 +318,11 @@ async fn edge(
     id: &str,
     coordinator: SocketAddr,
 ) -> (Proc, SocketAddr) {
-    let mut cmd = switchboard();
-    cmd.arg("edge")
-        .arg("--config")
-        .arg(config)
-        .args(["--nats", &nats.url()])
-        .args(["--coordinator", &coordinator.to_string()])
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--node-id", id])
+    let mut cmd = node_command("edge", config, &nats.url(), id);
+    cmd.args(["--coordinator", &coordinator.to_string()])
         .envs(ENV.iter().copied())
         .envs(crate::harness::test_credentials());
-    Proc::start(id, cmd, |line| {
-        after(line, "websocket")?
-            .strip_prefix("wss://")?
-            .parse()
-            .ok()
-    })
-    .await
+    Proc::start(id, cmd, |line| edge_banner(line, "wss")).await
 }
 
 /// `switchboard dev` with `config`: its process, `wss://` and gRPC addresses.
