@@ -1,28 +1,26 @@
 //! The native client protocol (PROTOCOL.md §1, §3) and the gRPC Messaging/Placement services,
 //! driven with real clients over real sockets against an in-process node.
-#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
-
-mod common;
 
 use std::time::Duration;
 
-use bus::Outgoing;
-use common::{TestNode, WAIT, WsClient, config_with, dev_config, dev_route, eventually};
 use edge::config::{Hook, HooksConfig, MessageHooks, TypeHook};
-use futures::StreamExt;
 use proto::v1::{
     BroadcastRequest, DisconnectRequest, ListConnectionsRequest, PublishRequest, SendRequest,
 };
 use serde_json::{Value, json};
 
+use crate::harness::{
+    Client, TestNode, WAIT, config_with, dev_config, dev_route, eventually, next_json, send_req,
+};
+
 async fn dev_node() -> TestNode {
     TestNode::start(dev_config()).await
 }
 
-async fn subscribe(c: &mut WsClient, topic: &str) {
-    c.send_json(&json!({"type": "subscribe", "topic": topic, "id": topic}))
+async fn subscribe(c: &mut Client, topic: &str) {
+    c.send(json!({"type": "subscribe", "topic": topic, "id": topic}))
         .await;
-    let v = c.recv_json().await;
+    let v = c.recv().await;
     assert_eq!(
         v,
         json!({"type": "subscribed", "topic": topic, "id": topic}),
@@ -30,10 +28,10 @@ async fn subscribe(c: &mut WsClient, topic: &str) {
     );
 }
 
-async fn publish(c: &mut WsClient, topic: &str, payload: Value) {
-    c.send_json(&json!({"type": "publish", "topic": topic, "payload": payload, "id": "p"}))
+async fn publish(c: &mut Client, topic: &str, payload: Value) {
+    c.send(json!({"type": "publish", "topic": topic, "payload": payload, "id": "p"}))
         .await;
-    let v = c.recv_json().await;
+    let v = c.recv().await;
     assert_eq!(
         v,
         json!({"type": "published", "topic": topic, "id": "p"}),
@@ -47,40 +45,22 @@ fn message(topic: &str, payload: Value) -> Value {
     m
 }
 
-/// The next bus message on `sub`, as JSON.
-async fn next_bus(sub: &mut bus::Subscription) -> (bus::Message, Value) {
-    let m = tokio::time::timeout(WAIT, sub.next())
-        .await
-        .expect("no bus message in time")
-        .expect("bus subscription ended");
-    let v = serde_json::from_slice(&m.payload).expect("bus message is JSON");
-    (m, v)
-}
-
-async fn reply(node: &TestNode, to: &bus::Message, body: Value) {
-    let inbox = to.reply.clone().expect("request has a reply subject");
-    node.bus
-        .publish(Outgoing::new(inbox, body.to_string()))
-        .await
-        .expect("reply published");
-}
-
 #[tokio::test]
 async fn init_answers_a_session_and_resumes_a_given_one() {
     let node = dev_node().await;
     let mut a = node.connect("/connect?user=sess").await;
     let mut b = node.connect("/connect?user=sess").await;
-    a.send_json(&json!({"type": "init"})).await;
+    a.send(json!({"type": "init"})).await;
     let sa = a.recv_type("session").await;
-    b.send_json(&json!({"type": "init"})).await;
+    b.send(json!({"type": "init"})).await;
     let sb = b.recv_type("session").await;
     let (ida, idb) = (sa["id"].as_str().unwrap(), sb["id"].as_str().unwrap());
     assert!(!ida.is_empty() && !idb.is_empty());
     assert_ne!(ida, idb, "two connections got the same new session");
 
     let mut c = node.connect("/connect?user=sess").await;
-    c.send_json(&json!({"type": "init", "session": ida})).await;
-    assert_eq!(c.recv_json().await, json!({"type": "session", "id": ida}));
+    c.send(json!({"type": "init", "session": ida})).await;
+    assert_eq!(c.recv().await, json!({"type": "session", "id": ida}));
 }
 
 #[tokio::test]
@@ -96,38 +76,27 @@ async fn publish_reaches_matching_mqtt_filters_only() {
     subscribe(&mut one, "scores/+").await;
     subscribe(&mut other, "other/#").await;
 
-    p.send_json(
-        &json!({"type": "publish", "topic": "scores/42/eu", "payload": {"goal": 1}, "id": 7}),
-    )
-    .await;
+    p.send(json!({"type": "publish", "topic": "scores/42/eu", "payload": {"goal": 1}, "id": 7}))
+        .await;
     assert_eq!(
-        p.recv_json().await,
+        p.recv().await,
         json!({"type": "published", "topic": "scores/42/eu", "id": 7})
     );
     let m = message("scores/42/eu", json!({"goal": 1}));
-    assert_eq!(plus.recv_json().await, m);
-    assert_eq!(hash.recv_json().await, m);
+    assert_eq!(plus.recv().await, m);
+    assert_eq!(hash.recv().await, m);
 
     // `#` matches its parent level too; `+` needs exactly one level.
     publish(&mut p, "scores", json!("parent")).await;
-    assert_eq!(hash.recv_json().await, message("scores", json!("parent")));
+    assert_eq!(hash.recv().await, message("scores", json!("parent")));
     publish(&mut p, "scores/7", json!("one-level")).await;
     // Each subscriber's first frame proves what did not reach it before.
-    assert_eq!(
-        one.recv_json().await,
-        message("scores/7", json!("one-level"))
-    );
-    assert_eq!(
-        hash.recv_json().await,
-        message("scores/7", json!("one-level"))
-    );
+    assert_eq!(one.recv().await, message("scores/7", json!("one-level")));
+    assert_eq!(hash.recv().await, message("scores/7", json!("one-level")));
     publish(&mut p, "scores/1/eu", json!("again")).await;
-    assert_eq!(
-        plus.recv_json().await,
-        message("scores/1/eu", json!("again"))
-    );
+    assert_eq!(plus.recv().await, message("scores/1/eu", json!("again")));
     publish(&mut p, "other/x", json!("marker")).await;
-    assert_eq!(other.recv_json().await, message("other/x", json!("marker")));
+    assert_eq!(other.recv().await, message("other/x", json!("marker")));
 }
 
 #[tokio::test]
@@ -138,17 +107,11 @@ async fn publisher_gets_its_own_message_only_with_echo() {
     subscribe(&mut p, "room/#").await;
     subscribe(&mut s, "room/#").await;
 
-    p.send_json(&json!({"type": "publish", "topic": "room/1", "payload": 1, "id": "a"}))
+    p.send(json!({"type": "publish", "topic": "room/1", "payload": 1, "id": "a"}))
         .await;
-    p.send_json(
-        &json!({"type": "publish", "topic": "room/2", "payload": 2, "id": "b", "echo": true}),
-    )
-    .await;
-    let mut got = vec![
-        p.recv_json().await,
-        p.recv_json().await,
-        p.recv_json().await,
-    ];
+    p.send(json!({"type": "publish", "topic": "room/2", "payload": 2, "id": "b", "echo": true}))
+        .await;
+    let mut got = vec![p.recv().await, p.recv().await, p.recv().await];
     got.sort_by_key(Value::to_string);
     let mut want = vec![
         json!({"type": "published", "topic": "room/1", "id": "a"}),
@@ -157,8 +120,8 @@ async fn publisher_gets_its_own_message_only_with_echo() {
     ];
     want.sort_by_key(Value::to_string);
     assert_eq!(got, want, "the publisher got its own non-echo message");
-    assert_eq!(s.recv_json().await, message("room/1", json!(1)));
-    assert_eq!(s.recv_json().await, message("room/2", json!(2)));
+    assert_eq!(s.recv().await, message("room/1", json!(1)));
+    assert_eq!(s.recv().await, message("room/2", json!(2)));
 }
 
 #[tokio::test]
@@ -180,13 +143,13 @@ async fn unsubscribe_stops_delivery() {
     };
     let r = msg.publish(pub_req(1)).await.unwrap().into_inner();
     assert_eq!(r.delivered, 2);
-    assert_eq!(a.recv_json().await, message("u/1", json!(1)));
-    assert_eq!(b.recv_json().await, message("u/1", json!(1)));
+    assert_eq!(a.recv().await, message("u/1", json!(1)));
+    assert_eq!(b.recv().await, message("u/1", json!(1)));
 
-    a.send_json(&json!({"type": "unsubscribe", "topic": "u/1", "id": 3}))
+    a.send(json!({"type": "unsubscribe", "topic": "u/1", "id": 3}))
         .await;
     assert_eq!(
-        a.recv_json().await,
+        a.recv().await,
         json!({"type": "unsubscribed", "topic": "u/1", "id": 3})
     );
     node.wait_topics(&ca.conn_id, &[]).await;
@@ -194,17 +157,14 @@ async fn unsubscribe_stops_delivery() {
     // would already sit in its queue ahead of the marker.
     let r = msg.publish(pub_req(2)).await.unwrap().into_inner();
     assert_eq!(r.delivered, 1, "publish after unsubscribe: {r:?}");
-    assert_eq!(b.recv_json().await, message("u/1", json!(2)));
+    assert_eq!(b.recv().await, message("u/1", json!(2)));
     let marker = SendRequest {
         conn_id: ca.conn_id.clone(),
         r#type: "marker".into(),
         ..Default::default()
     };
     assert_eq!(msg.send(marker).await.unwrap().into_inner().delivered, 1);
-    assert_eq!(
-        a.recv_json().await,
-        json!({"type": "marker", "payload": null})
-    );
+    assert_eq!(a.recv().await, json!({"type": "marker", "payload": null}));
 }
 
 /// Publishes `probe` to `topic` and then a marker to a topic matching `filter`; the
@@ -220,17 +180,14 @@ async fn check_leak(node: &TestNode, filter: &str, topic: &str, expect: bool) {
         .collect::<Vec<_>>()
         .join("/");
     publish(&mut p, &marker_topic, json!("marker")).await;
-    let first = sub.recv_json().await;
+    let first = sub.recv().await;
     if expect {
         assert_eq!(
             first,
             message(topic, json!("probe")),
             "filter {filter:?} should receive topic {topic:?}"
         );
-        assert_eq!(
-            sub.recv_json().await,
-            message(&marker_topic, json!("marker"))
-        );
+        assert_eq!(sub.recv().await, message(&marker_topic, json!("marker")));
     } else {
         assert_eq!(
             first,
@@ -296,11 +253,11 @@ async fn topics_are_isolated_by_namespace() {
     publish(&mut pa, "t/1", json!("A2")).await;
     publish(&mut pb, "t/1", json!("B2")).await;
     for c in [&mut sa, &mut sa_all] {
-        assert_eq!(c.recv_json().await, message("t/1", json!("A")));
-        assert_eq!(c.recv_json().await, message("t/1", json!("A2")));
+        assert_eq!(c.recv().await, message("t/1", json!("A")));
+        assert_eq!(c.recv().await, message("t/1", json!("A2")));
     }
-    assert_eq!(sb.recv_json().await, message("t/1", json!("B")));
-    assert_eq!(sb.recv_json().await, message("t/1", json!("B2")));
+    assert_eq!(sb.recv().await, message("t/1", json!("B")));
+    assert_eq!(sb.recv().await, message("t/1", json!("B2")));
 }
 
 #[tokio::test]
@@ -315,19 +272,15 @@ async fn namespace_with_dots_cannot_reach_another_namespace() {
     subscribe(&mut sub_ab, "t").await;
     publish(&mut pub_ab, "t", json!("from a.b")).await;
     publish(&mut pub_a, "b/t", json!("from a")).await;
-    assert_eq!(sub_a.recv_json().await, message("b/t", json!("from a")));
-    assert_eq!(sub_ab.recv_json().await, message("t", json!("from a.b")));
+    assert_eq!(sub_a.recv().await, message("b/t", json!("from a")));
+    assert_eq!(sub_ab.recv().await, message("t", json!("from a.b")));
     publish(&mut pub_ab, "t", json!("again")).await;
-    assert_eq!(sub_ab.recv_json().await, message("t", json!("again")));
+    assert_eq!(sub_ab.recv().await, message("t", json!("again")));
 
     // The same holds for events: a backend of namespace "a", type "b.c" must not hear
     // namespace "a.b", type "c".
-    let _backend = node
-        .bus
-        .subscribe(proto::subject::event("a", "b.c"), None)
-        .await
-        .unwrap();
-    pub_ab.send_json(&json!({"type": "c", "id": 1})).await;
+    let _backend = node.subscribe(proto::subject::event("a", "b.c")).await;
+    pub_ab.send(json!({"type": "c", "id": 1})).await;
     let e = pub_ab.recv_error("no_responders").await;
     assert_eq!(e["id"], 1);
 }
@@ -351,7 +304,7 @@ async fn invalid_topics_are_refused() {
         ("publish", ""),
         ("publish", long.as_str()),
     ] {
-        c.send_json(&json!({"type": verb, "topic": topic, "payload": 1, "id": verb}))
+        c.send(json!({"type": verb, "topic": topic, "payload": 1, "id": verb}))
             .await;
         let e = c.recv_error("invalid_topic").await;
         assert_eq!(e["id"], verb, "{verb} {topic:?}");
@@ -365,7 +318,7 @@ async fn publish_is_forbidden_where_the_route_says_so() {
     route.publish = false;
     let node = TestNode::start(config_with(vec![route])).await;
     let mut c = node.connect("/ro?user=ro").await;
-    c.send_json(&json!({"type": "publish", "topic": "a/b", "payload": 1, "id": "f"}))
+    c.send(json!({"type": "publish", "topic": "a/b", "payload": 1, "id": "f"}))
         .await;
     let e = c.recv_error("forbidden").await;
     assert_eq!(e["id"], "f");
@@ -376,12 +329,12 @@ async fn publish_is_forbidden_where_the_route_says_so() {
 async fn ping_answers_pong_with_the_id() {
     let node = dev_node().await;
     let mut c = node.connect("/connect?user=pinger").await;
-    c.send_json(&json!({"type": "ping"})).await;
-    assert_eq!(c.recv_json().await, json!({"type": "pong"}));
-    c.send_json(&json!({"type": "ping", "id": 42})).await;
-    assert_eq!(c.recv_json().await, json!({"type": "pong", "id": 42}));
-    c.send_json(&json!({"type": "ping", "id": "s"})).await;
-    assert_eq!(c.recv_json().await, json!({"type": "pong", "id": "s"}));
+    c.send(json!({"type": "ping"})).await;
+    assert_eq!(c.recv().await, json!({"type": "pong"}));
+    c.send(json!({"type": "ping", "id": 42})).await;
+    assert_eq!(c.recv().await, json!({"type": "pong", "id": 42}));
+    c.send(json!({"type": "ping", "id": "s"})).await;
+    assert_eq!(c.recv().await, json!({"type": "pong", "id": "s"}));
     node.stop().await;
 }
 
@@ -394,7 +347,7 @@ async fn malformed_frames_get_error_frames_and_the_socket_stays_usable() {
         c.recv_error("invalid_json").await;
     }
     for frame in [json!({"id": 3}), json!({"type": 7}), json!({"type": null})] {
-        c.send_json(&frame).await;
+        c.send(frame).await;
         c.recv_error("missing_type").await;
     }
     c.roundtrip().await;
@@ -405,7 +358,7 @@ async fn resource_verbs_without_resources_answer_unknown_resource() {
     let node = dev_node().await;
     let mut c = node.connect("/connect?user=res").await;
     for verb in ["watch", "query", "all", "get"] {
-        c.send_json(&json!({"type": verb, "resource": "nodes", "params": {"id": 1}, "id": verb}))
+        c.send(json!({"type": verb, "resource": "nodes", "params": {"id": 1}, "id": verb}))
             .await;
         let e = c.recv_error("unknown_resource").await;
         assert_eq!(e["id"], verb);
@@ -417,8 +370,7 @@ async fn resource_verbs_without_resources_answer_unknown_resource() {
 async fn event_without_backend_answers_no_responders() {
     let node = dev_node().await;
     let mut c = node.connect("/connect?user=lonely").await;
-    c.send_json(&json!({"type": "nobody_home", "id": "e1"}))
-        .await;
+    c.send(json!({"type": "nobody_home", "id": "e1"})).await;
     let e = c.recv_error("no_responders").await;
     assert_eq!(e["id"], "e1");
     c.roundtrip().await;
@@ -428,17 +380,15 @@ async fn event_without_backend_answers_no_responders() {
 async fn event_reaches_backend_with_context_and_reply_goes_back() {
     let node = dev_node().await;
     let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("default", "greet"), None)
-        .await
-        .unwrap();
+        .subscribe(proto::subject::event("default", "greet"))
+        .await;
     let mut c = node.connect("/connect?user=eve&room=42").await;
     let mut other = node.connect("/connect?user=eve").await;
     let conn = node.conn_of(&c).await;
 
     let event = json!({"type": "greet", "id": 9, "text": "hi"});
-    c.send_json(&event).await;
-    let (req, body) = next_bus(&mut backend).await;
+    c.send(event.clone()).await;
+    let (req, body) = next_json(&mut backend).await;
     assert_eq!(body["conn_id"], conn.conn_id.as_str());
     assert_eq!(body["node_id"], conn.node_id.as_str());
     assert_eq!(body["namespace"], "default");
@@ -446,17 +396,17 @@ async fn event_reaches_backend_with_context_and_reply_goes_back() {
     assert_eq!(body["params"], json!({"user": "eve", "room": "42"}));
     assert_eq!(body["claims"], json!({}));
     assert_eq!(body["event"], event);
-    reply(&node, &req, json!({"payload": {"ok": true}})).await;
+    node.reply(&req, json!({"payload": {"ok": true}})).await;
     assert_eq!(
-        c.recv_json().await,
+        c.recv().await,
         json!({"type": "greet", "id": 9, "payload": {"ok": true}})
     );
 
-    c.send_json(&json!({"type": "greet", "id": "x2"})).await;
-    let (req, _) = next_bus(&mut backend).await;
-    reply(&node, &req, json!({"error": {"reason": "bad"}})).await;
+    c.send(json!({"type": "greet", "id": "x2"})).await;
+    let (req, _) = next_json(&mut backend).await;
+    node.reply(&req, json!({"error": {"reason": "bad"}})).await;
     assert_eq!(
-        c.recv_json().await,
+        c.recv().await,
         json!({"type": "error", "id": "x2", "payload": {"reason": "bad"}})
     );
     c.roundtrip().await;
@@ -467,14 +417,10 @@ async fn event_reaches_backend_with_context_and_reply_goes_back() {
 #[tokio::test]
 async fn path_parameters_are_part_of_the_context() {
     let node = TestNode::start(config_with(vec![dev_route("/{channel}")])).await;
-    let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("default", "hi"), None)
-        .await
-        .unwrap();
+    let mut backend = node.subscribe(proto::subject::event("default", "hi")).await;
     let mut c = node.connect("/logs?user=chan").await;
-    c.send_json(&json!({"type": "hi"})).await;
-    let (_, body) = next_bus(&mut backend).await;
+    c.send(json!({"type": "hi"})).await;
+    let (_, body) = next_json(&mut backend).await;
     assert_eq!(body["params"], json!({"channel": "logs", "user": "chan"}));
     let conn = node.conn_of(&c).await;
     assert_eq!(conn.params.get("channel").map(String::as_str), Some("logs"));
@@ -486,13 +432,11 @@ async fn event_without_reply_times_out() {
     cfg.request_timeout = Duration::from_millis(300);
     let node = TestNode::start(cfg).await;
     let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("default", "slow"), None)
-        .await
-        .unwrap();
+        .subscribe(proto::subject::event("default", "slow"))
+        .await;
     let mut c = node.connect("/connect?user=waiter").await;
-    c.send_json(&json!({"type": "slow", "id": 5})).await;
-    let _ = next_bus(&mut backend).await;
+    c.send(json!({"type": "slow", "id": 5})).await;
+    let _ = next_json(&mut backend).await;
     let e = c.recv_error("timeout").await;
     assert_eq!(e["id"], 5);
     c.roundtrip().await;
@@ -512,50 +456,42 @@ async fn onmessage_hooks_route_events_by_type() {
         ..HooksConfig::default()
     };
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut general = node
-        .bus
-        .subscribe("socket:generalMessage".into(), None)
-        .await
-        .unwrap();
-    let mut typed = node
-        .bus
-        .subscribe("socket:type_one".into(), None)
-        .await
-        .unwrap();
+    let mut general = node.subscribe("socket:generalMessage").await;
+    let mut typed = node.subscribe("socket:type_one").await;
     let mut c = node.connect("/bodhi?user=hooked&namespace=n1").await;
 
-    c.send_json(&json!({"type": "message_type_one", "id": 1, "x": 1}))
+    c.send(json!({"type": "message_type_one", "id": 1, "x": 1}))
         .await;
-    let (req, body) = next_bus(&mut typed).await;
+    let (req, body) = next_json(&mut typed).await;
     assert_eq!(
         body["event"],
         json!({"type": "message_type_one", "id": 1, "x": 1})
     );
     assert_eq!(body["namespace"], "n1");
-    reply(&node, &req, json!({"payload": "one"})).await;
-    let r = c.recv_json().await;
+    node.reply(&req, json!({"payload": "one"})).await;
+    let r = c.recv().await;
     assert_eq!((&r["id"], &r["payload"]), (&json!(1), &json!("one")), "{r}");
 
     // The general subject hears every event, typed ones included (bodhi's `onmessage.publish`),
     // and its reply comes back too, typed after the general subject.
-    let (req, body) = next_bus(&mut general).await;
+    let (req, body) = next_json(&mut general).await;
     assert_eq!(
         body["event"],
         json!({"type": "message_type_one", "id": 1, "x": 1})
     );
-    reply(&node, &req, json!({"payload": "all"})).await;
+    node.reply(&req, json!({"payload": "all"})).await;
     assert_eq!(
-        c.recv_json().await,
+        c.recv().await,
         json!({"type": "socket:generalMessage", "id": 1, "payload": "all"})
     );
 
-    c.send_json(&json!({"type": "anything", "id": 2})).await;
-    let (req, body) = next_bus(&mut general).await;
+    c.send(json!({"type": "anything", "id": 2})).await;
+    let (req, body) = next_json(&mut general).await;
     assert_eq!(body["event"], json!({"type": "anything", "id": 2}));
     assert_eq!(body["username"], "hooked");
-    reply(&node, &req, json!({"payload": {"n": 2}})).await;
+    node.reply(&req, json!({"payload": {"n": 2}})).await;
     assert_eq!(
-        c.recv_json().await,
+        c.recv().await,
         json!({"type": "socket:generalMessage", "id": 2, "payload": {"n": 2}})
     );
 }
@@ -582,40 +518,33 @@ fn hook(subject: &str, required: bool) -> Option<Hook> {
 async fn onconnect_reply_is_the_first_frame() {
     let route = hooked_route(hook("socket:connection", false), None);
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut backend = node
-        .bus
-        .subscribe("socket:connection".into(), None)
-        .await
-        .unwrap();
+    let mut backend = node.subscribe("socket:connection").await;
     let mut c = node.connect("/connect?user=welcome&namespace=ns1").await;
     // Sent before the hook answers: must be answered after the onconnect frame.
-    c.send_json(&json!({"type": "ping", "id": "early"})).await;
-    let (req, body) = next_bus(&mut backend).await;
+    c.send(json!({"type": "ping", "id": "early"})).await;
+    let (req, body) = next_json(&mut backend).await;
     assert_eq!(body["username"], "welcome");
     assert_eq!(body["namespace"], "ns1");
     assert!(body["conn_id"].is_string() && body["node_id"].is_string());
     assert_eq!(body["event"], Value::Null);
-    reply(&node, &req, json!({"payload": {"hello": "welcome"}})).await;
+    node.reply(&req, json!({"payload": {"hello": "welcome"}}))
+        .await;
     assert_eq!(
-        c.recv_json().await,
+        c.recv().await,
         json!({"type": "onconnect", "payload": {"hello": "welcome"}})
     );
-    assert_eq!(c.recv_json().await, json!({"type": "pong", "id": "early"}));
+    assert_eq!(c.recv().await, json!({"type": "pong", "id": "early"}));
 }
 
 #[tokio::test]
 async fn onconnect_failure_sends_error_then_closes_1008() {
     let route = hooked_route(hook("socket:connection", false), None);
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut backend = node
-        .bus
-        .subscribe("socket:connection".into(), None)
-        .await
-        .unwrap();
+    let mut backend = node.subscribe("socket:connection").await;
     let mut c = node.connect("/connect?user=unwelcome").await;
-    let (req, _) = next_bus(&mut backend).await;
-    reply(&node, &req, json!({"error": "not welcome"})).await;
-    let ((code, _), frames) = c.expect_close_within(WAIT).await;
+    let (req, _) = next_json(&mut backend).await;
+    node.reply(&req, json!({"error": "not welcome"})).await;
+    let ((code, _), frames) = c.close_frame_after_texts_within(WAIT).await;
     assert_eq!(code, 1008);
     assert_eq!(frames.len(), 1, "{frames:?}");
     assert_eq!(frames[0]["type"], "error");
@@ -627,7 +556,7 @@ async fn required_onconnect_without_backend_closes_1008() {
     let route = hooked_route(hook("socket:connection", true), None);
     let node = TestNode::start(config_with(vec![route])).await;
     let mut c = node.connect("/connect?user=nobody").await;
-    let ((code, _), frames) = c.expect_close_within(WAIT).await;
+    let ((code, _), frames) = c.close_frame_after_texts_within(WAIT).await;
     assert_eq!(code, 1008);
     assert_eq!(frames.len(), 1, "{frames:?}");
     assert_eq!(frames[0]["type"], "error");
@@ -645,15 +574,11 @@ async fn optional_onconnect_without_backend_lets_the_client_in() {
 async fn onclose_hook_hears_every_disconnect() {
     let route = hooked_route(None, hook("socket:close", false));
     let node = TestNode::start(config_with(vec![route])).await;
-    let mut closes = node
-        .bus
-        .subscribe("socket:close".into(), None)
-        .await
-        .unwrap();
+    let mut closes = node.subscribe("socket:close").await;
     let c = node.connect("/connect?user=leaver&namespace=nsx&k=v").await;
     let conn = node.conn_of(&c).await;
     c.close().await;
-    let (_, body) = next_bus(&mut closes).await;
+    let (_, body) = next_json(&mut closes).await;
     assert_eq!(body["conn_id"], conn.conn_id.as_str());
     assert_eq!(body["username"], "leaver");
     assert_eq!(body["namespace"], "nsx");
@@ -670,19 +595,9 @@ async fn onclose_hook_hears_every_disconnect() {
     };
     node.messaging().await.disconnect(req).await.unwrap();
     assert_eq!(d.expect_close().await, (4000, "out".into()));
-    let (_, body) = next_bus(&mut closes).await;
+    let (_, body) = next_json(&mut closes).await;
     assert_eq!(body["conn_id"], conn.conn_id.as_str());
     assert_eq!(body["username"], "kicked");
-}
-
-fn send_req(namespace: &str, user: &str, ty: &str, payload_json: &str) -> SendRequest {
-    SendRequest {
-        namespace: namespace.into(),
-        user: user.into(),
-        r#type: ty.into(),
-        payload_json: payload_json.into(),
-        ..Default::default()
-    }
 }
 
 fn marker_to(conn_id: &str) -> SendRequest {
@@ -719,10 +634,7 @@ async fn send_reaches_a_user_in_one_or_every_namespace_or_one_connection() {
         .into_inner();
     assert_eq!((r.delivered, r.refused), (2, 0), "{r:?}");
     for c in [&mut a1, &mut a2] {
-        assert_eq!(
-            c.recv_json().await,
-            json!({"type": "note", "payload": {"n": 1}})
-        );
+        assert_eq!(c.recv().await, json!({"type": "note", "payload": {"n": 1}}));
     }
 
     let r = msg
@@ -732,7 +644,7 @@ async fn send_reaches_a_user_in_one_or_every_namespace_or_one_connection() {
         .into_inner();
     assert_eq!(r.delivered, 3, "{r:?}");
     for c in [&mut a1, &mut a2, &mut ab] {
-        assert_eq!(c.recv_json().await, json!({"type": "note", "payload": 2}));
+        assert_eq!(c.recv().await, json!({"type": "note", "payload": 2}));
     }
 
     let direct = SendRequest {
@@ -744,10 +656,7 @@ async fn send_reaches_a_user_in_one_or_every_namespace_or_one_connection() {
         ..Default::default()
     };
     assert_eq!(msg.send(direct).await.unwrap().into_inner().delivered, 1);
-    assert_eq!(
-        a1.recv_json().await,
-        json!({"type": "direct", "payload": "hi"})
-    );
+    assert_eq!(a1.recv().await, json!({"type": "direct", "payload": "hi"}));
 
     // Nobody else got anything more: the marker is each one's next frame.
     for (c, conn) in [(&mut a2, &c2), (&mut ab, &cb), (&mut bob, &cbob)] {
@@ -759,7 +668,7 @@ async fn send_reaches_a_user_in_one_or_every_namespace_or_one_connection() {
                 .delivered,
             1
         );
-        assert_eq!(c.recv_json().await, MARKER());
+        assert_eq!(c.recv().await, MARKER());
     }
 
     let r = msg
@@ -818,7 +727,7 @@ async fn broadcast_honours_namespace_and_skip_lists() {
         (&mut c4, vec![2, 3]),
     ] {
         for n in want {
-            assert_eq!(c.recv_json().await, frame(n));
+            assert_eq!(c.recv().await, frame(n));
         }
     }
 }
@@ -859,14 +768,14 @@ async fn grpc_publish_reaches_topic_subscribers_and_counts_them() {
         .into_inner();
     assert_eq!(r.delivered, 3, "{r:?}");
     for c in [&mut s1, &mut s2, &mut s3] {
-        assert_eq!(c.recv_json().await, message("news/x", json!({"h": 1})));
+        assert_eq!(c.recv().await, message("news/x", json!({"h": 1})));
     }
     msg.publish(pub_req("b", "news/x", r#""m""#)).await.unwrap();
-    assert_eq!(s4.recv_json().await, message("news/x", json!("m")));
+    assert_eq!(s4.recv().await, message("news/x", json!("m")));
     msg.publish(pub_req("a", "sports/1", r#""m""#))
         .await
         .unwrap();
-    assert_eq!(s5.recv_json().await, message("sports/1", json!("m")));
+    assert_eq!(s5.recv().await, message("sports/1", json!("m")));
 
     let err = msg.publish(pub_req("a", "news/+", "1")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -920,13 +829,17 @@ async fn disconnect_closes_gracefully_or_hard() {
     assert_eq!(r.delivered, 1);
     assert_eq!(plain.expect_close().await.0, 1000);
 
-    let ok = eventually(WAIT, || async {
-        node.list_all(ListConnectionsRequest::default())
-            .await
-            .is_empty()
-    })
+    eventually(
+        "disconnected connections to leave placement",
+        WAIT,
+        async || {
+            node.list_all(ListConnectionsRequest::default())
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
     .await;
-    assert!(ok, "disconnected connections stayed in placement");
     let err = msg
         .disconnect(DisconnectRequest {
             user: "x".into(),

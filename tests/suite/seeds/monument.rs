@@ -8,12 +8,7 @@
 //!
 //! Every wait is bounded; every process is killed when the test ends, also on failure.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/cluster.rs"]
-mod harness;
-
-use harness::*;
+use crate::harness::*;
 use proto::v1::SendRequest;
 use serde_json::{Value, json};
 
@@ -21,24 +16,19 @@ const SECRET: &str = "seed-monument-hs256-secret";
 /// monument's routing field.
 const KEY: &str = "event";
 
-fn bearer(user: &str) -> String {
-    let token = hs256(&json!({"sub": user, "exp": unix_now() + 600}), SECRET);
-    format!("Bearer {token}")
-}
-
 /// Two edges and a coordinator on `config`.
 async fn cluster(config: Spec) -> Cluster {
-    Cluster::launch(config.env("SWITCHBOARD_JWT_SECRET", SECRET)).await
+    Cluster::launch(config.jwt_secret(SECRET)).await
 }
 
 /// Two edges and a coordinator on `deploy/examples/monument.yaml` as it is.
 async fn example_cluster() -> Cluster {
-    cluster(Spec::new(2, 1).config_file(example("monument.yaml"))).await
+    cluster(Spec::example("monument.yaml")).await
 }
 
 /// `user`'s socket on edge `edge` at `path`, with a token as the example's auth block wants.
 async fn client(c: &Cluster, edge: usize, path: &str, user: &str) -> Client {
-    let auth = bearer(user);
+    let auth = bearer(&user_token(user, SECRET));
     let name = format!("{user}@{}{path}", c.edges[edge].id);
     c.connect_as(edge, path, &[("authorization", &auth)], &name)
         .await
@@ -229,9 +219,7 @@ async fn passthrough_event_reaches_the_backend_with_its_socket_and_the_answer_go
 #[tokio::test]
 async fn frames_without_an_event_are_ignored_counted_and_not_passed_on() {
     // "no_responders" is true only when nobody at all listens: no monitoring tap here.
-    let spec = Spec::new(2, 1)
-        .config_file(example("monument.yaml"))
-        .without_tap();
+    let spec = Spec::example("monument.yaml").without_tap();
     let c = cluster(spec).await;
     let backend = c.backend().await;
     let mut this_item = backend.subscribe("data:get:this-item").await;
@@ -359,7 +347,7 @@ async fn events_naming_reserved_subjects_get_invalid_event() {
 #[tokio::test]
 async fn each_websocket_setting_turns_on_what_the_document_says() {
     let c = cluster(Spec::new(2, 1).config_file(seed_fixture("monument-modes.yaml"))).await;
-    let auth = bearer("ann");
+    let auth = bearer(&user_token("ann", SECRET));
     for edge in [0, 1] {
         for path in ["/off", "/unset"] {
             let refused = c

@@ -17,20 +17,19 @@ use proto::v1::placement_client::PlacementClient;
 use proto::v1::{
     DeliveryReport, ListNodesRequest, ListNodesResponse, LocateRequest, PublishRequest, SendRequest,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 
 use crate::harness::{
-    Authed, MISSING_GRPCURL, Proc, STEP, TEST_API_KEY, authed, bounded, eventually, poll_for,
-    switchboard,
+    Authed, Issued, Proc, STEP, TEST_API_KEY, TestCa, after, authed, bounded, coordinator_banner,
+    edge_banner, eventually, grpcurl_run, node_command, parse_response, poll_for, switchboard,
+    upgrade_request,
 };
 
 /// Timings of the cluster processes: fast announcements, so that a test waits little.
@@ -40,77 +39,6 @@ const ENV: &[(&str, &str)] = &[
     ("SWITCHBOARD_EDGE__MEMBER_TIMEOUT", "1s"),
     ("SWITCHBOARD_EDGE__DRAIN_WINDOW", "100ms"),
 ];
-
-// ---------------------------------------------------------------------------------------
-// Certificates.
-
-/// A test CA and what it issued, as PEM files in a directory of their own (removed on drop).
-struct Pki {
-    dir: PathBuf,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, on disk.
-#[derive(Debug, Clone)]
-struct Issued {
-    cert: PathBuf,
-    key: PathBuf,
-    der: CertificateDer<'static>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("tls-{name}-{}", ulid::Ulid::new()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        Self { dir, ca }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    /// A certificate named `cn` for `localhost` and `127.0.0.1`, in `<file>.crt` and
-    /// `<file>.key`. Replaces files already there the way certificate tools do: written
-    /// beside them, then renamed over them.
-    fn issue(&self, file: &str, cn: &str) -> Issued {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        let (cert_path, key_path) = (
-            self.dir.join(format!("{file}.crt")),
-            self.dir.join(format!("{file}.key")),
-        );
-        replace(&cert_path, cert.pem().as_bytes());
-        replace(&key_path, key.serialize_pem().as_bytes());
-        Issued {
-            cert: cert_path,
-            key: key_path,
-            der: cert.der().clone(),
-        }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn replace(path: &Path, content: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
 
 /// A client config trusting `ca`, presenting `identity` if given, offering `alpn`.
 fn client_tls(ca: &Path, identity: Option<&Issued>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
@@ -319,10 +247,7 @@ async fn settle_topic(client: &mut MessagingClient<Authed>, ws: &mut Wss, topic:
 /// server closed.
 async fn plain_upgrade(addr: SocketAddr) -> Vec<u8> {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET /connect?user=p HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
+    let req = upgrade_request(addr, "/connect?user=p", &[]);
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     bounded("the server to close a plaintext connection", async {
@@ -350,31 +275,16 @@ async fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConfig>)
         let _ = stream.read_to_end(&mut raw).await;
     })
     .await;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
+    parse_response(&String::from_utf8_lossy(&raw)).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Runs grpcurl with `args` (no `-plaintext`): its exit success and its output.
+/// Runs grpcurl with the test key and `args` (no `-plaintext`): its exit success and its
+/// output.
 async fn grpcurl_tls(args: &[&str]) -> (bool, String) {
-    let run = Command::new("grpcurl")
-        .args(["-max-time", "5"])
-        .args(["-H", &format!("authorization: Bearer {TEST_API_KEY}")])
-        .args(args)
-        .current_dir(env!("CARGO_TARGET_TMPDIR"))
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = match bounded("grpcurl", run).await {
-        Err(e) => panic!("cannot run grpcurl: {e}; {MISSING_GRPCURL}"),
-        Ok(out) => out,
-    };
-    assert_ne!(out.status.code(), Some(127), "{MISSING_GRPCURL}");
+    let key = format!("authorization: Bearer {TEST_API_KEY}");
+    let mut all = vec!["-H", key.as_str()];
+    all.extend_from_slice(args);
+    let out = grpcurl_run(&all).await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -386,13 +296,6 @@ async fn grpcurl_tls(args: &[&str]) -> (bool, String) {
 // ---------------------------------------------------------------------------------------
 // Processes.
 
-/// The word after `key` in a banner line.
-fn after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let mut words = line.split_whitespace();
-    words.find(|w| *w == key)?;
-    words.next()
-}
-
 fn write_config(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, yaml).unwrap();
@@ -401,21 +304,11 @@ fn write_config(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 /// A coordinator with `config`: its process and gRPC address.
 async fn coordinator(nats: &TestNats, config: &Path, id: &str) -> (Proc, SocketAddr) {
-    let mut cmd = switchboard();
-    cmd.arg("coordinator")
-        .arg("--config")
-        .arg(config)
-        .args(["--nats", &nats.url()])
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--node-id", id])
-        .envs(ENV.iter().copied())
+    let mut cmd = node_command("coordinator", config, &nats.url(), id);
+    cmd.envs(ENV.iter().copied())
         .envs(crate::harness::test_credentials());
-    Proc::start(id, cmd, |line| after(line, "grpc")?.parse().ok()).await
+    let (proc, (grpc, _)) = Proc::start(id, cmd, coordinator_banner).await;
+    (proc, grpc)
 }
 
 /// An edge with `config` seeded with `coordinator`: its process and `wss://` address.
@@ -425,23 +318,11 @@ async fn edge(
     id: &str,
     coordinator: SocketAddr,
 ) -> (Proc, SocketAddr) {
-    let mut cmd = switchboard();
-    cmd.arg("edge")
-        .arg("--config")
-        .arg(config)
-        .args(["--nats", &nats.url()])
-        .args(["--coordinator", &coordinator.to_string()])
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--node-id", id])
+    let mut cmd = node_command("edge", config, &nats.url(), id);
+    cmd.args(["--coordinator", &coordinator.to_string()])
         .envs(ENV.iter().copied())
         .envs(crate::harness::test_credentials());
-    Proc::start(id, cmd, |line| {
-        after(line, "websocket")?
-            .strip_prefix("wss://")?
-            .parse()
-            .ok()
-    })
-    .await
+    Proc::start(id, cmd, |line| edge_banner(line, "wss")).await
 }
 
 /// `switchboard dev` with `config`: its process, `wss://` and gRPC addresses.
@@ -471,15 +352,6 @@ async fn dev(config: &Path) -> (Proc, SocketAddr, SocketAddr) {
     (proc, ws, grpc)
 }
 
-/// SIGHUP to `proc`, through the shell's own `kill` (no procps needed).
-fn hangup(proc: &Proc) {
-    let status = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -HUP {}", proc.pid())])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -HUP {}", proc.pid());
-}
-
 const ROUTE: &str = "  routes:\n    - path: /connect\n      anonymous: true\n      publish: true\n      allowed_origins: [\"*\"]\n";
 
 // ---------------------------------------------------------------------------------------
@@ -490,10 +362,10 @@ const ROUTE: &str = "  routes:\n    - path: /connect\n      anonymous: true\n   
 /// are refused at the connection, before any call.
 #[tokio::test]
 async fn grpc_with_a_client_ca_serves_only_clients_it_certified() {
-    let pki = Pki::new("grpc");
+    let pki = TestCa::new("grpc");
     let server = pki.issue("coordinator", "coordinator");
     let client = pki.issue("client", "operator");
-    let stranger_pki = Pki::new("stranger");
+    let stranger_pki = TestCa::new("stranger");
     let stranger = stranger_pki.issue("client", "operator");
     let config = write_config(
         &pki.dir,
@@ -637,7 +509,7 @@ fn tls_config(edge: &Issued, grpc: &Issued, ca: &Path, dial: Option<Option<&Issu
 /// plain-HTTP upgrade on the TLS port gets nothing.
 #[tokio::test]
 async fn a_tls_cluster_delivers_publish_and_send_to_a_wss_client() {
-    let pki = Pki::new("cluster");
+    let pki = TestCa::new("cluster");
     let coord_cert = pki.issue("coordinator", "coordinator");
     let edge_cert = pki.issue("edge", "edge");
     let node_cert = pki.issue("node", "e1");
@@ -745,7 +617,7 @@ async fn a_tls_cluster_delivers_publish_and_send_to_a_wss_client() {
 /// served: it does not become ready, and `/readyz` says why.
 #[tokio::test]
 async fn an_edge_without_a_client_certificate_is_refused_by_the_coordinator() {
-    let pki = Pki::new("nocert");
+    let pki = TestCa::new("nocert");
     let coord_cert = pki.issue("coordinator", "coordinator");
     let edge_cert = pki.issue("edge", "edge");
     let ca = pki.ca_file();
@@ -782,7 +654,7 @@ async fn an_edge_without_a_client_certificate_is_refused_by_the_coordinator() {
 /// a file that does not load keeps the last good certificate and the warning names it.
 #[tokio::test]
 async fn replaced_certificates_serve_new_handshakes_without_dropping_connections() {
-    let pki = Pki::new("reload");
+    let pki = TestCa::new("reload");
     let edge_v1 = pki.issue("edge", "edge v1");
     let grpc_v1 = pki.issue("grpc", "grpc v1");
     let operator = pki.issue("operator", "operator");
@@ -810,7 +682,7 @@ async fn replaced_certificates_serve_new_handshakes_without_dropping_connections
     let edge_v2 = pki.issue("edge", "edge v2");
     let grpc_v2 = pki.issue("grpc", "grpc v2");
     assert_ne!(edge_v2.der, edge_v1.der);
-    hangup(&proc);
+    proc.hangup().await;
     // The signal itself reloads (the file poll may see the change too, later or earlier).
     eventually("a reload the signal triggered", STEP, async || {
         proc.tail()
@@ -849,7 +721,7 @@ async fn replaced_certificates_serve_new_handshakes_without_dropping_connections
 
     // A bad file: the last good certificate stays, and the warning names key and file.
     std::fs::write(&edge_v2.cert, b"not a certificate").unwrap();
-    hangup(&proc);
+    proc.hangup().await;
     let warning = eventually(
         "a warning about the bad certificate file",
         STEP,

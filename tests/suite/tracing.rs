@@ -3,14 +3,9 @@
 //! that one trace runs from a backend's gRPC call (its `traceparent`) through the coordinator
 //! to the edge's delivery, and from a client event on the edge to the backend.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/cluster.rs"]
-mod harness;
-
 use std::time::Duration;
 
-use harness::*;
+use crate::harness::*;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -136,7 +131,7 @@ async fn one_trace_runs_from_a_backend_call_through_coordinator_and_edge() {
     let traceparent = format!("00-{trace_id}-{parent}-01");
     req.metadata_mut()
         .insert("traceparent", traceparent.parse().unwrap());
-    let mut grpc = harness::messaging(cluster.grpc(0)).await;
+    let mut grpc = messaging(cluster.grpc(0)).await;
     let report = grpc.send(req).await.unwrap().into_inner();
     assert_eq!(report.delivered, 1);
     assert_eq!(alice.recv().await, json!({"type": "traced", "payload": 1}));

@@ -10,13 +10,8 @@
 //!
 //! Every wait is bounded; every process is killed when the test ends, also on failure.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/cluster.rs"]
-mod harness;
-
+use crate::harness::*;
 use futures::StreamExt as _;
-use harness::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -37,12 +32,8 @@ fn cookie(user: &str) -> String {
 
 /// Two edges and `coordinators` coordinators on `deploy/examples/bodhi.yaml` as it is.
 async fn example_cluster(coordinators: usize) -> Cluster {
-    Cluster::launch(
-        Spec::new(2, coordinators)
-            .config_file(example("bodhi.yaml"))
-            .env("SWITCHBOARD_JWT_SECRET", SECRET),
-    )
-    .await
+    let spec = Spec::new(2, coordinators).config_file(example("bodhi.yaml"));
+    Cluster::launch(spec.jwt_secret(SECRET)).await
 }
 
 /// `new WebSocket('wss://…/connect?namespace=<namespace>')` of `user` (cookie `ID_TOKEN`)
@@ -254,7 +245,7 @@ async fn onmessage_and_onclose_reach_their_subjects() {
 
     // Closing: `socket:close` hears it (fire and forget), with the connection's context.
     let conn_id = c.connection_of(0, &alex).await.conn_id;
-    alex.close(1000).await;
+    alex.close_code(1000).await;
     let (msg, body) = next_json(&mut closes).await;
     assert_eq!(msg.reply, None, "the close event is not a request");
     assert_eq!(body["conn_id"], conn_id, "{body}");
@@ -409,12 +400,7 @@ async fn heartbeat_keeps_idle_sockets_and_drops_dead_ones() {
              heartbeat: { interval: 300ms, timeout: 300ms }\n",
         )],
     );
-    let c = Cluster::launch(
-        Spec::new(2, 1)
-            .config_yaml(yaml)
-            .env("SWITCHBOARD_JWT_SECRET", SECRET),
-    )
-    .await;
+    let c = Cluster::launch(Spec::new(2, 1).config_yaml(yaml).jwt_secret(SECRET)).await;
     let backend = c.backend().await;
     let mut closes = backend.subscribe("socket:close").await;
     // Never read until the end: it never answers a ping.

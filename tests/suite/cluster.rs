@@ -10,19 +10,14 @@
 //! printed with the failure). `nats-server` and `grpcurl` must be on `PATH`: `scripts/test`
 //! installs them. Without them the tests fail; they never skip.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/cluster.rs"]
-mod harness;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::harness::*;
 use bus::{Bus as _, Outgoing};
 use futures::StreamExt as _;
-use harness::*;
 use proto::v1::{BroadcastRequest, PresenceRequest, StatsRequest};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -664,24 +659,22 @@ async fn nats_restart_keeps_sockets_and_delivery_recovers() {
     c.nats.kill().await;
     let down = Instant::now();
     for e in &c.edges {
-        eventually(
-            &format!("/readyz of {} to answer 503 during the outage", e.id),
+        wait_http_status(
+            &format!("{} during the outage", e.id),
+            e.ws,
+            "/readyz",
+            503,
             STEP,
-            async || {
-                let (status, _) = http_get(e.ws, "/readyz").await.ok()?;
-                (status == 503).then_some(())
-            },
         )
         .await;
     }
     for k in &c.coords {
-        eventually(
-            &format!("/readyz of {} to answer 503 during the outage", k.id),
+        wait_http_status(
+            &format!("{} during the outage", k.id),
+            k.http,
+            "/readyz",
+            503,
             STEP,
-            async || {
-                let (status, _) = http_get(k.http, "/readyz").await.ok()?;
-                (status == 503).then_some(())
-            },
         )
         .await;
     }
@@ -697,13 +690,12 @@ async fn nats_restart_keeps_sockets_and_delivery_recovers() {
     c.nats.restart().await;
     let restarted = Instant::now();
     for e in &c.edges {
-        eventually(
-            &format!("/readyz of {} to answer 200 after the restart", e.id),
+        wait_http_status(
+            &format!("{} after the restart", e.id),
+            e.ws,
+            "/readyz",
+            200,
             RECOVERY,
-            async || {
-                let (status, _) = http_get(e.ws, "/readyz").await.ok()?;
-                (status == 200).then_some(())
-            },
         )
         .await;
     }
@@ -752,11 +744,9 @@ async fn nats_restart_keeps_sockets_and_delivery_recovers() {
 // ---------------------------------------------------------------------------------------
 // 8. grpcurl against a cluster coordinator, with no .proto files.
 
-async fn grpcurl_json(addr: &str, method: &str, body: &Value) -> Value {
-    let body = body.to_string();
-    let text = grpcurl(&["-d", &body, addr, method]).await;
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("grpcurl {method} printed {text:?}, not JSON: {e}"))
+/// `grpcurl -d BODY ADDR METHOD`, its JSON answer.
+async fn grpcurl_call(addr: &str, method: &str, body: &Value) -> Value {
+    grpcurl_json(&["-d", &body.to_string(), addr, method]).await
 }
 
 /// A field of grpcurl's JSON, under its JSON name or its proto name.
@@ -805,10 +795,10 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
     ] {
         assert!(services.contains(s), "`grpcurl list` lacks {s}:\n{list}");
     }
-    let health = grpcurl_json(&addr, "grpc.health.v1.Health/Check", &json!({})).await;
+    let health = grpcurl_call(&addr, "grpc.health.v1.Health/Check", &json!({})).await;
     assert_eq!(health, json!({"status": "SERVING"}));
 
-    let nodes = grpcurl_json(&addr, "switchboard.v1.Placement/ListNodes", &json!({})).await;
+    let nodes = grpcurl_call(&addr, "switchboard.v1.Placement/ListNodes", &json!({})).await;
     let ids: BTreeSet<&str> = nodes["nodes"]
         .as_array()
         .unwrap_or_else(|| panic!("ListNodes: {nodes}"))
@@ -824,7 +814,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         .collect();
     assert_eq!(coords, BTreeSet::from(["c1", "c2"]), "{nodes}");
 
-    let stats = grpcurl_json(&addr, "switchboard.v1.Placement/Stats", &json!({})).await;
+    let stats = grpcurl_call(&addr, "switchboard.v1.Placement/Stats", &json!({})).await;
     assert_eq!(uint64(&stats["connections"]), 3, "{stats}");
     assert_eq!(stats["nodes"], 3, "{stats}");
     assert_eq!(stats["coordinators"], 2, "{stats}");
@@ -834,7 +824,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         "{stats}"
     );
 
-    let presence = grpcurl_json(
+    let presence = grpcurl_call(
         &addr,
         "switchboard.v1.Placement/Presence",
         &json!({"namespace": "default"}),
@@ -842,7 +832,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
     .await;
     assert_eq!(presence, json!({"users": ["alice", "bob", "dave"]}));
 
-    let located = grpcurl_json(
+    let located = grpcurl_call(
         &addr,
         "switchboard.v1.Placement/Locate",
         &json!({"namespace": "default", "user": "alice"}),
@@ -854,7 +844,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
     assert_eq!(conns.len(), 1, "{located}");
     assert_eq!(field(&conns[0], "nodeId", "node_id"), "e1", "{located}");
 
-    let listed = grpcurl_json(
+    let listed = grpcurl_call(
         &addr,
         "switchboard.v1.Placement/ListConnections",
         &json!({"namespace": "default"}),
@@ -868,7 +858,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         .collect();
     assert_eq!(users, BTreeSet::from(["alice", "bob", "dave"]), "{listed}");
 
-    let sent = grpcurl_json(
+    let sent = grpcurl_call(
         &addr,
         "switchboard.v1.Messaging/Send",
         &json!({"namespace": "default", "user": "alice", "type": "greet", "payload_json": "{\"hi\":1}"}),
@@ -880,7 +870,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         json!({"type": "greet", "payload": {"hi": 1}})
     );
 
-    let bc = grpcurl_json(
+    let bc = grpcurl_call(
         &addr,
         "switchboard.v1.Messaging/Broadcast",
         &json!({"namespace": "default", "type": "all", "payload_json": "7", "skip_users": ["dave"]}),
@@ -892,7 +882,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
     assert_eq!(bob.recv().await, json!({"type": "all", "payload": 7}));
     dave.roundtrip().await;
 
-    let published = grpcurl_json(
+    let published = grpcurl_call(
         &addr,
         "switchboard.v1.Messaging/Publish",
         &json!({"namespace": "default", "topic": "news/1", "payload_json": "\"extra\""}),
@@ -904,7 +894,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         json!({"type": "message", "topic": "news/1", "payload": "extra"})
     );
 
-    let dropped = grpcurl_json(
+    let dropped = grpcurl_call(
         &addr,
         "switchboard.v1.Messaging/Disconnect",
         &json!({"namespace": "default", "user": "dave", "code": 4001, "reason": "bye"}),

@@ -3,44 +3,22 @@
 //!
 //! `tests/fixtures/rs256_*.pem` are throwaway keys made for these tests with
 //! `openssl genrsa -out rs256_private.pem 2048` and `openssl rsa -pubout`.
-#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
-mod common;
-
-use std::path::PathBuf;
-
-use common::{TestNode, config_with, try_upgrade};
 use edge::config::{AuthConfig, RouteConfig};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use proto::v1::ListConnectionsRequest;
 use serde_json::{Value, json};
 
+use crate::harness::{TestNode, WAIT, bearer, config_with, fixture, unix_now, upgrade_status};
+
 const SECRET: &str = "test-secret-for-hs256";
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 fn hs256(claims: &Value) -> String {
-    hs256_with(claims, SECRET.as_bytes())
+    crate::harness::hs256(claims, SECRET)
 }
 
 fn hs256_with(claims: &Value, secret: &[u8]) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap()
+    crate::harness::hs256(claims, secret)
 }
 
 fn rs256(claims: &Value, private_pem: &str) -> String {
@@ -50,7 +28,7 @@ fn rs256(claims: &Value, private_pem: &str) -> String {
 }
 
 fn claims(sub: &str) -> Value {
-    json!({"sub": sub, "exp": now() + 600})
+    json!({"sub": sub, "exp": unix_now() + 600})
 }
 
 fn route(path: &str, auth: AuthConfig) -> RouteConfig {
@@ -70,10 +48,6 @@ fn hs_auth() -> AuthConfig {
 
 async fn hs_node() -> TestNode {
     TestNode::start(config_with(vec![route("/secure", hs_auth())])).await
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
 }
 
 #[tokio::test]
@@ -108,7 +82,8 @@ async fn user_claim_can_be_preferred_username() {
         ..hs_auth()
     };
     let node = TestNode::start(config_with(vec![route("/bodhi", auth)])).await;
-    let token = hs256(&json!({"sub": "id-123", "preferred_username": "jane", "exp": now() + 600}));
+    let token =
+        hs256(&json!({"sub": "id-123", "preferred_username": "jane", "exp": unix_now() + 600}));
     let cookie = format!("ID_TOKEN={token}");
     let mut c = node
         .ws("/bodhi?namespace=acme", &[("Cookie", cookie.as_str())])
@@ -118,7 +93,7 @@ async fn user_claim_can_be_preferred_username() {
     assert!(node.locate("", "id-123").await.is_empty());
 
     let no_claim = hs256(&claims("only-sub"));
-    let status = try_upgrade(node.ws_addr, &format!("/bodhi?token={no_claim}"), &[]).await;
+    let status = upgrade_status(node.ws_addr, &format!("/bodhi?token={no_claim}"), &[]).await;
     assert_eq!(status, 401, "token without the user claim");
 }
 
@@ -136,7 +111,7 @@ async fn rs256_public_key_verifies_tokens() {
 
     let other_key = rs256(&claims("rsa-user"), "rs256_other_private.pem");
     assert_eq!(
-        try_upgrade(node.ws_addr, &format!("/rs?token={other_key}"), &[]).await,
+        upgrade_status(node.ws_addr, &format!("/rs?token={other_key}"), &[]).await,
         401,
         "signed by another key"
     );
@@ -144,7 +119,7 @@ async fn rs256_public_key_verifies_tokens() {
     let public = std::fs::read(fixture("rs256_public.pem")).unwrap();
     let confused = hs256_with(&claims("rsa-user"), &public);
     assert_eq!(
-        try_upgrade(node.ws_addr, &format!("/rs?token={confused}"), &[]).await,
+        upgrade_status(node.ws_addr, &format!("/rs?token={confused}"), &[]).await,
         401,
         "HS256 token on an RS256 route"
     );
@@ -154,8 +129,8 @@ async fn rs256_public_key_verifies_tokens() {
 async fn bad_expired_or_missing_tokens_get_401() {
     let node = hs_node().await;
     let addr = node.ws_addr;
-    let expired = hs256(&json!({"sub": "late", "exp": now() - 120}));
-    let not_yet = hs256(&json!({"sub": "early", "exp": now() + 600, "nbf": now() + 300}));
+    let expired = hs256(&json!({"sub": "late", "exp": unix_now() - 120}));
+    let not_yet = hs256(&json!({"sub": "early", "exp": unix_now() + 600, "nbf": unix_now() + 300}));
     let wrong_secret = hs256_with(&claims("forger"), b"not-the-secret");
     let good = hs256(&claims("ok"));
     let mut tampered = good.clone();
@@ -192,10 +167,10 @@ async fn bad_expired_or_missing_tokens_get_401() {
         ),
     ] {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        assert_eq!(try_upgrade(addr, &path, &headers).await, 401, "{what}");
+        assert_eq!(upgrade_status(addr, &path, &headers).await, 401, "{what}");
     }
     assert_eq!(
-        try_upgrade(addr, &format!("/secure?token={good}"), &[]).await,
+        upgrade_status(addr, &format!("/secure?token={good}"), &[]).await,
         101
     );
     assert!(node.locate("", "late").await.is_empty());
@@ -205,20 +180,20 @@ async fn bad_expired_or_missing_tokens_get_401() {
 async fn namespaces_claim_limits_the_namespaces_a_token_opens() {
     let node = hs_node().await;
     let addr = node.ws_addr;
-    let token = hs256(&json!({"sub": "scoped", "namespaces": ["a", "b"], "exp": now() + 600}));
-    let one = hs256(&json!({"sub": "single", "namespaces": "a", "exp": now() + 600}));
-    let any = hs256(&json!({"sub": "wild", "namespaces": ["*"], "exp": now() + 600}));
+    let token = hs256(&json!({"sub": "scoped", "namespaces": ["a", "b"], "exp": unix_now() + 600}));
+    let one = hs256(&json!({"sub": "single", "namespaces": "a", "exp": unix_now() + 600}));
+    let any = hs256(&json!({"sub": "wild", "namespaces": ["*"], "exp": unix_now() + 600}));
     assert_eq!(
-        try_upgrade(addr, &format!("/secure?namespace=c&token={token}"), &[]).await,
+        upgrade_status(addr, &format!("/secure?namespace=c&token={token}"), &[]).await,
         403
     );
     assert_eq!(
-        try_upgrade(addr, &format!("/secure?token={token}"), &[]).await,
+        upgrade_status(addr, &format!("/secure?token={token}"), &[]).await,
         403,
         "the default namespace is not granted either"
     );
     assert_eq!(
-        try_upgrade(addr, &format!("/secure?namespace=b&token={one}"), &[]).await,
+        upgrade_status(addr, &format!("/secure?namespace=b&token={one}"), &[]).await,
         403
     );
     let mut ok = node
@@ -249,31 +224,31 @@ async fn origins_outside_the_allow_list_get_403() {
     let listed = format!("/listed?token={token}");
     let same = format!("/same?token={token}");
     assert_eq!(
-        try_upgrade(addr, &listed, &[("Origin", "https://evil.example")]).await,
+        upgrade_status(addr, &listed, &[("Origin", "https://evil.example")]).await,
         403
     );
     assert_eq!(
-        try_upgrade(addr, &listed, &[("Origin", "https://good.example")]).await,
+        upgrade_status(addr, &listed, &[("Origin", "https://good.example")]).await,
         101
     );
     assert_eq!(
-        try_upgrade(addr, &listed, &[]).await,
+        upgrade_status(addr, &listed, &[]).await,
         101,
         "no Origin: not a browser"
     );
     // No allow-list: only the same origin as the Host.
     assert_eq!(
-        try_upgrade(addr, &same, &[("Origin", "https://evil.example")]).await,
+        upgrade_status(addr, &same, &[("Origin", "https://evil.example")]).await,
         403
     );
     let own = format!("http://{addr}");
     assert_eq!(
-        try_upgrade(addr, &same, &[("Origin", own.as_str())]).await,
+        upgrade_status(addr, &same, &[("Origin", own.as_str())]).await,
         101
     );
     // A good origin does not stand in for the token.
     assert_eq!(
-        try_upgrade(addr, "/listed", &[("Origin", "https://good.example")]).await,
+        upgrade_status(addr, "/listed", &[("Origin", "https://good.example")]).await,
         401
     );
 }
@@ -284,7 +259,7 @@ async fn unknown_paths_get_404() {
     let token = hs256(&claims("lost"));
     for path in ["/nope", "/secure/extra", "/", "/securex"] {
         assert_eq!(
-            try_upgrade(node.ws_addr, &format!("{path}?token={token}"), &[]).await,
+            upgrade_status(node.ws_addr, &format!("{path}?token={token}"), &[]).await,
             404,
             "{path}"
         );
@@ -299,7 +274,7 @@ async fn claims_are_the_connection_context() {
         "role": "admin",
         "level": 5,
         "flags": {"beta": true},
-        "exp": now() + 600,
+        "exp": unix_now() + 600,
     });
     let token = hs256(&claims);
     let mut c = node
@@ -331,13 +306,9 @@ async fn claims_are_the_connection_context() {
     assert_eq!(got, claims);
 
     // The same claims travel with the connection's events.
-    let mut backend = node
-        .bus
-        .subscribe(proto::subject::event("ctx", "hello"), None)
-        .await
-        .unwrap();
-    c.send_json(&json!({"type": "hello"})).await;
-    let m = tokio::time::timeout(common::WAIT, futures::StreamExt::next(&mut backend))
+    let mut backend = node.subscribe(proto::subject::event("ctx", "hello")).await;
+    c.send(json!({"type": "hello"})).await;
+    let m = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut backend))
         .await
         .unwrap()
         .unwrap();

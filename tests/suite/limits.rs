@@ -1,23 +1,21 @@
 //! Limits and close codes (PROTOCOL.md §2, DESIGN.md §7): oversize and malformed frames,
 //! idle and heartbeat timeouts, rate limits, slow consumers, per-user connection limits,
 //! and the drain on shutdown.
-#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
-
-mod common;
 
 use std::time::Duration;
 
 use bus::Outgoing;
-use common::{
-    TestNode, WAIT, WsClient, config_with, dev_config, dev_route, eventually, try_upgrade,
-};
 use edge::config::{HeartbeatConfig, Hook, OnFull, OutboundConfig, RateLimitConfig};
 use futures::StreamExt;
 use proto::v1::messaging_client::MessagingClient;
 use proto::v1::{PublishRequest, SendRequest};
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use tonic::transport::Channel;
+
+use crate::harness::{
+    Authed, TestNode, WAIT, config_with, dev_config, dev_route, eventually, upgrade_status,
+    wait_http_status,
+};
 
 #[tokio::test]
 async fn oversize_frame_closes_1009() {
@@ -27,9 +25,9 @@ async fn oversize_frame_closes_1009() {
     let mut c = node.connect("/connect?user=big").await;
     // Just under the limit is fine.
     let fits = json!({"type": "ping", "id": 1, "pad": "x".repeat(900)});
-    c.send_json(&fits).await;
-    assert_eq!(c.recv_json().await, json!({"type": "pong", "id": 1}));
-    c.send_json(&json!({"type": "ping", "pad": "x".repeat(2000)}))
+    c.send(fits).await;
+    assert_eq!(c.recv().await, json!({"type": "pong", "id": 1}));
+    c.send(json!({"type": "ping", "pad": "x".repeat(2000)}))
         .await;
     assert_eq!(c.expect_close().await.0, 1009);
 }
@@ -92,11 +90,12 @@ async fn heartbeat_drops_a_client_that_never_answers_pings() {
 
     // `live` reads (and so answers pings) while we wait for `dead` to be dropped.
     let watch = async {
-        let gone = eventually(WAIT, async || node.locate("", "dead").await.is_empty()).await;
-        assert!(
-            gone,
-            "a client that never answered pings is still connected"
-        );
+        eventually(
+            "the client that never answered pings to be disconnected",
+            WAIT,
+            async || node.locate("", "dead").await.is_empty().then_some(()),
+        )
+        .await;
         let elapsed = start.elapsed();
         let req = SendRequest {
             user: "live".into(),
@@ -107,7 +106,7 @@ async fn heartbeat_drops_a_client_that_never_answers_pings() {
         assert_eq!(r.delivered, 1, "the live client was dropped too");
         elapsed
     };
-    let (frame, elapsed) = tokio::join!(live.recv_json(), watch);
+    let (frame, elapsed) = tokio::join!(live.recv(), watch);
     assert_eq!(frame, json!({"type": "still-here", "payload": null}));
     assert!(
         elapsed >= Duration::from_millis(450),
@@ -136,9 +135,9 @@ async fn flooding_gets_rate_limited_then_closed_1008() {
     let mut c = node.connect("/connect?user=flood").await;
     let mut other = node.connect("/connect?user=calm").await;
     for i in 0..10 {
-        c.send_json(&json!({"type": "ping", "id": i})).await;
+        c.send(json!({"type": "ping", "id": i})).await;
     }
-    let ((code, _), frames) = c.expect_close_within(WAIT).await;
+    let ((code, _), frames) = c.close_frame_after_texts_within(WAIT).await;
     assert_eq!(code, 1008, "frames before the close: {frames:?}");
     let pongs = frames.iter().filter(|f| f["type"] == "pong").count();
     let limited: Vec<&Value> = frames.iter().filter(|f| f["type"] == "error").collect();
@@ -166,11 +165,10 @@ async fn slow_consumer_is_closed_1013_without_stalling_others() {
     let node = TestNode::start(config_with(vec![slow_route, fast_route])).await;
     let mut closes = close_events(&node).await;
 
-    let mut slow = WsClient::connect_small_rcvbuf(node.ws_addr, "/slow?user=slow", 4096).await;
+    let mut slow = node.connect_small_rcvbuf("/slow?user=slow", 4096).await;
     let mut fast = node.connect("/fast?user=fast").await;
     for c in [&mut slow, &mut fast] {
-        c.send_json(&json!({"type": "subscribe", "topic": "feed"}))
-            .await;
+        c.send(json!({"type": "subscribe", "topic": "feed"})).await;
         c.recv_type("subscribed").await;
     }
     let (slow_conn, fast_conn) = (node.conn_of(&slow).await, node.conn_of(&fast).await);
@@ -181,7 +179,7 @@ async fn slow_consumer_is_closed_1013_without_stalling_others() {
     let reader = tokio::spawn(async move {
         let mut next = 0u64;
         loop {
-            let m = fast.recv_json_within(Duration::from_secs(10)).await;
+            let m = fast.recv_within(Duration::from_secs(10)).await;
             assert_eq!(m["topic"], "feed");
             assert_eq!(
                 m["payload"]["seq"], next,
@@ -225,7 +223,7 @@ async fn slow_consumer_is_closed_1013_without_stalling_others() {
         "the fast client was refused: {refused:?}"
     );
     // Read the slow socket now: what was queued, then the close frame.
-    let slow_read = tokio::spawn(async move { slow.expect_close_within(WAIT).await.0 });
+    let slow_read = tokio::spawn(async move { slow.close_frame_after_texts_within(WAIT).await.0 });
     let end = PublishRequest {
         namespace: "default".into(),
         topic: "feed".into(),
@@ -262,7 +260,7 @@ fn pad_len(seq: u64) -> usize {
 }
 
 /// Publishes `count` padded messages, numbered from 0, to `topic`; none may be refused.
-async fn publish_padded(mut msg: MessagingClient<Channel>, topic: &'static str, count: u64) {
+async fn publish_padded(mut msg: MessagingClient<Authed>, topic: &'static str, count: u64) {
     for seq in 0..count {
         let req = PublishRequest {
             namespace: "default".into(),
@@ -299,7 +297,7 @@ fn report_closes(route: &mut edge::config::RouteConfig) {
 }
 
 async fn close_events(node: &TestNode) -> bus::Subscription {
-    node.bus.subscribe(CLOSES.into(), None).await.unwrap()
+    node.subscribe(CLOSES).await
 }
 
 /// The next close event's body, within `limit`.
@@ -335,24 +333,23 @@ async fn late_reader_gets_every_fanout_frame_whole_and_in_order() {
         dev_route("/prompt"),
     ]))
     .await;
-    let mut late = WsClient::connect_small_rcvbuf(node.ws_addr, "/late?user=late", 4096).await;
+    let mut late = node.connect_small_rcvbuf("/late?user=late", 4096).await;
     let mut prompt = node.connect("/prompt?user=prompt").await;
     for c in [&mut late, &mut prompt] {
-        c.send_json(&json!({"type": "subscribe", "topic": "feed"}))
-            .await;
+        c.send(json!({"type": "subscribe", "topic": "feed"})).await;
         c.recv_type("subscribed").await;
     }
     const COUNT: u64 = 300;
     // The prompt reader keeps reading while the late one reads nothing until the end.
     let prompt_reader = tokio::spawn(async move {
         for seq in 0..COUNT {
-            check_padded(&prompt.recv_json_within(WAIT).await, seq);
+            check_padded(&prompt.recv_within(WAIT).await, seq);
         }
     });
     publish_padded(node.messaging().await, "feed", COUNT).await;
     prompt_reader.await.unwrap();
     for seq in 0..COUNT {
-        check_padded(&late.recv_json_within(WAIT).await, seq);
+        check_padded(&late.recv_within(WAIT).await, seq);
     }
     late.roundtrip().await;
 }
@@ -363,14 +360,14 @@ async fn late_reader_gets_every_fanout_frame_whole_and_in_order() {
 #[tokio::test]
 async fn a_batch_cut_short_by_the_kernel_arrives_whole_and_in_order() {
     let node = TestNode::start(config_with(vec![roomy_route("/late")])).await;
-    let mut late = WsClient::connect_small_rcvbuf(node.ws_addr, "/late?user=late", 4096).await;
-    late.send_json(&json!({"type": "subscribe", "topic": "feed"}))
+    let mut late = node.connect_small_rcvbuf("/late?user=late", 4096).await;
+    late.send(json!({"type": "subscribe", "topic": "feed"}))
         .await;
     late.recv_type("subscribed").await;
     const COUNT: u64 = 200;
     publish_burst(&node, "feed", COUNT).await;
     for seq in 0..COUNT {
-        check_padded(&late.recv_json_within(WAIT).await, seq);
+        check_padded(&late.recv_within(WAIT).await, seq);
     }
     late.roundtrip().await;
 }
@@ -381,17 +378,16 @@ async fn a_batch_cut_short_by_the_kernel_arrives_whole_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pumps_share_one_socket_without_tearing_frames() {
     let node = TestNode::start(config_with(vec![roomy_route("/small")])).await;
-    let mut sub = WsClient::connect_small_rcvbuf(node.ws_addr, "/small?user=sub", 4096).await;
+    let mut sub = node.connect_small_rcvbuf("/small?user=sub", 4096).await;
     for topic in ["a", "b"] {
-        sub.send_json(&json!({"type": "subscribe", "topic": topic}))
-            .await;
+        sub.send(json!({"type": "subscribe", "topic": topic})).await;
         sub.recv_type("subscribed").await;
     }
     const COUNT: u64 = 300;
     let reader = tokio::spawn(async move {
         let mut next = [0u64, 0u64];
         while next != [COUNT, COUNT] {
-            let m = sub.recv_json_within(WAIT).await;
+            let m = sub.recv_within(WAIT).await;
             let i = usize::from(m["topic"] == "b");
             check_padded(&m, next[i]);
             next[i] += 1;
@@ -420,9 +416,9 @@ async fn a_client_whose_socket_stays_full_is_dropped_after_the_heartbeat_bound()
     report_closes(&mut route);
     let node = TestNode::start(config_with(vec![route])).await;
     let mut closes = close_events(&node).await;
-    let mut stuck = WsClient::connect_small_rcvbuf(node.ws_addr, "/stuck?user=stuck", 4096).await;
+    let mut stuck = node.connect_small_rcvbuf("/stuck?user=stuck", 4096).await;
     stuck
-        .send_json(&json!({"type": "subscribe", "topic": "feed"}))
+        .send(json!({"type": "subscribe", "topic": "feed"}))
         .await;
     stuck.recv_type("subscribed").await;
     // About 9 MiB at once, straight onto the bus: far more than the socket buffers hold, far
@@ -470,17 +466,18 @@ async fn node_at_its_connection_limit_answers_503() {
     let mut a = node.connect("/connect?user=n1").await;
     let b = node.connect("/connect?user=n2").await;
     assert_eq!(
-        try_upgrade(node.ws_addr, "/connect?user=n3", &[]).await,
+        upgrade_status(node.ws_addr, "/connect?user=n3", &[]).await,
         503
     );
     a.roundtrip().await;
     // A freed slot can be taken again.
     b.close().await;
-    let reopened = eventually(WAIT, async || {
-        try_upgrade(node.ws_addr, "/connect?user=n3", &[]).await == 101
-    })
+    eventually(
+        "the slot of the closed connection to be freed",
+        WAIT,
+        async || (upgrade_status(node.ws_addr, "/connect?user=n3", &[]).await == 101).then_some(()),
+    )
     .await;
-    assert!(reopened, "the slot of a closed connection was never freed");
 }
 
 #[tokio::test]
@@ -497,10 +494,9 @@ async fn shutdown_drains_with_1001_and_refuses_new_sockets() {
     assert_eq!(node.http_get("/readyz").await.0, 200);
 
     node.shutdown_token().cancel();
-    let draining = eventually(WAIT, async || node.http_get("/readyz").await.0 == 503).await;
-    assert!(draining, "/readyz did not turn 503 while draining");
+    wait_http_status("the draining node", node.ws_addr, "/readyz", 503, WAIT).await;
     assert_eq!(
-        try_upgrade(node.ws_addr, "/connect?user=late", &[]).await,
+        upgrade_status(node.ws_addr, "/connect?user=late", &[]).await,
         503
     );
     assert_eq!(node.http_get("/healthz").await.0, 200);

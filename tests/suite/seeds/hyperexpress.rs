@@ -9,15 +9,10 @@
 //!
 //! Every wait is bounded; every process is killed when the test ends, also on failure.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/cluster.rs"]
-mod harness;
-
 use std::time::Duration;
 
+use crate::harness::*;
 use futures::StreamExt as _;
-use harness::*;
 use proto::v1::{DisconnectRequest, ListConnectionsRequest, SendRequest};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -28,31 +23,23 @@ const SECRET: &str = "seed-hyperexpress-hs256-secret";
 const MAX_PAYLOAD: usize = 32 * 1024;
 
 fn token(user: &str) -> String {
-    hs256(&json!({"sub": user, "exp": unix_now() + 600}), SECRET)
-}
-
-fn bearer(user: &str) -> String {
-    format!("Bearer {}", token(user))
-}
-
-async fn cluster(spec: Spec) -> Cluster {
-    Cluster::launch(spec.env("SWITCHBOARD_JWT_SECRET", SECRET)).await
+    user_token(user, SECRET)
 }
 
 /// Two edges and a coordinator on `deploy/examples/hyperexpress.yaml` as it is.
 async fn example_cluster() -> Cluster {
-    cluster(Spec::new(2, 1).config_file(example("hyperexpress.yaml"))).await
+    Cluster::launch(Spec::example("hyperexpress.yaml").jwt_secret(SECRET)).await
 }
 
 /// Two edges and a coordinator on the example with `edits`.
 async fn variant_cluster(edits: &[(&str, &str)]) -> Cluster {
     let yaml = example_variant("hyperexpress.yaml", edits);
-    cluster(Spec::new(2, 1).config_yaml(yaml)).await
+    Cluster::launch(Spec::new(2, 1).config_yaml(yaml).jwt_secret(SECRET)).await
 }
 
 /// `user`'s socket on edge `edge` (`/connect`, token in the Authorization header).
 async fn client(c: &Cluster, edge: usize, user: &str) -> Client {
-    let auth = bearer(user);
+    let auth = bearer(&token(user));
     let name = format!("{user}@{}", c.edges[edge].id);
     c.connect_as(edge, "/connect", &[("authorization", &auth)], &name)
         .await
@@ -350,7 +337,7 @@ async fn send_reports_backpressure_and_a_healthy_client_gets_everything() {
         "      outbound: { queue: 4, on_full: drop }\n      publish: true ",
     )])
     .await;
-    let auth = bearer("slow");
+    let auth = bearer(&token("slow"));
     let mut slow = Client::connect_small_rcvbuf(
         c.ws(0),
         "/connect",
@@ -526,10 +513,8 @@ async fn disconnect_gracefully_or_hard() {
 #[tokio::test]
 async fn wrong_input_gets_error_frames_and_nothing_else_breaks() {
     // "no_responders" is true only when nobody at all listens: no monitoring tap here.
-    let spec = Spec::new(2, 1)
-        .config_file(example("hyperexpress.yaml"))
-        .without_tap();
-    let c = cluster(spec).await;
+    let spec = Spec::example("hyperexpress.yaml").without_tap();
+    let c = Cluster::launch(spec.jwt_secret(SECRET)).await;
     let mut ann = client(&c, 0, "ann").await;
     let mut ben = client(&c, 1, "ben").await;
     let cases: [(&str, &str); 7] = [

@@ -5,7 +5,6 @@
 //! missing CA stop a process at start, naming the key.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tokio::process::Command;
 
@@ -14,17 +13,16 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use proto::v1::{
     BroadcastRequest, GetRequest, ListRequest, PutRequest, WatchRequest, placement_event,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::json;
 
 use crate::harness::{
-    Backend, Cluster, Proc, Spec, authed, bounded, broadcast, channel, http_get, next_json,
-    placement, publish, resources, send, switchboard,
+    Backend, Cluster, Proc, Spec, TestCa, authed, bounded, broadcast, channel, http_get, next_json,
+    node_command, placement, publish, resources, scratch_dir, send,
 };
 
 /// The documented permissions, as the docs page shows them.
-const PERMISSIONS: &str = include_str!("../../deploy/nats/permissions.conf");
-const DOCS: &str = include_str!("../../docs/nats.md");
+const PERMISSIONS: &str = include_str!("../../../deploy/nats/permissions.conf");
+const DOCS: &str = include_str!("../../../docs/nats.md");
 
 const PASSWORDS: [(&str, &str); 3] = [
     ("coordinator", "pw-coordinator-5f1c"),
@@ -37,36 +35,19 @@ struct Pki {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    /// Holds the files (removed on drop).
+    _issuer: TestCa,
 }
 
-fn pki(dir: &Path) -> Pki {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "switchboard test CA");
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let pki = Pki {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server-key.pem"),
-    };
-    std::fs::write(&pki.ca, ca.pem()).unwrap();
-    std::fs::write(&pki.cert, server.pem()).unwrap();
-    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
-    pki
-}
-
-/// A fresh directory for one test's files.
-fn test_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("nats-{name}-{}", ulid::Ulid::new()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn pki() -> Pki {
+    let issuer = TestCa::new("nats");
+    let server = issuer.issue("server", "localhost");
+    Pki {
+        ca: issuer.ca_file(),
+        cert: server.cert,
+        key: server.key,
+        _issuer: issuer,
+    }
 }
 
 /// A server config: TLS with `pki`, an account with JetStream and the three users, each with
@@ -174,8 +155,8 @@ fn violations(c: &Cluster) -> Vec<String> {
 /// a gRPC `Send`; nothing prints a password or the seed.
 #[tokio::test]
 async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
-    let dir = test_dir("tls");
-    let pki = pki(&dir);
+    let dir = scratch_dir("nats-tls");
+    let pki = pki();
     let nkey = nkeys::KeyPair::new_user();
     let seed = nkey.seed().unwrap();
     let seed_file = dir.join("edge.nk");
@@ -275,8 +256,8 @@ async fn documented_least_permissions_carry_a_full_flow() {
         "docs/nats.md shows deploy/nats/permissions.conf as it is"
     );
 
-    let dir = test_dir("least");
-    let pki = pki(&dir);
+    let dir = scratch_dir("nats-least");
+    let pki = pki();
     let c = cluster(&dir, &pki, true).await;
     let be = backend(&c, &pki, "backend").await;
     // gRPC Send: coordinator → sb.node.e1 → edge, and the edge's reply.
@@ -482,20 +463,11 @@ async fn documented_least_permissions_carry_a_full_flow() {
 /// A `switchboard ROLE` of the cluster `c` with the config file `config`, NATS at `url`,
 /// listeners on free ports and the variables `env`.
 fn process(role: &str, c: &Cluster, config: &Path, url: &str, env: &[(&str, &str)]) -> Command {
-    let mut cmd = switchboard();
-    cmd.arg(role)
-        .arg("--config")
-        .arg(config)
-        .args(["--nats", url])
-        .args(["--node-id", &format!("{role}-{}", ulid::Ulid::new())])
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--grpc-listen", "127.0.0.1:0"])
-        .args(["--http-listen", "127.0.0.1:0"])
-        .args(["--coordinator", &c.grpc(0).to_string()])
+    let id = format!("{role}-{}", ulid::Ulid::new());
+    let mut cmd = node_command(role, config, url, &id);
+    cmd.args(["--coordinator", &c.grpc(0).to_string()])
         .envs(crate::harness::test_credentials())
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .envs(env.iter().copied());
     cmd
 }
 
@@ -535,8 +507,8 @@ async fn failed_start(role: &str, c: &Cluster, yaml: &str, env: &[(&str, &str)])
 /// naming the key — and never the password.
 #[tokio::test]
 async fn wrong_credentials_or_ca_stop_the_process_naming_the_key() {
-    let dir = test_dir("fail");
-    let pki = pki(&dir);
+    let dir = scratch_dir("nats-fail");
+    let pki = pki();
     let c = cluster(&dir, &pki, true).await;
     let good = switchboard_yaml(&pki);
     let wrong = "wrong-password-7c2d";

@@ -9,13 +9,8 @@
 //!
 //! Every wait is bounded; every process is killed when the test ends, also on failure.
 
-#![allow(clippy::unwrap_used)]
-
-#[path = "common/cluster.rs"]
-mod harness;
-
+use crate::harness::*;
 use bytes::Bytes;
-use harness::*;
 use proto::v1::{BroadcastRequest, DeleteRequest, PutRequest};
 use serde_json::{Value, json};
 
@@ -24,7 +19,7 @@ const KEY: &str = "handler";
 
 /// Two edges and a coordinator on `deploy/examples/monorail.yaml` as it is.
 async fn example_cluster() -> Cluster {
-    Cluster::launch(Spec::new(2, 1).config_file(example("monorail.yaml"))).await
+    Cluster::launch(Spec::example("monorail.yaml")).await
 }
 
 /// `user`'s socket on edge `edge`, on channel `channel` (`ws://host:port/<channel>`).

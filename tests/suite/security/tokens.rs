@@ -8,7 +8,6 @@
 //! `openssl genpkey -algorithm ED25519` (`*_public.pem`: `openssl pkey -pubout`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,17 +22,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::harness::{Client, Cluster, STEP, Spec, bounded, eventually, hs256, unix_now};
+use crate::harness::{Client, Cluster, STEP, Spec, bounded, eventually, fixture, hs256, unix_now};
 
 const SECRET: &str = "tokens-suite-secret";
 /// The bound the issue sets on closing a revoked token's connections.
 const REVOKE_BOUND: Duration = Duration::from_secs(1);
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn pem(name: &str) -> Vec<u8> {
     std::fs::read(fixture(name)).unwrap()
@@ -71,14 +64,6 @@ fn yaml_path(p: &std::path::Path) -> String {
     serde_json::to_string(&p.display().to_string()).unwrap()
 }
 
-/// Refused upgrade: its status.
-async fn status_of(c: &Cluster, edge: usize, path: &str) -> u16 {
-    match c.try_connect(edge, path, &[]).await {
-        Ok(_) => 101,
-        Err(r) => r.status,
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // exp and algorithms.
 
@@ -93,15 +78,13 @@ async fn exp_is_required_and_es256_eddsa_keys_verify() {
         yaml_path(&fixture("es256_public.pem")),
         yaml_path(&fixture("ed25519_public.pem")),
     );
-    let c = Cluster::launch(
-        Spec::new(1, 1)
-            .config_yaml(yaml)
-            .env("SWITCHBOARD_JWT_SECRET", SECRET),
-    )
-    .await;
+    let c = Cluster::launch(Spec::new(1, 1).config_yaml(yaml).jwt_secret(SECRET)).await;
 
     let no_exp = hs256(&json!({"sub": "forever"}), SECRET);
-    assert_eq!(status_of(&c, 0, &format!("/hs?token={no_exp}")).await, 401);
+    assert_eq!(
+        c.upgrade_status(0, &format!("/hs?token={no_exp}")).await,
+        401
+    );
     let mut lax = c.connect(0, &format!("/lax?token={no_exp}"), &[]).await;
     lax.roundtrip().await;
     let with_exp = hs256(&claims("timely", 600), SECRET);
@@ -168,7 +151,7 @@ async fn exp_is_required_and_es256_eddsa_keys_verify() {
     ];
     for (route, token) in refused {
         assert_eq!(
-            status_of(&c, 0, &format!("{route}?token={token}")).await,
+            c.upgrade_status(0, &format!("{route}?token={token}")).await,
             401,
             "{route} accepted a token it must refuse"
         );
@@ -186,12 +169,7 @@ async fn expiring_tokens_get_refresh_required_and_close_with_4001_unless_refresh
          \x20   - path: /mr\n      dialect: monorail\n\
          \x20     auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET, refresh_lead: 3s }\n\
          \x20     heartbeat: { interval: 0s }\n";
-    let c = Cluster::launch(
-        Spec::new(1, 1)
-            .config_yaml(yaml)
-            .env("SWITCHBOARD_JWT_SECRET", SECRET),
-    )
-    .await;
+    let c = Cluster::launch(Spec::new(1, 1).config_yaml(yaml).jwt_secret(SECRET)).await;
     // A 3–4 s token (exp has whole seconds) with a 3 s lead: the notice comes within a second,
     // leaving two or more for the refusals and the refresh before it expires.
     let first_exp = unix_now() + 4;
@@ -348,12 +326,7 @@ async fn revoke_and_time(c: &Cluster, target: Target, doomed: &mut [Client]) -> 
 async fn revoked_jti_and_sub_close_their_connections_on_two_edges_within_a_second() {
     let yaml = "edge:\n  routes:\n\
          \x20   - path: /hs\n      auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET }\n";
-    let c = Cluster::launch(
-        Spec::new(2, 1)
-            .config_yaml(yaml)
-            .env("SWITCHBOARD_JWT_SECRET", SECRET),
-    )
-    .await;
+    let c = Cluster::launch(Spec::new(2, 1).config_yaml(yaml).jwt_secret(SECRET)).await;
     let token = |sub: &str, jti: &str| {
         hs256(
             &json!({"sub": sub, "jti": jti, "exp": unix_now() + 600}),
@@ -383,7 +356,7 @@ async fn revoked_jti_and_sub_close_their_connections_on_two_edges_within_a_secon
     // New upgrades with the revoked token are refused on both edges.
     for edge in 0..2 {
         assert_eq!(
-            status_of(&c, edge, &format!("/hs?token={leaked}")).await,
+            c.upgrade_status(edge, &format!("/hs?token={leaked}")).await,
             401
         );
     }
@@ -413,7 +386,8 @@ async fn revoked_jti_and_sub_close_their_connections_on_two_edges_within_a_secon
         client.roundtrip().await;
     }
     assert_eq!(
-        status_of(&c, 1, &format!("/hs?token={}", token("dave", "d-3"))).await,
+        c.upgrade_status(1, &format!("/hs?token={}", token("dave", "d-3")))
+            .await,
         401
     );
     // A refresh to a revoked token is refused too.
@@ -427,12 +401,7 @@ async fn revoked_jti_and_sub_close_their_connections_on_two_edges_within_a_secon
 async fn the_revocation_watch_resumes_after_a_nats_restart() {
     let yaml = "edge:\n  routes:\n\
          \x20   - path: /hs\n      auth: { hs256_secret_env: SWITCHBOARD_JWT_SECRET }\n";
-    let mut c = Cluster::launch(
-        Spec::new(1, 1)
-            .config_yaml(yaml)
-            .env("SWITCHBOARD_JWT_SECRET", SECRET),
-    )
-    .await;
+    let mut c = Cluster::launch(Spec::new(1, 1).config_yaml(yaml).jwt_secret(SECRET)).await;
     // The bucket exists before the restart (JetStream keeps it on disk).
     revoke(c.grpc(0), Target::Jti("warm-up".into()), "suite").await;
     c.nats.restart().await;
@@ -522,7 +491,10 @@ async fn jwks_file_selects_keys_by_kid() {
         ),
     ];
     for token in refused {
-        assert_eq!(status_of(&c, 0, &format!("/jwks?token={token}")).await, 401);
+        assert_eq!(
+            c.upgrade_status(0, &format!("/jwks?token={token}")).await,
+            401
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -638,7 +610,7 @@ async fn jwks_url_is_fetched_over_https_and_picks_up_a_rotated_key() {
     );
     // The first fetch runs at start; wait for it rather than assume it is done.
     eventually("the first JWKS fetch to admit a token", STEP, async || {
-        (status_of(&c, 0, &format!("/jwks?token={old}")).await == 101).then_some(())
+        (c.upgrade_status(0, &format!("/jwks?token={old}")).await == 101).then_some(())
     })
     .await;
 
@@ -651,7 +623,10 @@ async fn jwks_url_is_fetched_over_https_and_picks_up_a_rotated_key() {
         &claims("n", 600),
     );
     let before = server.fetches.load(Ordering::SeqCst);
-    assert_eq!(status_of(&c, 0, &format!("/jwks?token={new}")).await, 401);
+    assert_eq!(
+        c.upgrade_status(0, &format!("/jwks?token={new}")).await,
+        401
+    );
     server.serve(&json!({"keys": [
         jwk(Algorithm::ES256, "es256_private.pem", "2026-a"),
         jwk(Algorithm::EdDSA, "ed25519_private.pem", "2026-b"),
@@ -660,7 +635,7 @@ async fn jwks_url_is_fetched_over_https_and_picks_up_a_rotated_key() {
     let mut attempts = 0u32;
     eventually("the rotated key to be admitted", STEP, async || {
         attempts += 1;
-        (status_of(&c, 0, &format!("/jwks?token={new}")).await == 101).then_some(())
+        (c.upgrade_status(0, &format!("/jwks?token={new}")).await == 101).then_some(())
     })
     .await;
     let fetched = server.fetches.load(Ordering::SeqCst) - before;
@@ -690,7 +665,7 @@ async fn jwks_url_is_fetched_over_https_and_picks_up_a_rotated_key() {
     let before = server.fetches.load(Ordering::SeqCst);
     eventually("a refetch of the broken set", STEP, async || {
         assert_eq!(
-            status_of(&c, 0, &format!("/jwks?token={unknown}")).await,
+            c.upgrade_status(0, &format!("/jwks?token={unknown}")).await,
             401
         );
         (server.fetches.load(Ordering::SeqCst) > before).then_some(())
