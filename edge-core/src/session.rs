@@ -491,6 +491,9 @@ impl Session {
 
     /// The outcome of [`Action::Subscribe`].
     pub fn subscribed(&mut self, filter: String, id: Option<&Value>, ok: bool) {
+        if self.closed {
+            return;
+        }
         let key = self.rules.key;
         if !ok {
             return self.send_error(id, ErrorCode::Unavailable, "subscription failed; try again");
@@ -505,6 +508,9 @@ impl Session {
 
     /// The outcome of [`Action::Publish`].
     pub fn published(&mut self, topic: &str, id: Option<&Value>, ok: bool) {
+        if self.closed {
+            return;
+        }
         if !ok {
             return self.send_error(id, ErrorCode::Unavailable, "publish failed; try again");
         }
@@ -517,6 +523,9 @@ impl Session {
 
     /// The outcome of [`Action::Emit`] when it failed.
     pub fn emit_failed(&mut self) {
+        if self.closed {
+            return;
+        }
         self.send_error(
             None,
             ErrorCode::Unavailable,
@@ -534,6 +543,9 @@ impl Session {
         now: Instant,
         now_ms: i64,
     ) {
+        if self.closed {
+            return;
+        }
         let key = self.rules.key;
         match checked {
             Ok(exp) => {
@@ -912,7 +924,7 @@ impl Session {
         if event.contains(":get:") && modes.data {
             if self.pending.len() >= self.rules.max_inflight {
                 return self.send_error(
-                    None,
+                    f.id.as_ref(),
                     ErrorCode::TooManyRequests,
                     "too many events awaiting a reply",
                 );

@@ -267,7 +267,6 @@ fn ping_is_answered_pong_with_the_frames_id() {
 /// A client matching answers by a numeric `id` (JavaScript's `Math.random()`, say) gets back
 /// the number it sent, not a neighbour of it.
 #[test]
-#[ignore = "bug: serde_json without `float_roundtrip` reads some floats one ulp off, so the id sent back differs"]
 fn a_fractional_id_comes_back_as_the_same_number() {
     let mut c = Conn::open(rules(dialect("native")));
     for id in [
@@ -1413,7 +1412,6 @@ fn monument_data_requests_past_max_inflight_are_too_many_requests() {
 }
 
 #[test]
-#[ignore = "bug: session.rs monument_event answers too_many_requests without the frame's id (docs/PROTOCOL.md §3)"]
 fn monument_too_many_requests_echoes_the_frames_id() {
     let mut c = Conn::open(Rules {
         max_inflight: 0,
@@ -1691,7 +1689,6 @@ fn pings_take_from_the_rate_limit() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "bug: subscribed, published, token_checked and emit_failed push frames after Close"]
 fn the_outcomes_of_actions_after_the_close_send_nothing() {
     let mut c = Conn::open(with_rate(
         Rules {
@@ -2098,7 +2095,6 @@ fn check_frame(
     key: Key,
     codes: &BTreeSet<String>,
     id: Option<&Option<Value>>,
-    monument: bool,
 ) -> Result<(), TestCaseError> {
     let v: Value = serde_json::from_str(text)
         .map_err(|e| TestCaseError::fail(format!("not JSON ({e}): {text}")))?;
@@ -2120,35 +2116,16 @@ fn check_frame(
     }
     // The session's own answer names the session; a refused frame was not read.
     let exempt = routing == Some("session") || v["code"] == "rate_limited";
-    if let (Some(id), false) = (id, exempt)
-        && !known_bug(&v, id.as_ref(), monument)
-    {
+    if let (Some(id), false) = (id, exempt) {
         prop_assert_eq!(v.get("id"), id.as_ref(), "{}", text);
     }
     Ok(())
-}
-
-/// The known bugs the property run lets pass, each shown by an ignored test of its own:
-/// delete each line with its fix (and this function with the last).
-fn known_bug(v: &Value, sent: Option<&Value>, monument: bool) -> bool {
-    // `monument_too_many_requests_echoes_the_frames_id`
-    let monument_limit = monument && v["code"] == "too_many_requests";
-    // `a_fractional_id_comes_back_as_the_same_number`: a float a few ulps off.
-    let float_id = match (
-        v.get("id").and_then(Value::as_f64),
-        sent.and_then(Value::as_f64),
-    ) {
-        (Some(a), Some(b)) => (a - b).abs() <= 4.0 * f64::EPSILON * a.abs().max(b.abs()),
-        _ => false,
-    };
-    monument_limit || float_id
 }
 
 /// A session driven as the shell drives it, and what the checks need to know.
 struct Driver {
     s: Session,
     key: Key,
-    monument: bool,
     codes: BTreeSet<String>,
     under_way: Vec<UnderWay>,
     closed: bool,
@@ -2166,7 +2143,7 @@ impl Driver {
             prop_assert!(!self.closed, "{:?} after the close", action);
             let under_way = match action {
                 Action::Send(text) => {
-                    check_frame(&text, self.key, &self.codes, direct, self.monument)?;
+                    check_frame(&text, self.key, &self.codes, direct)?;
                     continue;
                 }
                 Action::Close(_) => {
@@ -2211,7 +2188,6 @@ fn run(rules: Rules, steps: Vec<Step>) -> Result<(), TestCaseError> {
     let mut d = Driver {
         s,
         key,
-        monument,
         codes: documented_codes(),
         under_way: vec![],
         closed: false,
