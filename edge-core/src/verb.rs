@@ -23,7 +23,7 @@ pub enum Verb {
 }
 
 impl Verb {
-    /// Every verb, in the order documented in docs/PROTOCOL.md.
+    /// Every verb, in the order of docs/PROTOCOL.md §4.
     pub const ALL: [Verb; 11] = [
         Verb::Init,
         Verb::Ping,

@@ -1,4 +1,4 @@
-//! Upgrade-time admission (PROTOCOL.md §2, DESIGN.md §6): JWT from a header, a query
+//! Upgrade-time admission (docs/PROTOCOL.md §2, docs/routes.md): JWT from a header, a query
 //! parameter or a cookie (HS256, RS256), the user claim, granted namespaces, origins, routes.
 //!
 //! `tests/fixtures/rs256_*.pem` are throwaway keys made for these tests with

@@ -449,7 +449,7 @@ async fn killed_edge_leaves_placement_within_the_grace_period() {
     assert_eq!(carol2.recv().await, json!({"type": "still", "payload": 1}));
 }
 
-/// DESIGN §7: an edge that dies without warning affects nothing else. While it is suspect
+/// An edge that dies without warning affects nothing else. While it is suspect
 /// (its entries kept for the grace period), a Broadcast or a Publish must not wait for its
 /// answer until the request timeout.
 #[tokio::test]

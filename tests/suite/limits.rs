@@ -1,4 +1,4 @@
-//! Limits and close codes (PROTOCOL.md §2, DESIGN.md §7): oversize and malformed frames,
+//! Limits and close codes (docs/PROTOCOL.md §3, §8): oversize and malformed frames,
 //! idle and heartbeat timeouts, rate limits, slow consumers, per-user connection limits,
 //! and the drain on shutdown.
 

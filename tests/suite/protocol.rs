@@ -1,4 +1,4 @@
-//! The native client protocol (PROTOCOL.md §1, §3) and the gRPC Messaging/Placement services,
+//! The native client protocol (docs/PROTOCOL.md §4 to §7) and the gRPC Messaging/Placement services,
 //! driven with real clients over real sockets against an in-process node.
 
 use std::time::Duration;

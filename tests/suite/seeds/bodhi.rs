@@ -1,4 +1,4 @@
-//! Seed system 004, the bodhi gateway (`shared/seeds/004_…`, PROTOCOL.md §3 and §4): its
+//! The bodhi gateway (docs/PROTOCOL.md §9 and §10): its
 //! `conf/socket.yaml`, as written, is `deploy/examples/bodhi.yaml`, given to every process of
 //! a cluster (a real `nats-server`, coordinators and two edges run as the `switchboard`
 //! binary). Clients connect as the document's do — `…/connect?namespace=alex` with the
@@ -354,7 +354,7 @@ async fn broadcast_reaches_everyone() {
         assert_eq!(client.recv().await, doc, "{}", client.name);
     }
 
-    // One namespace only (PROTOCOL.md §3: `{type, payload, namespace?, skip?}`).
+    // One namespace only (docs/PROTOCOL.md §10: `{type, payload, namespace?, skip?}`).
     let report = backend
         .request(
             "socket:broadcast",

@@ -1,4 +1,4 @@
-//! Seed system 002, HyperExpress (`shared/seeds/002_…`, PROTOCOL.md §4): what its websocket
+//! HyperExpress (docs/PROTOCOL.md §9): what its websocket
 //! routes promise — `Router.ws('/connect', { idle_timeout: 60, max_payload_length: 32 * 1024
 //! })`, upgrade interception with a context, MQTT-syntax topics, `ip`/`context`/`buffered`/
 //! `topics` of each socket, a backpressure-aware `send`, `close(code, message)` versus

@@ -1,4 +1,4 @@
-//! The seed systems (`shared/seeds/00N_…`, PROTOCOL.md §4): what each documents of its
+//! The four systems Switchboard replaces (docs/PROTOCOL.md §9): what each documents of its
 //! WebSocket gateway, replayed against a cluster configured with its example in
 //! `deploy/examples/`.
 

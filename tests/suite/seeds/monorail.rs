@@ -1,4 +1,4 @@
-//! Seed system 003, MonoRail / RackHD (`shared/seeds/003_…`, PROTOCOL.md §4): its
+//! MonoRail / RackHD (docs/PROTOCOL.md §9): its
 //! `handler`-keyed messages, exactly as the design writes them (`{handler: init}`, `{handler:
 //! query, type: resource, params: Object}`, …), sent to `ws://host:port/<channel>` on a
 //! cluster (a real `nats-server`, one coordinator and two edges run as the `switchboard`

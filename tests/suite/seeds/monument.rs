@@ -1,4 +1,4 @@
-//! Seed system 001, monument (`shared/seeds/001_…`, PROTOCOL.md §4): its documented client
+//! monument (docs/PROTOCOL.md §9): its documented client
 //! frames replayed, exactly as the document writes them, against a cluster (a real
 //! `nats-server`, one coordinator and two edges run as the `switchboard` binary) configured
 //! with `deploy/examples/monument.yaml` (or a variant of it for the other
