@@ -26,43 +26,6 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
 // ---------------------------------------------------------------------------------------
-// Topic settling.
-
-/// Publishes probes on `topic` (namespace `default`) through coordinator `coord` until one
-/// reports `n` deliveries: placement learns about watchers asynchronously. Then reads, on each
-/// of `watchers`, the probes that arrived, up to that one (earlier probes from the same
-/// coordinator arrive before it, if at all).
-async fn settle_topic(
-    c: &Cluster,
-    coord: usize,
-    topic: &str,
-    n: u64,
-    watchers: &mut [&mut Client],
-) {
-    let mut attempt = 0u32;
-    let what = format!(
-        "Publish to {topic} through {} to report {n} delivery(ies)",
-        c.coords[coord].id
-    );
-    let last = eventually(&what, STEP, async || {
-        attempt += 1;
-        let payload = json!(format!("probe-{coord}-{attempt}"));
-        let r = publish(c.grpc(coord), "default", topic, &payload.to_string()).await;
-        (r.delivered == n).then_some(payload)
-    })
-    .await;
-    for w in watchers {
-        loop {
-            let v = w.recv().await;
-            assert_eq!(v["topic"], topic, "{}: expected a probe, got {v}", w.name);
-            if v["payload"] == last {
-                break;
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // 1. Send reaches only the edges that hold the user.
 
 #[tokio::test]

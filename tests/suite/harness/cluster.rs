@@ -16,15 +16,15 @@ use std::time::Duration;
 use bus::testkit::TestNats;
 use bus::{Bus as _, NatsBus, NatsOptions, Subscription};
 use proto::v1::{Connection, ListConnectionsRequest, SendRequest};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::files::{example, scratch_dir};
 use super::grpc::{
-    TEST_API_KEY, TEST_CLUSTER_SECRET, send_request, try_list_connections, try_locate,
+    TEST_API_KEY, TEST_CLUSTER_SECRET, publish, send_request, try_list_connections, try_locate,
 };
 use super::http::{http_get, metric, wait_http_status};
 use super::nats::Backend;
-use super::poll::{STEP, bounded, poll_for};
+use super::poll::{STEP, bounded, eventually, poll_for};
 use super::process::{Proc, coordinator_banner, edge_banner, node_command};
 use super::ws::{Client, Refusal, upgrade_status};
 
@@ -522,4 +522,38 @@ pub async fn expect_only_marker(c: &Cluster, client: &mut Client, key: &str) {
         "{}: expected nothing before the marker, got another frame first",
         client.name
     );
+}
+
+/// Publishes probes on `topic` (namespace `default`) through coordinator `coord` until one
+/// reports `n` deliveries: placement learns about watchers asynchronously. Then reads, on each
+/// of `watchers`, the probes that arrived, up to that one (earlier probes from the same
+/// coordinator arrive before it, if at all).
+pub async fn settle_topic(
+    c: &Cluster,
+    coord: usize,
+    topic: &str,
+    n: u64,
+    watchers: &mut [&mut Client],
+) {
+    let mut attempt = 0u32;
+    let what = format!(
+        "Publish to {topic} through {} to report {n} delivery(ies)",
+        c.coords[coord].id
+    );
+    let last = eventually(&what, STEP, async || {
+        attempt += 1;
+        let payload = json!(format!("probe-{coord}-{attempt}"));
+        let r = publish(c.grpc(coord), "default", topic, &payload.to_string()).await;
+        (r.delivered == n).then_some(payload)
+    })
+    .await;
+    for w in watchers {
+        loop {
+            let v = w.recv().await;
+            assert_eq!(v["topic"], topic, "{}: expected a probe, got {v}", w.name);
+            if v["payload"] == last {
+                break;
+            }
+        }
+    }
 }

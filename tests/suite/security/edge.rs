@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::harness::{
     Cluster, STEP, Spec, bounded, eventually, hs256, http_exchange, http_get, http_head,
-    list_connections, publish, scratch_dir, switchboard, unix_now, upgrade_request_as,
+    list_connections, publish, scratch_dir, settle_topic, switchboard, unix_now,
+    upgrade_request_as,
 };
 
 const SECRET: &str = "edge-security-secret";
@@ -505,6 +506,8 @@ async fn overlapping_filters_deliver_one_copy() {
             .await;
         assert_eq!(client.recv().await["type"], "subscribed");
     }
+    // Placement learns of the filters asynchronously; a probe through `#` settles it.
+    settle_topic(&c, 0, "probe", 1, &mut [&mut client]).await;
     for (n, topic) in [(1, "x/y"), (2, "x/z"), (3, "x")] {
         let r = publish(c.grpc(0), "default", topic, &json!({"n": n}).to_string()).await;
         assert_eq!(r.delivered, 1, "{topic}: {r:?}");
