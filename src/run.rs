@@ -146,7 +146,9 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
     }
     let tasks = [
         tokio::spawn(coordinator::cluster::run_membership(
-            c.clone(),
+            c.shared_cluster(),
+            c.bus(),
+            c.epoch(),
             cc.announce_interval,
             shutdown.clone(),
         )),

@@ -127,13 +127,19 @@ impl TestNode {
     }
 
     pub async fn messaging(&self) -> MessagingClient<Channel> {
-        MessagingClient::connect(format!("http://{}", self.grpc_addr))
-            .await
-            .expect("grpc connect")
+        MessagingClient::new(self.channel().await)
     }
 
     pub async fn placement(&self) -> PlacementClient<Channel> {
-        PlacementClient::connect(format!("http://{}", self.grpc_addr))
+        PlacementClient::new(self.channel().await)
+    }
+
+    /// A plaintext gRPC channel to the coordinator (`proto` has no `connect(url)`: it holds
+    /// no transport).
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("a valid URI")
+            .connect()
             .await
             .expect("grpc connect")
     }
