@@ -19,9 +19,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let bytes = prost::Message::encode_to_vec(&fds);
     std::fs::write(out.join("switchboard_descriptor.bin"), bytes)?;
+    // Codegen only: the crates that serve and dial bring tonic's transports (so no
+    // `connect(url)` here), and the services exist only with the `grpc` feature, so that a
+    // crate using the messages alone (edge-core) sees neither tonic nor tokio.
+    let grpc_only = "#[cfg(feature = \"grpc\")]";
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .build_transport(false)
+        .client_mod_attribute(".", grpc_only)
+        .server_mod_attribute(".", grpc_only)
         .compile_fds(fds)?;
     Ok(())
 }

@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// One process: an edge and a coordinator over an in-process bus (the default).
+    /// One process: an edge and a coordinator over an in-process bus (the default), or over
+    /// NATS with --nats (or nats.url), where backends in any language can answer.
     Dev,
     /// An edge: terminates client WebSockets, reports to the coordinators over NATS.
     Edge,

@@ -15,13 +15,14 @@ use coordinator::access::Access;
 use coordinator::admin::AdminService;
 use coordinator::resources::{ResourceSpec, ResourcesService};
 use edge::Edge;
-use edge::config::ResourceKind;
+use edge::config::{ResourceKind, RouteConfig};
 use proto::subject;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Resolved};
 use crate::nats::NatsAccess;
+use crate::token::RouteToken;
 
 /// Queue length of each in-process bus subscription.
 const LOCAL_BUS_QUEUE: usize = 65_536;
@@ -146,7 +147,9 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
     }
     let tasks = [
         tokio::spawn(coordinator::cluster::run_membership(
-            c.clone(),
+            c.shared_cluster(),
+            c.bus(),
+            c.epoch(),
             cc.announce_interval,
             shutdown.clone(),
         )),
@@ -263,15 +266,19 @@ async fn connect_nats(
     Ok((Arc::new(bus), client))
 }
 
-/// The embedded mode: one edge and one coordinator over the in-process bus, bound and ready
-/// to serve.
+/// The embedded mode: one edge and one coordinator in one process, over the in-process bus or,
+/// with `nats.url`, over NATS as in cluster mode (so that backends in other processes can
+/// answer hooks and call `sb.send`), bound and ready to serve.
 #[derive(Debug)]
 pub struct DevNode {
     pub ws_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     edge: Edge,
     coordinator: Coordinator,
+    /// The edge's bus (over NATS, the coordinator has a connection of its own).
     bus: SharedBus,
+    /// The NATS URLs (credentials redacted), or `None` for the in-process bus.
+    nats: Option<String>,
     resources: ResourcesService,
     admin: AdminService,
     ws: TcpListener,
@@ -293,20 +300,23 @@ impl DevNode {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("dev-{}", ulid::Ulid::new()));
-        let bus: SharedBus = Arc::new(LocalBus::new(LOCAL_BUS_QUEUE));
-        let store: SharedStore = Arc::new(LocalStore::new(LOCAL_WATCH_QUEUE));
-        let resources = ResourcesService::new(Arc::clone(&store), resource_specs(&cfg));
+        let buses = if resolved.nats.url.is_empty() {
+            DevBuses::local()
+        } else {
+            DevBuses::nats(&resolved.nats, &node_id).await?
+        };
+        let resources = ResourcesService::new(buses.coordinator_store, resource_specs(&cfg));
         let admin = AdminService::new(
-            Arc::clone(&store),
+            buses.coordinator_revocations,
             cfg.coordinator.revocation_bucket.clone(),
         );
         let edge = Edge::new(
             node_id,
             cfg.edge.clone(),
             &resolved.route_keys,
-            Arc::clone(&bus),
-            Some(Arc::clone(&store)),
-            Some(Arc::clone(&store)),
+            Arc::clone(&buses.edge),
+            Some(buses.edge_store),
+            Some(buses.edge_revocations),
         )?;
         let ws = TcpListener::bind(cfg.edge.listen)
             .await
@@ -328,7 +338,7 @@ impl DevNode {
         let coordinator = Coordinator::new(
             edge.node_id().to_owned(),
             advertise,
-            Arc::clone(&bus),
+            buses.coordinator,
             &cfg.coordinator,
         );
         // The embedded mode serves gRPC without keys unless some are configured.
@@ -343,7 +353,8 @@ impl DevNode {
             grpc_addr,
             edge,
             coordinator,
-            bus,
+            bus: buses.edge,
+            nats: (!resolved.nats.url.is_empty()).then(|| cfg.nats.url.clone()),
             resources,
             admin,
             ws,
@@ -355,12 +366,14 @@ impl DevNode {
         })
     }
 
-    /// The in-process bus, for backends living in the same process (and tests playing one).
+    /// The edge's bus, for backends living in the same process (and tests playing one).
     pub fn bus(&self) -> SharedBus {
         Arc::clone(&self.bus)
     }
 
-    /// What a person starting `switchboard dev` needs to know.
+    /// What a person starting `switchboard dev` needs to know: which bus, and a client URL
+    /// that works as printed for each route (a token minted now for an HS256 route; for a
+    /// route that only has a public key, the command that mints one with the private key).
     pub fn banner(&self) -> String {
         let (ws, grpc) = (self.ws_addr, self.grpc_addr);
         let (ws_scheme, http_scheme) = if self.tls.edge.is_some() {
@@ -373,19 +386,39 @@ impl DevNode {
             Some(t) if t.client_ca_file.is_some() => "-cacert CA.pem -cert CERT -key KEY",
             Some(_) => "-cacert CA.pem",
         };
-        let route = self
-            .cfg
-            .edge
-            .routes
-            .first()
-            .map_or("/connect", |r| r.path.as_str());
-        format!(
-            "switchboard dev: one process, in-process bus (embedded mode)\n\
-             \x20 websocket  {ws_scheme}://{ws}{route}?user=alice\n\
-             \x20 grpc       {grpc}   (grpcurl {grpcurl} {grpc} list)\n\
-             \x20 health     {http_scheme}://{ws}/readyz   metrics: {http_scheme}://{ws}/metrics\n\
-             \x20 try        websocat '{ws_scheme}://{ws}{route}?user=alice'  then send {{\"type\":\"subscribe\",\"topic\":\"chat/+\"}}\n"
-        )
+        let bus = match &self.nats {
+            Some(url) => {
+                format!("NATS at {url} (embedded mode: backends answer hooks and send over it)")
+            }
+            None => "in-process bus (embedded mode; --nats URL for backends on NATS)".to_owned(),
+        };
+        let mut out = format!("switchboard dev: one process, {bus}\n");
+        let mut first = None;
+        for route in &self.cfg.edge.routes {
+            let hint = client_hint(route, &format!("{ws_scheme}://{ws}"));
+            out.push_str(&format!("  websocket  {}{}\n", hint.url, hint.note));
+            if let Some(command) = &hint.command {
+                out.push_str(&format!("  token      TOKEN=$({command})\n"));
+            }
+            first.get_or_insert(hint);
+        }
+        out.push_str(&format!(
+            "  grpc       {grpc}   (grpcurl {grpcurl} {grpc} list)\n\
+             \x20 health     {http_scheme}://{ws}/readyz   metrics: {http_scheme}://{ws}/metrics\n"
+        ));
+        if let Some(hint) = first {
+            // `$TOKEN` must expand: double quotes then.
+            let q = if hint.command.is_some() { '"' } else { '\'' };
+            let header = hint
+                .header
+                .map(|h| format!("-H {q}{h}{q} "))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  try        websocat {header}{q}{}{q}  then send {{\"type\":\"subscribe\",\"topic\":\"chat/+\"}}\n",
+                hint.url
+            ));
+        }
+        out
     }
 
     /// Serves until `shutdown` is cancelled, then drains and returns.
@@ -393,7 +426,8 @@ impl DevNode {
         for r in self.cfg.edge.routes.iter().filter(|r| r.anonymous) {
             tracing::warn!(route = %r.path, "anonymous route: anyone can connect as any user; not for production");
         }
-        tracing::info!(websocket = %self.ws_addr, grpc = %self.grpc_addr, node = self.edge.node_id(), "serving");
+        let bus = self.nats.as_deref().unwrap_or("in-process");
+        tracing::info!(websocket = %self.ws_addr, grpc = %self.grpc_addr, node = self.edge.node_id(), bus, "serving");
         let address = self.ws_addr.to_string();
         let stop_feed = CancellationToken::new();
         let reports = tokio::spawn(feed_directory(
@@ -403,6 +437,13 @@ impl DevNode {
             stop_feed.clone(),
         ));
         let grpc_stop = CancellationToken::new();
+        // Backends with only a NATS client send and broadcast on the bus, as in cluster mode.
+        let ingest = tokio::spawn(coordinator::ingest::run(
+            self.coordinator.clone(),
+            self.cfg.coordinator.send_subject.clone(),
+            self.cfg.coordinator.broadcast_subject.clone(),
+            grpc_stop.clone(),
+        ));
         let grpc_task = tokio::spawn(coordinator::grpc::serve(
             self.grpc,
             self.tls.grpc.clone(),
@@ -421,8 +462,117 @@ impl DevNode {
         self.stop_reload.cancel();
         grpc_task.await?.context("grpc server failed")?;
         let _ = reports.await;
+        let _ = ingest.await;
         Ok(())
     }
+}
+
+/// The buses and stores of the embedded mode: all one in-process bus and store, or NATS
+/// connections as in cluster mode (one per role, each with its role's inbox prefix, so that
+/// the server sees an edge and a coordinator and the same permissions apply).
+struct DevBuses {
+    edge: SharedBus,
+    edge_store: SharedStore,
+    edge_revocations: SharedStore,
+    coordinator: SharedBus,
+    coordinator_store: SharedStore,
+    coordinator_revocations: SharedStore,
+}
+
+impl DevBuses {
+    fn local() -> Self {
+        let bus: SharedBus = Arc::new(LocalBus::new(LOCAL_BUS_QUEUE));
+        let store: SharedStore = Arc::new(LocalStore::new(LOCAL_WATCH_QUEUE));
+        Self {
+            edge: Arc::clone(&bus),
+            edge_store: Arc::clone(&store),
+            edge_revocations: Arc::clone(&store),
+            coordinator: bus,
+            coordinator_store: Arc::clone(&store),
+            coordinator_revocations: store,
+        }
+    }
+
+    async fn nats(nats: &NatsAccess, node_id: &str) -> anyhow::Result<Self> {
+        let (edge, edge_client) = connect_nats(nats, node_id, subject::EDGE_INBOX).await?;
+        let (coordinator, coordinator_client) =
+            connect_nats(nats, node_id, subject::COORDINATOR_INBOX).await?;
+        Ok(Self {
+            edge,
+            edge_revocations: revocation_store(&edge_client),
+            edge_store: Arc::new(NatsStore::new(edge_client, NatsStoreOptions::default())),
+            coordinator,
+            coordinator_revocations: revocation_store(&coordinator_client),
+            coordinator_store: Arc::new(NatsStore::new(
+                coordinator_client,
+                NatsStoreOptions::default(),
+            )),
+        })
+    }
+}
+
+/// The user the banner's URLs connect as.
+const EXAMPLE_USER: &str = "alice";
+/// The lifetime of the token the banner mints.
+const EXAMPLE_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How a client connects to one route, as the banner prints it.
+#[derive(Debug)]
+struct ClientHint {
+    url: String,
+    /// A request header the client must send (the token, when the route reads no query
+    /// parameter).
+    header: Option<String>,
+    /// Said after the URL.
+    note: String,
+    /// The command whose output is `$TOKEN` in `url`.
+    command: Option<String>,
+}
+
+/// The URL (under `base`, e.g. `ws://127.0.0.1:8080`) at which `route` admits
+/// [`EXAMPLE_USER`]: its path with `{param}` segments filled in, and the user or a token.
+fn client_hint(route: &RouteConfig, base: &str) -> ClientHint {
+    let path = route.path.replace(['{', '}'], "");
+    let mut hint = ClientHint {
+        url: format!("{base}{path}"),
+        header: None,
+        note: String::new(),
+        command: None,
+    };
+    let token = match crate::token::for_route(route, EXAMPLE_USER, EXAMPLE_TOKEN_TTL) {
+        Ok(RouteToken::None) => {
+            hint.url = format!("{}?{}={EXAMPLE_USER}", hint.url, route.user_query);
+            return hint;
+        }
+        Ok(RouteToken::Minted(token)) => {
+            let ttl = humantime_serde::re::humantime::format_duration(EXAMPLE_TOKEN_TTL);
+            hint.note = format!("   (HS256 token for {EXAMPLE_USER}, minted now, valid {ttl})");
+            token
+        }
+        Ok(RouteToken::Command(command)) => {
+            hint.note = "   (TOKEN: see the next line)".to_owned();
+            hint.command = Some(command);
+            "$TOKEN".to_owned()
+        }
+        Err(error) => {
+            hint.note = format!("   (no example token: {error})");
+            return hint;
+        }
+    };
+    let a = &route.auth;
+    if let Some(query) = &a.query {
+        hint.url = format!("{}?{query}={token}", hint.url);
+    } else if a.header {
+        hint.header = Some(format!("Authorization: Bearer {token}"));
+        hint.note = format!(
+            "   with header 'Authorization: Bearer {token}'{}",
+            hint.note
+        );
+    } else if let Some(cookie) = &a.cookie {
+        hint.header = Some(format!("Cookie: {cookie}={token}"));
+        hint.note = format!("   with header 'Cookie: {cookie}={token}'{}", hint.note);
+    }
+    hint
 }
 
 /// Embedded mode: the edge's placement reports go straight into the directory.
@@ -462,4 +612,41 @@ pub fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_hints_fill_the_path_and_carry_the_token_where_the_route_reads_it() {
+        let mut route = RouteConfig {
+            path: "/room/{id}".into(),
+            anonymous: true,
+            user_query: "name".into(),
+            ..RouteConfig::default()
+        };
+        let hint = client_hint(&route, "ws://h:1");
+        assert_eq!(hint.url, "ws://h:1/room/id?name=alice");
+        assert!(hint.header.is_none() && hint.command.is_none());
+
+        route.anonymous = false;
+        route.auth.hs256_secret = Some("s3cret".into());
+        route.auth.query = None;
+        let hint = client_hint(&route, "ws://h:1");
+        assert_eq!(hint.url, "ws://h:1/room/id");
+        let header = hint.header.unwrap();
+        assert!(header.starts_with("Authorization: Bearer ey"), "{header}");
+
+        route.auth.hs256_secret = None;
+        route.auth.rs256_public_key_file = Some("/k.pem".into());
+        route.auth.query = Some("jwt".into());
+        let hint = client_hint(&route, "ws://h:1");
+        assert_eq!(hint.url, "ws://h:1/room/id?jwt=$TOKEN");
+        assert!(
+            hint.command
+                .unwrap()
+                .starts_with("switchboard token --alg RS256")
+        );
+    }
 }

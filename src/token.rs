@@ -1,12 +1,13 @@
 //! `switchboard token` mints a test token (HS256, RS256, ES256 or EdDSA, with any claims) and
 //! `switchboard api-key` a fresh gRPC API key, so that trying an authenticated route or the
-//! gRPC API needs no other tool.
+//! gRPC API needs no other tool; [`for_route`] is what the dev banner offers for a route.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use edge::config::RouteConfig;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rand::TryRngCore as _;
 use serde_json::{Map, Value, json};
@@ -251,6 +252,87 @@ pub fn mint(spec: &TokenSpec) -> Result<String, TokenError> {
     jsonwebtoken::encode(&header, &claims, &key).map_err(TokenError::Sign)
 }
 
+/// A token a route accepts, as the dev banner offers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteToken {
+    /// The route is anonymous: no token.
+    None,
+    /// Minted now with the route's HS256 secret, which this process holds.
+    Minted(String),
+    /// The process holds only a public key: the `switchboard token` command that mints one
+    /// with the private key (which only its owner has; `PRIVATE_KEY.pem` stands for it).
+    Command(String),
+}
+
+/// A token for `user` that `route` accepts for `ttl`: the user claim, `exp`, and the `aud`,
+/// `iss` and namespace claims the route requires (the namespace: the route's default).
+pub fn for_route(route: &RouteConfig, user: &str, ttl: Duration) -> Result<RouteToken, TokenError> {
+    if route.anonymous {
+        return Ok(RouteToken::None);
+    }
+    let a = &route.auth;
+    let mut claims = Vec::new();
+    if let Some(aud) = a.audience.first() {
+        claims.push(("aud".to_owned(), json!(aud)));
+    }
+    if let Some(iss) = &a.issuer {
+        claims.push(("iss".to_owned(), json!(iss)));
+    }
+    if let Some(claim) = &route.namespace.claim {
+        claims.push((claim.clone(), json!(route.namespace.default)));
+    }
+    if let Some(secret) = &a.hs256_secret {
+        let spec = TokenSpec {
+            user_claim: a.user_claim.clone(),
+            user: user.to_owned(),
+            namespaces: Vec::new(),
+            ttl: Some(ttl),
+            claims,
+            jti: None,
+            kid: None,
+            key: SigningKey::Hs256(secret.clone()),
+        };
+        return mint(&spec).map(RouteToken::Minted);
+    }
+    let alg = if a.rs256_public_key_file.is_some() {
+        "RS256"
+    } else if a.es256_public_key_file.is_some() {
+        "ES256"
+    } else if a.eddsa_public_key_file.is_some() {
+        "EdDSA"
+    } else {
+        // A key set: the token names its key.
+        "ALG --kid KID"
+    };
+    let mut cmd = format!(
+        "switchboard token --alg {alg} --key PRIVATE_KEY.pem --sub {}",
+        shell_word(user)
+    );
+    if a.user_claim != "sub" {
+        cmd.push_str(&format!(" --user-claim {}", shell_word(&a.user_claim)));
+    }
+    if ttl != Duration::from_secs(3600) {
+        cmd.push_str(&format!(" --ttl {}s", ttl.as_secs()));
+    }
+    for (k, v) in &claims {
+        let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+        cmd.push_str(&format!(" --claim {}", shell_word(&format!("{k}={v}"))));
+    }
+    Ok(RouteToken::Command(cmd))
+}
+
+/// `s` as one shell word: as is when it is plain, else single-quoted.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 /// `K=V`: V as JSON if it parses, else as a string.
 fn parse_claim(s: &str) -> Result<(String, Value), String> {
     let Some((k, v)) = s.split_once('=') else {
@@ -414,6 +496,57 @@ mod tests {
         assert!(parse(&["--sub", "b", "--claim", "novalue"]).is_err());
         assert!(parse(&["--sub", "b", "--claim", "=1"]).is_err());
         assert!(parse(&["--sub", "b", "--no-exp", "--ttl", "5m"]).is_err());
+    }
+
+    #[test]
+    fn a_route_gets_the_token_it_accepts_or_the_command_that_mints_one() {
+        let mut route = RouteConfig::default();
+        route.auth.hs256_secret = Some("s3cret".into());
+        route.auth.user_claim = "preferred_username".into();
+        route.auth.audience = vec!["chat".into()];
+        route.auth.issuer = Some("https://idp".into());
+        route.namespace.claim = Some("tenant".into());
+        route.namespace.default = "acme".into();
+        let Ok(RouteToken::Minted(token)) = for_route(&route, "alice", Duration::from_secs(60))
+        else {
+            panic!("an HS256 route gets a minted token");
+        };
+        let mut v = Validation::new(Algorithm::HS256);
+        v.set_audience(&["chat"]);
+        v.set_issuer(&["https://idp"]);
+        let claims = jsonwebtoken::decode::<Map<String, Value>>(
+            &token,
+            &DecodingKey::from_secret(b"s3cret"),
+            &v,
+        )
+        .unwrap()
+        .claims;
+        assert_eq!(claims["preferred_username"], "alice");
+        assert_eq!(claims["tenant"], "acme");
+        let (iat, exp) = (
+            claims["iat"].as_u64().unwrap(),
+            claims["exp"].as_u64().unwrap(),
+        );
+        assert_eq!(exp - iat, 60);
+
+        // Only a public key here: the command, with every claim the route checks.
+        route.auth.hs256_secret = None;
+        route.auth.es256_public_key_file = Some("/k.pem".into());
+        route.auth.audience = vec!["my app".into()];
+        assert_eq!(
+            for_route(&route, "alice", Duration::from_secs(3600)).unwrap(),
+            RouteToken::Command(
+                "switchboard token --alg ES256 --key PRIVATE_KEY.pem --sub alice \
+                 --user-claim preferred_username --claim 'aud=my app' \
+                 --claim iss=https://idp --claim tenant=acme"
+                    .into()
+            )
+        );
+        route.anonymous = true;
+        assert_eq!(
+            for_route(&route, "alice", Duration::from_secs(1)).unwrap(),
+            RouteToken::None
+        );
     }
 
     #[test]

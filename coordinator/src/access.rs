@@ -130,6 +130,16 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// The caller the access layer admitted, from the request's extensions (anonymous when
+    /// the request did not pass it, as in unit tests).
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        request
+            .extensions()
+            .get::<Self>()
+            .cloned()
+            .unwrap_or(Self::Anonymous)
+    }
+
     /// Only a peer coordinator may ask for "your own share only" answers.
     pub fn is_coordinator(&self) -> bool {
         matches!(self, Self::Node(n) if n.role == Role::Coordinator)

@@ -75,7 +75,7 @@ fn is_local<T>(c: &Coordinator, r: &Request<T>) -> bool {
     if !r.metadata().contains_key(LOCAL) {
         return false;
     }
-    match crate::grpc::caller(r) {
+    match Caller::of(r) {
         Caller::Anonymous => c.peer_authorization().is_none(),
         caller => caller.is_coordinator(),
     }

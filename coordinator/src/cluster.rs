@@ -2,7 +2,7 @@
 //! the ring built from it, and a lazily connected gRPC channel per peer.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bus::tls::Dialer;
@@ -14,8 +14,6 @@ use proto::subject;
 use proto::v1::CoordinatorAnnounce;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-
-use crate::messaging::Coordinator;
 
 /// How long a forwarded call may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -198,14 +196,17 @@ impl Cluster {
 }
 
 /// Announces this coordinator every `interval` (and at once when a process says hello),
-/// listens to the others, expires silent ones; announces leaving on shutdown.
+/// listens to the others, expires silent ones; announces leaving on shutdown. Membership
+/// times are durations since `epoch`, the start of the coordinator's clock. Takes only what it
+/// uses, so that this module needs nothing of `messaging` (which needs it).
 pub async fn run_membership(
-    coordinator: Coordinator,
+    cluster: Arc<Cluster>,
+    bus: SharedBus,
+    epoch: tokio::time::Instant,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let bus: SharedBus = coordinator.bus();
-    let cluster = coordinator.cluster();
+    let now = || epoch.elapsed();
     let subs = match (
         bus.subscribe(subject::ANNOUNCE.into(), None).await,
         bus.subscribe(subject::HELLO.into(), None).await,
@@ -240,17 +241,17 @@ pub async fn run_membership(
                     continue;
                 }
                 if std::mem::take(&mut bus_was_down) {
-                    cluster.touch_all(coordinator.now());
+                    cluster.touch_all(now());
                     continue;
                 }
-                if cluster.expire(coordinator.now()) {
+                if cluster.expire(now()) {
                     tracing::info!(ring = ?cluster.ring().members(), "coordinator left the ring");
                 }
             }
             Some(_) = hellos.next() => announce(false).await,
             Some(m) = announces.next() => {
                 let Ok(a) = CoordinatorAnnounce::decode(m.payload.as_ref()) else { continue };
-                if a.node_id != cluster.self_id() && cluster.observe(&a, coordinator.now()) {
+                if a.node_id != cluster.self_id() && cluster.observe(&a, now()) {
                     tracing::info!(ring = ?cluster.ring().members(), "ring changed");
                 }
             }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{Access, Caller, Refusal};
+use crate::access::{Access, Refusal};
 use crate::admin::AdminService;
 use crate::api::{MessagingService, PlacementService};
 use crate::messaging::Coordinator;
@@ -176,14 +176,4 @@ fn status_of(refusal: &Refusal) -> tonic::Status {
     } else {
         tonic::Status::unauthenticated(refusal.to_string())
     }
-}
-
-/// The caller [`GuardLayer`] admitted (anonymous when the request did not pass it, as in
-/// unit tests).
-pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
-    request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .unwrap_or(Caller::Anonymous)
 }

@@ -131,6 +131,16 @@ impl Coordinator {
         &self.cluster
     }
 
+    /// The cluster view, shared: for the membership task ([`crate::cluster::run_membership`]).
+    pub fn shared_cluster(&self) -> Arc<Cluster> {
+        Arc::clone(&self.cluster)
+    }
+
+    /// When this coordinator's clock started: [`Self::now`] is the time since.
+    pub fn epoch(&self) -> tokio::time::Instant {
+        self.epoch
+    }
+
     pub fn bus(&self) -> SharedBus {
         Arc::clone(&self.bus)
     }

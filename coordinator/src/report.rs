@@ -85,7 +85,7 @@ impl EdgeReport for ReportService {
         request: Request<Streaming<ReportBatch>>,
     ) -> Result<Response<AckStream>, Status> {
         // The node this stream may speak for, when its credential names one.
-        let mut bound = match crate::grpc::caller(&request) {
+        let mut bound = match Caller::of(&request) {
             Caller::Node(node) => Some(node.id),
             _ => None,
         };

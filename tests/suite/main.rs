@@ -8,6 +8,7 @@
 //! | [`auth`] | upgrade-time admission: JWTs, user claim, namespaces, origins | in-process node |
 //! | [`binary`] | the binary as a user runs it: banner, grpcurl, SIGTERM, check-config | process |
 //! | [`cluster`] | delivery, placement and failures across edges and coordinators | cluster |
+//! | [`dev_nats`] | the embedded mode over a real NATS server: hooks and sends from a plain NATS backend | process |
 //! | [`limits`] | frame limits, timeouts, rate limits, slow consumers, drain | in-process node |
 //! | [`observe`] | metrics (promtool) and logs | cluster |
 //! | [`protocol`] | the native client protocol and the gRPC services | in-process node |
@@ -33,6 +34,7 @@ mod harness;
 mod auth;
 mod binary;
 mod cluster;
+mod dev_nats;
 mod limits;
 mod observe;
 mod protocol;
