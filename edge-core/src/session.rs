@@ -10,7 +10,7 @@
 //! the idle deadline later, so a shell may keep a timer armed for an earlier instant and let
 //! [`Session::handle_timeout`] find nothing due (the timer is moved lazily, not per frame).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use proto::frame::{self, ClientFrame, ErrorCode, FrameBuilder, FrameError, Key};
@@ -187,7 +187,7 @@ pub struct ResourceCall {
 }
 
 /// Identifies a backend request of this session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(u64);
 
 /// Why a backend request got no answer.
@@ -252,9 +252,11 @@ pub struct Session {
     rules: std::sync::Arc<Rules>,
     /// The connection's id: the default session id `init` answers.
     conn_id: String,
-    topics: HashSet<String>,
-    watches: HashSet<String>,
-    pending: HashMap<RequestId, Pending>,
+    // B-trees, not hash sets: empty they take 24 bytes and no hasher keys, and a connection
+    // holds few entries (memory per idle connection is a bar).
+    topics: BTreeSet<String>,
+    watches: BTreeSet<String>,
+    pending: BTreeMap<RequestId, Pending>,
     next_request: u64,
     /// The connect hook has not answered: nothing is read until it does.
     connecting: bool,
@@ -297,9 +299,9 @@ impl Session {
             ping_at: (!beat.is_zero()).then(|| now + beat),
             rules,
             conn_id,
-            topics: HashSet::new(),
-            watches: HashSet::new(),
-            pending: HashMap::new(),
+            topics: BTreeSet::new(),
+            watches: BTreeSet::new(),
+            pending: BTreeMap::new(),
             next_request: 0,
             connecting: false,
             refused_in_a_row: 0,
@@ -323,9 +325,19 @@ impl Session {
         s
     }
 
-    /// The next thing to do, in order.
+    /// The next thing to do, in order. The queue's buffer goes with its last action: an
+    /// idle session holds none (memory per idle connection is a bar).
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.out.pop_front()
+        let action = self.out.pop_front();
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = VecDeque::new();
+        }
+        action
+    }
+
+    /// Whether an action waits (the shell can skip driving when none does).
+    pub fn has_actions(&self) -> bool {
+        !self.out.is_empty()
     }
 
     /// Whether reading from the client waits (for the connect hook's answer).

@@ -4,7 +4,7 @@
 //! [`ConnHandle`]. What a connection may use of the node is its [`Env`], handed down
 //! explicitly.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,7 +105,7 @@ pub(crate) struct Conn<S> {
     /// The protocol: what to answer, subscribe, ask backends, and when to close.
     pub(crate) session: Session,
     /// Running resource watches, by the session's watch key.
-    pub(crate) watches: HashMap<String, CancellationToken>,
+    pub(crate) watches: BTreeMap<String, CancellationToken>,
     pub(crate) inflight: FuturesUnordered<Inflight>,
 }
 
@@ -125,7 +125,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             handle,
             env,
             session,
-            watches: HashMap::new(),
+            watches: BTreeMap::new(),
             inflight: FuturesUnordered::new(),
         }
     }
@@ -178,7 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             ConnError::Requested(req.unwrap_or_else(|| CloseRequest::new(1000, "")))
         };
         // The connect hook's request, if the route has one.
-        if let Err(e) = Box::pin(self.drive()).await {
+        if let Err(e) = self.drive_if_due().await {
             return e;
         }
 
@@ -249,7 +249,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     armed = far;
                 }
             }
-            if let Err(e) = Box::pin(self.drive()).await {
+            if let Err(e) = self.drive_if_due().await {
                 return e;
             }
             let next = deadline(&self.session);
@@ -258,6 +258,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 timer.as_mut().reset(armed);
             }
         }
+    }
+
+    /// [`Conn::drive`] when the session asks for something. Its future is boxed, and
+    /// allocated only then: an idle connection holds none, and makes none on a wake-up.
+    async fn drive_if_due(&mut self) -> Result<(), ConnError> {
+        if !self.session.has_actions() {
+            return Ok(());
+        }
+        Box::pin(self.drive()).await
     }
 
     /// Carries out what the session asks, in order, until it asks nothing more.
@@ -333,7 +342,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
             Action::CheckToken { token, id } => {
-                let checked = protocol::check_token(&self.handle, &env.revoked, &token).await;
+                // Boxed: the key set's refetch makes this future large, and refreshes rare.
+                let checked =
+                    Box::pin(protocol::check_token(&self.handle, &env.revoked, &token)).await;
                 let now = Instant::now().into_std();
                 self.session
                     .token_checked(id.as_ref(), checked, now, unix_ms());

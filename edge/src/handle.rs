@@ -49,7 +49,9 @@ struct HandleInner {
     close: Mutex<Option<CloseRequest>>,
     line: Line,
     /// What revocations match: the claims of the token in force (a refresh replaces them).
-    token: Mutex<TokenIds>,
+    /// Boxed, and absent when the token names neither: the handle is cache-line aligned
+    /// (its outbox), and two inline strings here would cost a whole line per connection.
+    token: Mutex<Option<Box<TokenIds>>>,
 }
 
 /// The claims of a connection's current token that a revocation can name.
@@ -60,6 +62,11 @@ pub(crate) struct TokenIds {
 }
 
 impl TokenIds {
+    /// Boxed, or nothing when the token names neither claim.
+    fn boxed(self) -> Option<Box<Self>> {
+        (self != Self::default()).then(|| Box::new(self))
+    }
+
     pub(crate) fn of(claims: &Map<String, Value>) -> Self {
         let get = |k: &str| claims.get(k).and_then(Value::as_str).map(str::to_owned);
         Self {
@@ -78,7 +85,7 @@ impl ConnHandle {
             kill: CancellationToken::new(),
             close: Mutex::new(None),
             line,
-            token: Mutex::new(TokenIds::of(&info.claims)),
+            token: Mutex::new(TokenIds::of(&info.claims).boxed()),
             info,
         };
         Self(Arc::new(inner))
@@ -128,12 +135,13 @@ impl ConnHandle {
 
     /// The `jti` and `sub` of the token in force.
     pub(crate) fn token_ids(&self) -> TokenIds {
-        self.0.token.lock().expect("token slot poisoned").clone()
+        let slot = self.0.token.lock().expect("token slot poisoned");
+        slot.as_deref().cloned().unwrap_or_default()
     }
 
     /// A refresh was accepted: the new token's claims are the ones revocations match.
     pub(crate) fn set_token_ids(&self, ids: TokenIds) {
-        *self.0.token.lock().expect("token slot poisoned") = ids;
+        *self.0.token.lock().expect("token slot poisoned") = ids.boxed();
     }
 
     fn refuse(&self) -> Delivery {

@@ -716,7 +716,7 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, up
     tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
     let end = if attached {
         let end = Box::pin(conn.run()).await;
-        for (_, watch) in conn.watches.drain() {
+        for watch in std::mem::take(&mut conn.watches).into_values() {
             watch.cancel();
         }
         node.env.registry.detach(&handle);
