@@ -50,32 +50,21 @@ pub struct Row {
     pub monument_modes: bool,
 }
 
-const NATIVE_VERBS: &[Verb] = &[
-    Verb::Init,
-    Verb::Ping,
-    Verb::Refresh,
-    Verb::Subscribe,
-    Verb::Unsubscribe,
-    Verb::Publish,
-    Verb::Watch,
-    Verb::Stop,
-    Verb::Query,
-    Verb::All,
-    Verb::Get,
-];
+/// The native protocol: every verb, `type`-keyed; other frames are events.
+const NATIVE: Row = Row {
+    name: "native",
+    key: Key::Type,
+    verbs: &Verb::ALL,
+    resource_field: "resource",
+    answers_stop: true,
+    unreadable: Unreadable::Error,
+    other: Other::Forward,
+    monument_modes: false,
+};
 
 /// Every dialect. The first row is the default.
 pub static TABLE: &[Row] = &[
-    Row {
-        name: "native",
-        key: Key::Type,
-        verbs: NATIVE_VERBS,
-        resource_field: "resource",
-        answers_stop: true,
-        unreadable: Unreadable::Error,
-        other: Other::Forward,
-        monument_modes: false,
-    },
+    NATIVE,
     Row {
         name: "monument",
         key: Key::Event,
@@ -89,13 +78,7 @@ pub static TABLE: &[Row] = &[
     // The native protocol under HyperExpress's names for limits.
     Row {
         name: "hyperexpress",
-        key: Key::Type,
-        verbs: NATIVE_VERBS,
-        resource_field: "resource",
-        answers_stop: true,
-        unreadable: Unreadable::Error,
-        other: Other::Forward,
-        monument_modes: false,
+        ..NATIVE
     },
     Row {
         name: "monorail",
@@ -117,13 +100,8 @@ pub static TABLE: &[Row] = &[
     // Hooks, sends and broadcasts only.
     Row {
         name: "bodhi",
-        key: Key::Type,
         verbs: &[],
-        resource_field: "resource",
-        answers_stop: true,
-        unreadable: Unreadable::Error,
-        other: Other::Forward,
-        monument_modes: false,
+        ..NATIVE
     },
 ];
 
