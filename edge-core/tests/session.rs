@@ -953,7 +953,11 @@ fn onmessage(r: Rules) -> Rules {
 #[test]
 fn events_without_hooks_go_to_their_own_subject() {
     let routes = forwarding();
-    assert_eq!(routes.len(), 4, "native, hyperexpress, monorail, bodhi");
+    // At least these (a new dialect that forwards joins the loop).
+    let names: Vec<_> = routes.iter().map(|r| r.dialect.name()).collect();
+    for name in ["native", "hyperexpress", "monorail", "bodhi"] {
+        assert!(names.contains(&name), "{name} forwards events: {names:?}");
+    }
     for r in routes {
         let d = r.dialect;
         let mut c = Conn::open(r);
@@ -1568,7 +1572,10 @@ fn dialects_without_refresh_are_closed_at_expiry_without_notice() {
         .into_iter()
         .filter(|d| !d.refreshes())
         .collect();
-    assert_eq!(ds.len(), 3, "monument, monorail, bodhi");
+    let names: Vec<_> = ds.iter().map(|d| d.name()).collect();
+    for name in ["monument", "monorail", "bodhi"] {
+        assert!(names.contains(&name), "{name} has no refresh: {names:?}");
+    }
     for d in ds {
         let mut c = Conn::open_with_exp(with_token(rules(d)), Some(EXP));
         assert_eq!(c.s.poll_timeout(), Some(c.at(105_000)), "{d}");
