@@ -397,9 +397,17 @@ frontend switchboard
 
 backend edges
     balance roundrobin
+    # An edge that stops answering /readyz (draining, bus or coordinator lost, dead) is out
+    # within a second: two checks 500 ms apart.
     option httpchk GET /readyz
     http-check expect status 200
-    default-server check inter 1s fall 2 rise 1
+    default-server check inter 500ms fall 2 rise 1
+    # A connection that fails, or an upgrade a draining or full edge answers with 503, is
+    # tried again on another edge: nothing was upgraded yet, so a retry is safe, and the
+    # client's first attempt succeeds while a dead edge is still in the list.
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout 503
 EOF
         for port in $EDGE_PORTS; do
             i=$((i + 1))
