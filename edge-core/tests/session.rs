@@ -2506,3 +2506,30 @@ proptest! {
         }
     }
 }
+
+/// A frame the shell built (a resource's answer) goes out in order with the session's own,
+/// and the action queue holds nothing once drained; after a close it is dropped.
+#[test]
+fn shell_answers_keep_their_place_and_stop_after_the_close() {
+    let idle = Duration::from_secs(10);
+    let mut c = Conn::open(Rules {
+        idle_timeout: idle,
+        ..rules(dialect("native"))
+    });
+    c.s.on_text(r#"{"type":"ping","id":1}"#, c.t0);
+    c.s.answer(r#"{"type":"list","items":[]}"#.to_owned());
+    assert!(c.s.has_actions());
+    let sent: Vec<Action> = c.drain();
+    assert_eq!(
+        sent,
+        [
+            Action::Send(r#"{"type":"pong","id":1}"#.to_owned()),
+            Action::Send(r#"{"type":"list","items":[]}"#.to_owned()),
+        ]
+    );
+    assert!(!c.s.has_actions());
+    c.s.handle_timeout(c.at(10_000));
+    assert_eq!(c.drain(), [Action::Close(Close::Idle(idle))]);
+    c.s.answer(r#"{"type":"list","items":[]}"#.to_owned());
+    assert!(!c.s.has_actions(), "nothing after the close");
+}

@@ -319,17 +319,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
             Action::Resource(call) => {
-                let Some(res) = self.route().cfg.resources.get(&call.name).cloned() else {
+                let route = Arc::clone(self.route());
+                let Some(res) = route.cfg.resources.get(&call.name) else {
                     return;
                 };
                 match call.watch_key.clone() {
                     Some(key) => {
-                        let stop = resources::watch(&env, &self.handle, call, &res);
+                        let stop = resources::watch(&env, &self.handle, call, res);
                         self.watches.insert(key, stop);
                     }
                     None => {
-                        let route = Arc::clone(self.route());
-                        let answer = resources::answer(env.store.as_ref(), &route, &call, &res);
+                        let answer = resources::answer(env.store.as_ref(), &route, &call, res);
                         if let Some(frame) = answer.await {
                             self.session.answer(frame);
                         }

@@ -1,6 +1,6 @@
-//! What a connection's task may use of its node, handed down explicitly: the registry,
-//! the bus and store, the metrics, the revocations, the task tracker and the request
-//! timeout. The server builds one and shares it with every connection.
+//! What a connection's task may use of its node, handed down explicitly: the registry (which
+//! also names the node), the bus and store, the metrics, the revocations, the task tracker and
+//! the request timeout. The server builds one and shares it with every connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,6 @@ use crate::revoke::Revocations;
 /// What a connection's task uses of its node; one per edge, shared by every connection.
 #[derive(Debug)]
 pub(crate) struct Env {
-    pub(crate) node_id: String,
     pub(crate) registry: Arc<Registry>,
     pub(crate) bus: SharedBus,
     /// Where key-value resources live (none: kv resources answer `unavailable`).

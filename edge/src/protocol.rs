@@ -62,23 +62,22 @@ pub(crate) fn request(
         }
         _ => None,
     };
-    let mut msg = event_message(handle, subject, backend_body(handle, &env.node_id, body));
+    let node_id = env.registry.node_id();
+    let mut msg = event_message(handle, subject, backend_body(handle, node_id, body));
+    if let Some(span) = &span {
+        bus::trace::inject(span, &mut msg.headers);
+    }
     let bus = Arc::clone(&env.bus);
     let timeout = env.request_timeout;
-    match span {
-        Some(span) => {
-            bus::trace::inject(&span, &mut msg.headers);
-            async move { bus.request(msg, timeout).await }
-                .instrument(span)
-                .boxed()
-        }
-        None => async move { bus.request(msg, timeout).await }.boxed(),
-    }
+    async move { bus.request(msg, timeout).await }
+        .instrument(span.unwrap_or_else(tracing::Span::none))
+        .boxed()
 }
 
 /// A message to backends that nobody answers (monument passthrough); whether the bus took it.
 pub(crate) async fn emit(env: &Env, handle: &ConnHandle, subject: String, body: Body) -> bool {
-    let msg = event_message(handle, subject, backend_body(handle, &env.node_id, body));
+    let node_id = env.registry.node_id();
+    let msg = event_message(handle, subject, backend_body(handle, node_id, body));
     match env.bus.publish(msg).await {
         Ok(()) => true,
         Err(error) => {

@@ -100,13 +100,12 @@ impl Edge {
         let metrics = Arc::new(Metrics::default());
         let tracker = TaskTracker::new();
         let registry = Arc::new(Registry::new(
-            node_id.clone(),
+            node_id,
             Arc::clone(&bus),
             Arc::clone(&metrics),
             tracker.clone(),
         ));
         let env = Env {
-            node_id,
             registry,
             bus,
             store,
@@ -132,7 +131,7 @@ impl Edge {
     }
 
     pub fn node_id(&self) -> &str {
-        &self.node.env.node_id
+        self.node.env.registry.node_id()
     }
 
     /// Connected to the bus (and, when set, to the coordinators) and not draining.
@@ -197,7 +196,7 @@ impl Edge {
         let subs = vec![
             node.env
                 .bus
-                .subscribe(subject::node(&node.env.node_id), None)
+                .subscribe(subject::node(node.env.registry.node_id()), None)
                 .await?,
             node.env
                 .bus
@@ -746,7 +745,7 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, up
         let reason = end.close_frame().map(|(_, r)| r).unwrap_or_default();
         Box::pin(protocol::onclose(
             &handle,
-            &node.env.node_id,
+            node.env.registry.node_id(),
             &node.env.bus,
             code,
             &reason,
