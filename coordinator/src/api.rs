@@ -144,6 +144,10 @@ fn payload(value: Option<&prost_types::Value>, json: &str) -> Result<Vec<u8>, St
     Ok(value.to_string().into_bytes())
 }
 
+fn message_id(id: &str) -> Result<(), Status> {
+    proto::frame::validate_message_id(id).map_err(Status::invalid_argument)
+}
+
 fn target(namespace: &str, user: &str, conn_id: &str) -> Result<Target, Status> {
     if conn_id.is_empty() && user.is_empty() {
         return Err(Status::invalid_argument("set user or conn_id"));
@@ -212,8 +216,15 @@ impl Messaging for MessagingService {
                 return Err(Status::invalid_argument("type is required"));
             }
             let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            message_id(&r.message_id)?;
             let t = target(&r.namespace, &r.user, &r.conn_id)?;
-            let here = || self.0.send(t.clone(), r.r#type.clone(), body.clone());
+            let frame = proto::v1::Deliver {
+                target: None,
+                r#type: r.r#type.clone(),
+                payload: body,
+                message_id: r.message_id.clone(),
+            };
+            let here = || self.0.send(t.clone(), &frame);
             if is_local {
                 return Ok(Response::new(here().await?));
             }
@@ -243,12 +254,14 @@ impl Messaging for MessagingService {
                 return Err(Status::invalid_argument("type is required"));
             }
             let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            message_id(&r.message_id)?;
             let b = proto::v1::Broadcast {
                 namespace: r.namespace,
                 r#type: r.r#type,
                 payload: body,
                 skip_conn_ids: r.skip_conn_ids,
                 skip_users: r.skip_users,
+                message_id: r.message_id,
             };
             let report = self.0.broadcast(b).await?;
             self.0.metrics().record("broadcast", &report);
@@ -269,7 +282,11 @@ impl Messaging for MessagingService {
                 return Err(Status::invalid_argument("namespace is required"));
             }
             let body = payload(r.payload.as_ref(), &r.payload_json)?;
-            let report = self.0.publish(&r.namespace, &r.topic, body).await?;
+            message_id(&r.message_id)?;
+            let report = self
+                .0
+                .publish(&r.namespace, &r.topic, body, &r.message_id)
+                .await?;
             self.0.metrics().record("publish", &report);
             Ok(Response::new(report))
         }
@@ -340,6 +357,7 @@ impl PlacementService {
         ListConnectionsResponse {
             connections,
             next_page_token: next.unwrap_or_default(),
+            complete: true,
         }
     }
 
@@ -393,6 +411,7 @@ impl Placement for PlacementService {
         if is_local {
             return Ok(Response::new(LocateResponse {
                 connections: here(),
+                complete: true,
             }));
         }
         if r.namespace.is_empty() {
@@ -406,7 +425,7 @@ impl Placement for PlacementService {
                 connections.extend(resp.connections);
             }
             connections.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
-            return Ok(Response::new(LocateResponse { connections }));
+            return Ok(Response::new(LocateResponse { connections, complete: true }));
         }
         for _ in 0..3 {
             match self.0.cluster().owner(&r.namespace, &r.user) {
@@ -424,6 +443,7 @@ impl Placement for PlacementService {
         }
         Ok(Response::new(LocateResponse {
             connections: here(),
+            complete: true,
         }))
     }
 
@@ -466,6 +486,7 @@ impl Placement for PlacementService {
         Ok(Response::new(ListConnectionsResponse {
             connections: all,
             next_page_token,
+            complete: true,
         }))
     }
 
@@ -534,6 +555,7 @@ impl Placement for PlacementService {
         }
         Ok(Response::new(PresenceResponse {
             users: users.into_iter().collect(),
+            complete: true,
         }))
     }
 

@@ -1,7 +1,7 @@
 //! Backends that only speak NATS: the send and broadcast subjects (the bodhi `send.subscribe`
 //! and `broadcast.subscribe` topics), consumed by the coordinators as one queue group so each
 //! message is handled once. A message with a reply subject gets `{"delivered","refused",
-//! "nodes"}` or `{"error"}` back.
+//! "nodes","unconfirmed"}` or `{"error"}` back.
 
 use bus::{Message, Outgoing, Subscription};
 use futures::StreamExt;
@@ -61,7 +61,7 @@ pub async fn run(
                 };
                 let body = match result {
                     Ok(r) => {
-                        json!({"delivered": r.delivered, "refused": r.refused, "nodes": r.nodes})
+                        json!({"delivered": r.delivered, "refused": r.refused, "nodes": r.nodes, "unconfirmed": r.unconfirmed})
                     }
                     Err(status) => {
                         tracing::debug!(subject = %msg.subject, message = status.message(), "bus message refused");
@@ -97,7 +97,7 @@ fn payload_json(m: &serde_json::Map<String, Value>) -> String {
     m.get("payload").unwrap_or(&Value::Null).to_string()
 }
 
-/// `{username, namespace?, type, payload}` (or `conn_id` instead of `username`).
+/// `{username, namespace?, type, payload, message_id?}` (or `conn_id` instead of `username`).
 async fn send(svc: &MessagingService, msg: &Message) -> Result<DeliveryReport, Status> {
     let m = parse(msg)?;
     let req = SendRequest {
@@ -107,11 +107,12 @@ async fn send(svc: &MessagingService, msg: &Message) -> Result<DeliveryReport, S
         r#type: text(&m, "type"),
         payload: None,
         payload_json: payload_json(&m),
+        message_id: text(&m, "message_id"),
     };
     Ok(svc.send(Request::new(req)).await?.into_inner())
 }
 
-/// `{type, payload, namespace?, skip?}`; `skip` is a conn id, a user, or a list of them.
+/// `{type, payload, namespace?, skip?, message_id?}`; `skip` is a conn id, a user, or a list of them.
 async fn broadcast(svc: &MessagingService, msg: &Message) -> Result<DeliveryReport, Status> {
     let m = parse(msg)?;
     let skip: Vec<String> = match m.get("skip") {
@@ -130,6 +131,7 @@ async fn broadcast(svc: &MessagingService, msg: &Message) -> Result<DeliveryRepo
         payload_json: payload_json(&m),
         skip_conn_ids: skip.clone(),
         skip_users: skip,
+        message_id: text(&m, "message_id"),
     };
     Ok(svc.broadcast(Request::new(req)).await?.into_inner())
 }

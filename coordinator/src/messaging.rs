@@ -182,20 +182,18 @@ impl Coordinator {
 
     /// A frame to one user (in one namespace or all) or some connections, from this
     /// coordinator's directory.
+    /// `frame`'s own target is ignored.
     pub async fn send(
         &self,
         target: Target,
-        msg_type: String,
-        payload: Vec<u8>,
+        frame: &proto::v1::Deliver,
     ) -> Result<DeliveryReport, DeliveryError> {
         self.check_bus()?;
         let plan = self.plan(&target);
-        let payload = bytes::Bytes::from(payload);
         self.to_nodes(plan, |target| {
             edge_command::Kind::Deliver(proto::v1::Deliver {
                 target: Some(target),
-                r#type: msg_type.clone(),
-                payload: payload.to_vec(),
+                ..frame.clone()
             })
         })
         .await
@@ -248,15 +246,19 @@ impl Coordinator {
         namespace: &str,
         topic: &str,
         payload: Vec<u8>,
+        message_id: &str,
     ) -> Result<DeliveryReport, DeliveryError> {
         proto::topic::validate_topic(topic)
             .map_err(|e| DeliveryError::InvalidArgument(e.to_string()))?;
         self.check_bus()?;
         let expected = self.directory().matching_filters(namespace, topic);
-        let out = traced(Outgoing::new(
+        let mut out = traced(Outgoing::new(
             subject::topic(namespace, topic.split('/')),
             payload,
         ));
+        if !message_id.is_empty() {
+            out.headers.insert(subject::HEADER_MESSAGE_ID, message_id);
+        }
         self.scatter(out, expected).await
     }
 

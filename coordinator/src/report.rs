@@ -103,6 +103,7 @@ impl EdgeReport for ReportService {
         let _ = tx.try_send(Ok(ReportAck {
             batches: 0,
             node_id: me.clone(),
+            resync: false,
         }));
         tokio::spawn(async move {
             let mut stream: Option<(String, u64)> = None;
@@ -146,6 +147,7 @@ impl EdgeReport for ReportService {
                 let _ = tx.try_send(Ok(ReportAck {
                     batches,
                     node_id: me.clone(),
+                    resync: false,
                 }));
             }
             if let Some((node, generation)) = stream {

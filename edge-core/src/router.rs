@@ -166,7 +166,15 @@ impl Router {
             .chain(topics)
             .map(|k| Delta { kind: Some(k) })
             .collect();
-        self.batch(deltas, true)
+        ReportBatch {
+            ring: self.ring.members().to_vec(),
+            ..self.batch(deltas, true)
+        }
+    }
+
+    /// An empty batch: "still here" when there is nothing to report.
+    pub fn heartbeat(&self) -> ReportBatch {
+        self.batch(Vec::new(), false)
     }
 
     fn batch(&self, deltas: Vec<Delta>, full: bool) -> ReportBatch {
@@ -177,6 +185,7 @@ impl Router {
             deltas,
             draining: self.draining,
             leaving: false,
+            ring: Vec::new(),
         }
     }
 

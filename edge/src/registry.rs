@@ -153,6 +153,7 @@ impl Tally {
             refused: self.refused,
             nodes: 1,
             node_ids: vec![node_id.to_owned()],
+            ..DeliveryReport::default()
         }
     }
 }

@@ -205,6 +205,21 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push_str(&Value::String(s.to_owned()).to_string());
 }
 
+/// Longest `message_id` a backend may set.
+pub const MAX_MESSAGE_ID: usize = 128;
+
+/// A backend's message id: empty (none), or up to [`MAX_MESSAGE_ID`] visible ASCII
+/// characters, so that it fits a NATS header and a JSON string unescaped.
+pub fn validate_message_id(id: &str) -> Result<(), String> {
+    if id.len() > MAX_MESSAGE_ID {
+        return Err(format!("message_id is longer than {MAX_MESSAGE_ID} bytes"));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+        return Err("message_id must be visible ASCII without quotes or backslashes".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,3 +262,4 @@ mod tests {
         assert_eq!(json_or_string(b"hello"), "\"hello\"");
     }
 }
+

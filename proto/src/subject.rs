@@ -51,6 +51,8 @@ pub const HEADER_CONN_ID: &str = "Sb-Conn-Id";
 pub const HEADER_NAMESPACE: &str = "Sb-Namespace";
 /// Header: that connection's user (empty on anonymous routes).
 pub const HEADER_USER: &str = "Sb-User";
+/// Header: the backend's message id of a topic publication (deduplicated per connection).
+pub const HEADER_MESSAGE_ID: &str = "Sb-Message-Id";
 /// Header: W3C trace context.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
