@@ -17,6 +17,7 @@ use coordinator::resources::{ResourceSpec, ResourcesService};
 use edge::Edge;
 use edge::config::{ResourceKind, RouteConfig};
 use proto::subject;
+use proto::v1::ReportBatch;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -586,6 +587,15 @@ async fn feed_directory(
         let batch = tokio::select! {
             () = shutdown.cancelled() => break,
             b = edge.next_report(&address) => b,
+        };
+        // The edge reports to this coordinator alone: its shares are of this one-member ring.
+        let batch = if batch.full {
+            ReportBatch {
+                ring: coordinator.cluster().ring_members(),
+                ..batch
+            }
+        } else {
+            batch
         };
         coordinator.apply(batch).await;
     }

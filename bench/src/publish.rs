@@ -243,6 +243,7 @@ impl Publisher {
                                     topic: TOPIC.into(),
                                     payload: None,
                                     payload_json: json,
+                                    message_id: String::new(),
                                 })
                                 .await
                                 .map(drop),
@@ -254,6 +255,7 @@ impl Publisher {
                                     r#type: SEND_TYPE.into(),
                                     payload: None,
                                     payload_json: json,
+                                    message_id: String::new(),
                                 })
                                 .await
                                 .map(drop),

@@ -5,6 +5,11 @@
 //! on the ring; a call no key pins down (every namespace, a conn id, listings, totals) asks
 //! every coordinator for its share and merges. Calls between coordinators carry the
 //! [`LOCAL`] metadata key: "answer from your own directory, do not forward".
+//!
+//! A peer call takes at most one request timeout. A peer that cannot be connected to leaves
+//! the ring until it announces again; one that answers anything (even an error) stays, and
+//! one that does not answer in time makes the answer uncertain: its part of a delivery is
+//! `unconfirmed`, a placement answer is `complete: false`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -29,7 +34,7 @@ use tracing::Instrument as _;
 
 use crate::access::Caller;
 use crate::cluster::Owner;
-use crate::messaging::{Coordinator, DeliveryError, merge};
+use crate::messaging::{Coordinator, DeliveryError, add_unconfirmed, merge};
 use crate::placement::Filter;
 
 /// Metadata key on calls between coordinators.
@@ -89,7 +94,7 @@ fn local<T>(msg: T, coordinator: &Coordinator) -> Request<T> {
     if let Some(auth) = coordinator.peer_authorization() {
         r.metadata_mut().insert("authorization", auth.clone());
     }
-    r.set_timeout(coordinator.timeout() * 2);
+    r.set_timeout(coordinator.timeout());
     let md = r.metadata_mut();
     bus::trace::inject_with(&tracing::Span::current(), &mut |k, v| {
         if let (Ok(k), Ok(v)) = (
@@ -104,30 +109,70 @@ fn local<T>(msg: T, coordinator: &Coordinator) -> Request<T> {
 
 type PeerCall<T> = Pin<Box<dyn Future<Output = Result<Response<T>, Status>> + Send>>;
 
-/// Asks every peer (marked local) and returns the answers that came; unreachable peers are
-/// taken out of the ring until they announce again.
-async fn gather<T, F>(c: &Coordinator, call: F) -> Vec<T>
+/// What every peer answered.
+struct Gathered<T> {
+    answers: Vec<T>,
+    /// Peers that did not answer: their share is missing.
+    silent: Vec<String>,
+}
+
+/// Asks every peer (marked local) in parallel and returns the answers that came in time.
+async fn gather<T, F>(c: &Coordinator, call: F) -> Gathered<T>
 where
     F: Fn(Channel) -> PeerCall<T>,
 {
     let peers = c.cluster().peers();
-    let calls = peers.iter().map(|(_, ch)| call(ch.clone()));
-    let mut out = Vec::new();
+    let calls = peers.iter().map(|(_, ch)| within(c, call(ch.clone())));
+    let mut out = Gathered {
+        answers: Vec::new(),
+        silent: Vec::new(),
+    };
     for ((id, _), r) in peers.iter().zip(futures::future::join_all(calls).await) {
         match r {
-            Ok(resp) => out.push(resp.into_inner()),
-            Err(status) => peer_error(c, id, &status),
+            Ok(resp) => out.answers.push(resp.into_inner()),
+            Err(status) => {
+                peer_error(c, id, &status);
+                out.silent.push(id.clone());
+            }
         }
     }
     out
 }
 
+/// A peer call bounded by one request timeout on this side: a stopped peer never answers,
+/// whatever deadline it was sent.
+async fn within<T>(c: &Coordinator, call: PeerCall<T>) -> Result<Response<T>, Status> {
+    tokio::time::timeout(c.timeout(), call)
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("peer did not answer in time")))
+}
+
+/// Whether the call never reached the peer (connecting failed): then nothing was done there.
+fn is_unreachable(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Whether the peer may have done the call without saying so (timed out, or the connection
+/// broke mid-call), as opposed to answering with an error.
+fn is_uncertain(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    ) || std::error::Error::source(status).is_some()
+}
+
+/// Logs a failed peer call; a peer that cannot be connected to leaves the ring until it
+/// announces again (one that answers, even with an error, is alive).
 fn peer_error(c: &Coordinator, id: &str, status: &Status) {
     tracing::warn!(node = id, code = ?status.code(), message = status.message(), "peer call failed");
-    if matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-    ) {
+    if is_unreachable(status) {
         c.cluster().peer_failed(id);
     }
 }
@@ -182,19 +227,30 @@ impl MessagingService {
     {
         let c = &self.0;
         if t.namespace.is_empty() || !t.conn_ids.is_empty() {
-            let mut total = here().await?;
-            for r in gather(c, |ch| there(ch, local(req.clone(), c))).await {
-                merge(&mut total, &r);
+            let (mine, theirs) =
+                futures::join!(here(), gather(c, |ch| there(ch, local(req.clone(), c))));
+            let mut total = mine?;
+            for r in &theirs.answers {
+                merge(&mut total, r);
             }
+            add_unconfirmed(&mut total, theirs.silent);
             return Ok(total);
         }
-        // The owner may have just died: then the ring moves the key and we try again.
+        // An owner that cannot be reached has died: the ring moves the key, try again.
         for _ in 0..3 {
             match c.cluster().owner(&t.namespace, &t.user) {
                 Owner::Me => return Ok(here().await?),
-                Owner::Peer(id, ch) => match there(ch, local(req.clone(), c)).await {
+                Owner::Peer(id, ch) => match within(c, there(ch, local(req.clone(), c))).await {
                     Ok(r) => return Ok(r.into_inner()),
-                    Err(status) => peer_error(c, &id, &status),
+                    Err(status) if is_unreachable(&status) => peer_error(c, &id, &status),
+                    Err(status) if is_uncertain(&status) => {
+                        peer_error(c, &id, &status);
+                        let mut total = DeliveryReport::default();
+                        add_unconfirmed(&mut total, [id]);
+                        return Ok(total);
+                    }
+                    // The owner answered: its error is the answer.
+                    Err(status) => return Err(status),
                 },
             }
         }
@@ -357,7 +413,7 @@ impl PlacementService {
         ListConnectionsResponse {
             connections,
             next_page_token: next.unwrap_or_default(),
-            complete: true,
+            complete: self.0.is_complete(),
         }
     }
 
@@ -381,6 +437,7 @@ impl PlacementService {
         let dir = self.0.directory();
         let mut s = StatsResponse {
             connections: dir.connection_count() as u64,
+            complete: dir.is_complete(&self.0.cluster().ring_members()),
             ..StatsResponse::default()
         };
         for c in dir.connections() {
@@ -407,44 +464,54 @@ impl Placement for PlacementService {
         if r.user.is_empty() {
             return Err(Status::invalid_argument("user is required"));
         }
-        let here = || self.0.directory().locate(&r.namespace, &r.user);
+        let here = || {
+            let connections = self.0.directory().locate(&r.namespace, &r.user);
+            LocateResponse {
+                connections,
+                complete: self.0.is_complete(),
+            }
+        };
         if is_local {
-            return Ok(Response::new(LocateResponse {
-                connections: here(),
-                complete: true,
-            }));
+            return Ok(Response::new(here()));
         }
         if r.namespace.is_empty() {
-            let mut connections = here();
+            let mut all = here();
             let c = &self.0;
             let call = |ch: Channel| -> PeerCall<LocateResponse> {
                 let req = local(r.clone(), c);
                 Box::pin(async move { PlacementClient::new(ch).locate(req).await })
             };
-            for resp in gather(c, call).await {
-                connections.extend(resp.connections);
+            let theirs = gather(c, call).await;
+            all.complete &= theirs.silent.is_empty();
+            for resp in theirs.answers {
+                all.connections.extend(resp.connections);
+                all.complete &= resp.complete;
             }
-            connections.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
-            return Ok(Response::new(LocateResponse { connections, complete: true }));
+            all.connections.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
+            return Ok(Response::new(all));
         }
+        // An owner that cannot be reached has died: the ring moves the key, try again.
         for _ in 0..3 {
             match self.0.cluster().owner(&r.namespace, &r.user) {
                 Owner::Me => break,
                 Owner::Peer(id, ch) => {
-                    match PlacementClient::new(ch)
-                        .locate(local(r.clone(), &self.0))
-                        .await
-                    {
+                    let req = local(r.clone(), &self.0);
+                    let call = async move { PlacementClient::new(ch).locate(req).await };
+                    match within(&self.0, Box::pin(call)).await {
                         Ok(resp) => return Ok(resp),
-                        Err(status) => peer_error(&self.0, &id, &status),
+                        Err(status) if is_unreachable(&status) => {
+                            peer_error(&self.0, &id, &status);
+                        }
+                        Err(status) => {
+                            peer_error(&self.0, &id, &status);
+                            let message = format!("the owner coordinator {id} did not answer");
+                            return Err(Status::unavailable(message));
+                        }
                     }
                 }
             }
         }
-        Ok(Response::new(LocateResponse {
-            connections: here(),
-            complete: true,
-        }))
+        Ok(Response::new(here()))
     }
 
     async fn list_connections(
@@ -470,9 +537,11 @@ impl Placement for PlacementService {
         };
         let pages = gather(c, call).await;
         let mut more = !mine.next_page_token.is_empty();
+        let mut complete = mine.complete && pages.silent.is_empty();
         let mut all: Vec<Connection> = mine.connections;
-        for p in pages {
+        for p in pages.answers {
             more |= !p.next_page_token.is_empty();
+            complete &= p.complete;
             all.extend(p.connections);
         }
         all.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
@@ -486,7 +555,7 @@ impl Placement for PlacementService {
         Ok(Response::new(ListConnectionsResponse {
             connections: all,
             next_page_token,
-            complete: true,
+            complete,
         }))
     }
 
@@ -515,7 +584,7 @@ impl Placement for PlacementService {
                 Box::pin(async move { PlacementClient::new(ch).list_nodes(req).await })
             };
             // Each coordinator holds its share of an edge's connections: add them up.
-            for resp in gather(c, call).await {
+            for resp in gather(c, call).await.answers {
                 for n in resp.nodes {
                     let slot = nodes.entry(n.node_id.clone()).or_insert_with(|| Node {
                         connections: 0,
@@ -543,19 +612,23 @@ impl Placement for PlacementService {
             return Err(Status::invalid_argument("namespace is required"));
         }
         let mut users: BTreeSet<String> = self.0.directory().presence(&r.namespace, &r.topic);
+        let mut complete = self.0.is_complete();
         if !is_local {
             let c = &self.0;
             let call = |ch: Channel| -> PeerCall<PresenceResponse> {
                 let req = local(r.clone(), c);
                 Box::pin(async move { PlacementClient::new(ch).presence(req).await })
             };
-            for resp in gather(c, call).await {
+            let theirs = gather(c, call).await;
+            complete &= theirs.silent.is_empty();
+            for resp in theirs.answers {
                 users.extend(resp.users);
+                complete &= resp.complete;
             }
         }
         Ok(Response::new(PresenceResponse {
             users: users.into_iter().collect(),
-            complete: true,
+            complete,
         }))
     }
 
@@ -571,7 +644,10 @@ impl Placement for PlacementService {
                 let req = local(StatsRequest {}, c);
                 Box::pin(async move { PlacementClient::new(ch).stats(req).await })
             };
-            for other in gather(c, call).await {
+            let theirs = gather(c, call).await;
+            s.complete &= theirs.silent.is_empty();
+            for other in theirs.answers {
+                s.complete &= other.complete;
                 s.connections += other.connections;
                 for (k, v) in other.by_namespace {
                     *s.by_namespace.entry(k).or_default() += v;

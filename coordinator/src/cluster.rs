@@ -75,6 +75,12 @@ impl Cluster {
             .clone()
     }
 
+    /// The ring's members, sorted.
+    pub fn ring_members(&self) -> Vec<String> {
+        let view = self.view.read().expect("cluster view poisoned");
+        view.ring.members().to_vec()
+    }
+
     /// The owner of `namespace/user`.
     pub fn owner(&self, namespace: &str, user: &str) -> Owner {
         let owner: Option<String> = self.ring().owner(namespace, user).map(str::to_owned);

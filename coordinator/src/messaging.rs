@@ -1,8 +1,14 @@
 //! The coordinator's core: its directory, its place in the cluster, and delivery across
 //! edges (resolve placement, one bus message to each edge that holds a target — never to every
 //! edge — and add up what the edges report).
+//!
+//! Every report tells the truth about each edge concerned: it answered (`node_ids`), or its
+//! part is unknown (`unconfirmed`: asked and silent past the deadline, suspect and told
+//! without waiting, or holding a share this coordinator has not caught up with). All edges
+//! are asked in parallel under one deadline, [`Coordinator::edge_timeout`], shorter than a
+//! forwarded call's, so that a coordinator forwarding to this one hears the answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,7 +25,7 @@ use proto::v1::{
 
 use crate::cluster::Cluster;
 use crate::config::CoordinatorConfig;
-use crate::placement::{Change, Directory};
+use crate::placement::{Change, Directory, Node};
 
 /// Upper bounds (seconds) of the delivery latency histogram.
 static LATENCY_BOUNDS: [f64; 12] = [
@@ -153,6 +159,18 @@ impl Coordinator {
         self.timeout
     }
 
+    /// How long edges get to answer: three quarters of the request timeout, so that a call
+    /// forwarded from a peer (which waits one request timeout) is answered in time.
+    pub(crate) fn edge_timeout(&self) -> Duration {
+        self.timeout * 3 / 4
+    }
+
+    /// Whether answers from this directory are whole (no suspect edge, every share current).
+    pub fn is_complete(&self) -> bool {
+        let ring = self.cluster.ring_members();
+        self.directory().is_complete(&ring)
+    }
+
     /// Time since this coordinator started: the clock of the sans-io state machines.
     pub fn now(&self) -> Duration {
         self.epoch.elapsed()
@@ -174,9 +192,21 @@ impl Coordinator {
         self.directory().suspect(node_id, stream, self.now());
     }
 
-    /// Drops edges suspect for longer than `grace`.
-    pub async fn expire(&self, grace: Duration) {
-        let changes = self.directory().expire(self.now(), grace);
+    /// Marks silent edges suspect and drops edges suspect for longer than `grace`. After
+    /// this process itself `stalled`, every edge counts as just heard from instead: the
+    /// silence was this side's.
+    pub async fn check_liveness(&self, grace: Duration, stalled: bool) {
+        let now = self.now();
+        let changes = {
+            let mut dir = self.directory();
+            if stalled {
+                dir.touch_all(now);
+            }
+            for node in dir.silence(now, proto::REPORT_SILENCE) {
+                tracing::warn!(node = %node, "edge silent; suspect");
+            }
+            dir.expire(now, grace)
+        };
         self.announce_changes(changes).await;
     }
 
@@ -226,12 +256,11 @@ impl Coordinator {
         b: proto::v1::Broadcast,
     ) -> Result<DeliveryReport, DeliveryError> {
         self.check_bus()?;
-        // A suspect edge (its stream broke) will not answer: do not wait for it.
         let expected = self
             .directory()
             .nodes()
-            .filter(|n| n.suspect_since.is_none())
-            .count();
+            .map(|n| (n.node_id.clone(), usize::from(!n.is_suspect())))
+            .collect();
         let cmd = EdgeCommand {
             kind: Some(edge_command::Kind::Broadcast(b)),
         };
@@ -251,7 +280,16 @@ impl Coordinator {
         proto::topic::validate_topic(topic)
             .map_err(|e| DeliveryError::InvalidArgument(e.to_string()))?;
         self.check_bus()?;
-        let expected = self.directory().matching_filters(namespace, topic);
+        let expected = {
+            let dir = self.directory();
+            let mut expected = dir.matching_filters(namespace, topic);
+            for (node, count) in &mut expected {
+                if dir.node(node).is_some_and(Node::is_suspect) {
+                    *count = 0;
+                }
+            }
+            expected
+        };
         let mut out = traced(Outgoing::new(
             subject::topic(namespace, topic.split('/')),
             payload,
@@ -293,94 +331,149 @@ impl Coordinator {
     /// user; otherwise (every namespace, or conn ids) other coordinators hold other shares of
     /// the same user, so each names exactly the connections it knows, or an edge would get
     /// the same frame from two coordinators.
-    fn plan(&self, target: &Target) -> Vec<(String, Target)> {
+    ///
+    /// An edge whose share here is behind the ring (it has not re-reported since the ring
+    /// changed) may hold the user without this directory knowing: a user target is sent to
+    /// it as well (the edge selects truthfully); a conn id target cannot be, so it is
+    /// reported unknown.
+    fn plan(&self, target: &Target) -> Plan {
+        let ring = self.cluster.ring_members();
         let dir = self.directory();
+        let behind = dir.behind(&ring);
+        let mut plan = Plan::default();
+        let mut place = |node: String, t: Target| {
+            if dir.node(&node).is_some_and(Node::is_suspect) {
+                plan.suspect.push((node, t));
+            } else {
+                plan.ask.push((node, t));
+            }
+        };
         if target.conn_ids.is_empty() && !target.namespace.is_empty() {
-            let nodes = dir.nodes_of_user(&target.namespace, &target.user);
-            return nodes.into_iter().map(|n| (n, target.clone())).collect();
+            let holders = dir.placed(&target.namespace, &target.user);
+            let mut nodes: BTreeSet<String> = holders.map(|c| c.node_id.clone()).collect();
+            nodes.extend(behind);
+            for n in nodes {
+                place(n, target.clone());
+            }
+            return plan;
         }
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let known: Vec<(String, String)> = if target.conn_ids.is_empty() {
-            let conns = dir.locate("", &target.user);
-            conns.into_iter().map(|c| (c.node_id, c.conn_id)).collect()
+        if target.conn_ids.is_empty() {
+            for c in dir.placed("", &target.user) {
+                let ids = by_node.entry(c.node_id.clone()).or_default();
+                ids.push(c.conn_id.clone());
+            }
         } else {
-            let ids = target.conn_ids.iter();
-            ids.filter_map(|id| dir.node_of(id).map(|n| (n.to_owned(), id.clone())))
-                .collect()
-        };
-        for (node, id) in known {
-            by_node.entry(node).or_default().push(id);
+            for id in &target.conn_ids {
+                if let Some(n) = dir.node_of(id) {
+                    by_node.entry(n.to_owned()).or_default().push(id.clone());
+                }
+            }
         }
-        by_node
-            .into_iter()
-            .map(|(node, conn_ids)| {
-                let t = Target {
-                    namespace: target.namespace.clone(),
-                    user: String::new(),
-                    conn_ids,
-                };
-                (node, t)
-            })
-            .collect()
+        for (node, conn_ids) in by_node {
+            let t = Target {
+                namespace: target.namespace.clone(),
+                user: String::new(),
+                conn_ids,
+            };
+            place(node, t);
+        }
+        plan.unknown = behind;
+        plan
     }
 
-    /// One request per node, in parallel; the reports added up.
+    /// One request per edge to ask, in parallel under one deadline; suspect edges are told
+    /// without waiting. The reports added up; every edge whose part is unknown listed.
     async fn to_nodes(
         &self,
-        plan: Vec<(String, Target)>,
+        plan: Plan,
         command: impl Fn(Target) -> edge_command::Kind,
     ) -> Result<DeliveryReport, DeliveryError> {
-        let requests = plan.iter().map(|(node, target)| {
+        let message = |node: &str, target: &Target| {
             let cmd = EdgeCommand {
                 kind: Some(command(target.clone())),
             };
-            let out = traced(Outgoing::new(subject::node(node), cmd.encode_to_vec()));
-            self.bus.request(out, self.timeout)
+            traced(Outgoing::new(subject::node(node), cmd.encode_to_vec()))
+        };
+        let requests = plan.ask.iter().map(|(node, target)| {
+            let out = message(node, target);
+            self.bus.request(out, self.edge_timeout())
         });
         let mut total = DeliveryReport::default();
-        let nodes = plan.iter().map(|(n, _)| n);
+        let mut unconfirmed = plan.unknown;
+        for (node, target) in &plan.suspect {
+            // It may come back and deliver: the part is unknown, not lost.
+            if let Err(error) = self.bus.publish(message(node, target)).await {
+                tracing::debug!(node = %node, %error, "command to a suspect edge not sent");
+            }
+            unconfirmed.push(node.clone());
+        }
+        let nodes = plan.ask.iter().map(|(n, _)| n);
         for (node, result) in nodes.zip(futures::future::join_all(requests).await) {
             match result {
                 Ok(m) => add(&mut total, &m.payload),
-                Err(error) => tracing::warn!(node = %node, %error, "edge did not answer"),
+                // Even "no responders" proves nothing: the edge may be resubscribing after
+                // a bus reconnect.
+                Err(error) => {
+                    tracing::warn!(node = %node, %error, "edge did not answer");
+                    unconfirmed.push(node.clone());
+                }
             }
         }
+        add_unconfirmed(&mut total, unconfirmed);
         Ok(total)
     }
 
-    /// Publishes with a reply inbox and adds up answers until `expected` answered or the
-    /// timeout passed.
+    /// Publishes with a reply inbox and adds up answers until every edge in `expected` gave
+    /// its count of answers (one per matching subscription) or the deadline passed. An edge
+    /// expected to give 0 answers is suspect: its part is unknown. Edges not expected (one
+    /// that just started) are counted when they answer in time.
     async fn scatter(
         &self,
         out: Outgoing,
-        expected: usize,
+        mut expected: BTreeMap<String, usize>,
     ) -> Result<DeliveryReport, DeliveryError> {
         let mut total = DeliveryReport::default();
-        if expected == 0 {
+        let suspect: Vec<String> = expected
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        expected.retain(|_, n| *n > 0);
+        if expected.is_empty() {
             self.bus.publish(out).await?;
+            add_unconfirmed(&mut total, suspect);
             return Ok(total);
         }
         let inbox = self.bus.new_inbox();
         let mut replies = self.bus.subscribe(inbox.clone(), None).await?;
         self.bus.publish(out.with_reply(inbox)).await?;
-        let deadline = tokio::time::sleep(self.timeout);
+        let deadline = tokio::time::sleep(self.edge_timeout());
         tokio::pin!(deadline);
-        let mut answers = 0;
-        while answers < expected {
+        while !expected.is_empty() {
             tokio::select! {
                 () = &mut deadline => {
-                    tracing::warn!(answers, expected, "not every edge answered in time");
+                    tracing::warn!(silent = ?expected.keys().collect::<Vec<_>>(), "not every edge answered in time");
                     break;
                 }
                 m = replies.next() => match m {
                     Some(m) => {
-                        answers += 1;
-                        add(&mut total, &m.payload);
+                        let Some(r) = decode_report(&m.payload) else { continue };
+                        for id in &r.node_ids {
+                            if let Some(left) = expected.get_mut(id) {
+                                *left -= 1;
+                                if *left == 0 {
+                                    expected.remove(id);
+                                }
+                            }
+                        }
+                        merge(&mut total, &r);
                     }
                     None => break,
                 },
             }
         }
+        add_unconfirmed(&mut total, suspect.into_iter().chain(expected.into_keys()));
         Ok(total)
     }
 
@@ -435,15 +528,39 @@ pub(crate) fn unix_ms() -> i64 {
     since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Which edges one targeted call concerns ([`Coordinator::plan`]).
+#[derive(Debug, Default)]
+struct Plan {
+    /// Edges to ask, each with the target it should apply.
+    ask: Vec<(String, Target)>,
+    /// Suspect edges holding targets: told without waiting, reported unconfirmed.
+    suspect: Vec<(String, Target)>,
+    /// Edges that may hold targets this directory does not know yet: reported unconfirmed.
+    unknown: Vec<String>,
+}
+
+fn decode_report(payload: &[u8]) -> Option<DeliveryReport> {
+    DeliveryReport::decode(payload)
+        .inspect_err(|error| tracing::warn!(%error, "undecodable delivery report"))
+        .ok()
+}
+
 /// Adds one edge's report into a total.
 pub(crate) fn add(total: &mut DeliveryReport, payload: &[u8]) {
-    match DeliveryReport::decode(payload) {
-        Ok(r) => merge(total, &r),
-        Err(error) => tracing::warn!(%error, "undecodable delivery report"),
+    if let Some(r) = decode_report(payload) {
+        merge(total, &r);
     }
 }
 
-/// Adds `r` into `total`; an edge counted by two coordinators is one node.
+/// Lists `nodes` as unconfirmed in `total` (sorted, each once).
+pub(crate) fn add_unconfirmed(total: &mut DeliveryReport, nodes: impl IntoIterator<Item = String>) {
+    total.unconfirmed.extend(nodes);
+    total.unconfirmed.sort();
+    total.unconfirmed.dedup();
+}
+
+/// Adds `r` into `total`; an edge counted by two coordinators is one node. An edge may be
+/// both answered and unconfirmed (one coordinator's part of it answered, another's did not).
 pub(crate) fn merge(total: &mut DeliveryReport, r: &DeliveryReport) {
     total.delivered += r.delivered;
     total.refused += r.refused;
@@ -454,4 +571,5 @@ pub(crate) fn merge(total: &mut DeliveryReport, r: &DeliveryReport) {
     }
     total.node_ids.sort();
     total.nodes = u32::try_from(total.node_ids.len()).unwrap_or(u32::MAX);
+    add_unconfirmed(total, r.unconfirmed.iter().cloned());
 }

@@ -4,6 +4,12 @@
 //! In a cluster each coordinator holds the connections whose `namespace/user` key it owns on
 //! the ring, and every edge's active topic filters.
 //!
+//! An edge is *suspect* while its report stream is broken or silent (no heartbeat): its
+//! connections are kept for the grace period in case it returns, but left out of every read
+//! (locate, presence, listings, counts), which then say they are incomplete. Its share here is
+//! also incomplete while the ring its last full batch was computed with is not this
+//! coordinator's ring (a ring change both sides have not caught up with).
+//!
 //! **Invariant:** sans-io. No sockets, no clock reads: time comes in as a parameter (time since
 //! an epoch of the caller's choosing). Applying a delta twice is harmless (attach replaces,
 //! detach and unsubscribe of something absent do nothing), so an edge may re-send its whole
@@ -23,8 +29,10 @@ pub struct Node {
     /// When the last batch arrived.
     pub last_seen: Duration,
     pub draining: bool,
-    /// Since when its report stream is broken, if it is.
+    /// Since when its report stream is broken or silent, if it is.
     pub suspect_since: Option<Duration>,
+    /// The coordinator ring its last full batch was computed with.
+    ring: Vec<String>,
     conns: BTreeSet<String>,
     /// Active (namespace, filter) pairs on the edge.
     topics: HashSet<(String, String)>,
@@ -33,6 +41,15 @@ pub struct Node {
 impl Node {
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    pub fn is_suspect(&self) -> bool {
+        self.suspect_since.is_some()
+    }
+
+    /// Whether this directory holds its whole share of the edge under `ring`.
+    pub fn is_current(&self, ring: &[String]) -> bool {
+        !self.is_suspect() && self.ring == ring
     }
 
     pub fn state(&self) -> &'static str {
@@ -94,6 +111,7 @@ impl Directory {
             if batch.full {
                 stale = std::mem::take(&mut node.conns);
                 node.topics.clear();
+                node.ring = batch.ring;
             }
         }
         if !known {
@@ -150,6 +168,49 @@ impl Directory {
         *g
     }
 
+    /// Whether the edge is known here (a batch that is not full from an unknown edge means it
+    /// was forgotten while it could not report: it must send its whole state again).
+    pub fn knows(&self, node_id: &str) -> bool {
+        self.nodes.contains_key(node_id)
+    }
+
+    /// Marks suspect the edges that sent nothing (not even a heartbeat) for `limit`. Returns
+    /// them.
+    pub fn silence(&mut self, now: Duration, limit: Duration) -> Vec<String> {
+        let mut silent = Vec::new();
+        for n in self.nodes.values_mut() {
+            if n.suspect_since.is_none() && now.saturating_sub(n.last_seen) >= limit {
+                n.suspect_since = Some(now);
+                silent.push(n.node_id.clone());
+            }
+        }
+        silent
+    }
+
+    /// Counts every edge as just heard from: after this process itself stalled, the silence
+    /// was its own.
+    pub fn touch_all(&mut self, now: Duration) {
+        for n in self.nodes.values_mut() {
+            n.last_seen = n.last_seen.max(now);
+        }
+    }
+
+    /// Whether every answer from this directory is whole under `ring`: no edge suspect, every
+    /// edge's share reported for this ring.
+    pub fn is_complete(&self, ring: &[String]) -> bool {
+        self.nodes.values().all(|n| n.is_current(ring))
+    }
+
+    /// The edges that are not suspect but whose share here may be missing connections under
+    /// `ring` (their last full batch was for another ring).
+    pub fn behind(&self, ring: &[String]) -> Vec<String> {
+        self.nodes
+            .values()
+            .filter(|n| !n.is_suspect() && n.ring != ring)
+            .map(|n| n.node_id.clone())
+            .collect()
+    }
+
     /// The edge's report stream of generation `stream` broke: keep its entries until the
     /// grace period passes, unless a newer stream from it is open.
     pub fn suspect(&mut self, node_id: &str, stream: u64, now: Duration) {
@@ -199,72 +260,68 @@ impl Directory {
         self.nodes.get(node_id)
     }
 
+    /// The connections on edges that are not suspect.
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
-        self.conns.values()
+        self.conns.values().filter(|c| self.is_live(c))
     }
 
     pub fn connection_count(&self) -> usize {
-        self.conns.len()
+        self.nodes
+            .values()
+            .filter(|n| !n.is_suspect())
+            .map(Node::connection_count)
+            .sum()
     }
 
-    /// The connections of `user` in `namespace` (every namespace when empty).
+    fn is_live(&self, c: &Connection) -> bool {
+        self.nodes.get(&c.node_id).is_none_or(|n| !n.is_suspect())
+    }
+
+    /// The connections of `user` in `namespace` (every namespace when empty) on edges that
+    /// are not suspect.
     pub fn locate(&self, namespace: &str, user: &str) -> Vec<Connection> {
-        let Some(ids) = self.users.get(user) else {
-            return Vec::new();
-        };
-        ids.iter()
-            .filter_map(|id| self.conns.get(id))
-            .filter(|c| namespace.is_empty() || c.namespace == namespace)
+        self.placed(namespace, user)
+            .filter(|c| self.is_live(c))
             .cloned()
             .collect()
     }
 
-    /// The edge holding a connection.
+    /// The connections of `user` in `namespace` (every namespace when empty), suspect edges
+    /// included: where delivery must be tried (or reported unconfirmed).
+    pub fn placed<'a>(
+        &'a self,
+        namespace: &'a str,
+        user: &str,
+    ) -> impl Iterator<Item = &'a Connection> + 'a {
+        let ids = self.users.get(user).into_iter().flatten();
+        ids.filter_map(|id| self.conns.get(id))
+            .filter(move |c| namespace.is_empty() || c.namespace == namespace)
+    }
+
+    /// The edge holding a connection (suspect or not).
     pub fn node_of(&self, conn_id: &str) -> Option<&str> {
         self.conns.get(conn_id).map(|c| c.node_id.as_str())
     }
 
-    /// The edges holding `user` (in `namespace`, or any when empty).
-    pub fn nodes_of_user(&self, namespace: &str, user: &str) -> BTreeSet<String> {
-        self.locate(namespace, user)
-            .into_iter()
-            .map(|c| c.node_id)
-            .collect()
-    }
-
-    /// The edges with an active filter matching `topic` in `namespace`.
-    pub fn nodes_watching(&self, namespace: &str, concrete: &str) -> BTreeSet<String> {
+    /// Per edge (suspect ones included), how many of its active filters match `topic` in
+    /// `namespace`: each answers a publication once.
+    pub fn matching_filters(&self, namespace: &str, concrete: &str) -> BTreeMap<String, usize> {
         self.nodes
             .values()
-            .filter(|n| {
-                n.topics
-                    .iter()
-                    .any(|(ns, f)| ns == namespace && topic::matches(f, concrete))
-            })
-            .map(|n| n.node_id.clone())
-            .collect()
-    }
-
-    /// How many (edge, filter) pairs match `topic` in `namespace`: each answers a publication
-    /// once.
-    pub fn matching_filters(&self, namespace: &str, concrete: &str) -> usize {
-        // A suspect edge (its stream broke) will not answer: do not count it.
-        self.nodes
-            .values()
-            .filter(|n| n.suspect_since.is_none())
             .map(|n| {
-                n.topics
-                    .iter()
+                let count = n.topics.iter();
+                let count = count
                     .filter(|(ns, f)| ns == namespace && topic::matches(f, concrete))
-                    .count()
+                    .count();
+                (n.node_id.clone(), count)
             })
-            .sum()
+            .filter(|(_, count)| *count > 0)
+            .collect()
     }
 
     /// Users online in `namespace`, optionally only those subscribed to exactly `filter`.
     pub fn presence(&self, namespace: &str, filter: &str) -> BTreeSet<String> {
-        self.conns
-            .values()
+        self.connections()
             .filter(|c| c.namespace == namespace && !c.user.is_empty())
             .filter(|c| filter.is_empty() || c.topics.iter().any(|t| t == filter))
             .map(|c| c.user.clone())
@@ -290,7 +347,8 @@ impl Directory {
             .range::<String, _>((start, Unbounded))
             .map(|(_, c)| c)
         {
-            let keep = (filter.namespace.is_empty() || c.namespace == filter.namespace)
+            let keep = self.is_live(c)
+                && (filter.namespace.is_empty() || c.namespace == filter.namespace)
                 && (filter.user.is_empty() || c.user == filter.user)
                 && (filter.node_id.is_empty() || c.node_id == filter.node_id)
                 && (filter.topic.is_empty() || c.topics.contains(&filter.topic));
@@ -404,12 +462,12 @@ mod tests {
         assert_eq!(d.locate("a", "alice").len(), 2);
         assert_eq!(d.locate("", "alice").len(), 3);
         assert_eq!(
-            d.nodes_watching("a", "x/1"),
-            BTreeSet::from(["e1".to_owned()])
+            d.matching_filters("a", "x/1"),
+            BTreeMap::from([("e1".to_owned(), 1)])
         );
-        assert!(d.nodes_watching("b", "x/1").is_empty());
+        assert!(d.matching_filters("b", "x/1").is_empty());
         d.apply(batch("e1", false, vec![node_topic("a", "x/+", false)]), T);
-        assert!(d.nodes_watching("a", "x/1").is_empty());
+        assert!(d.matching_filters("a", "x/1").is_empty());
         let detach = ConnRef {
             conn_id: "c1".into(),
             ..ConnRef::default()
@@ -463,6 +521,87 @@ mod tests {
 
         d.apply(batch("e2", true, vec![conn("c2", "a", "u")]), 2 * s);
         assert!(d.expire(10 * s, 5 * s).is_empty());
+    }
+
+    #[test]
+    fn a_suspect_edge_is_left_out_of_every_read_but_kept_for_delivery() {
+        let s = Duration::from_secs(1);
+        let ring = vec!["c1".to_owned()];
+        let mut d = Directory::default();
+        let full = |node: &str, deltas| ReportBatch {
+            ring: ring.clone(),
+            ..batch(node, true, deltas)
+        };
+        d.apply(
+            full("e1", vec![conn("c1", "a", "u"), node_topic("a", "t", true)]),
+            T,
+        );
+        d.apply(full("e2", vec![conn("c2", "a", "u")]), T);
+        assert!(d.is_complete(&ring));
+        // e2 goes on sending heartbeats (empty batches); e1 falls silent.
+        d.apply(batch("e2", false, vec![]), 2 * s);
+        assert!(
+            d.silence(2 * s, 3 * s).is_empty(),
+            "not yet silent for long enough"
+        );
+        assert_eq!(d.silence(3 * s, 3 * s), ["e1"]);
+        assert!(!d.is_complete(&ring));
+        assert_eq!(d.locate("a", "u").len(), 1);
+        assert_eq!(d.connection_count(), 1);
+        assert_eq!(d.connections().count(), 1);
+        assert_eq!(d.list(&Filter::default(), "", 10).0.len(), 1);
+        assert_eq!(d.presence("a", "").len(), 1);
+        d.detach("c2");
+        assert!(d.presence("a", "").is_empty());
+        // Delivery still knows where the user is, and that the edge watches the topic.
+        assert_eq!(d.placed("a", "u").count(), 1);
+        assert_eq!(d.matching_filters("a", "t").len(), 1);
+        // A heartbeat makes it whole again.
+        d.apply(batch("e1", false, vec![]), 4 * s);
+        assert!(d.is_complete(&ring));
+        assert_eq!(d.locate("a", "u").len(), 1);
+    }
+
+    #[test]
+    fn after_its_own_stall_the_directory_suspects_nobody() {
+        let s = Duration::from_secs(1);
+        let mut d = Directory::default();
+        d.apply(batch("e1", true, vec![]), T);
+        d.touch_all(10 * s);
+        assert!(d.silence(11 * s, 3 * s).is_empty());
+        assert_eq!(d.silence(13 * s, 3 * s), ["e1"]);
+    }
+
+    #[test]
+    fn a_share_is_behind_until_a_full_batch_for_the_current_ring() {
+        let old = vec!["c1".to_owned()];
+        let new = vec!["c1".to_owned(), "c2".to_owned()];
+        let mut d = Directory::default();
+        let full = |ring: &Vec<String>| ReportBatch {
+            ring: ring.clone(),
+            ..batch("e1", true, vec![])
+        };
+        d.apply(full(&old), T);
+        assert!(d.is_complete(&old));
+        assert!(!d.is_complete(&new));
+        assert_eq!(d.behind(&new), ["e1"]);
+        // Deltas do not change the ring a share was built for.
+        d.apply(batch("e1", false, vec![conn("c1", "a", "u")]), T);
+        assert_eq!(d.behind(&new), ["e1"]);
+        d.apply(full(&new), T);
+        assert!(d.is_complete(&new));
+        assert!(d.behind(&new).is_empty());
+    }
+
+    #[test]
+    fn a_forgotten_edge_is_not_known() {
+        let s = Duration::from_secs(1);
+        let mut d = Directory::default();
+        d.apply(batch("e1", true, vec![conn("c1", "a", "u")]), T);
+        assert!(d.knows("e1"));
+        d.silence(3 * s, 3 * s);
+        d.expire(20 * s, 10 * s);
+        assert!(!d.knows("e1"));
     }
 
     #[test]

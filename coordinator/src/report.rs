@@ -1,6 +1,8 @@
 //! `switchboard.v1.EdgeReport`: the long-lived stream each edge keeps to each coordinator,
-//! carrying its placement deltas. A broken stream makes the edge suspect; its entries go
-//! after the grace period unless it comes back.
+//! carrying its placement deltas, and a heartbeat when there are none. A broken stream makes
+//! the edge suspect at once, a silent one after [`proto::REPORT_SILENCE`]; its entries go
+//! after the grace period unless it comes back. An edge forgotten while its stream stayed
+//! open is asked to resend its whole state (`ReportAck.resync`).
 //!
 //! A stream speaks for one node: the one its credential names (any node id on a cluster
 //! without a secret: the first batch's). A batch for another node ends the stream, and a
@@ -142,12 +144,15 @@ impl EdgeReport for ReportService {
                     tracing::info!(node = %batch.node_id, "edge reporting");
                     stream = Some((batch.node_id.clone(), generation));
                 }
+                // Forgotten while it could not report (stalled past the grace period): its
+                // deltas are relative to state this directory no longer has.
+                let resync = !batch.full && !c.directory().knows(&batch.node_id);
                 c.apply(batch).await;
                 batches += 1;
                 let _ = tx.try_send(Ok(ReportAck {
                     batches,
                     node_id: me.clone(),
-                    resync: false,
+                    resync,
                 }));
             }
             if let Some((node, generation)) = stream {
@@ -160,14 +165,25 @@ impl EdgeReport for ReportService {
     }
 }
 
-/// Drops edges whose stream has been broken for longer than `grace`.
+/// How often liveness is checked: a silent edge is suspect at most this long after
+/// [`proto::REPORT_SILENCE`].
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+
+/// Marks edges that went silent suspect, and drops those suspect for longer than `grace`.
 pub async fn run_reaper(c: Coordinator, grace: Duration, shutdown: CancellationToken) {
-    let every = (grace / 4).max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(LIVENESS_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = tick.tick() => c.expire(grace).await,
+            _ = tick.tick() => {
+                // A tick far later than due means this process was stopped (SIGSTOP, a VM
+                // pause): the edges' heartbeats are still queued on the streams.
+                let stalled = last.elapsed() > proto::REPORT_SILENCE / 2;
+                last = tokio::time::Instant::now();
+                c.check_liveness(grace, stalled).await;
+            }
         }
     }
 }

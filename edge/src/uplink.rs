@@ -6,7 +6,9 @@
 //! decided by the pure [`Router`] ([`edge_core::router`]): each connection's deltas go to the
 //! owner of its `namespace/user` key, node-level topic activations to every coordinator, and
 //! its mirror of what was reported gives each coordinator its whole share when the ring
-//! changes or a stream reconnects. This file keeps the streams, the clock and the bus.
+//! changes or a stream reconnects. Every stream carries at least a heartbeat each
+//! [`proto::REPORT_HEARTBEAT`], so that a coordinator can tell a stalled edge from a quiet
+//! one. This file keeps the streams, the clock and the bus.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -115,6 +117,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
     );
     let mut streams: HashMap<String, StreamHandle> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
+    let mut heartbeat = tokio::time::interval(proto::REPORT_HEARTBEAT);
     let mut bus_was_down = false;
     loop {
         tokio::select! {
@@ -128,16 +131,22 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 let Ok(a) = CoordinatorAnnounce::decode(m.payload.as_ref()) else { continue };
                 let now = epoch.elapsed();
                 if router.observe(&a.node_id, &a.grpc_address, a.leaving, now) {
-                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx);
                 }
             }
             Some((id, address)) = found.recv() => {
                 if router.observe(&id, &address, false, epoch.elapsed()) {
-                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx);
+                }
+            }
+            _ = heartbeat.tick() => {
+                let beat = router.heartbeat();
+                for id in streams.keys().cloned().collect::<Vec<_>>() {
+                    send(&mut streams, &id, beat.clone());
                 }
             }
             Some(ev) = events.recv() => match ev {
-                StreamEvent::Connected(id) => {
+                StreamEvent::Connected(id) | StreamEvent::Resync(id) => {
                     if let Some(s) = streams.get_mut(&id) {
                         s.connected = true;
                         s.needs_full = true;
@@ -155,7 +164,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                     // Out of the ring until it announces again, as the coordinators do.
                     if router.remove(&id) {
                         tracing::warn!(node = %id, "coordinator unreachable; removed from the ring");
-                        reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                        reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx);
                         edge.set_upstream_ready(streams.values().any(|s| s.connected));
                     }
                 }
@@ -167,7 +176,7 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 } else if std::mem::take(&mut bus_was_down) {
                     router.touch_all(epoch.elapsed());
                 } else if router.expire(epoch.elapsed()) {
-                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx, &shutdown);
+                    reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx);
                 }
                 if router.is_alone() {
                     let _ = bus.publish(bus::Outgoing::new(subject::HELLO, Vec::new())).await;
@@ -204,6 +213,8 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
 #[derive(Debug)]
 enum StreamEvent {
     Connected(String),
+    /// The coordinator forgot this edge while the stream was open: send it everything.
+    Resync(String),
     Disconnected(String),
     /// A connect attempt failed after the stream had broken.
     Unreachable(String),
@@ -248,7 +259,6 @@ fn reconcile(
     dialer: &Dialer,
     streams: &mut HashMap<String, StreamHandle>,
     events: &mpsc::Sender<StreamEvent>,
-    shutdown: &CancellationToken,
 ) {
     tracing::info!(ring = ?router.ring().members(), "coordinator ring changed");
     let members: HashMap<String, String> = router
@@ -265,7 +275,9 @@ fn reconcile(
     for (id, address) in members {
         streams.entry(id.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-            let stop = shutdown.child_token();
+            // Not a child of `shutdown`: on shutdown each stream is stopped only after the
+            // leaving batch was queued on it.
+            let stop = CancellationToken::new();
             let task = tokio::spawn(stream_task(
                 id,
                 address.clone(),
@@ -368,6 +380,9 @@ async fn stream_task(
                     None => break true,
                 },
                 a = acks.next() => match a {
+                    Some(Ok(ack)) if ack.resync => {
+                        let _ = events.send(StreamEvent::Resync(id.clone())).await;
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => break false,
                 },

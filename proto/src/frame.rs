@@ -214,7 +214,10 @@ pub fn validate_message_id(id: &str) -> Result<(), String> {
     if id.len() > MAX_MESSAGE_ID {
         return Err(format!("message_id is longer than {MAX_MESSAGE_ID} bytes"));
     }
-    if !id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
         return Err("message_id must be visible ASCII without quotes or backslashes".into());
     }
     Ok(())
@@ -262,4 +265,3 @@ mod tests {
         assert_eq!(json_or_string(b"hello"), "\"hello\"");
     }
 }
-

@@ -20,6 +20,13 @@ pub mod revoke;
 pub mod subject;
 pub mod topic;
 
+/// How often an edge sends something on each report stream, an empty batch when it has
+/// nothing to report.
+pub const REPORT_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a coordinator hears nothing on a report stream before the edge is suspect: three
+/// heartbeats.
+pub const REPORT_SILENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Generated from `switchboard/v1/*.proto`.
 #[allow(
     clippy::all,

@@ -781,6 +781,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
     assert_eq!(uint64(&stats["connections"]), 3, "{stats}");
     assert_eq!(stats["nodes"], 3, "{stats}");
     assert_eq!(stats["coordinators"], 2, "{stats}");
+    assert_eq!(stats["complete"], true, "{stats}");
     assert_eq!(
         uint64(&field(&stats, "byNamespace", "by_namespace")["default"]),
         3,
@@ -793,7 +794,10 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         &json!({"namespace": "default"}),
     )
     .await;
-    assert_eq!(presence, json!({"users": ["alice", "bob", "dave"]}));
+    assert_eq!(
+        presence,
+        json!({"users": ["alice", "bob", "dave"], "complete": true})
+    );
 
     let located = grpcurl_call(
         &addr,
@@ -806,6 +810,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         .unwrap_or_else(|| panic!("Locate: {located}"));
     assert_eq!(conns.len(), 1, "{located}");
     assert_eq!(field(&conns[0], "nodeId", "node_id"), "e1", "{located}");
+    assert_eq!(located["complete"], true, "{located}");
 
     let listed = grpcurl_call(
         &addr,
@@ -820,6 +825,7 @@ async fn grpcurl_reaches_every_service_of_a_cluster_coordinator() {
         .map(|c| c["user"].as_str().unwrap())
         .collect();
     assert_eq!(users, BTreeSet::from(["alice", "bob", "dave"]), "{listed}");
+    assert_eq!(listed["complete"], true, "{listed}");
 
     let sent = grpcurl_call(
         &addr,
