@@ -36,6 +36,7 @@ mod binary;
 mod cluster;
 mod dev_nats;
 mod limits;
+mod liveness;
 mod observe;
 mod protocol;
 mod security;

@@ -146,6 +146,16 @@ impl Proc {
         self.signal("TERM").await;
     }
 
+    /// Sends SIGSTOP: the process stalls with its sockets open, as in a long pause.
+    pub async fn pause(&self) {
+        self.signal("STOP").await;
+    }
+
+    /// Sends SIGCONT to a paused process.
+    pub async fn resume(&self) {
+        self.signal("CONT").await;
+    }
+
     /// Sends SIGHUP, which makes the process reload its certificates.
     pub async fn hangup(&self) {
         self.signal("HUP").await;

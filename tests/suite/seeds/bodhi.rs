@@ -328,7 +328,7 @@ async fn send_reaches_the_users_sockets_in_that_namespace_only() {
     }
     assert_eq!(
         report,
-        json!({"delivered": 4, "refused": 0, "nodes": 2}),
+        json!({"delivered": 4, "refused": 0, "nodes": 2, "unconfirmed": []}),
         "the report of a send to alex's four sockets on two edges"
     );
 }
@@ -361,7 +361,7 @@ async fn broadcast_reaches_everyone() {
             &json!({"type": "message_type", "payload": 2, "namespace": "other"}),
         )
         .await;
-    assert_eq!(report, json!({"delivered": 2, "refused": 0, "nodes": 2}));
+    assert_eq!(report, json!({"delivered": 2, "refused": 0, "nodes": 2, "unconfirmed": []}));
     for client in &mut s.alex_in_other {
         assert_eq!(
             client.recv().await,

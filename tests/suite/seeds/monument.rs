@@ -201,7 +201,7 @@ async fn passthrough_event_reaches_the_backend_with_its_socket_and_the_answer_go
         .await;
     assert_eq!(
         report,
-        json!({"delivered": 1, "refused": 0, "nodes": 1}),
+        json!({"delivered": 1, "refused": 0, "nodes": 1, "unconfirmed": []}),
         "report of the send subject"
     );
     assert_eq!(
