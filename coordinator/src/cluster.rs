@@ -235,18 +235,24 @@ pub async fn run_membership(
     };
     announce(false).await;
     let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut bus_was_down = false;
+    let mut last_tick = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {
                 announce(false).await;
+                // A tick far later than due means this process was stopped: the others'
+                // announcements are still queued, their silence was this side's.
+                let stalled = last_tick.elapsed() > interval * 2;
+                last_tick = tokio::time::Instant::now();
                 // Silence heard through a broken bus says nothing about the others.
                 if !bus.is_connected() {
                     bus_was_down = true;
                     continue;
                 }
-                if std::mem::take(&mut bus_was_down) {
+                if std::mem::take(&mut bus_was_down) || stalled {
                     cluster.touch_all(now());
                     continue;
                 }

@@ -117,8 +117,10 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
     );
     let mut streams: HashMap<String, StreamHandle> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heartbeat = tokio::time::interval(proto::REPORT_HEARTBEAT);
     let mut bus_was_down = false;
+    let mut last_tick = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -170,10 +172,14 @@ pub async fn run(edge: Edge, bus: SharedBus, opts: UplinkOptions, shutdown: Canc
                 }
             },
             _ = tick.tick() => {
+                // A tick far later than due means this process was stopped: the
+                // coordinators' announcements are still queued.
+                let stalled = last_tick.elapsed() > TICK * 2;
+                last_tick = Instant::now();
                 // Silence heard through a broken bus says nothing about the coordinators.
                 if !bus.is_connected() {
                     bus_was_down = true;
-                } else if std::mem::take(&mut bus_was_down) {
+                } else if std::mem::take(&mut bus_was_down) || stalled {
                     router.touch_all(epoch.elapsed());
                 } else if router.expire(epoch.elapsed()) {
                     reconcile(&router, credential.as_ref(), &opts.dialer, &mut streams, &events_tx);

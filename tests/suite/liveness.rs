@@ -35,20 +35,35 @@ async fn a_stalled_edge_is_suspect_within_seconds_and_whole_again_when_it_resume
 
     c.edges[0].proc.pause().await;
     let paused = Instant::now();
-    eventually("Locate to leave out the stalled edge and say so", STALL_BOUND * 2, async || {
-        let r = locate(addr, "default", "alice").await?;
-        (r.connections.is_empty() && !r.complete).then_some(())
-    })
+    eventually(
+        "Locate to leave out the stalled edge and say so",
+        STALL_BOUND * 2,
+        async || {
+            let r = locate(addr, "default", "alice").await?;
+            (r.connections.is_empty() && !r.complete).then_some(())
+        },
+    )
     .await;
     let took = paused.elapsed();
     eprintln!("a SIGSTOPped edge left placement answers after {took:?}");
-    assert!(took <= STALL_BOUND, "suspect after {took:?}, bound {STALL_BOUND:?}");
+    assert!(
+        took <= STALL_BOUND,
+        "suspect after {took:?}, bound {STALL_BOUND:?}"
+    );
 
     // A send to a user on the suspect edge says at once that its fate is unknown.
     let asked = Instant::now();
     let r = send(addr, "default", "alice", "note", r#""while-suspect""#).await;
-    assert_eq!((r.delivered, r.unconfirmed.clone()), (0, vec!["e1".to_owned()]), "{r:?}");
-    assert!(asked.elapsed() < Duration::from_secs(1), "took {:?}", asked.elapsed());
+    assert_eq!(
+        (r.delivered, r.unconfirmed.clone()),
+        (0, vec!["e1".to_owned()]),
+        "{r:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        asked.elapsed()
+    );
     // The healthy edge is unaffected, and its answer is whole.
     let r = send(addr, "default", "bob", "note", r#""to-bob""#).await;
     assert_eq!((r.delivered, r.unconfirmed.len()), (1, 0), "{r:?}");
@@ -56,10 +71,14 @@ async fn a_stalled_edge_is_suspect_within_seconds_and_whole_again_when_it_resume
 
     // Past the grace period the edge is forgotten: now nobody matching is connected as far
     // as placement knows, and a send says so (delivered 0, nothing unconfirmed).
-    eventually("the stalled edge to be forgotten", opts.edge_grace * 3, async || {
-        let nodes = list_nodes(addr).await.ok()?;
-        nodes.nodes.iter().all(|n| n.node_id != "e1").then_some(())
-    })
+    eventually(
+        "the stalled edge to be forgotten",
+        opts.edge_grace * 3,
+        async || {
+            let nodes = list_nodes(addr).await.ok()?;
+            nodes.nodes.iter().all(|n| n.node_id != "e1").then_some(())
+        },
+    )
     .await;
     let r = send(addr, "default", "alice", "note", r#""forgotten""#).await;
     assert_eq!((r.delivered, r.unconfirmed.len()), (0, 0), "{r:?}");
@@ -102,17 +121,21 @@ async fn a_terminated_edge_leaves_placement_as_soon_as_it_has_drained() {
     c.edges[1].proc.wait().await;
     let exited = Instant::now();
     let grpc: Vec<SocketAddr> = c.coords.iter().map(|k| k.grpc).collect();
-    eventually("every coordinator to forget the edge that left", STEP, async || {
-        for &addr in &grpc {
-            let nodes = list_nodes(addr).await.ok()?;
-            let r = locate(addr, "default", "alice").await?;
-            let gone = nodes.nodes.iter().all(|n| n.node_id != "e2")
-                && r.connections.is_empty()
-                && r.complete;
-            gone.then_some(())?;
-        }
-        Some(())
-    })
+    eventually(
+        "every coordinator to forget the edge that left",
+        STEP,
+        async || {
+            for &addr in &grpc {
+                let nodes = list_nodes(addr).await.ok()?;
+                let r = locate(addr, "default", "alice").await?;
+                let gone = nodes.nodes.iter().all(|n| n.node_id != "e2")
+                    && r.connections.is_empty()
+                    && r.complete;
+                gone.then_some(())?;
+            }
+            Some(())
+        },
+    )
     .await;
     let took = exited.elapsed();
     eprintln!("a drained edge left placement {took:?} after it exited");

@@ -361,7 +361,10 @@ async fn broadcast_reaches_everyone() {
             &json!({"type": "message_type", "payload": 2, "namespace": "other"}),
         )
         .await;
-    assert_eq!(report, json!({"delivered": 2, "refused": 0, "nodes": 2, "unconfirmed": []}));
+    assert_eq!(
+        report,
+        json!({"delivered": 2, "refused": 0, "nodes": 2, "unconfirmed": []})
+    );
     for client in &mut s.alex_in_other {
         assert_eq!(
             client.recv().await,

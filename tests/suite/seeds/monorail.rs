@@ -453,7 +453,10 @@ async fn broadcast_with_a_skip_list_reaches_the_others() {
             &json!({"type": "node-event", "payload": 2, "skip": [a_conn]}),
         )
         .await;
-    assert_eq!(report, json!({"delivered": 2, "refused": 0, "nodes": 2, "unconfirmed": []}));
+    assert_eq!(
+        report,
+        json!({"delivered": 2, "refused": 0, "nodes": 2, "unconfirmed": []})
+    );
     let want = json!({"handler": "node-event", "payload": 2});
     assert_eq!(b.recv().await, want);
     assert_eq!(d.recv().await, want);
