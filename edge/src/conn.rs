@@ -30,6 +30,11 @@ use crate::{protocol, resources};
 
 /// How long a closing handshake may take before the TCP connection is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the edge closed a connection, how long and how much of what the client still sends
+/// is read and dropped (lingering close, as nginx does): a socket closed with unread input
+/// answers with a reset, which discards the close frame still queued for a slow reader.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -141,21 +146,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     /// Ends a connection that never ran (refused after the upgrade).
-    pub(crate) async fn close_now(mut self, end: ConnError) -> ConnError {
+    pub(crate) async fn close_now(&mut self, end: ConnError) -> ConnError {
         self.end(end).await
     }
 
-    /// Sends the close frame `end` calls for, if any, and closes the socket.
+    /// Sends the close frame `end` calls for, if any, and closes the socket: only its write
+    /// side when the edge closed first, see [`Self::linger`].
     async fn end(&mut self, end: ConnError) -> ConnError {
-        if let Some((code, reason)) = end.close_frame() {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
+        let Some((code, reason)) = end.close_frame() else {
+            self.handle.line().close();
+            return end;
+        };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
+        if Self::lingers(&end) {
+            self.handle.line().close_write();
+        } else {
+            self.handle.line().close();
         }
-        self.handle.line().close();
         end
+    }
+
+    /// Whether the edge closed first with a close frame: the client may still be sending.
+    fn lingers(end: &ConnError) -> bool {
+        end.close_frame().is_some() && !matches!(end, ConnError::ClientClosed(_))
+    }
+
+    /// After the edge closed first, drains what the client still sends for a while (bounded
+    /// in time and bytes), so that the close frame queued for a slow reader reaches it
+    /// rather than a reset. Call it once the connection is accounted for as closed.
+    pub(crate) async fn linger(&mut self, end: &ConnError) {
+        if Self::lingers(end) {
+            drain(self.ws.get_mut()).await;
+        }
     }
 
     async fn serve(&mut self) -> ConnError {
@@ -373,6 +399,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             .await
             .map_err(ConnError::Transport)
     }
+}
+
+/// Reads and drops what the peer sends until it closes, [`LINGER_BYTES`] were read or
+/// [`LINGER_TIME`] passed.
+async fn drain<S: AsyncRead + Unpin>(socket: &mut S) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = LINGER_BYTES;
+    let read = async {
+        while left > 0 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, read).await;
 }
 
 /// However the task ends (even by a panic), pumps stop writing, the peer sees the socket

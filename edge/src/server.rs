@@ -753,4 +753,6 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, up
         .await;
     }
     drop(permit);
+    // Boxed: its buffer lives only while lingering, not in every connection's task.
+    Box::pin(conn.linger(&end)).await;
 }

@@ -10,11 +10,12 @@ use futures::StreamExt;
 use proto::v1::messaging_client::MessagingClient;
 use proto::v1::{PublishRequest, SendRequest};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 
 use crate::harness::{
-    Authed, TestNode, WAIT, config_with, dev_config, dev_route, eventually, upgrade_status,
-    wait_http_status,
+    Authed, TestNode, WAIT, config_with, dev_config, dev_route, eventually, server_close_code,
+    upgrade_status, wait_http_status,
 };
 
 #[tokio::test]
@@ -506,4 +507,84 @@ async fn shutdown_drains_with_1001_and_refuses_new_sockets() {
     node.join(Duration::from_secs(5))
         .await
         .expect("serve returned an error");
+}
+
+/// Lingering close: a client that is still sending when the edge closes it, and that reads
+/// its backlog only later, gets the close frame, not a reset. Without the lingering read the
+/// edge's socket closes with unread input, the kernel answers with a reset, and the frames
+/// still queued for the client (the close frame among them) are thrown away.
+#[tokio::test]
+async fn a_client_still_sending_gets_the_close_frame_not_a_reset() {
+    let mut route = dev_route("/connect");
+    route.max_payload = 1024;
+    report_closes(&mut route);
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut closes = close_events(&node).await;
+    let mut c = node.connect_small_rcvbuf("/connect?user=late", 4096).await;
+    c.send(json!({"type": "subscribe", "topic": "feed"})).await;
+    c.recv_type("subscribed").await;
+    let conn = node.conn_of(&c).await;
+    node.wait_topics(&conn.conn_id, &["feed"]).await;
+
+    // The client reads nothing from now on: its receive window fills and frames queue up in
+    // the edge's socket.
+    let mut msg = node.messaging().await;
+    let pad = "x".repeat(900);
+    for seq in 0..32 {
+        let req = PublishRequest {
+            namespace: "default".into(),
+            topic: "feed".into(),
+            payload_json: json!({"seq": seq, "pad": pad}).to_string(),
+            ..Default::default()
+        };
+        msg.publish(req).await.unwrap();
+    }
+    // Then it sends a frame far over the limit, and goes on sending it: the edge refuses it
+    // at its header and closes with 1009.
+    let (mut read, mut write) = c.into_tcp().into_split();
+    let writer = tokio::spawn(async move {
+        let len: u64 = 256 * 1024;
+        let mut head = vec![0x81, 0x80 | 127];
+        head.extend_from_slice(&len.to_be_bytes());
+        head.extend_from_slice(&[0, 0, 0, 0]);
+        let body = vec![b'x'; 16 * 1024];
+        if write.write_all(&head).await.is_err() {
+            return;
+        }
+        for _ in 0..16 {
+            if write.write_all(&body).await.is_err() {
+                return;
+            }
+        }
+    });
+    let closed = next_close(&mut closes, WAIT, "the edge never closed the connection").await;
+    assert_eq!(closed["code"], 1009, "{closed}");
+
+    // Now the client reads its backlog: every frame, then the close frame.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let read_all = async {
+        loop {
+            match read.read(&mut chunk).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let ended = tokio::time::timeout(WAIT, read_all)
+        .await
+        .expect("the connection never ended");
+    writer.abort();
+    assert!(
+        ended.is_ok(),
+        "the connection was reset after {} bytes: {ended:?}",
+        buf.len()
+    );
+    assert_eq!(
+        server_close_code(&buf),
+        Some(1009),
+        "{} bytes read",
+        buf.len()
+    );
 }

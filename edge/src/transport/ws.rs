@@ -100,8 +100,9 @@ pub(crate) trait Raw {
     /// One non-blocking write.
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    /// Ends the connection for the peer, even while the socket lives on.
-    fn shutdown(&self);
+    /// Ends the connection for the peer (`Write`: a FIN after what is queued), even while
+    /// the socket lives on; `Both` also ends this side's reads.
+    fn shutdown(&self, how: std::net::Shutdown);
 }
 
 impl Raw for TcpStream {
@@ -113,8 +114,8 @@ impl Raw for TcpStream {
         TcpStream::poll_write_ready(self, cx)
     }
 
-    fn shutdown(&self) {
-        let _ = socket2::SockRef::from(self).shutdown(std::net::Shutdown::Both);
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let _ = socket2::SockRef::from(self).shutdown(how);
     }
 }
 
@@ -227,7 +228,7 @@ impl<T: Raw> Line<T> {
         }
         // Only a close moves the state away from PUMP or PUMP_TASK_WAITS: to CLOSING.
         debug_assert_eq!(self.state.load(Ordering::Acquire), CLOSING);
-        self.finish_close();
+        self.finish_close(std::net::Shutdown::Both);
     }
 
     /// Whether the connection is over (or closing).
@@ -285,6 +286,16 @@ impl<T: Raw> Line<T> {
     /// Nobody writes again; the peer sees the connection end even while handles live on.
     /// A pump inside its write finishes the close when it leaves.
     pub(crate) fn close(&self) {
+        self.close_with(std::net::Shutdown::Both);
+    }
+
+    /// As [`Self::close`], but reads go on: the task drains what the peer still sends
+    /// (lingering close). A pump inside its write finishes the close, reads included.
+    pub(crate) fn close_write(&self) {
+        self.close_with(std::net::Shutdown::Write);
+    }
+
+    fn close_with(&self, how: std::net::Shutdown) {
         let mut now = self.state.load(Ordering::Acquire);
         loop {
             let to = match now {
@@ -296,16 +307,16 @@ impl<T: Raw> Line<T> {
                 .state
                 .compare_exchange_weak(now, to, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) if to == CLOSED => return self.finish_close(),
+                Ok(_) if to == CLOSED => return self.finish_close(how),
                 Ok(_) => return,
                 Err(actual) => now = actual,
             }
         }
     }
 
-    fn finish_close(&self) {
+    fn finish_close(&self, how: std::net::Shutdown) {
         self.state.store(CLOSED, Ordering::Release);
-        self.raw.shutdown();
+        self.raw.shutdown(how);
         self.taker.wake();
     }
 
@@ -890,7 +901,7 @@ mod tests {
                 Poll::Ready(Ok(()))
             }
 
-            fn shutdown(&self) {
+            fn shutdown(&self, _: std::net::Shutdown) {
                 self.0.borrow_mut().shut = true;
             }
         }

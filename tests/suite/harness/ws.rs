@@ -320,6 +320,14 @@ impl Client {
         self.close_with(None).await;
     }
 
+    /// The client's TCP connection, to write and read raw bytes (a plain connection only).
+    pub fn into_tcp(self) -> TcpStream {
+        match self.ws.into_inner() {
+            MaybeTlsStream::Plain(tcp) => tcp,
+            _ => panic!("{}: not a plain connection", self.name),
+        }
+    }
+
     /// Closes from the client side with `code` and waits (bounded) for the server's answer.
     pub async fn close_code(self, code: u16) {
         let frame = CloseFrame {
@@ -369,6 +377,27 @@ pub fn server_opcodes(mut buf: &[u8]) -> Vec<u8> {
         buf = buf.get(head + len..).unwrap_or_default();
     }
     out
+}
+
+/// The status code of the first close frame among the (unmasked) server frames in `buf`.
+pub fn server_close_code(mut buf: &[u8]) -> Option<u16> {
+    while buf.len() >= 2 {
+        let (len, head) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+            127 if buf.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&buf[2..10]);
+                (usize::try_from(u64::from_be_bytes(n)).ok()?, 10)
+            }
+            126 | 127 => return None,
+            n => (usize::from(n), 2),
+        };
+        if buf[0] & 0x0f == 0x8 && len >= 2 && buf.len() >= head + 2 {
+            return Some(u16::from_be_bytes([buf[head], buf[head + 1]]));
+        }
+        buf = buf.get(head + len..)?;
+    }
+    None
 }
 
 /// Reads the raw socket until the TCP connection ends, without writing anything. Fails if
