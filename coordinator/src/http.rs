@@ -99,6 +99,12 @@ pub fn render(c: &Coordinator) -> String {
             m.refused.get(),
         )
         .labeled(
+            "coordinator_unconfirmed_calls_total",
+            "Messaging calls answered with some edge's part unknown (unconfirmed), by call.",
+            "call",
+            &m.unconfirmed_calls,
+        )
+        .labeled(
             "coordinator_grpc_refused_total",
             "gRPC calls refused before any service saw them, by reason.",
             "reason",

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub send_duration: Histogram,
     pub delivered: Counter,
     pub refused: Counter,
+    /// Messaging calls whose report left some edge's part unknown, by call.
+    pub unconfirmed_calls: LabeledCounter,
     /// gRPC calls refused by the access check, by reason (missing, unknown, scope…).
     pub grpc_refused: LabeledCounter,
 }
@@ -52,6 +54,7 @@ impl Default for Metrics {
             send_duration: Histogram::new(&LATENCY_BOUNDS),
             delivered: Counter::default(),
             refused: Counter::default(),
+            unconfirmed_calls: LabeledCounter::default(),
             grpc_refused: LabeledCounter::default(),
         }
     }
@@ -62,6 +65,9 @@ impl Metrics {
         self.calls.inc(call);
         self.delivered.add(report.delivered);
         self.refused.add(report.refused);
+        if !report.unconfirmed.is_empty() {
+            self.unconfirmed_calls.inc(call);
+        }
     }
 }
 
