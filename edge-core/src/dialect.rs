@@ -48,6 +48,10 @@ pub struct Row {
     pub other: Other,
     /// Whether routes of this dialect take the `monument` mode key.
     pub monument_modes: bool,
+    /// Whether pushed frames (sends, broadcasts, topic messages) carry the backend's
+    /// `message_id` when it set one. Only the native protocol has a place for it: the seed
+    /// systems' clients get their frames exactly as those systems sent them.
+    pub message_id: bool,
 }
 
 /// The native protocol: every verb, `type`-keyed; other frames are events.
@@ -60,6 +64,7 @@ const NATIVE: Row = Row {
     unreadable: Unreadable::Error,
     other: Other::Forward,
     monument_modes: false,
+    message_id: true,
 };
 
 /// Every dialect. The first row is the default.
@@ -74,10 +79,12 @@ pub static TABLE: &[Row] = &[
         unreadable: Unreadable::Ignore,
         other: Other::SubjectEvent,
         monument_modes: true,
+        message_id: false,
     },
     // The native protocol under HyperExpress's names for limits.
     Row {
         name: "hyperexpress",
+        message_id: false,
         ..NATIVE
     },
     Row {
@@ -96,11 +103,13 @@ pub static TABLE: &[Row] = &[
         unreadable: Unreadable::Error,
         other: Other::ForwardOrUnknownHandler,
         monument_modes: false,
+        message_id: false,
     },
     // Hooks, sends and broadcasts only.
     Row {
         name: "bodhi",
         verbs: &[],
+        message_id: false,
         ..NATIVE
     },
 ];
@@ -234,6 +243,10 @@ mod tests {
         assert_eq!(d("monument").key(), Key::Event);
         assert_eq!(d("monument").row().unreadable, Unreadable::Ignore);
         assert!(d("monument").row().monument_modes);
+        // Only native frames carry a backend's message_id.
+        for name in Dialect::names() {
+            assert_eq!(d(name).row().message_id, name == "native", "{name}");
+        }
     }
 
     #[test]

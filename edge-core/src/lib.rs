@@ -8,12 +8,14 @@
 //! | [`dialect`] | the dialect table: one row per dialect (routing key, verbs, field names, answers) |
 //! | [`verb`] | the built-in verbs, parsed once |
 //! | [`session`] | one connection's protocol: a frame in, actions out; its timers as deadlines |
+//! | [`recent`] | one connection's recent message ids: a backend's retry reaches it at most once |
 //! | [`index`] | connections, users and topic filters with their subscribers; each change yields its report delta |
 //! | [`report`] | the ordered, bounded delta log: batches, and the full-report fallback |
 //! | [`router`] | the uplink's ring router: which coordinator each delta goes to, full shares |
 
 pub mod dialect;
 pub mod index;
+pub mod recent;
 pub mod report;
 pub mod router;
 pub mod session;

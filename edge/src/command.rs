@@ -19,7 +19,8 @@ pub(crate) fn run(reg: &Registry, cmd: EdgeCommand) -> Vec<u8> {
         Some(Kind::Deliver(d)) => {
             let target = d.target.unwrap_or_default();
             let handles = reg.select(&target);
-            registry::deliver_typed(reg.metrics(), handles.iter(), &d.r#type, &d.payload)
+            let id = reg.message_id(&d.message_id);
+            registry::deliver_typed(reg.metrics(), handles.iter(), &d.r#type, &d.payload, id)
         }
         Some(Kind::Broadcast(b)) => {
             let skip_conns: HashSet<&str> = b.skip_conn_ids.iter().map(String::as_str).collect();
@@ -31,7 +32,8 @@ pub(crate) fn run(reg: &Registry, cmd: EdgeCommand) -> Vec<u8> {
                     && !skip_users.contains(info.user.as_str())
                     && !skip_conns.contains(info.id.to_string().as_str())
             });
-            registry::deliver_typed(reg.metrics(), targets, &b.r#type, &b.payload)
+            let id = reg.message_id(&b.message_id);
+            registry::deliver_typed(reg.metrics(), targets, &b.r#type, &b.payload, id)
         }
         Some(Kind::Disconnect(d)) => {
             let handles = reg.select(&d.target.unwrap_or_default());
@@ -47,7 +49,7 @@ pub(crate) fn run(reg: &Registry, cmd: EdgeCommand) -> Vec<u8> {
             return InspectReply { buffered_bytes }.encode_to_vec();
         }
     };
-    tracing::Span::current().record("delivered", tally.delivered);
+    tracing::Span::current().record("delivered", tally.reached());
     tally.report(reg.node_id()).encode_to_vec()
 }
 

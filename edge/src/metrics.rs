@@ -28,6 +28,8 @@ pub struct Metrics {
     pub bytes_out: Counter,
     pub messages_delivered: Counter,
     pub messages_dropped: Counter,
+    /// Messages not sent to a connection that had their message id already.
+    pub messages_duplicate: Counter,
     pub fanout: Histogram,
     pub closes: LabeledCounter,
     pub slow_consumer_closes: Counter,
@@ -45,6 +47,7 @@ impl Default for Metrics {
             bytes_out: Counter::default(),
             messages_delivered: Counter::default(),
             messages_dropped: Counter::default(),
+            messages_duplicate: Counter::default(),
             fanout: Histogram::new(&FANOUT_BOUNDS),
             closes: LabeledCounter::default(),
             slow_consumer_closes: Counter::default(),
@@ -173,6 +176,11 @@ impl Metrics {
             "edge_messages_dropped_total",
             "Messages refused because a client's outbound queue was full.",
             self.messages_dropped.get(),
+        )
+        .counter(
+            "edge_messages_duplicate_total",
+            "Messages not sent again to a connection that had their message_id already.",
+            self.messages_duplicate.get(),
         )
         .histogram(
             "edge_fanout_size",

@@ -8,20 +8,30 @@
 //! registry lock and the pump reads without it: one lock and one reference count per batch
 //! of publications, whatever the number of subscribers.
 //!
+//! A backend's `message_id` (on a Deliver, a Broadcast, or a topic publication's
+//! `Sb-Message-Id` header) is checked and hashed once per message; each recipient's record
+//! ([`edge_core::recent`]) says whether it already has it. One that has it is not sent the
+//! message again and counts as delivered in the edge's answer: the connection has the
+//! message. Messages without an id take none of this: no clock read, no hash, no lock, no
+//! allocation.
+//!
 //! **Invariant:** the index lock is never held across `.await`; fan-out takes one lock per
-//! message, not per recipient.
+//! message, not per recipient (and, for a message with an id, one per recipient's record).
 
+use std::collections::hash_map::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bus::{Message, Outgoing, SharedBus, Subscription};
 use edge_core::index::{Handle, Index, JoinError, Subscribers};
+use edge_core::recent::MessageKey;
 use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 use proto::frame::{FrameBuilder, Key, json_or_string};
 use proto::subject;
 use proto::v1::{Connection, DeliveryReport, ReportBatch, Target};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,6 +55,16 @@ pub(crate) struct Registry {
     tracker: TaskTracker,
     /// Something was logged (or a full report is due): the report's reader looks.
     reports: Notify,
+    /// The key of message id hashes, random per process: ids a backend chooses cannot be
+    /// made to collide.
+    ids: RandomState,
+}
+
+/// A backend's message id, checked and hashed once per message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MessageId<'a> {
+    text: &'a str,
+    key: MessageKey,
 }
 
 /// One active topic filter in one namespace: what its pump needs.
@@ -111,22 +131,47 @@ impl Handle for ConnHandle {
     }
 }
 
-/// Frames of one message, built lazily once per dialect.
-struct Frames<'a> {
-    build: &'a (dyn Fn(Key) -> String + Sync),
-    cache: [Option<Utf8Bytes>; 3],
+/// How a connection's pushed frames look: its routing field, and whether they carry the
+/// message's `message_id` (its dialect has a place for it and the message has one).
+#[derive(Debug, Clone, Copy)]
+struct Form {
+    key: Key,
+    message_id: bool,
 }
 
-impl<'a> Frames<'a> {
-    fn new(build: &'a (dyn Fn(Key) -> String + Sync)) -> Self {
+/// Forms there are: each routing field, with and without `message_id`.
+const FORMS: usize = 2 * Key::ALL.len();
+
+impl Form {
+    fn of(h: &ConnHandle, has_id: bool) -> Self {
+        let cfg = &h.info().route.cfg;
         Self {
-            build,
-            cache: [None, None, None],
+            key: cfg.key(),
+            message_id: has_id && cfg.dialect.row().message_id,
         }
     }
 
-    fn get(&mut self, key: Key) -> &Utf8Bytes {
-        self.cache[key.index()].get_or_insert_with(|| (self.build)(key).into())
+    fn index(self) -> usize {
+        self.key.index() + if self.message_id { Key::ALL.len() } else { 0 }
+    }
+}
+
+/// Frames of one message, built lazily once per form (dialect).
+struct Frames<'a> {
+    build: &'a (dyn Fn(Form) -> String + Sync),
+    cache: [Option<Utf8Bytes>; FORMS],
+}
+
+impl<'a> Frames<'a> {
+    fn new(build: &'a (dyn Fn(Form) -> String + Sync)) -> Self {
+        Self {
+            build,
+            cache: Default::default(),
+        }
+    }
+
+    fn get(&mut self, form: Form) -> &Utf8Bytes {
+        self.cache[form.index()].get_or_insert_with(|| (self.build)(form).into())
     }
 }
 
@@ -135,6 +180,9 @@ impl<'a> Frames<'a> {
 pub(crate) struct Tally {
     pub(crate) delivered: u64,
     pub(crate) refused: u64,
+    /// Connections that had the message already (its id within the window): not sent it
+    /// again, and counted as delivered in the report.
+    pub(crate) duplicates: u64,
 }
 
 impl Tally {
@@ -146,10 +194,17 @@ impl Tally {
         }
     }
 
-    /// This edge's answer to a coordinator.
+    /// Connections that have the message: those it was queued or written to now, and
+    /// those that had it already.
+    pub(crate) fn reached(self) -> u64 {
+        self.delivered + self.duplicates
+    }
+
+    /// This edge's answer to a coordinator. A connection that had the message already
+    /// counts as delivered: so a retry with the same message id answers truthfully.
     pub(crate) fn report(self, node_id: &str) -> DeliveryReport {
         DeliveryReport {
-            delivered: self.delivered,
+            delivered: self.reached(),
             refused: self.refused,
             nodes: 1,
             node_ids: vec![node_id.to_owned()],
@@ -174,7 +229,21 @@ impl Registry {
             metrics,
             tracker,
             reports: Notify::new(),
+            ids: RandomState::new(),
         }
+    }
+
+    /// A backend's message id, once per message: `None` when it is empty, or invalid (then
+    /// the message goes out as one without an id: only a coordinator checks what backends
+    /// send, and a backend may publish on a topic's subject directly).
+    pub(crate) fn message_id<'a>(&self, id: &'a str) -> Option<MessageId<'a>> {
+        if id.is_empty() || proto::frame::validate_message_id(id).is_err() {
+            return None;
+        }
+        Some(MessageId {
+            text: id,
+            key: MessageKey::of(&self.ids, id),
+        })
     }
 
     pub(crate) fn node_id(&self) -> &str {
@@ -330,25 +399,42 @@ impl Registry {
     }
 }
 
-/// Delivers `{"<key>": msg_type, "payload": payload}` to `handles`.
+/// Delivers `{"<key>": msg_type, "message_id"?: id, "payload": payload}` to `handles`,
+/// except to those that had message `id` already.
 pub(crate) fn deliver_typed<'h>(
     metrics: &Metrics,
     handles: impl Iterator<Item = &'h ConnHandle>,
     msg_type: &str,
     payload: &[u8],
+    id: Option<MessageId<'_>>,
 ) -> Tally {
     let payload = json_or_string(payload);
-    let build = |key: Key| {
-        FrameBuilder::new(key, msg_type)
-            .raw("payload", &payload)
-            .finish()
+    let build = |form: Form| {
+        let frame = FrameBuilder::new(form.key, msg_type);
+        let frame = match id {
+            Some(id) if form.message_id => frame.str("message_id", id.text),
+            _ => frame,
+        };
+        frame.raw("payload", &payload).finish()
     };
     let mut frames = Frames::new(&build);
     let mut tally = Tally::default();
+    let now = id.map(|_| Instant::now());
     for h in handles {
-        tally.add(Outlet::deliver(h, frames.get(h.info().route.cfg.key())));
+        if let (Some(id), Some(now)) = (id, now)
+            && !h.first(id.key, now)
+        {
+            tally.duplicates += 1;
+            continue;
+        }
+        let delivery = Outlet::deliver(h, frames.get(Form::of(h, id.is_some())));
+        if let (Delivery::Refused, Some(id)) = (delivery, id) {
+            h.forget(id.key);
+        }
+        tally.add(delivery);
     }
     metrics.record_fanout(tally.delivered, tally.refused);
+    metrics.messages_duplicate.add(tally.duplicates);
     tally
 }
 
@@ -367,7 +453,7 @@ pub(crate) fn disconnect(handles: &[ConnHandle], code: u16, reason: &str, hard: 
     }
     Tally {
         delivered: handles.len() as u64,
-        refused: 0,
+        ..Tally::default()
     }
 }
 
@@ -422,6 +508,8 @@ async fn pump(registry: Arc<Registry>, topic: Arc<Topic>, subs: Vec<Subscription
 struct Publication {
     concrete: String,
     payload: String,
+    /// The backend's message id (`Sb-Message-Id`) and its key.
+    id: Option<(String, MessageKey)>,
     /// The publishing connection, when it does not want its own message back.
     skip: Option<Ulid>,
     reply: Option<String>,
@@ -430,8 +518,13 @@ struct Publication {
 }
 
 impl Publication {
-    fn new(msg: Message) -> Option<Self> {
+    fn new(registry: &Registry, msg: Message) -> Option<Self> {
         let (_, concrete) = subject::parse_topic(&msg.subject)?;
+        let id = msg
+            .headers
+            .get(subject::HEADER_MESSAGE_ID)
+            .and_then(|id| registry.message_id(id))
+            .map(|id| (id.text.to_owned(), id.key));
         let origin = msg
             .headers
             .get(subject::HEADER_ORIGIN)
@@ -447,6 +540,7 @@ impl Publication {
         Some(Self {
             payload: json_or_string(&msg.payload),
             concrete,
+            id,
             skip: if echo { None } else { origin },
             reply: msg.reply,
             span,
@@ -454,13 +548,14 @@ impl Publication {
         })
     }
 
-    /// The message in one dialect (built once per batch, by its [`Batch`]).
-    fn message(&self, key: Key) -> Utf8Bytes {
-        FrameBuilder::new(key, "message")
-            .str("topic", &self.concrete)
-            .raw("payload", &self.payload)
-            .finish()
-            .into()
+    /// The message in one form (built once per batch, by its [`Batch`]).
+    fn message(&self, form: Form) -> Utf8Bytes {
+        let frame = FrameBuilder::new(form.key, "message").str("topic", &self.concrete);
+        let frame = match &self.id {
+            Some((id, _)) if form.message_id => frame.str("message_id", id),
+            _ => frame,
+        };
+        frame.raw("payload", &self.payload).finish().into()
     }
 }
 
@@ -469,26 +564,42 @@ impl Publication {
 /// connection can take it now gets that buffer in one write, the others get the messages
 /// queued.
 async fn publish_local(registry: &Registry, topic: &Topic, batch: &mut Vec<Message>) {
-    let mut pubs: Vec<Publication> = batch.drain(..).filter_map(Publication::new).collect();
+    let mut pubs: Vec<Publication> = batch
+        .drain(..)
+        .filter_map(|m| Publication::new(registry, m))
+        .collect();
     if pubs.is_empty() {
         return;
     }
+    // Only a batch with message ids reads the clock and keeps, per subscriber, which
+    // publications it had already.
+    let has_ids = pubs.iter().any(|p| p.id.is_some());
+    let now = has_ids.then(Instant::now);
+    let mut had: Vec<bool> = if has_ids {
+        vec![false; pubs.len()]
+    } else {
+        Vec::new()
+    };
     // A snapshot: the loop yields, and the lock is never held across an await.
     let subs = topic.subscribers.snapshot();
-    let mut batches: [Option<Batch>; 3] = [None, None, None];
+    let mut batches: [Option<Batch>; FORMS] = Default::default();
     let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
     for s in subs.iter() {
         let h = &s.conn;
-        let key = h.info().route.cfg.key();
-        let id = h.id();
+        let form = Form::of(h, has_ids);
+        let conn = h.id();
         // Not the publisher's own (unless it asked), and not one an older overlapping filter
         // of the same connection delivers.
-        let wanted = |p: &Publication| p.skip != Some(id) && !s.shadowed(&p.concrete);
+        let wanted = |p: &Publication| p.skip != Some(conn) && !s.shadowed(&p.concrete);
+        if let Some(now) = now {
+            mark_had(h, &pubs, wanted, now, &mut had);
+        }
+        let had = |i: usize| had.get(i).copied().unwrap_or(false);
         // The publications from this index on are queued; those before it were written.
         let mut queue_from = 0;
-        let batch = batches[key.index()]
-            .get_or_insert_with(|| Batch::new(pubs.iter().map(|p| p.message(key)).collect()));
-        if pubs.iter().all(wanted) {
+        let batch = batches[form.index()]
+            .get_or_insert_with(|| Batch::new(pubs.iter().map(|p| p.message(form)).collect()));
+        if pubs.iter().enumerate().all(|(i, p)| wanted(p) && !had(i)) {
             queue_from = match Outlet::try_write(h, batch) {
                 Direct::Written => pubs.len(),
                 Direct::Partial { queue_from } => queue_from,
@@ -500,8 +611,14 @@ async fn publish_local(registry: &Registry, topic: &Topic, batch: &mut Vec<Messa
                 p.tally.delivered += 1;
                 direct_frames += 1;
                 direct_bytes += message.len() as u64;
+            } else if had(i) {
+                p.tally.duplicates += 1;
             } else if wanted(p) {
-                p.tally.add(Outlet::deliver(h, message));
+                let delivery = Outlet::deliver(h, message);
+                if let (Delivery::Refused, Some((_, key))) = (delivery, &p.id) {
+                    h.forget(*key);
+                }
+                p.tally.add(delivery);
             }
         }
         if queue_from > 0 {
@@ -516,7 +633,8 @@ async fn publish_local(registry: &Registry, topic: &Topic, batch: &mut Vec<Messa
     metrics.bytes_out.add(direct_bytes);
     for p in pubs {
         metrics.record_fanout(p.tally.delivered, p.tally.refused);
-        p.span.record("delivered", p.tally.delivered);
+        metrics.messages_duplicate.add(p.tally.duplicates);
+        p.span.record("delivered", p.tally.reached());
         if let Some(reply) = p.reply {
             let out = Outgoing::new(reply, p.tally.report(&registry.node_id).encode_to_vec());
             if let Err(error) = registry.bus.publish(out).await {
@@ -524,4 +642,30 @@ async fn publish_local(registry: &Registry, topic: &Topic, batch: &mut Vec<Messa
             }
         }
     }
+}
+
+/// Sets `had[i]` when connection `h` wants publication `i` and had its message id already
+/// (recording the new ones as received): one lock of its record for the whole batch, and
+/// no record made for a connection that wants none of the ids.
+fn mark_had(
+    h: &ConnHandle,
+    pubs: &[Publication],
+    wanted: impl Fn(&Publication) -> bool,
+    now: Instant,
+    had: &mut [bool],
+) {
+    had.fill(false);
+    if !pubs.iter().any(|p| p.id.is_some() && wanted(p)) {
+        return;
+    }
+    let at = now.into_std();
+    h.with_recent(now, |recent| {
+        for (p, had) in pubs.iter().zip(had.iter_mut()) {
+            if let Some((_, key)) = &p.id
+                && wanted(p)
+            {
+                *had = !recent.first(*key, at);
+            }
+        }
+    });
 }

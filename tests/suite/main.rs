@@ -12,6 +12,7 @@
 //! | [`limits`] | frame limits, timeouts, rate limits, slow consumers, drain | in-process node |
 //! | [`observe`] | metrics (promtool) and logs | cluster |
 //! | [`protocol`] | the native client protocol and the gRPC services | in-process node |
+//! | [`retry`] | safe retries: a backend's `message_id` reaches each connection at most once | cluster |
 //! | [`seeds`] | each seed system's documented gateway, on its example config | cluster |
 //! | [`security`] | the trust boundary as an attacker tries it (edge, gRPC, NATS, TLS, tokens) | cluster |
 //! | [`tracing`] | one trace across backend, coordinator and edge | cluster |
@@ -39,6 +40,7 @@ mod limits;
 mod liveness;
 mod observe;
 mod protocol;
+mod retry;
 mod security;
 mod seeds;
 mod tracing;
