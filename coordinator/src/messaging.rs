@@ -316,14 +316,16 @@ impl Coordinator {
         }
     }
 
-    /// Live buffered bytes of some connections, asked of the edge that holds them.
+    /// Live buffered bytes of some connections, asked of the edge that holds them. Half the
+    /// edge deadline: a stalled edge (not yet suspect) must not hold up a listing, nor make
+    /// a peer's share of it miss the forwarding deadline; its figures are then 0.
     pub async fn inspect(&self, node_id: &str, conn_ids: Vec<String>) -> InspectReply {
         let inspect = proto::v1::Inspect { conn_ids };
         let cmd = EdgeCommand {
             kind: Some(edge_command::Kind::Inspect(inspect)),
         };
         let out = Outgoing::new(subject::node(node_id), cmd.encode_to_vec());
-        match self.bus.request(out, self.timeout).await {
+        match self.bus.request(out, self.edge_timeout() / 2).await {
             Ok(m) => InspectReply::decode(m.payload.as_ref()).unwrap_or_default(),
             Err(error) => {
                 tracing::debug!(node = node_id, %error, "inspect unanswered");
