@@ -173,17 +173,6 @@ impl Proc {
         self.signal("HUP").await;
     }
 
-    /// Sends SIGSTOP: the process stalls (no CPU, sockets open, nothing read or written), as
-    /// a process in a long GC pause, swapped out or on a frozen VM does.
-    pub async fn pause(&self) {
-        self.signal("STOP").await;
-    }
-
-    /// Sends SIGCONT: a [paused](Self::pause) process runs on where it stopped.
-    pub async fn resume(&self) {
-        self.signal("CONT").await;
-    }
-
     /// Sends `SIG<name>` through the shell's own `kill` (no procps, no signal crate needed).
     async fn signal(&self, name: &str) {
         let mut kill = Command::new("sh");
