@@ -113,6 +113,10 @@ async fn edge_sigkill() {
     );
     rig.wait_reconnected(victim).await;
     rig.figure("whole_ms", ms(killed.elapsed()));
+    // The fault ends when placement has forgotten the dead edge: until then its part of
+    // every answer is rightly unconfirmed, and so would be the retries'.
+    rig.wait_forgotten(victim).await;
+    rig.figure("forgotten_ms", ms(killed.elapsed()));
 
     rig.wait_answered(rig.answered() + STEADY).await;
     load.stop().await;
@@ -582,29 +586,51 @@ impl Rig {
 
     /// How long after `from` placement, through every coordinator, leaves out edge
     /// `victim`'s connections (`ListConnections`, and `Locate` of its first user); `None`
-    /// if it still lists them after `limit`.
+    /// if it still lists them after `limit`. Records when each answer first left them out
+    /// (figure `exclusion_by`).
     async fn excluded_after(
-        &self,
+        &mut self,
         victim: usize,
         from: Instant,
         limit: Duration,
     ) -> Option<Duration> {
         let id = self.c.edges[victim].id.clone();
         let user = user_name(victim * USERS_PER_EDGE);
-        let grpc: Vec<SocketAddr> = (0..COORDS).map(|k| self.c.grpc(k)).collect();
-        poll_for(limit.saturating_sub(from.elapsed()), async || {
-            for &addr in &grpc {
-                let all = try_list_connections(addr, ListConnectionsRequest::default())
+        let coords: Vec<(String, SocketAddr)> = self
+            .c
+            .coords
+            .iter()
+            .map(|k| (k.id.clone(), k.grpc))
+            .collect();
+        let mut first = BTreeMap::<String, Duration>::new();
+        let took = poll_for(limit.saturating_sub(from.elapsed()), async || {
+            let mut all_out = true;
+            for (coord, addr) in &coords {
+                let listed = try_list_connections(*addr, ListConnectionsRequest::default())
                     .await
-                    .ok()?;
-                let located = try_locate(addr, NS, &user).await.ok()?;
-                if all.iter().chain(&located).any(|c| c.node_id == id) {
-                    return None;
+                    .map(|all| all.iter().any(|c| c.node_id == id));
+                let located = try_locate(*addr, NS, &user)
+                    .await
+                    .map(|all| all.iter().any(|c| c.node_id == id));
+                for (call, still) in [("list", listed), ("locate", located)] {
+                    if still == Ok(false) {
+                        first
+                            .entry(format!("{coord}:{call}"))
+                            .or_insert(from.elapsed());
+                    } else {
+                        all_out = false;
+                    }
                 }
             }
-            Some(from.elapsed())
+            all_out.then(|| from.elapsed())
         })
-        .await
+        .await;
+        let by: Vec<String> = first
+            .iter()
+            .map(|(k, d)| format!("{k}={}", d.as_millis()))
+            .collect();
+        self.figure("exclusion_by", by.join(","));
+        took
     }
 
     /// Waits until every client of the dead edge `victim` has reconnected (or given up) and
@@ -648,6 +674,28 @@ impl Rig {
                      within {STEP:?}"
                 )),
             }
+        }
+    }
+
+    /// Waits until no coordinator lists edge `victim` among the nodes any more.
+    async fn wait_forgotten(&mut self, victim: usize) {
+        let id = self.c.edges[victim].id.clone();
+        let grpc: Vec<SocketAddr> = (0..COORDS).map(|k| self.c.grpc(k)).collect();
+        let limit = Opts::default().edge_grace + STEP;
+        let gone = poll_for(limit, async || {
+            for &addr in &grpc {
+                let nodes = list_nodes(addr).await.ok()?;
+                if nodes.nodes.iter().any(|n| n.node_id == id) {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+        if gone.is_none() {
+            self.broke(format!(
+                "the killed edge {id} was still listed by a coordinator {limit:?} after its death"
+            ));
         }
     }
 
