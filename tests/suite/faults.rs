@@ -3,14 +3,15 @@
 //!
 //! Each test runs two coordinators and three edges (real binaries, a real `nats-server`, the
 //! harness's monitoring tap on `>`), ten users per edge with one WebSocket each, every one
-//! subscribed to one topic. A steady numbered load runs through the whole fault: every 20 ms
-//! a gRPC `Send` to the next user and a `Publish` to the topic, alternating the coordinators,
-//! each with a `message_id`; every answer (report or status) is kept with its send time. Then
-//! one fault: an edge SIGKILLed, an edge SIGSTOPped for 5 s, a coordinator SIGKILLed, a
-//! coordinator SIGSTOPped for 5 s, or nats-server killed and restarted on the same port 2 s
-//! later. After it, every call answered unconfirmed or with an error is retried once with
-//! the same `message_id`, as a backend does, and markers through every live coordinator
-//! prove that what was in flight has arrived.
+//! subscribed to one of ten topics (each topic watched on every edge). A steady numbered load
+//! runs through the whole fault: every 20 ms a gRPC `Send` to the next user and a `Publish` to
+//! the next topic, alternating the coordinators, each with a `message_id`; every answer
+//! (report or status) is kept with its send time. Then one fault: an edge SIGKILLed, an edge
+//! SIGSTOPped for 5 s, a coordinator SIGKILLed, a coordinator SIGSTOPped for 5 s, or
+//! nats-server killed and restarted on the same port 2 s later. As soon as the cluster is
+//! whole again, every call answered unconfirmed or with an error is retried once with the same
+//! `message_id`, as a backend does; the load runs on a while; markers through every live
+//! coordinator then prove that what was in flight has arrived.
 //!
 //! What must hold (the contract of `DeliveryReport` in `proto/switchboard/v1/common.proto`):
 //!
@@ -41,6 +42,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -61,7 +63,11 @@ const COORDS: usize = 2;
 const USERS_PER_EDGE: usize = 10;
 const USERS: usize = EDGES * USERS_PER_EDGE;
 const NS: &str = "default";
-const TOPIC: &str = "faults/all";
+/// Topics `faults/0`… : user `u` watches topic `u % TOPICS`, so that each topic has a
+/// watcher on every edge, and Publish `n` goes to topic `n % TOPICS`. Each connection then
+/// gets about 7 messages with ids a second, well under the 64 recent ids an edge keeps per
+/// connection over the time a retry waits for (docs/PROTOCOL.md, retries).
+const TOPICS: usize = 10;
 /// The load's pace: one Send and one Publish per tick.
 const TICK: Duration = Duration::from_millis(20);
 /// The backend's own deadline on each call.
@@ -118,8 +124,7 @@ async fn edge_sigkill() {
     rig.wait_forgotten(victim).await;
     rig.figure("forgotten_ms", ms(killed.elapsed()));
 
-    rig.wait_answered(rig.answered() + STEADY).await;
-    load.stop().await;
+    rig.after_fault(load, &[0, 1]).await;
     rig.finish("edge-sigkill", &[0, 1]).await;
 }
 
@@ -147,8 +152,7 @@ async fn edge_sigstop_then_sigcont() {
     rig.wait_listed_again(victim).await;
     rig.figure("whole_ms", ms(resumed.elapsed()));
 
-    rig.wait_answered(rig.answered() + STEADY).await;
-    load.stop().await;
+    rig.after_fault(load, &[0, 1]).await;
     rig.finish("edge-sigstop", &[0, 1]).await;
 }
 
@@ -166,8 +170,7 @@ async fn coordinator_sigkill() {
     rig.wait_ring(survivor, 1).await;
     rig.figure("ring_ms", ms(killed.elapsed()));
 
-    rig.wait_answered(rig.answered() + STEADY).await;
-    load.stop().await;
+    rig.after_fault(load, &[survivor]).await;
     rig.finish("coordinator-sigkill", &[survivor]).await;
 }
 
@@ -188,8 +191,7 @@ async fn coordinator_sigstop_then_sigcont() {
     rig.wait_whole().await;
     rig.figure("whole_ms", ms(resumed.elapsed()));
 
-    rig.wait_answered(rig.answered() + STEADY).await;
-    load.stop().await;
+    rig.after_fault(load, &[0, 1]).await;
     rig.finish("coordinator-sigstop", &[0, 1]).await;
 }
 
@@ -214,8 +216,7 @@ async fn nats_restart_on_the_same_port() {
     rig.wait_whole().await;
     rig.figure("whole_ms", ms(restarted.elapsed()));
 
-    rig.wait_answered(rig.answered() + STEADY).await;
-    load.stop().await;
+    rig.after_fault(load, &[0, 1]).await;
     rig.finish("nats-restart", &[0, 1]).await;
 }
 
@@ -376,6 +377,8 @@ struct Reconnect {
 /// What the load, the readers and the reconnecting clients share.
 #[derive(Debug, Default)]
 struct Shared {
+    /// The last message number of the load.
+    numbers: AtomicU64,
     conns: Mutex<Vec<Conn>>,
     calls: Mutex<Vec<Call>>,
     reconnects: Mutex<Vec<Reconnect>>,
@@ -400,10 +403,25 @@ struct Rig {
     broken: Vec<String>,
     next_mark: u64,
     started: Instant,
+    retries: usize,
 }
 
 fn user_name(u: usize) -> String {
     format!("u{u:02}")
+}
+
+fn topic(k: usize) -> String {
+    format!("faults/{k}")
+}
+
+/// The topic a user watches.
+fn topic_of_user(u: usize) -> usize {
+    u % TOPICS
+}
+
+/// The topic of Publish `n`.
+fn topic_of_publish(n: u64) -> usize {
+    usize::try_from(n).expect("small") % TOPICS
 }
 
 fn ms(d: Duration) -> String {
@@ -426,18 +444,27 @@ impl Rig {
         let mut clients = Vec::new();
         for u in 0..USERS {
             let mut client = c.client(u / USERS_PER_EDGE, &user_name(u), NS).await;
+            let watched = topic(topic_of_user(u));
             client
-                .send(json!({"type": "subscribe", "topic": TOPIC}))
+                .send(json!({"type": "subscribe", "topic": watched}))
                 .await;
             assert_eq!(
                 client.recv().await,
-                json!({"type": "subscribed", "topic": TOPIC})
+                json!({"type": "subscribed", "topic": watched})
             );
             clients.push(client);
         }
         for coord in 0..COORDS {
-            let mut watchers: Vec<&mut Client> = clients.iter_mut().collect();
-            settle_topic(&c, coord, TOPIC, USERS as u64, &mut watchers).await;
+            for k in 0..TOPICS {
+                let mut watchers: Vec<&mut Client> = clients
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(u, _)| topic_of_user(*u) == k)
+                    .map(|(_, client)| client)
+                    .collect();
+                let n = watchers.len() as u64;
+                settle_topic(&c, coord, &topic(k), n, &mut watchers).await;
+            }
             eventually(
                 &format!("{} to list all {USERS} connections", c.coords[coord].id),
                 STEP,
@@ -495,6 +522,7 @@ impl Rig {
             broken: Vec::new(),
             next_mark: 0,
             started,
+            retries: 0,
         }
     }
 
@@ -548,13 +576,12 @@ impl Rig {
         let task = tokio::spawn(async move {
             let mut calls = JoinSet::new();
             let mut tick = interval(TICK);
-            let mut n = 0u64;
             loop {
                 tokio::select! {
                     _ = stopped.changed() => break,
                     _ = tick.tick() => {}
                 }
-                n += 1;
+                let n = shared.numbers.fetch_add(1, Ordering::Relaxed) + 1;
                 let user = usize::try_from(n).expect("small") % USERS;
                 let send_via = usize::try_from(n).expect("small") % COORDS;
                 let publish_via = (send_via + 1) % COORDS;
@@ -764,12 +791,19 @@ impl Rig {
     /// Retries every call answered unconfirmed or with an error, once, with its
     /// `message_id`, through `via` in turn; returns how many.
     async fn retry_unsure(&self, via: &[usize]) -> usize {
-        let unsure: Vec<Call> = lock(&self.shared.calls)
+        let calls = lock(&self.shared.calls).clone();
+        let retried: BTreeSet<(Kind, u64)> = calls
             .iter()
+            .filter(|c| c.retry)
+            .map(|c| (c.kind, c.n))
+            .collect();
+        let unsure: Vec<Call> = calls
+            .into_iter()
             .filter(|c| {
-                !c.retry && matches!(c.answer.outcome(), Outcome::Unconfirmed | Outcome::Errored)
+                !c.retry
+                    && !retried.contains(&(c.kind, c.n))
+                    && matches!(c.answer.outcome(), Outcome::Unconfirmed | Outcome::Errored)
             })
-            .cloned()
             .collect();
         let n = unsure.len();
         futures::stream::iter(unsure.into_iter().enumerate())
@@ -822,24 +856,32 @@ impl Rig {
                     )),
                 }
             }
-            self.next_mark += 1;
-            let m = self.next_mark;
-            let req = PublishRequest {
-                namespace: NS.into(),
-                topic: TOPIC.into(),
-                payload_json: json!({ "mark": m }).to_string(),
-                message_id: format!("mark-{m}"),
-                ..PublishRequest::default()
-            };
-            match timeout(CALL_LIMIT, client.publish(req)).await {
-                Ok(Ok(r)) if r.get_ref().delivered as usize == live.len() => {
-                    want.extend(live.iter().map(|&(idx, _)| (idx, m)));
+            for k in 0..TOPICS {
+                self.next_mark += 1;
+                let m = self.next_mark;
+                let req = PublishRequest {
+                    namespace: NS.into(),
+                    topic: topic(k),
+                    payload_json: json!({ "mark": m }).to_string(),
+                    message_id: format!("mark-{m}"),
+                    ..PublishRequest::default()
+                };
+                let watchers: Vec<usize> = live
+                    .iter()
+                    .filter(|&&(_, user)| topic_of_user(user) == k)
+                    .map(|&(idx, _)| idx)
+                    .collect();
+                match timeout(CALL_LIMIT, client.publish(req)).await {
+                    Ok(Ok(r)) if r.get_ref().delivered as usize == watchers.len() => {
+                        want.extend(watchers.iter().map(|&idx| (idx, m)));
+                    }
+                    other => self.broke(format!(
+                        "marker Publish to {} through {} ({} live watchers): {other:?}",
+                        topic(k),
+                        self.c.coords[coord].id,
+                        watchers.len()
+                    )),
                 }
-                other => self.broke(format!(
-                    "marker Publish through {} ({} live connections): {other:?}",
-                    self.c.coords[coord].id,
-                    live.len()
-                )),
             }
         }
         let arrived = poll_for(STEP, async || {
@@ -864,10 +906,21 @@ impl Rig {
         }
     }
 
+    /// The fault is over: stops `load` (its calls in flight end), retries what was
+    /// unsure through `via` at once (each connection's recent ids are bounded: a backend
+    /// retries promptly), then runs the load again until [`STEADY`] more Sends are answered.
+    async fn after_fault(&mut self, load: Load, via: &[usize]) {
+        load.stop().await;
+        self.retries += self.retry_unsure(via).await;
+        let load = self.start_load();
+        self.wait_answered(self.answered() + STEADY).await;
+        load.stop().await;
+    }
+
     /// Retries, markers, the rules; prints the figures; fails with every broken rule.
     async fn finish(mut self, fault: &str, via: &[usize]) {
-        let retries = self.retry_unsure(via).await;
-        self.figure("retries", retries);
+        self.retries += self.retry_unsure(via).await;
+        self.figure("retries", self.retries);
         self.markers(via).await;
         self.check();
         self.reconnect_figures().await;
@@ -971,9 +1024,10 @@ impl Rig {
             }
             let retry = retry_of.get(&(call.kind, call.n)).copied();
             // The connections the message was for: the user's, or every subscriber's.
-            let targets = conns
-                .iter()
-                .filter(|c| call.user.is_none_or(|u| c.user == u));
+            let targets = conns.iter().filter(|c| match call.user {
+                Some(u) => c.user == u,
+                None => topic_of_user(c.user) == topic_of_publish(call.n),
+            });
             for conn in targets {
                 let got = conn.frames.get(&(call.kind, call.n)).copied().unwrap_or(0);
                 let who = format!(
@@ -1210,7 +1264,7 @@ async fn call(
         _ => {
             let req = PublishRequest {
                 namespace: NS.into(),
-                topic: TOPIC.into(),
+                topic: topic(topic_of_publish(n)),
                 payload_json: json!({ "p": n }).to_string(),
                 message_id: format!("pub-{n}"),
                 ..PublishRequest::default()
@@ -1267,13 +1321,13 @@ fn record(conn: &mut Conn, v: &Value) {
                 .entry((Kind::Send, n("n").unwrap()))
                 .or_default() += 1;
         }
-        (Some("message"), Some(TOPIC)) if n("p").is_some() => {
+        (Some("message"), Some(t)) if t.starts_with("faults/") && n("p").is_some() => {
             *conn
                 .frames
                 .entry((Kind::Publish, n("p").unwrap()))
                 .or_default() += 1;
         }
-        (Some("message"), Some(TOPIC)) if n("mark").is_some() => {
+        (Some("message"), Some(t)) if t.starts_with("faults/") && n("mark").is_some() => {
             conn.marks.insert(n("mark").unwrap());
         }
         (Some("mark"), _) if n("m").is_some() => {
@@ -1310,7 +1364,8 @@ async fn reconnect(shared: Arc<Shared>, user: usize, lb: SocketAddr) {
     });
     let Some(mut ws) = ws else { return };
     let opened = Instant::now();
-    let subscribe = WsMessage::text(json!({"type": "subscribe", "topic": TOPIC}).to_string());
+    let watched = topic(topic_of_user(user));
+    let subscribe = WsMessage::text(json!({"type": "subscribe", "topic": watched}).to_string());
     if futures::SinkExt::send(&mut ws, subscribe).await.is_err() {
         return;
     }
