@@ -86,6 +86,8 @@ const STALL: Duration = Duration::from_secs(5);
 const NATS_DOWN: Duration = Duration::from_secs(2);
 /// Sends answered before a fault, and again after the cluster is whole.
 const STEADY: usize = 50;
+/// How often each placement answer is probed while an edge is being left out.
+const PROBE: Duration = Duration::from_millis(100);
 /// Reconnect attempts a client makes (100 ms apart) before it gives up.
 const RECONNECT_ATTEMPTS: u32 = 30;
 
@@ -611,10 +613,13 @@ impl Rig {
         Load { stop, task }
     }
 
-    /// How long after `from` placement, through every coordinator, leaves out edge
-    /// `victim`'s connections (`ListConnections`, and `Locate` of its first user); `None`
-    /// if it still lists them after `limit`. Records when each answer first left them out
-    /// (figure `exclusion_by`).
+    /// How long after `from` every placement answer leaves out edge `victim`'s connections:
+    /// `ListConnections`, and `Locate` of its first user, through every coordinator. Each of
+    /// these four is probed every [`PROBE`] by a call of its own (a slow answer does not delay
+    /// the next probe); a check is met when an answer arrives without the edge's connections
+    /// (and, for the list, with every other edge's), and the
+    /// result is the latest of the four (`None` when one is not met within `limit`). Records
+    /// when each was met (`exclusion_by`) and the slowest placement answer meanwhile.
     async fn excluded_after(
         &mut self,
         victim: usize,
@@ -623,41 +628,64 @@ impl Rig {
     ) -> Option<Duration> {
         let id = self.c.edges[victim].id.clone();
         let user = user_name(victim * USERS_PER_EDGE);
-        let coords: Vec<(String, SocketAddr)> = self
-            .c
-            .coords
-            .iter()
-            .map(|k| (k.id.clone(), k.grpc))
-            .collect();
-        let mut first = BTreeMap::<String, Duration>::new();
-        let took = poll_for(limit.saturating_sub(from.elapsed()), async || {
-            let mut all_out = true;
-            for (coord, addr) in &coords {
-                let listed = try_list_connections(*addr, ListConnectionsRequest::default())
-                    .await
-                    .map(|all| all.iter().any(|c| c.node_id == id));
-                let located = try_locate(*addr, NS, &user)
-                    .await
-                    .map(|all| all.iter().any(|c| c.node_id == id));
-                for (call, still) in [("list", listed), ("locate", located)] {
-                    if still == Ok(false) {
-                        first
-                            .entry(format!("{coord}:{call}"))
-                            .or_insert(from.elapsed());
-                    } else {
-                        all_out = false;
+        let met = Arc::new(Mutex::new(BTreeMap::<String, Duration>::new()));
+        let slowest = Arc::new(Mutex::new(Duration::ZERO));
+        let mut probes = JoinSet::new();
+        let mut pace = interval(PROBE);
+        let checks = 2 * self.c.coords.len();
+        while from.elapsed() < limit && lock(&met).len() < checks {
+            pace.tick().await;
+            for k in &self.c.coords {
+                for call in ["list", "locate"] {
+                    let name = format!("{}:{call}", k.id);
+                    if lock(&met).contains_key(&name) {
+                        continue;
                     }
+                    let (met, slowest) = (Arc::clone(&met), Arc::clone(&slowest));
+                    let (addr, id, user) = (k.grpc, id.clone(), user.clone());
+                    probes.spawn(async move {
+                        let sent = Instant::now();
+                        let answer = match call {
+                            "list" => {
+                                try_list_connections(addr, ListConnectionsRequest::default()).await
+                            }
+                            _ => try_locate(addr, NS, &user).await,
+                        };
+                        let took = sent.elapsed();
+                        let mut slow = lock(&slowest);
+                        *slow = (*slow).max(took);
+                        drop(slow);
+                        // Left out, and nothing else: a list must still hold every
+                        // connection of the other edges (an empty answer proves nothing).
+                        let whole = |all: &Vec<proto::v1::Connection>| {
+                            let others = all.iter().filter(|c| c.node_id != id).count();
+                            others == all.len()
+                                && (call == "locate" || others >= USERS - USERS_PER_EDGE)
+                        };
+                        if answer.is_ok_and(|all| whole(&all)) {
+                            lock(&met).entry(name).or_insert(from.elapsed());
+                        }
+                    });
                 }
             }
-            all_out.then(|| from.elapsed())
-        })
-        .await;
-        let by: Vec<String> = first
+            while probes.try_join_next().is_some() {}
+        }
+        // Each probe is bounded (STEP): let the ones in flight answer.
+        while bounded("placement probes", probes.join_next())
+            .await
+            .is_some()
+        {}
+        let met = lock(&met).clone();
+        let by: Vec<String> = met
             .iter()
             .map(|(k, d)| format!("{k}={}", d.as_millis()))
             .collect();
         self.figure("exclusion_by", by.join(","));
-        took
+        self.figure("placement_max_ms", ms(*lock(&slowest)));
+        (met.len() == checks)
+            .then(|| met.values().max().copied())
+            .flatten()
+            .filter(|&t| t <= limit)
     }
 
     /// Waits until every client of the dead edge `victim` has reconnected (or given up) and
