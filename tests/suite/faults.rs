@@ -35,9 +35,19 @@
 //!
 //! Every test prints one line `FAULT-FIGURES fault=… key=value…` with what it measured
 //! (`cargo test --test suite faults:: -- --nocapture 2>&1 | grep FAULT-FIGURES`), then fails
-//! with every broken rule at once. `FAULTS_DUMP=1` also prints every call whose answer was
-//! not a plain delivery or that took over 500 ms. The fault tests run one at a time (a semaphore): their
-//! time bounds are about the cluster, not about a CPU shared with another fault test.
+//! with every broken rule at once. The keys: `exclusion_ms` (placement left the edge out;
+//! `exclusion_by` per coordinator and call, `placement_max_ms` the slowest placement answer
+//! meanwhile), `whole_ms` (after the fault ended, until whole again), `forgotten_ms`,
+//! `ring_ms`; per call kind the answers `*_delivered`, `*_unconfirmed`, `*_errored`,
+//! `*_nobody` (delivered 0, nothing unconfirmed); `retries` and how they were answered;
+//! the counts of each rule's breaches (`duplicates`, `ghosts`, `lost`, `lost_untold`,
+//! `false_nobody`, `untold_timeouts`; `unnamed` is only counted); `max_send_ms`
+//! (`max_send_survivor_ms` through the survivor); `reconnect_*` and haproxy's own retries and
+//! redispatches; `test_ms`. `FAULTS_DUMP=1` also prints every call whose answer was not a
+//! plain delivery or that took over 500 ms.
+//!
+//! The fault tests run one at a time (a semaphore): their time bounds are about the cluster,
+//! not about a CPU shared with another fault test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
