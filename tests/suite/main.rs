@@ -8,6 +8,7 @@
 //! | [`auth`] | upgrade-time admission: JWTs, user claim, namespaces, origins | in-process node |
 //! | [`binary`] | the binary as a user runs it: banner, grpcurl, SIGTERM, check-config | process |
 //! | [`cluster`] | delivery, placement and failures across edges and coordinators | cluster |
+//! | [`faults`] | what a backend is told, and what arrives, while a process fails under load | cluster, haproxy |
 //! | [`dev_nats`] | the embedded mode over a real NATS server: hooks and sends from a plain NATS backend | process |
 //! | [`limits`] | frame limits, timeouts, rate limits, slow consumers, drain | in-process node |
 //! | [`observe`] | metrics (promtool) and logs | cluster |
@@ -36,6 +37,7 @@ mod auth;
 mod binary;
 mod cluster;
 mod dev_nats;
+mod faults;
 mod limits;
 mod liveness;
 mod observe;

@@ -5,11 +5,12 @@
 //! | --- | --- |
 //! | [`poll`] | `STEP`/`WAIT` bounds, `poll_for`, `eventually`, `bounded` |
 //! | [`node`] | `TestNode`: edge + coordinator in this process over the in-process bus |
-//! | [`process`] | `Proc`: the real `switchboard` binary as a child process |
+//! | [`process`] | `Proc`: the real `switchboard` binary (or haproxy) as a child process; signals |
 //! | [`cluster`] | `Cluster`/`Spec`: nats-server, coordinators and edges as real processes |
 //! | [`ws`] | `Client`: the WebSocket client of every test |
 //! | [`http`] | plain HTTP/1: readiness, metrics, raw upgrade requests |
 //! | [`grpc`] | tonic clients with the test API key, the calls tests make, `grpcurl` |
+//! | [`haproxy`] | haproxy on `deploy/local`'s config in front of a cluster's edges |
 //! | [`nats`] | `Backend`: a NATS client playing a backend; `/connz` helpers |
 //! | [`tokens`] | JWTs and `Authorization: Bearer` |
 //! | [`certs`] | `TestCa`: a CA made in the test and the certificates it issues |
@@ -22,6 +23,7 @@ mod certs;
 mod cluster;
 mod files;
 mod grpc;
+mod haproxy;
 mod http;
 mod nats;
 mod node;
@@ -34,6 +36,7 @@ pub use certs::*;
 pub use cluster::*;
 pub use files::*;
 pub use grpc::*;
+pub use haproxy::*;
 pub use http::*;
 pub use nats::*;
 pub use node::*;

@@ -1,6 +1,7 @@
-//! The real `switchboard` binary as a child process: started with a clean environment,
-//! found through the banner it prints, signalled, killed (and reaped) when its guard drops;
-//! its output is kept and printed when a test fails.
+//! The real `switchboard` binary (or another server a test runs, such as haproxy) as a child
+//! process: started with a clean environment, found through the banner it prints, signalled
+//! (also stopped and continued, as a stalled process), killed (and reaped) when its guard
+//! drops; its output is kept and printed when a test fails.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -81,7 +82,7 @@ pub fn after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     words.next()
 }
 
-/// A running `switchboard` process; SIGKILLed and reaped when dropped.
+/// A running child process; SIGKILLed (also when paused) and reaped when dropped.
 #[derive(Debug)]
 pub struct Proc {
     pub name: String,
@@ -95,28 +96,10 @@ impl Proc {
     /// every line until then, so it may gather a banner of several lines).
     pub async fn start<T>(
         name: &str,
-        mut cmd: Command,
+        cmd: Command,
         mut banner: impl FnMut(&str) -> Option<T>,
     ) -> (Self, T) {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn the switchboard binary");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (tx, mut rx) = mpsc::channel(64);
-        let stdout = child.stdout.take().unwrap().into_owned_fd().unwrap();
-        let stderr = child.stderr.take().unwrap().into_owned_fd().unwrap();
-        let readers = vec![
-            collect(stdout, Arc::clone(&output), Some(tx)),
-            collect(stderr, Arc::clone(&output), None),
-        ];
-        let proc = Self {
-            name: name.to_owned(),
-            child,
-            output,
-            readers,
-        };
+        let (proc, mut rx) = Self::launch(name, cmd);
         let found = timeout(STEP, async {
             while let Some(line) = rx.recv().await {
                 if let Some(v) = banner(&line) {
@@ -132,6 +115,35 @@ impl Proc {
             Ok(None) => panic!("{name} closed stdout without printing its banner"),
             Err(_) => panic!("{name} printed no banner within {STEP:?}"),
         }
+    }
+
+    /// Spawns `cmd` without waiting for anything (for a server that prints no banner: the
+    /// caller waits for it to serve).
+    pub fn spawn(name: &str, cmd: Command) -> Self {
+        Self::launch(name, cmd).0
+    }
+
+    fn launch(name: &str, mut cmd: Command) -> (Self, mpsc::Receiver<String>) {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn the switchboard binary");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel(64);
+        let stdout = child.stdout.take().unwrap().into_owned_fd().unwrap();
+        let stderr = child.stderr.take().unwrap().into_owned_fd().unwrap();
+        let readers = vec![
+            collect(stdout, Arc::clone(&output), Some(tx)),
+            collect(stderr, Arc::clone(&output), None),
+        ];
+        let proc = Self {
+            name: name.to_owned(),
+            child,
+            output,
+            readers,
+        };
+        (proc, rx)
     }
 
     /// SIGKILL, as in a crash; waits until the process is gone.

@@ -129,6 +129,12 @@ impl Client {
         }
     }
 
+    /// The WebSocket itself, for a test that reads it on a task of its own (and must not fail
+    /// when the connection ends, e.g. to count what arrived before an edge died).
+    pub fn into_ws(self) -> Ws {
+        self.ws
+    }
+
     /// The same client with `wait` as the bound on each expected frame or close.
     pub fn waiting(mut self, wait: Duration) -> Self {
         self.wait = wait;
