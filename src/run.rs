@@ -134,6 +134,9 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         resolved.cluster_secret.as_ref(),
         cc.api.insecure,
     );
+    // Before any call is answered: the edges already on the bus, which will report to this
+    // coordinator only after their reconnect backoff, are joining here, not absent.
+    c.census().await;
     println!(
         "switchboard coordinator {node_id}: grpc {grpc_addr}{} http http://{} (nats {})",
         if tls.grpc.is_some() { " (tls)" } else { "" },
@@ -159,6 +162,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
             cc.edge_grace,
             shutdown.clone(),
         )),
+        tokio::spawn(coordinator::report::run_census(c.clone(), shutdown.clone())),
         tokio::spawn(coordinator::ingest::run(
             c.clone(),
             cc.send_subject.clone(),

@@ -227,6 +227,8 @@ impl MessagingService {
     {
         let c = &self.0;
         if t.namespace.is_empty() || !t.conn_ids.is_empty() {
+            // Before any peer is asked: an error must mean nothing was delivered.
+            c.check_bus()?;
             let (mine, theirs) =
                 futures::join!(here(), gather(c, |ch| there(ch, local(req.clone(), c))));
             let mut total = mine?;

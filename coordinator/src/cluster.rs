@@ -242,11 +242,12 @@ pub async fn run_membership(
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                announce(false).await;
                 // A tick far later than due means this process was stopped: the others'
-                // announcements are still queued, their silence was this side's.
+                // announcements are still queued, their silence was this side's. (Measured
+                // before announcing: a slow publish is not a stall.)
                 let stalled = last_tick.elapsed() > interval * 2;
                 last_tick = tokio::time::Instant::now();
+                announce(false).await;
                 // Silence heard through a broken bus says nothing about the others.
                 if !bus.is_connected() {
                     bus_was_down = true;

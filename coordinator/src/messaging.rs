@@ -211,7 +211,7 @@ impl Coordinator {
             for node in dir.silence(now, proto::REPORT_SILENCE) {
                 tracing::warn!(node = %node, "edge silent; suspect");
             }
-            dir.expire(now, grace)
+            dir.expire(now, grace, CENSUS_EVERY * 2 + CENSUS_WAIT)
         };
         self.announce_changes(changes).await;
     }
@@ -286,6 +286,8 @@ impl Coordinator {
         proto::topic::validate_topic(topic)
             .map_err(|e| DeliveryError::InvalidArgument(e.to_string()))?;
         self.check_bus()?;
+        // Suspect edges, and joining ones (whose filters are unknown here), count 0 answers:
+        // they are listed unconfirmed.
         let expected = {
             let dir = self.directory();
             let mut expected = dir.matching_filters(namespace, topic);
@@ -293,6 +295,9 @@ impl Coordinator {
                 if dir.node(node).is_some_and(Node::is_suspect) {
                     *count = 0;
                 }
+            }
+            for node in dir.joining() {
+                expected.insert(node.to_owned(), 0);
             }
             expected
         };
@@ -306,9 +311,44 @@ impl Coordinator {
         self.scatter(out, expected).await
     }
 
+    /// Asks every edge on the bus to name itself, and records those unknown here as joining:
+    /// an edge that has not reported to this coordinator yet (it just started, or cannot
+    /// reach it) is then answered as unknown, never as nobody.
+    pub async fn census(&self) {
+        let cmd = EdgeCommand {
+            kind: Some(edge_command::Kind::Census(proto::v1::Census {})),
+        };
+        let out = Outgoing::new(subject::EDGES, cmd.encode_to_vec());
+        let answered = async {
+            let inbox = self.bus.new_inbox();
+            let mut replies = self.bus.subscribe(inbox.clone(), None).await?;
+            self.bus.publish(out.with_reply(inbox)).await?;
+            let mut ids = Vec::new();
+            let deadline = tokio::time::sleep(CENSUS_WAIT);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    m = replies.next() => match m.and_then(|m| decode_report(&m.payload)) {
+                        Some(r) => ids.extend(r.node_ids),
+                        None => break,
+                    },
+                }
+            }
+            Ok::<_, BusError>(ids)
+        };
+        match answered.await {
+            Ok(ids) => {
+                let now = self.now();
+                self.directory().seen_on_bus(ids, now);
+            }
+            Err(error) => tracing::debug!(%error, "census not taken"),
+        }
+    }
+
     /// Fails fast while the bus is down, so a backend can tell "nobody there" from "cluster
     /// broken".
-    fn check_bus(&self) -> Result<(), DeliveryError> {
+    pub(crate) fn check_bus(&self) -> Result<(), DeliveryError> {
         if self.bus.is_connected() {
             Ok(())
         } else {
@@ -365,15 +405,20 @@ impl Coordinator {
             }
             return plan;
         }
+        // A connection on an edge that is behind may also be known to another coordinator
+        // (its old or new owner): naming it here could deliver it twice. That edge is
+        // reported unknown instead.
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         if target.conn_ids.is_empty() {
             for c in dir.placed("", &target.user) {
-                let ids = by_node.entry(c.node_id.clone()).or_default();
-                ids.push(c.conn_id.clone());
+                if !behind.contains(&c.node_id) {
+                    let ids = by_node.entry(c.node_id.clone()).or_default();
+                    ids.push(c.conn_id.clone());
+                }
             }
         } else {
             for id in &target.conn_ids {
-                if let Some(n) = dir.node_of(id) {
+                if let Some(n) = dir.node_of(id).filter(|n| !behind.contains(*n)) {
                     by_node.entry(n.to_owned()).or_default().push(id.clone());
                 }
             }
@@ -386,7 +431,7 @@ impl Coordinator {
             };
             place(node, t);
         }
-        plan.unknown = behind;
+        plan.unknown = behind.into_iter().collect();
         plan
     }
 
@@ -535,6 +580,11 @@ pub(crate) fn unix_ms() -> i64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+/// How often each coordinator asks who is on the bus ([`Coordinator::census`]).
+pub const CENSUS_EVERY: Duration = Duration::from_secs(5);
+/// How long a census waits for answers.
+pub const CENSUS_WAIT: Duration = Duration::from_millis(500);
 
 /// Which edges one targeted call concerns ([`Coordinator::plan`]).
 #[derive(Debug, Default)]

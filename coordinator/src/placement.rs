@@ -8,7 +8,9 @@
 //! connections are kept for the grace period in case it returns, but left out of every read
 //! (locate, presence, listings, counts), which then say they are incomplete. Its share here is
 //! also incomplete while the ring its last full batch was computed with is not this
-//! coordinator's ring (a ring change both sides have not caught up with).
+//! coordinator's ring (a ring change both sides have not caught up with), and while it has not
+//! sent a full batch at all: an edge seen on the bus (a census) that does not report here yet
+//! is *joining*, and is not "nobody".
 //!
 //! **Invariant:** sans-io. No sockets, no clock reads: time comes in as a parameter (time since
 //! an epoch of the caller's choosing). Applying a delta twice is harmless (attach replaces,
@@ -33,6 +35,13 @@ pub struct Node {
     pub suspect_since: Option<Duration>,
     /// The coordinator ring its last full batch was computed with.
     ring: Vec<String>,
+    /// A batch came over a report stream (else the edge is only known from a census).
+    reported: bool,
+    /// A full batch was applied since this entry was made: without one, the entry holds
+    /// only what deltas said, and the edge is asked to resend everything.
+    whole: bool,
+    /// When a census last found it on the bus.
+    census_seen: Duration,
     conns: BTreeSet<String>,
     /// Active (namespace, filter) pairs on the edge.
     topics: HashSet<(String, String)>,
@@ -49,12 +58,19 @@ impl Node {
 
     /// Whether this directory holds its whole share of the edge under `ring`.
     pub fn is_current(&self, ring: &[String]) -> bool {
-        !self.is_suspect() && self.ring == ring
+        !self.is_suspect() && self.whole && self.ring == ring
+    }
+
+    /// Whether the edge must send its whole state (this entry was made without it).
+    pub fn needs_full(&self) -> bool {
+        self.reported && !self.whole
     }
 
     pub fn state(&self) -> &'static str {
         if self.suspect_since.is_some() {
             "suspect"
+        } else if !self.reported {
+            "joining"
         } else if self.draining {
             "draining"
         } else {
@@ -97,7 +113,7 @@ impl Directory {
         let node_id = batch.node_id;
         let leaving = batch.leaving;
         let mut changes = Vec::new();
-        let known = self.nodes.contains_key(&node_id);
+        let known = self.nodes.get(&node_id).is_some_and(|n| n.reported);
         let mut stale: BTreeSet<String> = BTreeSet::new();
         {
             let node = self.nodes.entry(node_id.clone()).or_default();
@@ -108,10 +124,12 @@ impl Directory {
             node.last_seen = now;
             node.draining = batch.draining;
             node.suspect_since = None;
+            node.reported = true;
             if batch.full {
                 stale = std::mem::take(&mut node.conns);
                 node.topics.clear();
                 node.ring = batch.ring;
+                node.whole = true;
             }
         }
         if !known {
@@ -168,10 +186,24 @@ impl Directory {
         *g
     }
 
-    /// Whether the edge is known here (a batch that is not full from an unknown edge means it
-    /// was forgotten while it could not report: it must send its whole state again).
-    pub fn knows(&self, node_id: &str) -> bool {
-        self.nodes.contains_key(node_id)
+    /// Whether the edge must send its whole state: it was forgotten while it could not
+    /// report, and its last batches were deltas to state this directory no longer has. Asked
+    /// on every batch until a full one comes, so a lost request is asked again.
+    pub fn needs_full(&self, node_id: &str) -> bool {
+        self.nodes.get(node_id).is_some_and(Node::needs_full)
+    }
+
+    /// A census found these edges on the bus: those not known here become *joining* (not
+    /// current, so answers say they are unknown rather than absent).
+    pub fn seen_on_bus(&mut self, node_ids: impl IntoIterator<Item = String>, now: Duration) {
+        for id in node_ids {
+            let node = self.nodes.entry(id.clone()).or_default();
+            node.node_id = id;
+            node.census_seen = now;
+            if !node.reported {
+                node.last_seen = now;
+            }
+        }
     }
 
     /// Marks suspect the edges that sent nothing (not even a heartbeat) for `limit`. Returns
@@ -179,7 +211,8 @@ impl Directory {
     pub fn silence(&mut self, now: Duration, limit: Duration) -> Vec<String> {
         let mut silent = Vec::new();
         for n in self.nodes.values_mut() {
-            if n.suspect_since.is_none() && now.saturating_sub(n.last_seen) >= limit {
+            // A joining edge has no stream here to fall silent on.
+            if n.reported && n.suspect_since.is_none() && now.saturating_sub(n.last_seen) >= limit {
                 n.suspect_since = Some(now);
                 silent.push(n.node_id.clone());
             }
@@ -201,14 +234,22 @@ impl Directory {
         self.nodes.values().all(|n| n.is_current(ring))
     }
 
-    /// The edges that are not suspect but whose share here may be missing connections under
-    /// `ring` (their last full batch was for another ring).
-    pub fn behind(&self, ring: &[String]) -> Vec<String> {
+    /// The edges whose share here may be missing connections under `ring`: joining, rebuilt
+    /// from deltas, or last reported for another ring (suspect or not).
+    pub fn behind(&self, ring: &[String]) -> BTreeSet<String> {
         self.nodes
             .values()
-            .filter(|n| !n.is_suspect() && n.ring != ring)
+            .filter(|n| !n.whole || n.ring != ring)
             .map(|n| n.node_id.clone())
             .collect()
+    }
+
+    /// The edges known only from a census: their topic filters are unknown here.
+    pub fn joining(&self) -> impl Iterator<Item = &str> {
+        self.nodes
+            .values()
+            .filter(|n| !n.reported)
+            .map(|n| n.node_id.as_str())
     }
 
     /// The edge's report stream of generation `stream` broke: keep its entries until the
@@ -222,14 +263,18 @@ impl Directory {
         }
     }
 
-    /// Drops the edges suspect for longer than `grace`. Returns what changed.
-    pub fn expire(&mut self, now: Duration, grace: Duration) -> Vec<Change> {
+    /// Drops the edges suspect for longer than `grace`, and the joining ones no census has
+    /// seen for `unseen`. Returns what changed.
+    pub fn expire(&mut self, now: Duration, grace: Duration, unseen: Duration) -> Vec<Change> {
         let gone: Vec<String> = self
             .nodes
             .values()
             .filter(|n| {
-                n.suspect_since
-                    .is_some_and(|s| now.saturating_sub(s) >= grace)
+                let suspect_too_long = n
+                    .suspect_since
+                    .is_some_and(|s| now.saturating_sub(s) >= grace);
+                let vanished = !n.reported && now.saturating_sub(n.census_seen) >= unseen;
+                suspect_too_long || vanished
             })
             .map(|n| n.node_id.clone())
             .collect();
@@ -504,9 +549,9 @@ mod tests {
         d.apply(batch("e1", true, vec![conn("c1", "a", "u")]), T);
         let g = d.open_stream("e1");
         d.suspect("e1", g, s);
-        assert!(d.expire(2 * s, 5 * s).is_empty());
+        assert!(d.expire(2 * s, 5 * s, 60 * s).is_empty());
         assert_eq!(d.node("e1").map(Node::state), Some("suspect"));
-        let changes = d.expire(6 * s, 5 * s);
+        let changes = d.expire(6 * s, 5 * s, 60 * s);
         assert_eq!(changes.len(), 2, "{changes:?}");
         assert!(d.locate("a", "u").is_empty());
         // A node that comes back before the grace period is no longer suspect.
@@ -520,7 +565,7 @@ mod tests {
         d.suspect("e2", newer, s);
 
         d.apply(batch("e2", true, vec![conn("c2", "a", "u")]), 2 * s);
-        assert!(d.expire(10 * s, 5 * s).is_empty());
+        assert!(d.expire(10 * s, 5 * s, 60 * s).is_empty());
     }
 
     #[test]
@@ -584,24 +629,87 @@ mod tests {
         d.apply(full(&old), T);
         assert!(d.is_complete(&old));
         assert!(!d.is_complete(&new));
-        assert_eq!(d.behind(&new), ["e1"]);
+        assert_eq!(d.behind(&new), BTreeSet::from(["e1".to_owned()]));
         // Deltas do not change the ring a share was built for.
         d.apply(batch("e1", false, vec![conn("c1", "a", "u")]), T);
-        assert_eq!(d.behind(&new), ["e1"]);
+        assert_eq!(d.behind(&new), BTreeSet::from(["e1".to_owned()]));
         d.apply(full(&new), T);
         assert!(d.is_complete(&new));
         assert!(d.behind(&new).is_empty());
     }
 
     #[test]
-    fn a_forgotten_edge_is_not_known() {
+    fn an_edge_forgotten_then_heard_again_is_asked_for_everything_until_it_sends_it() {
         let s = Duration::from_secs(1);
+        let ring = vec!["c1".to_owned()];
         let mut d = Directory::default();
         d.apply(batch("e1", true, vec![conn("c1", "a", "u")]), T);
-        assert!(d.knows("e1"));
+        assert!(!d.needs_full("e1"));
         d.silence(3 * s, 3 * s);
-        d.expire(20 * s, 10 * s);
-        assert!(!d.knows("e1"));
+        d.expire(20 * s, 10 * s, 60 * s);
+        // A heartbeat from the forgotten edge: known again, but only from deltas.
+        d.apply(batch("e1", false, vec![]), 21 * s);
+        assert!(d.needs_full("e1"));
+        assert!(d.needs_full("e1"), "asked again until it comes");
+        assert!(!d.is_complete(&ring));
+        assert_eq!(d.behind(&ring), BTreeSet::from(["e1".to_owned()]));
+        d.apply(
+            ReportBatch {
+                ring: ring.clone(),
+                ..batch("e1", true, vec![conn("c1", "a", "u")])
+            },
+            22 * s,
+        );
+        assert!(!d.needs_full("e1"));
+        assert!(d.is_complete(&ring));
+    }
+
+    #[test]
+    fn an_edge_seen_on_the_bus_is_joining_until_it_reports() {
+        let s = Duration::from_secs(1);
+        let ring = vec!["c1".to_owned()];
+        let mut d = Directory::default();
+        d.seen_on_bus(["e1".to_owned()], T);
+        assert_eq!(d.node("e1").map(Node::state), Some("joining"));
+        assert!(!d.is_complete(&ring));
+        assert_eq!(d.behind(&ring), BTreeSet::from(["e1".to_owned()]));
+        assert_eq!(d.joining().collect::<Vec<_>>(), ["e1"]);
+        // It has no stream here to fall silent on.
+        assert!(d.silence(10 * s, 3 * s).is_empty());
+        // Its first batch makes it whole, and announces it.
+        let changes = d.apply(
+            ReportBatch {
+                ring: ring.clone(),
+                ..batch("e1", true, vec![])
+            },
+            s,
+        );
+        assert_eq!(changes, [Change::NodeUp("e1".into())]);
+        assert!(d.is_complete(&ring));
+        assert_eq!(d.joining().count(), 0);
+        // A joining edge that no census sees any more is dropped.
+        d.seen_on_bus(["e2".to_owned()], T);
+        assert!(d.expire(5 * s, 60 * s, 10 * s).is_empty());
+        d.expire(10 * s, 60 * s, 10 * s);
+        assert!(d.node("e2").is_none());
+        assert!(d.node("e1").is_some());
+    }
+
+    #[test]
+    fn a_suspect_edge_behind_the_ring_is_still_behind() {
+        let s = Duration::from_secs(1);
+        let old = vec!["c1".to_owned()];
+        let new = vec!["c1".to_owned(), "c2".to_owned()];
+        let mut d = Directory::default();
+        d.apply(
+            ReportBatch {
+                ring: old,
+                ..batch("e1", true, vec![])
+            },
+            T,
+        );
+        d.silence(3 * s, 3 * s);
+        assert_eq!(d.behind(&new), BTreeSet::from(["e1".to_owned()]));
     }
 
     #[test]

@@ -144,10 +144,11 @@ impl EdgeReport for ReportService {
                     tracing::info!(node = %batch.node_id, "edge reporting");
                     stream = Some((batch.node_id.clone(), generation));
                 }
+                let node = batch.node_id.clone();
+                c.apply(batch).await;
                 // Forgotten while it could not report (stalled past the grace period): its
                 // deltas are relative to state this directory no longer has.
-                let resync = !batch.full && !c.directory().knows(&batch.node_id);
-                c.apply(batch).await;
+                let resync = c.directory().needs_full(&node);
                 batches += 1;
                 let _ = tx.try_send(Ok(ReportAck {
                     batches,
@@ -162,6 +163,18 @@ impl EdgeReport for ReportService {
             drop(claim);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Takes a census of the edges on the bus every [`crate::messaging::CENSUS_EVERY`].
+pub async fn run_census(c: Coordinator, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::messaging::CENSUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => c.census().await,
+        }
     }
 }
 

@@ -40,6 +40,7 @@ pub(crate) fn run(reg: &Registry, cmd: EdgeCommand) -> Vec<u8> {
             let code = u16::try_from(d.code).unwrap_or(1000);
             registry::disconnect(&handles, code, &d.reason, d.hard)
         }
+        Some(Kind::Census(_)) => Tally::default(),
         Some(Kind::Inspect(i)) => {
             let buffered_bytes = i
                 .conn_ids

@@ -752,7 +752,8 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, up
         ))
         .await;
     }
-    drop(permit);
-    // Boxed: its buffer lives only while lingering, not in every connection's task.
+    // Boxed: its buffer lives only while lingering, not in every connection's task. The
+    // slot is held meanwhile: a lingering socket is still an open descriptor.
     Box::pin(conn.linger(&end)).await;
+    drop(permit);
 }

@@ -141,3 +141,71 @@ async fn a_terminated_edge_leaves_placement_as_soon_as_it_has_drained() {
     eprintln!("a drained edge left placement {took:?} after it exited");
     assert!(took < Duration::from_secs(1), "left after {took:?}");
 }
+
+#[tokio::test]
+async fn a_new_coordinator_never_answers_nobody_for_edges_it_has_not_heard_from() {
+    let mut c = Cluster::start(2, 1, Opts::default()).await;
+    let mut alice = c.client(0, "alice", "default").await;
+    let mut bob = c.client(1, "bob", "default").await;
+    for w in [&mut alice, &mut bob] {
+        w.send(serde_json::json!({"type": "subscribe", "topic": "news"}))
+            .await;
+        w.recv_type("subscribed").await;
+    }
+    c.wait_located(0, "default", "alice", 1).await;
+    c.wait_located(0, "default", "bob", 1).await;
+    settle_topic(&c, 0, "news", 2, &mut [&mut alice, &mut bob]).await;
+
+    // A coordinator joins (a scale-out, or a restart) and is asked at once, before the
+    // edges' report streams reach it: it knows the edges only from its census of the bus.
+    let new = c.add_coordinator("c2").await;
+    let addr = c.grpc(new);
+    let r = broadcast(
+        addr,
+        proto::v1::BroadcastRequest {
+            r#type: "bc".into(),
+            payload_json: "1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        r.delivered == 2 || !r.unconfirmed.is_empty(),
+        "Broadcast: {r:?}"
+    );
+    let r = publish(addr, "default", "news", "2").await;
+    assert!(
+        r.delivered == 2 || !r.unconfirmed.is_empty(),
+        "Publish: {r:?}"
+    );
+    for user in ["alice", "bob"] {
+        let r = send(addr, "default", user, "note", "3").await;
+        assert!(
+            r.delivered == 1 || !r.unconfirmed.is_empty(),
+            "Send to {user}: {r:?}"
+        );
+        let l = locate(addr, "default", user).await.expect("Locate answers");
+        assert!(
+            l.connections.len() == 1 || !l.complete,
+            "Locate {user}: {l:?}"
+        );
+    }
+    // Whatever the answers said, everything was delivered, once.
+    for w in [&mut alice, &mut bob] {
+        assert_eq!(w.recv_type("bc").await["payload"], 1);
+        assert_eq!(w.recv_type("message").await["payload"], 2);
+        assert_eq!(w.recv_type("note").await["payload"], 3);
+    }
+    // And once the edges report to it, its answers are whole.
+    eventually(
+        "the new coordinator to hold its whole share",
+        STEP,
+        async || {
+            let l = locate(addr, "default", "alice").await?;
+            (l.connections.len() == 1 && l.complete).then_some(())
+        },
+    )
+    .await;
+    let r = send(addr, "default", "bob", "note", "4").await;
+    assert_eq!((r.delivered, r.unconfirmed.len()), (1, 0), "{r:?}");
+}

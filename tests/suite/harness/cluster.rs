@@ -233,6 +233,8 @@ pub struct Cluster {
     /// (when the server takes anonymous clients), as operators and audit services attach one.
     /// It must change nothing: no process may depend on nobody else hearing a subject.
     tap: Option<(NatsBus, Subscription)>,
+    /// The environment coordinators were started with, for [`Cluster::add_coordinator`].
+    coordinator_env: Vec<(String, String)>,
 }
 
 impl Drop for Cluster {
@@ -283,6 +285,7 @@ impl Cluster {
             dir,
             config,
             tap: None,
+            coordinator_env: env.iter().chain(&spec.role_env[0]).cloned().collect(),
         };
         if spec.tap && spec.nats_config.is_none() {
             let tap = cluster.observer().await;
@@ -315,6 +318,21 @@ impl Cluster {
         }
         cluster.wait_ready().await;
         cluster
+    }
+
+    /// Starts one more coordinator `id`, as the others were started; returns its index once
+    /// it printed its banner (it answers calls from then on; edges find it afterwards).
+    pub async fn add_coordinator(&mut self, id: &str) -> usize {
+        let mut cmd = node_command("coordinator", &self.config, &self.nats.url(), id);
+        cmd.envs(self.coordinator_env.iter().map(|(k, v)| (k, v)));
+        let (proc, (grpc, http)) = Proc::start(id, cmd, coordinator_banner).await;
+        self.coords.push(Coord {
+            id: id.to_owned(),
+            grpc,
+            http,
+            proc,
+        });
+        self.coords.len() - 1
     }
 
     /// Every coordinator ready, in a ring of all coordinators, with a report stream from every
