@@ -217,8 +217,7 @@ impl Coordinator {
     }
 
     /// A frame to one user (in one namespace or all) or some connections, from this
-    /// coordinator's directory.
-    /// `frame`'s own target is ignored.
+    /// coordinator's directory (`frame`'s own target is ignored).
     pub async fn send(
         &self,
         target: Target,
@@ -319,26 +318,13 @@ impl Coordinator {
             kind: Some(edge_command::Kind::Census(proto::v1::Census {})),
         };
         let out = Outgoing::new(subject::EDGES, cmd.encode_to_vec());
-        let answered = async {
-            let inbox = self.bus.new_inbox();
-            let mut replies = self.bus.subscribe(inbox.clone(), None).await?;
-            self.bus.publish(out.with_reply(inbox)).await?;
-            let mut ids = Vec::new();
-            let deadline = tokio::time::sleep(CENSUS_WAIT);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    () = &mut deadline => break,
-                    m = replies.next() => match m.and_then(|m| decode_report(&m.payload)) {
-                        Some(r) => ids.extend(r.node_ids),
-                        None => break,
-                    },
-                }
-            }
-            Ok::<_, BusError>(ids)
-        };
+        let mut ids = Vec::new();
+        let answered = self.replies(out, CENSUS_WAIT, |r| {
+            ids.extend(r.node_ids);
+            false
+        });
         match answered.await {
-            Ok(ids) => {
+            Ok(()) => {
                 let now = self.now();
                 self.directory().seen_on_bus(ids, now);
             }
@@ -498,36 +484,54 @@ impl Coordinator {
             add_unconfirmed(&mut total, suspect);
             return Ok(total);
         }
-        let inbox = self.bus.new_inbox();
-        let mut replies = self.bus.subscribe(inbox.clone(), None).await?;
-        self.bus.publish(out.with_reply(inbox)).await?;
-        let deadline = tokio::time::sleep(self.edge_timeout());
-        tokio::pin!(deadline);
-        while !expected.is_empty() {
-            tokio::select! {
-                () = &mut deadline => {
-                    tracing::warn!(silent = ?expected.keys().collect::<Vec<_>>(), "not every edge answered in time");
-                    break;
-                }
-                m = replies.next() => match m {
-                    Some(m) => {
-                        let Some(r) = decode_report(&m.payload) else { continue };
-                        for id in &r.node_ids {
-                            if let Some(left) = expected.get_mut(id) {
-                                *left -= 1;
-                                if *left == 0 {
-                                    expected.remove(id);
-                                }
-                            }
-                        }
-                        merge(&mut total, &r);
+        self.replies(out, self.edge_timeout(), |r| {
+            for id in &r.node_ids {
+                if let Some(left) = expected.get_mut(id) {
+                    *left -= 1;
+                    if *left == 0 {
+                        expected.remove(id);
                     }
-                    None => break,
-                },
+                }
             }
+            merge(&mut total, &r);
+            expected.is_empty()
+        })
+        .await?;
+        if !expected.is_empty() {
+            tracing::warn!(silent = ?expected.keys().collect::<Vec<_>>(), "not every edge answered in time");
         }
         add_unconfirmed(&mut total, suspect.into_iter().chain(expected.into_keys()));
         Ok(total)
+    }
+
+    /// Publishes `out` with a reply inbox and hands each edge's report to `take` until it
+    /// says it has all it waits for, or `wait` passed.
+    async fn replies(
+        &self,
+        out: Outgoing,
+        wait: Duration,
+        mut take: impl FnMut(DeliveryReport) -> bool,
+    ) -> Result<(), BusError> {
+        let inbox = self.bus.new_inbox();
+        let mut replies = self.bus.subscribe(inbox.clone(), None).await?;
+        self.bus.publish(out.with_reply(inbox)).await?;
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => return Ok(()),
+                m = replies.next() => match m {
+                    Some(m) => {
+                        if let Some(r) = decode_report(&m.payload)
+                            && take(r)
+                        {
+                            return Ok(());
+                        }
+                    }
+                    None => return Ok(()),
+                },
+            }
+        }
     }
 
     async fn announce_changes(&self, changes: Vec<Change>) {
