@@ -7,6 +7,7 @@
 //!
 //! | module | what |
 //! | --- | --- |
+//! | [`history`] | the [`HistoryStore`] trait: topic history with positions, for recovery |
 //! | [`local`] | in-process bus for the embedded mode and unit tests |
 //! | [`nats`] | async-nats client for cluster mode |
 //! | [`store`] | the [`ResourceStore`] trait: buckets of resource items and revocations |
@@ -33,6 +34,7 @@ use bytes::Bytes;
 use futures::Stream;
 use futures::future::BoxFuture;
 
+pub mod history;
 pub mod local;
 pub mod local_store;
 pub mod metrics;
@@ -44,6 +46,7 @@ pub mod testkit;
 pub mod tls;
 pub mod trace;
 
+pub use history::{HistoryError, HistoryStore, SharedHistory};
 pub use local::LocalBus;
 pub use local_store::LocalStore;
 pub use nats::{NatsAuth, NatsBus, NatsOptions, NatsTls};

@@ -4,7 +4,8 @@
 //! | --- | --- | --- |
 //! | `sb.node.<node>` | coordinators: [`EdgeCommand`](crate::v1::EdgeCommand) for one edge | that edge |
 //! | `sb.edges` | coordinators: commands for every edge (broadcast, inspect) | every edge |
-//! | `sb.topic.<ns>.<levels…>` | anyone: a topic publication | edges with a local watcher |
+//! | `sb.topic.<ns>.<levels…>` | anyone: a topic publication; JetStream republishes stored history publications here | edges with a local watcher |
+//! | `sb.hist.<ns>.<levels…>` | publishers of history topics (JetStream publish) | the rule's stream ([`history_stream`]) |
 //! | `sb.event.<ns>.<type>` | edges: client events no route hook maps elsewhere | backends |
 //! | `sb.coord.announce` | coordinators, every second and when leaving | edges, coordinators |
 //! | `sb.coord.hello` | a starting process | coordinators (they announce at once) |
@@ -20,6 +21,11 @@ use std::fmt::Write as _;
 
 /// Prefix of topic publication subjects.
 pub const TOPIC_PREFIX: &str = "sb.topic";
+/// Prefix of history topic publications on their way into storage (republished, with their
+/// position, under [`TOPIC_PREFIX`]).
+pub const HISTORY_PREFIX: &str = "sb.hist";
+/// Prefix of the JetStream streams that keep topic history, one per rule.
+pub const HISTORY_STREAM_PREFIX: &str = "SB_HISTORY_";
 /// Every edge subscribes here for cluster-wide commands.
 pub const EDGES: &str = "sb.edges";
 
@@ -53,6 +59,14 @@ pub const HEADER_NAMESPACE: &str = "Sb-Namespace";
 pub const HEADER_USER: &str = "Sb-User";
 /// Header: the backend's message id of a topic publication (deduplicated per connection).
 pub const HEADER_MESSAGE_ID: &str = "Sb-Message-Id";
+/// Header: a stored publication's offset (set by JetStream when it republishes it).
+pub const HEADER_OFFSET: &str = "Nats-Sequence";
+/// Header: the offset of the same topic's publication before it, 0 for none (set by
+/// JetStream when it republishes it): a receiver that did not see that one missed it.
+pub const HEADER_PREVIOUS: &str = "Nats-Last-Sequence";
+/// Header: where edges send their delivery report for a history publication (JetStream's
+/// republish carries no reply subject).
+pub const HEADER_REPORT_TO: &str = "Sb-Report-To";
 /// Header: W3C trace context.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
@@ -79,6 +93,43 @@ pub fn topic<'a>(namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> 
         push_token(&mut s, level);
     }
     s
+}
+
+/// The subject a publication to `levels` (already validated) of a history topic in
+/// `namespace` is stored under.
+pub fn history<'a>(namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> String {
+    let mut s = format!("{HISTORY_PREFIX}.{}", token(namespace));
+    for level in levels {
+        s.push('.');
+        push_token(&mut s, level);
+    }
+    s
+}
+
+/// The subjects of a history rule's stream: its MQTT `pattern` (already validated) in every
+/// namespace.
+pub fn history_filter(pattern: &str) -> Vec<String> {
+    topic_filter("*", pattern)
+        .into_iter()
+        .map(|s| {
+            let rest = s
+                .strip_prefix(TOPIC_PREFIX)
+                .and_then(|r| r.strip_prefix(".~2A"))
+                .unwrap_or_default();
+            format!("{HISTORY_PREFIX}.*{rest}")
+        })
+        .collect()
+}
+
+/// The name of the stream that keeps the history of rule `pattern`: stable across
+/// processes and releases (FNV-1a, not the standard library's randomly keyed hash).
+pub fn history_stream(pattern: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in pattern.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{HISTORY_STREAM_PREFIX}{hash:016x}")
 }
 
 /// The subjects that carry every publication matching the MQTT `filter` (already
@@ -223,5 +274,23 @@ mod tests {
             vec!["sb.topic.ns.scores.>", "sb.topic.ns.scores"]
         );
         assert_eq!(topic_filter("ns", "#"), vec!["sb.topic.ns.>"]);
+    }
+
+    #[test]
+    fn history_subjects_cover_every_namespace() {
+        assert_eq!(
+            history_filter("chat/#"),
+            vec!["sb.hist.*.chat.>", "sb.hist.*.chat"]
+        );
+        assert_eq!(history_filter("a/+/b"), vec!["sb.hist.*.a.*.b"]);
+        assert_eq!(history_filter("#"), vec!["sb.hist.*.>"]);
+        assert_eq!(
+            history("acme", "chat/x.y".split('/')),
+            "sb.hist.acme.chat.x~2Ey"
+        );
+        let name = history_stream("chat/#");
+        assert_eq!(name, history_stream("chat/#"));
+        assert_ne!(name, history_stream("chat/+"));
+        assert!(name.starts_with("SB_HISTORY_") && name.len() == 27);
     }
 }
