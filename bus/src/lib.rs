@@ -8,6 +8,8 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`history`] | the [`HistoryStore`] trait: topic history with positions, for recovery |
+//! | [`local_history`] | in-process history: rings per topic, delivered live on the local bus |
+//! | [`nats_history`] | history over JetStream: one stream per rule, republished live by the server |
 //! | [`local`] | in-process bus for the embedded mode and unit tests |
 //! | [`nats`] | async-nats client for cluster mode |
 //! | [`store`] | the [`ResourceStore`] trait: buckets of resource items and revocations |
@@ -19,7 +21,7 @@
 //! | `testkit` | a real `nats-server` for tests (feature `testkit`) |
 //!
 //! Both buses pass the same conformance suite (`bus/tests/conformance.rs`), both stores theirs
-//! (`bus/tests/store_conformance.rs`).
+//! (`bus/tests/store_conformance.rs`), both histories theirs (`bus/tests/history_conformance.rs`).
 //!
 //! **Invariant:** every queue here is bounded; a subscriber that falls behind loses messages
 //! (counted in [`Subscription::dropped`]) rather than stalling the publisher, as NATS does.
@@ -36,9 +38,11 @@ use futures::future::BoxFuture;
 
 pub mod history;
 pub mod local;
+pub mod local_history;
 pub mod local_store;
 pub mod metrics;
 pub mod nats;
+pub mod nats_history;
 pub mod nats_store;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -48,8 +52,10 @@ pub mod trace;
 
 pub use history::{HistoryError, HistoryStore, SharedHistory};
 pub use local::LocalBus;
+pub use local_history::LocalHistory;
 pub use local_store::LocalStore;
 pub use nats::{NatsAuth, NatsBus, NatsOptions, NatsTls};
+pub use nats_history::{NatsHistory, NatsHistoryOptions};
 pub use nats_store::{NatsStore, NatsStoreOptions};
 pub use store::{Change, ResourceStore, SharedStore, StoreError, StoreWatch};
 
