@@ -326,3 +326,75 @@ fn storage<'a>(
 fn half(ttl: Duration) -> Duration {
     (ttl / 2).max(Duration::from_millis(1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LocalBus;
+
+    fn rule(size: u64, ttl: u64) -> Rule {
+        Rule {
+            pattern: "chat/#".into(),
+            size,
+            ttl: Duration::from_secs(ttl),
+        }
+    }
+
+    async fn history(rule: &Rule) -> LocalHistory {
+        let h = LocalHistory::new(Arc::new(LocalBus::new(16)));
+        h.ensure(std::slice::from_ref(rule)).await.unwrap();
+        h
+    }
+
+    async fn append(h: &LocalHistory, rule: &Rule, topic: &str) -> u64 {
+        h.append(rule, "ns", topic, Headers::default(), Bytes::new())
+            .await
+            .unwrap()
+            .offset
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgotten_topics_stay_incomplete() {
+        let rule = rule(5, 10);
+        let h = history(&rule).await;
+        let a = append(&h, &rule, "chat/a").await;
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // The sweep forgets chat/a (aged out, nobody touched it).
+        append(&h, &rule, "chat/b").await;
+        assert_eq!(h.inner.lock().await["chat/#"].topics.len(), 1);
+        let read = h.read(&rule, "ns", "chat/a", 0).await.unwrap();
+        assert!(read.messages.is_empty() && !read.complete);
+        let read = h.read(&rule, "ns", "chat/a", a).await.unwrap();
+        assert!(read.messages.is_empty() && read.complete);
+        // A topic made after: unsure from before what was forgotten.
+        let c = append(&h, &rule, "chat/c").await;
+        let read = h.read(&rule, "ns", "chat/c", 0).await.unwrap();
+        assert_eq!(read.messages.len(), 1);
+        assert!(!read.complete);
+        assert!(h.read(&rule, "ns", "chat/c", a).await.unwrap().complete);
+        assert!(c > a);
+    }
+
+    #[tokio::test]
+    async fn ensure_with_a_smaller_size_keeps_the_newest() {
+        let rule = rule(5, 300);
+        let h = history(&rule).await;
+        let mut offsets = Vec::new();
+        for _ in 0..6 {
+            offsets.push(append(&h, &rule, "chat/a").await);
+        }
+        let smaller = Rule { size: 2, ..rule };
+        h.ensure(std::slice::from_ref(&smaller)).await.unwrap();
+        let read = h.read(&smaller, "ns", "chat/a", 0).await.unwrap();
+        let got: Vec<u64> = read.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(got, offsets[3..]);
+        assert!(!read.complete);
+        assert!(
+            h.read(&smaller, "ns", "chat/a", offsets[2])
+                .await
+                .unwrap()
+                .complete
+        );
+        assert_eq!(h.rules().await.unwrap(), [smaller]);
+    }
+}

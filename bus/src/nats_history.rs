@@ -13,21 +13,27 @@
 //! (every rule's stream has the same republish mapping; each republishes only its own
 //! subjects): the server itself sends every stored publication on its topic subject with
 //! `Nats-Sequence` ([`subject::HEADER_OFFSET`]) and `Nats-Last-Sequence`
-//! ([`subject::HEADER_PREVIOUS`], the sequence of the same subject's message before it),
-//! after the headers it was published with. Backends with a bare NATS client get the same
+//! ([`subject::HEADER_PREVIOUS`], the sequence of the same subject's last message still
+//! stored before it, 0 when none: one removed by age is not named), after the headers it was
+//! published with. Backends with a bare NATS client get the same
 //! by a JetStream publish to [`subject::history`].
 //!
 //! **Offsets and epochs.** An offset is the stream sequence; the epoch is the stream's
 //! creation time in Unix nanoseconds (decimal), so a stream deleted and made again has
 //! another. `append` takes the epoch from a per-stream cache filled by any stream info
 //! (`state` and `read` always ask the server); the cache is dropped when an append fails and
-//! refreshed when an acknowledged sequence is not above the last sequence the cache saw, so
-//! a stream made anew by another process is noticed at the latest by then. Until then, an
-//! append in this process may still name the old epoch.
+//! refreshed when an acknowledged sequence is not above the highest one seen, which is what
+//! a stream made anew by another process gives. Until this process notices (its first append
+//! after the stream is gone, or a sequence not above the highest it saw, or any `state` or
+//! `read`), an append may still name the old epoch: only if the new stream already holds more
+//! messages than the old one did when last seen here.
 //!
 //! **Reads** use an ephemeral pull consumer (memory storage, ack none, filtered on the topic,
 //! starting at `after + 1`), fetch until the server says nothing is pending, then ask for
 //! the stream's state and delete the consumer at the same time: three round trips.
+//!
+//! Tested against nats-server 2.15.1 only; nothing here needs more than 2.9 (the pattern is
+//! also in the description, as 2.9 keeps no stream metadata), but 2.9 was not run.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -87,7 +93,10 @@ impl Default for NatsHistoryOptions {
 /// `size + 1` messages. Hence at most `size` delivered and no prefix removal above `a` means
 /// nothing above `a` was removed. A reader exactly `size` behind is therefore complete, one
 /// `size + 1` behind is reported incomplete although nothing may be missing ("when unsure:
-/// false"). An operator deleting single messages by hand is not covered.
+/// false"), and so is any read from before the stream's first stored message (a position
+/// taken from [`State::last`] on a quiet topic of a busy rule, once the rule's oldest
+/// message is gone): JetStream does not say which subjects the removed messages had. An
+/// operator deleting single messages by hand is not covered.
 #[derive(Debug, Clone)]
 pub struct NatsHistory {
     inner: Arc<Inner>,
@@ -105,11 +114,6 @@ impl NatsHistory {
             }),
         }
     }
-
-    /// The stream configuration that keeps `rule`.
-    pub fn stream_config(&self, rule: &Rule) -> stream::Config {
-        self.inner.stream_config(rule)
-    }
 }
 
 struct Inner {
@@ -120,7 +124,7 @@ struct Inner {
     epochs: Mutex<HashMap<String, Epoch>>,
 }
 
-/// A stream's epoch and the last sequence it had when the epoch was read.
+/// A stream's epoch and the highest sequence seen since it was read.
 #[derive(Debug, Clone)]
 struct Epoch {
     epoch: String,
@@ -139,28 +143,6 @@ impl fmt::Debug for Inner {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Epoch>> {
         self.epochs.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn stream_config(&self, rule: &Rule) -> stream::Config {
-        stream::Config {
-            name: subject::history_stream(&rule.pattern),
-            description: Some(format!("{DESCRIPTION_PREFIX}{}", rule.pattern)),
-            subjects: subject::history_filter(&rule.pattern),
-            max_messages_per_subject: i64::try_from(rule.size.saturating_add(1))
-                .unwrap_or(i64::MAX),
-            max_age: rule.ttl,
-            storage: StorageType::File,
-            discard: DiscardPolicy::Old,
-            allow_direct: true,
-            num_replicas: self.opts.replicas.max(1),
-            republish: Some(Republish {
-                source: format!("{}.>", subject::HISTORY_PREFIX),
-                destination: format!("{}.>", subject::TOPIC_PREFIX),
-                headers_only: false,
-            }),
-            metadata: HashMap::from([(PATTERN_METADATA.to_owned(), rule.pattern.clone())]),
-            ..Default::default()
-        }
     }
 
     /// Remembers what `info` says about its stream's epoch; returns the epoch.
@@ -196,14 +178,18 @@ impl Inner {
 
     async fn ensure(&self, rules: &[Rule]) -> Result<(), HistoryError> {
         for rule in rules {
-            let config = self.stream_config(rule);
+            let config = stream_config(rule, self.opts.replicas);
             // Update first, create when missing (`create_or_update_stream`): neither asks for
-            // the account info. Updating keeps the stream, its messages and its epoch.
-            let info = self
-                .js
-                .create_or_update_stream(config)
-                .await
-                .map_err(unavailable)?;
+            // the account info. Updating keeps the stream, its messages and its epoch. When
+            // another process created it between our update and create (with other limits),
+            // our create fails: update once more.
+            let info = match self.js.create_or_update_stream(config.clone()).await {
+                Ok(info) => info,
+                Err(error) => {
+                    debug!(stream = config.name, %error, "history stream not made; updating");
+                    self.js.update_stream(&config).await.map_err(unavailable)?
+                }
+            };
             self.remember(&info);
         }
         Ok(())
@@ -215,7 +201,7 @@ impl Inner {
         let mut rules: Vec<Rule> = infos
             .iter()
             .filter(|info| info.config.name.starts_with(subject::HISTORY_STREAM_PREFIX))
-            .filter_map(rule_of)
+            .filter_map(|info| rule_of(&info.config))
             .collect();
         rules.sort_by(|a, b| a.pattern.cmp(&b.pattern));
         Ok(rules)
@@ -258,11 +244,13 @@ impl Inner {
                 format!("{topic:?} was stored by stream {}, not {name}", ack.stream).into(),
             ));
         }
-        let cached = self
-            .lock()
-            .get(&name)
-            .filter(|e| ack.sequence > e.last)
-            .map(|e| e.epoch.clone());
+        // A sequence not above the highest one seen: the stream may have been made anew (or
+        // acknowledgements of concurrent appends arrived out of order: one info too many).
+        let cached = self.lock().get_mut(&name).and_then(|e| {
+            let fresh = ack.sequence > e.last;
+            e.last = e.last.max(ack.sequence);
+            fresh.then(|| e.epoch.clone())
+        });
         let epoch = match cached {
             Some(epoch) => epoch,
             None => epoch_of(&self.info(&name).await?),
@@ -404,10 +392,31 @@ impl HistoryStore for NatsHistory {
     }
 }
 
+/// The stream that keeps `rule`.
+fn stream_config(rule: &Rule, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: subject::history_stream(&rule.pattern),
+        description: Some(format!("{DESCRIPTION_PREFIX}{}", rule.pattern)),
+        subjects: subject::history_filter(&rule.pattern),
+        max_messages_per_subject: i64::try_from(rule.size.saturating_add(1)).unwrap_or(i64::MAX),
+        max_age: rule.ttl,
+        storage: StorageType::File,
+        discard: DiscardPolicy::Old,
+        allow_direct: true,
+        num_replicas: replicas.max(1),
+        republish: Some(Republish {
+            source: format!("{}.>", subject::HISTORY_PREFIX),
+            destination: format!("{}.>", subject::TOPIC_PREFIX),
+            headers_only: false,
+        }),
+        metadata: HashMap::from([(PATTERN_METADATA.to_owned(), rule.pattern.clone())]),
+        ..Default::default()
+    }
+}
+
 /// The rule a history stream keeps, from its configuration; `None` for a stream with our
 /// prefix that we did not make.
-fn rule_of(info: &stream::Info) -> Option<Rule> {
-    let config = &info.config;
+fn rule_of(config: &stream::Config) -> Option<Rule> {
     let pattern = config.metadata.get(PATTERN_METADATA).cloned().or_else(|| {
         config
             .description
@@ -472,4 +481,70 @@ fn stored_headers(map: Option<&HeaderMap>) -> Headers {
 
 fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> HistoryError {
     HistoryError::Unavailable(Box::new(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(pattern: &str, size: u64) -> Rule {
+        Rule {
+            pattern: pattern.into(),
+            size,
+            ttl: Duration::from_secs(300),
+        }
+    }
+
+    fn history() -> stream::Config {
+        stream_config(&rule("chat/#", 100), 1)
+    }
+
+    #[test]
+    fn rules_come_back_from_stream_configs() {
+        let config = history();
+        assert_eq!(rule_of(&config), Some(rule("chat/#", 100)));
+        // Servers before 2.10 keep no metadata: the description says it.
+        let old = stream::Config {
+            metadata: HashMap::new(),
+            ..history()
+        };
+        assert_eq!(rule_of(&old), Some(rule("chat/#", 100)));
+        // A stream with our prefix that we did not make.
+        let foreign = stream::Config {
+            name: subject::history_stream("other/#"),
+            ..history()
+        };
+        assert_eq!(rule_of(&foreign), None);
+        let unlimited = stream::Config {
+            max_messages_per_subject: -1,
+            ..history()
+        };
+        assert_eq!(rule_of(&unlimited), None);
+        let bare = stream::Config {
+            metadata: HashMap::new(),
+            description: None,
+            ..history()
+        };
+        assert_eq!(rule_of(&bare), None);
+    }
+
+    #[test]
+    fn stored_headers_leave_out_jetstreams() {
+        let mut map = HeaderMap::new();
+        map.insert("Sb-Message-Id", "m1");
+        map.insert("Nats-Sequence", "7");
+        map.insert("Nats-Msg-Id", "x");
+        let mut want = Headers::default();
+        want.insert("Sb-Message-Id", "m1");
+        assert_eq!(stored_headers(Some(&map)), want);
+        assert_eq!(stored_headers(None), Headers::default());
+    }
+
+    #[test]
+    fn header_bytes_as_on_the_wire() {
+        assert_eq!(header_len(&Headers::default()), 0);
+        let mut h = Headers::default();
+        h.insert("A", "bc");
+        assert_eq!(header_len(&h), "NATS/1.0\r\nA: bc\r\n\r\n".len());
+    }
 }

@@ -18,8 +18,8 @@ use async_nats::jetstream;
 use bus::history::{HistoryError, Read, Rule, Stored};
 use bus::testkit::TestNats;
 use bus::{
-    Bus, Headers, LocalBus, LocalHistory, Message, NatsBus, NatsHistory, NatsHistoryOptions,
-    NatsOptions, SharedBus, SharedHistory, Subscription,
+    Bus, Headers, HistoryStore, LocalBus, LocalHistory, Message, NatsBus, NatsHistory,
+    NatsHistoryOptions, NatsOptions, SharedBus, SharedHistory, Subscription,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -641,5 +641,46 @@ mod nats_only {
             ("sb.hist.>", "sb.topic.>")
         );
         assert!(c.description.unwrap().ends_with(CHAT));
+    }
+
+    /// Edges (and coordinators) each have their own `NatsHistory`: making the streams at
+    /// once works, they agree on the epoch, and one that deletes and remakes a stream is
+    /// noticed by the others' appends.
+    #[tokio::test]
+    async fn processes_share_streams_and_notice_a_new_one() {
+        let fx = nats().await;
+        let chat = chat(3);
+        let other = NatsHistory::new(fx.js().client(), NatsHistoryOptions::default());
+        let rules = [chat.clone(), rule("b/#", 1, Duration::from_secs(60))];
+        let (a, b) = tokio::join!(fx.history.ensure(&rules), other.ensure(&rules));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(other.rules().await.unwrap().len(), 2);
+        // Only appends here: `state` and `read` would refresh the cache.
+        let mut epochs = Vec::new();
+        for _ in 0..3 {
+            let appended = fx
+                .history
+                .append(&chat, "ns", "chat/a", Headers::default(), Bytes::new())
+                .await
+                .unwrap();
+            epochs.push(appended.epoch);
+        }
+        let epoch = other.state(&chat).await.unwrap().epoch;
+        assert_eq!(epochs, [epoch.clone(), epoch.clone(), epoch.clone()]);
+
+        fx.js()
+            .delete_stream(subject::history_stream(CHAT))
+            .await
+            .unwrap();
+        other.ensure(std::slice::from_ref(&chat)).await.unwrap();
+        let remade = other.state(&chat).await.unwrap().epoch;
+        assert_ne!(remade, epoch);
+        let appended = fx
+            .history
+            .append(&chat, "ns", "chat/a", Headers::default(), Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!((appended.offset, appended.epoch), (1, remade));
     }
 }
