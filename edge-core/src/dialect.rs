@@ -52,6 +52,9 @@ pub struct Row {
     /// `message_id` when it set one. Only the native protocol has a place for it: the seed
     /// systems' clients get their frames exactly as those systems sent them.
     pub message_id: bool,
+    /// Whether `session`, `subscribed` and `unsubscribed` carry resume tokens (docs/PROTOCOL.md
+    /// §4.6) once the client opened a session with `init`. Native only, like `message_id`.
+    pub resume: bool,
 }
 
 /// The native protocol: every verb, `type`-keyed; other frames are events.
@@ -65,6 +68,7 @@ const NATIVE: Row = Row {
     other: Other::Forward,
     monument_modes: false,
     message_id: true,
+    resume: true,
 };
 
 /// Every dialect. The first row is the default.
@@ -80,11 +84,13 @@ pub static TABLE: &[Row] = &[
         other: Other::SubjectEvent,
         monument_modes: true,
         message_id: false,
+        resume: false,
     },
     // The native protocol under HyperExpress's names for limits.
     Row {
         name: "hyperexpress",
         message_id: false,
+        resume: false,
         ..NATIVE
     },
     Row {
@@ -104,12 +110,14 @@ pub static TABLE: &[Row] = &[
         other: Other::ForwardOrUnknownHandler,
         monument_modes: false,
         message_id: false,
+        resume: false,
     },
     // Hooks, sends and broadcasts only.
     Row {
         name: "bodhi",
         verbs: &[],
         message_id: false,
+        resume: false,
         ..NATIVE
     },
 ];

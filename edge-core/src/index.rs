@@ -236,6 +236,12 @@ impl<C: Handle, T> Index<C, T> {
         self.topics.get(&key).map(|t| t.id)
     }
 
+    /// The shell's state of topic `filter` in `namespace`, if it is active.
+    pub fn state(&self, namespace: &str, filter: &str) -> Option<&T> {
+        let key = (namespace.to_owned(), filter.to_owned());
+        self.topics.get(&key).map(|t| &t.state)
+    }
+
     /// Every active topic: namespace, filter, subscribers.
     pub fn topics(&self) -> impl Iterator<Item = (&str, &str, &Subscribers<C>)> {
         self.topics

@@ -6,6 +6,7 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`dialect`] | the dialect table: one row per dialect (routing key, verbs, field names, answers) |
+//! | [`history`] | positions in topic history: a pump's live feed (next, repeat, gap), recovery, history pages |
 //! | [`verb`] | the built-in verbs, parsed once |
 //! | [`session`] | one connection's protocol: a frame in, actions out; its timers as deadlines |
 //! | [`recent`] | one connection's recent message ids: a backend's retry reaches it at most once |
@@ -14,6 +15,7 @@
 //! | [`router`] | the uplink's ring router: which coordinator each delta goes to, full shares |
 
 pub mod dialect;
+pub mod history;
 pub mod index;
 pub mod recent;
 pub mod report;

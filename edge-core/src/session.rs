@@ -18,6 +18,7 @@ use proto::topic;
 use serde_json::{Map, Value};
 
 use crate::dialect::{Dialect, Other, Unreadable};
+use crate::history::{HistoryCall, Page, Position};
 use crate::verb::Verb;
 
 /// What a session needs to know of its route, built once per route by the shell.
@@ -48,6 +49,70 @@ pub struct Rules {
     pub resources: BTreeMap<String, Resource>,
     /// How a token's `exp` is enforced; `None` on routes that take no token.
     pub token: Option<TokenPolicy>,
+    /// The topics whose publications are kept (any route's rules: storage is shared).
+    pub history: Vec<crate::history::Rule>,
+    /// How resume tokens are made; `None`: none are.
+    pub resume: Option<ResumeRules>,
+}
+
+/// What making and checking resume tokens takes.
+#[derive(Debug, Clone)]
+pub struct ResumeRules {
+    pub key: proto::resume::Key,
+    pub ttl: Duration,
+    /// The route's path, which a token names.
+    pub route: String,
+    /// What a valid token on the upgrade does to the connect hook.
+    pub onconnect: OnResume,
+}
+
+/// What a valid resume token presented on the upgrade does to the route's connect hook.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnResume {
+    /// It does not run: the token proves it accepted this user on this route before (a
+    /// rolling deploy does not ask backends again for every client).
+    #[default]
+    Skip,
+    /// It runs as on any connection.
+    Run,
+    /// It does not run; backends hear a `resumed` event (no answer awaited) instead.
+    Event,
+}
+
+/// Who a resumable session belongs to, and its clock in Unix time (tokens expire in it).
+#[derive(Debug)]
+struct Owner {
+    user: String,
+    namespace: String,
+    born: Instant,
+    born_ms: i64,
+}
+
+impl Owner {
+    /// `now` in Unix seconds.
+    fn unix_s(&self, now: Instant) -> i64 {
+        let since = now.saturating_duration_since(self.born).as_millis();
+        (self.born_ms + i64::try_from(since).unwrap_or(i64::MAX / 2)) / 1000
+    }
+}
+
+/// A publication taken: on a history topic, where it was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub position: Option<Position>,
+}
+
+/// How a subscription turned out ([`Session::subscribed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscribed {
+    Failed,
+    /// Live; on a history topic with the position the client now has, and whether it
+    /// recovered what it missed since the position it asked for (`None`: it asked none).
+    Live {
+        position: Option<Position>,
+        recovered: Option<bool>,
+    },
 }
 
 /// The client frame rate limit: a token bucket; `close_after` refusals in a row close.
@@ -118,8 +183,13 @@ pub enum Action {
     Ping,
     /// Flush the pong the transport queued for the client's ping.
     FlushPong,
-    /// Open a subscription to `filter`; report with [`Session::subscribed`].
-    Subscribe { filter: String, id: Option<Value> },
+    /// Open a subscription to `filter`, recovering from `since` when given; report with
+    /// [`Session::subscribed`].
+    Subscribe {
+        filter: String,
+        id: Option<Value>,
+        since: Option<Position>,
+    },
     /// Close the subscription to `filter`.
     Unsubscribe { filter: String },
     /// Publish a client's topic message; report with [`Session::published`].
@@ -143,6 +213,8 @@ pub enum Action {
     Resource(ResourceCall),
     /// Stop the watch with this key.
     StopWatch(String),
+    /// Read a topic's history; answer with [`Session::history_read`].
+    History(HistoryCall),
     /// Check a new token for this connection; report with [`Session::token_checked`].
     CheckToken { token: String, id: Option<Value> },
     /// A frame was ignored by design (counted by the shell).
@@ -254,8 +326,14 @@ pub struct Session {
     conn_id: String,
     // B-trees, not hash sets: empty they take 24 bytes and no hasher keys, and a connection
     // holds few entries (memory per idle connection is a bar).
-    topics: BTreeSet<String>,
+    /// Filters held, each with its position when on a history topic (for resume tokens).
+    topics: BTreeMap<String, Option<Box<Position>>>,
     watches: BTreeSet<String>,
+    /// Set when the route makes resume tokens: boxed, so that routes without them pay
+    /// one pointer.
+    owner: Option<Box<Owner>>,
+    /// The client opened a session (`init`): its answers carry resume tokens from then on.
+    sessioned: bool,
     pending: BTreeMap<RequestId, Pending>,
     next_request: u64,
     /// The connect hook has not answered: nothing is read until it does.
@@ -299,8 +377,10 @@ impl Session {
             ping_at: (!beat.is_zero()).then(|| now + beat),
             rules,
             conn_id,
-            topics: BTreeSet::new(),
+            topics: BTreeMap::new(),
             watches: BTreeSet::new(),
+            owner: None,
+            sessioned: false,
             pending: BTreeMap::new(),
             next_request: 0,
             connecting: false,
@@ -323,6 +403,44 @@ impl Session {
             });
         }
         s
+    }
+
+    /// Makes the session resumable (when its route makes resume tokens): tokens name
+    /// `user` in `namespace` and expire in Unix time, `now_ms` being `now`.
+    pub fn resumable(mut self, user: &str, namespace: &str, now: Instant, now_ms: i64) -> Self {
+        if self.rules.resume.is_some() && self.rules.dialect.row().resume {
+            self.owner = Some(Box::new(Owner {
+                user: user.to_owned(),
+                namespace: namespace.to_owned(),
+                born: now,
+                born_ms: now_ms,
+            }));
+        }
+        self
+    }
+
+    /// The client presented resume `token` on the upgrade: when it is valid, the connect
+    /// hook does as the route's `onconnect` says ([`OnResume`]). The subscriptions come
+    /// back with the `init` that carries the token, as without it.
+    pub fn resuming(mut self, token: Option<&str>, now: Instant) -> Self {
+        let Some(token) = token else { return self };
+        let on = self.rules.resume.as_ref().map(|r| r.onconnect);
+        if !self.connecting || on == Some(OnResume::Run) || self.check_resume(token, now).is_err() {
+            return self;
+        }
+        // The hook's request is the only thing queued at this point.
+        self.connecting = false;
+        self.pending.clear();
+        self.out.clear();
+        if on == Some(OnResume::Event)
+            && let Some(owner) = &self.owner
+        {
+            self.out.push_back(Action::Emit {
+                subject: proto::subject::event(&owner.namespace, "resumed"),
+                body: Body::Context,
+            });
+        }
+        self
     }
 
     /// The next thing to do, in order. The queue's buffer goes with its last action: an
@@ -352,7 +470,7 @@ impl Session {
 
     /// The topic filters the connection holds.
     pub fn topics(&self) -> impl Iterator<Item = &String> {
-        self.topics.iter()
+        self.topics.keys()
     }
 
     /// Backend requests awaiting a reply.
@@ -477,23 +595,15 @@ impl Session {
         let id = f.id.as_ref();
         match verb {
             // The session id is the answer's `id`.
-            Verb::Init => {
-                let session = f
-                    .str("session")
-                    .filter(|s| !s.is_empty() && s.len() <= 128)
-                    .unwrap_or(&self.conn_id);
-                let a = FrameBuilder::new(key, "session")
-                    .str("id", session)
-                    .finish();
-                self.out.push_back(Action::Send(a));
-            }
+            Verb::Init => self.init(&f, now),
             Verb::Ping => {
                 let a = FrameBuilder::new(key, "pong").id(id).finish();
                 self.out.push_back(Action::Send(a));
             }
-            Verb::Subscribe => self.subscribe(&f),
-            Verb::Unsubscribe => self.unsubscribe(&f),
+            Verb::Subscribe => self.subscribe(&f, now),
+            Verb::Unsubscribe => self.unsubscribe(&f, now),
             Verb::Publish => self.publish(&f),
+            Verb::History => self.history(&f),
             Verb::Refresh => self.refresh(&f),
             Verb::Watch | Verb::Stop | Verb::Query | Verb::All | Verb::Get => {
                 self.resource(verb, &f);
@@ -501,36 +611,93 @@ impl Session {
         }
     }
 
-    /// The outcome of [`Action::Subscribe`].
-    pub fn subscribed(&mut self, filter: String, id: Option<&Value>, ok: bool) {
+    /// The outcome of [`Action::Subscribe`]. On a history topic the frame comes before the
+    /// publications recovered for it, which the shell queued behind the socket it holds.
+    pub fn subscribed(
+        &mut self,
+        filter: String,
+        id: Option<&Value>,
+        how: Subscribed,
+        now: Instant,
+    ) {
         if self.closed {
             return;
         }
         let key = self.rules.key;
-        if !ok {
+        let Subscribed::Live {
+            position,
+            recovered,
+        } = how
+        else {
             return self.send_error(id, ErrorCode::Unavailable, "subscription failed; try again");
-        }
-        let a = FrameBuilder::new(key, "subscribed")
+        };
+        let mut a = FrameBuilder::new(key, "subscribed")
             .id(id)
-            .str("topic", &filter)
-            .finish();
-        self.topics.insert(filter);
-        self.out.push_back(Action::Send(a));
+            .str("topic", &filter);
+        if let Some(r) = recovered {
+            a = a.value("recovered", &Value::Bool(r));
+        }
+        if let Some(p) = &position {
+            a = a
+                .str("epoch", &p.epoch)
+                .value("offset", &Value::from(p.offset));
+        }
+        self.topics.insert(filter, position.map(Box::new));
+        if let Some(token) = self.resume_token(now) {
+            a = a.str("resume", &token);
+        }
+        self.out.push_back(Action::Send(a.finish()));
     }
 
-    /// The outcome of [`Action::Publish`].
-    pub fn published(&mut self, topic: &str, id: Option<&Value>, ok: bool) {
+    /// The answer to [`Action::History`].
+    pub fn history_read(&mut self, call: &HistoryCall, read: Option<Page>) {
         if self.closed {
             return;
         }
-        if !ok {
-            return self.send_error(id, ErrorCode::Unavailable, "publish failed; try again");
+        let Some(page) = read else {
+            return self.send_error(
+                call.id.as_ref(),
+                ErrorCode::Unavailable,
+                "history unavailable; try again",
+            );
+        };
+        let mut messages = String::from("[");
+        for (i, (offset, payload)) in page.messages.iter().enumerate() {
+            if i > 0 {
+                messages.push(',');
+            }
+            messages.push_str(&format!("{{\"offset\":{offset},\"payload\":{payload}}}"));
         }
-        let a = FrameBuilder::new(self.rules.key, "published")
-            .id(id)
-            .str("topic", topic)
+        messages.push(']');
+        let a = FrameBuilder::new(self.rules.key, "history")
+            .id(call.id.as_ref())
+            .str("topic", &call.topic)
+            .str("epoch", &page.epoch)
+            .value("offset", &Value::from(page.last))
+            .value("complete", &Value::Bool(page.complete))
+            .value("more", &Value::Bool(page.more))
+            .raw("messages", &messages)
             .finish();
         self.out.push_back(Action::Send(a));
+    }
+
+    /// The outcome of [`Action::Publish`]: `None` when it was not taken.
+    pub fn published(&mut self, topic: &str, id: Option<&Value>, how: Option<Published>) {
+        if self.closed {
+            return;
+        }
+        let Some(how) = how else {
+            return self.send_error(id, ErrorCode::Unavailable, "publish failed; try again");
+        };
+        let mut a = FrameBuilder::new(self.rules.key, "published")
+            .id(id)
+            .str("topic", topic);
+        if let Some(p) = how.position {
+            a = a
+                .str("epoch", &p.epoch)
+                .value("offset", &Value::from(p.offset));
+        }
+        self.out.push_back(Action::Send(a.finish()));
     }
 
     /// The outcome of [`Action::Emit`] when it failed.
@@ -688,15 +855,26 @@ impl Session {
         t
     }
 
-    fn subscribe(&mut self, f: &ClientFrame) {
+    fn subscribe(&mut self, f: &ClientFrame, now: Instant) {
         let Some(filter) = self.topic_field(f) else {
             return;
         };
         if let Err(e) = topic::validate_filter(filter) {
             return self.send_error(f.id.as_ref(), ErrorCode::InvalidTopic, &e.to_string());
         }
-        if self.topics.contains(filter) {
-            return self.subscribed(filter.to_owned(), f.id.as_ref(), true);
+        let since = match f.body.get("since") {
+            None | Some(Value::Null) => None,
+            Some(v) => match Position::from_json(v) {
+                Ok(p) => Some(p),
+                Err(e) => return self.send_error(f.id.as_ref(), ErrorCode::InvalidFrame, e),
+            },
+        };
+        if let Some(held) = self.topics.get(filter) {
+            let how = Subscribed::Live {
+                position: held.as_deref().cloned(),
+                recovered: None,
+            };
+            return self.subscribed(filter.to_owned(), f.id.as_ref(), how, now);
         }
         if self.topics.len() >= self.rules.max_topics {
             return self.send_error(
@@ -708,23 +886,183 @@ impl Session {
         self.out.push_back(Action::Subscribe {
             filter: filter.to_owned(),
             id: f.id.clone(),
+            since,
         });
     }
 
-    fn unsubscribe(&mut self, f: &ClientFrame) {
+    /// `{"type":"init"}` answers the session id (and a resume token); with `resume`, the
+    /// token's subscriptions are made again, each recovering from its position (the
+    /// client's `positions`, else the token's).
+    fn init(&mut self, f: &ClientFrame, now: Instant) {
+        let key = self.rules.key;
+        self.sessioned = true;
+        let session = f
+            .str("session")
+            .filter(|s| !s.is_empty() && s.len() <= 128)
+            .unwrap_or(&self.conn_id)
+            .to_owned();
+        let mut a = FrameBuilder::new(key, "session").str("id", &session);
+        let mut restore = Vec::new();
+        if let Some(token) = f.str("resume") {
+            match self.check_resume(token, now) {
+                Ok(held) => {
+                    a = a.value("resumed", &Value::Bool(true));
+                    restore = held;
+                }
+                Err(why) => {
+                    a = a
+                        .value("resumed", &Value::Bool(false))
+                        .str("reason", &why.to_string());
+                }
+            }
+        }
+        let positions = f.body.get("positions");
+        let room = self.rules.max_topics.saturating_sub(self.topics.len());
+        let restore: Vec<(String, Option<Position>)> = restore
+            .into_iter()
+            .filter(|h| {
+                !self.topics.contains_key(&h.topic) && topic::validate_filter(&h.topic).is_ok()
+            })
+            .take(room)
+            .map(|h| {
+                let given = positions
+                    .and_then(|p| p.get(&h.topic))
+                    .and_then(|p| Position::from_json(p).ok());
+                let held = h
+                    .offset
+                    .zip(h.epoch)
+                    .map(|(offset, epoch)| Position { offset, epoch });
+                (h.topic, given.or(held))
+            })
+            .collect();
+        if let Some(token) = self.mint(now, restore.iter().map(|(t, p)| (t.as_str(), p.as_ref()))) {
+            a = a.str("resume", &token);
+        }
+        self.out.push_back(Action::Send(a.finish()));
+        for (filter, since) in restore {
+            self.out.push_back(Action::Subscribe {
+                filter,
+                id: None,
+                since,
+            });
+        }
+    }
+
+    /// The subscriptions a client's resume token restores, if this route made it for this
+    /// user in this namespace and it has not expired.
+    fn check_resume(
+        &self,
+        token: &str,
+        now: Instant,
+    ) -> Result<Vec<proto::resume::Held>, proto::resume::Refused> {
+        use proto::resume::{Refused, verify};
+        let (Some(rules), Some(owner)) = (&self.rules.resume, &self.owner) else {
+            return Err(Refused::Malformed);
+        };
+        let resume = verify(&rules.key, token, owner.unix_s(now))?;
+        if resume.user != owner.user
+            || resume.namespace != owner.namespace
+            || resume.route != rules.route
+        {
+            return Err(Refused::Forged);
+        }
+        Ok(resume.subscriptions)
+    }
+
+    /// A resume token for the subscriptions held now, once the client opened a session.
+    fn resume_token(&self, now: Instant) -> Option<String> {
+        if !self.sessioned {
+            return None;
+        }
+        self.mint(
+            now,
+            self.topics.iter().map(|(t, p)| (t.as_str(), p.as_deref())),
+        )
+    }
+
+    fn mint<'a>(
+        &self,
+        now: Instant,
+        held: impl Iterator<Item = (&'a str, Option<&'a Position>)>,
+    ) -> Option<String> {
+        let (rules, owner) = (self.rules.resume.as_ref()?, self.owner.as_ref()?);
+        let ttl = i64::try_from(rules.ttl.as_secs()).unwrap_or(i64::MAX);
+        let resume = proto::resume::Resume {
+            user: owner.user.clone(),
+            namespace: owner.namespace.clone(),
+            route: rules.route.clone(),
+            exp: owner.unix_s(now).saturating_add(ttl),
+            subscriptions: held
+                .map(|(topic, p)| proto::resume::Held {
+                    topic: topic.to_owned(),
+                    offset: p.map(|p| p.offset),
+                    epoch: p.map(|p| p.epoch.clone()),
+                })
+                .collect(),
+        };
+        Some(proto::resume::mint(&rules.key, &resume))
+    }
+
+    /// `{"type":"history","topic":…,"limit"?:…,"since"?:…}` on a topic whose rule lets
+    /// clients read it.
+    fn history(&mut self, f: &ClientFrame) {
+        let Some(t) = self.topic_field(f) else { return };
+        let id = f.id.as_ref();
+        if let Err(e) = topic::validate_topic(t) {
+            return self.send_error(id, ErrorCode::InvalidTopic, &e.to_string());
+        }
+        let Some(rule) = crate::history::rule_for(&self.rules.history, t) else {
+            return self.send_error(id, ErrorCode::NotSupported, "this topic keeps no history");
+        };
+        if !rule.read {
+            return self.send_error(
+                id,
+                ErrorCode::Forbidden,
+                "clients may not read this topic's history",
+            );
+        }
+        let size = rule.size;
+        let limit = match f.body.get("limit") {
+            None | Some(Value::Null) => size,
+            Some(v) => match v.as_u64() {
+                Some(n) if (1..=size).contains(&n) => n,
+                _ => {
+                    let msg = format!("limit must be 1 to {size}");
+                    return self.send_error(id, ErrorCode::InvalidFrame, &msg);
+                }
+            },
+        };
+        let since = match f.body.get("since") {
+            None | Some(Value::Null) => None,
+            Some(v) => match Position::from_json(v) {
+                Ok(p) => Some(p),
+                Err(e) => return self.send_error(id, ErrorCode::InvalidFrame, e),
+            },
+        };
+        self.out.push_back(Action::History(HistoryCall {
+            topic: t.to_owned(),
+            since,
+            limit,
+            id: f.id.clone(),
+        }));
+    }
+
+    fn unsubscribe(&mut self, f: &ClientFrame, now: Instant) {
         let Some(filter) = self.topic_field(f) else {
             return;
         };
-        if self.topics.remove(filter) {
+        if self.topics.remove(filter).is_some() {
             self.out.push_back(Action::Unsubscribe {
                 filter: filter.to_owned(),
             });
         }
-        let a = FrameBuilder::new(self.rules.key, "unsubscribed")
+        let mut a = FrameBuilder::new(self.rules.key, "unsubscribed")
             .id(f.id.as_ref())
-            .str("topic", filter)
-            .finish();
-        self.out.push_back(Action::Send(a));
+            .str("topic", filter);
+        if let Some(token) = self.resume_token(now) {
+            a = a.str("resume", &token);
+        }
+        self.out.push_back(Action::Send(a.finish()));
     }
 
     fn publish(&mut self, f: &ClientFrame) {

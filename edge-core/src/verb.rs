@@ -14,6 +14,8 @@ pub enum Verb {
     Subscribe,
     Unsubscribe,
     Publish,
+    /// Reads a topic's history: answered `history`.
+    History,
     /// Resources: a watch streams changes until `stop`.
     Watch,
     Stop,
@@ -24,13 +26,14 @@ pub enum Verb {
 
 impl Verb {
     /// Every verb, in the order of docs/PROTOCOL.md §4.
-    pub const ALL: [Verb; 11] = [
+    pub const ALL: [Verb; 12] = [
         Verb::Init,
         Verb::Ping,
         Verb::Refresh,
         Verb::Subscribe,
         Verb::Unsubscribe,
         Verb::Publish,
+        Verb::History,
         Verb::Watch,
         Verb::Stop,
         Verb::Query,
@@ -47,6 +50,7 @@ impl Verb {
             "subscribe" => Self::Subscribe,
             "unsubscribe" => Self::Unsubscribe,
             "publish" => Self::Publish,
+            "history" => Self::History,
             "watch" => Self::Watch,
             "stop" => Self::Stop,
             "query" => Self::Query,
@@ -64,6 +68,7 @@ impl Verb {
             Self::Subscribe => "subscribe",
             Self::Unsubscribe => "unsubscribe",
             Self::Publish => "publish",
+            Self::History => "history",
             Self::Watch => "watch",
             Self::Stop => "stop",
             Self::Query => "query",
@@ -73,7 +78,12 @@ impl Verb {
     }
 
     /// The verbs on topics.
-    pub const TOPICS: [Verb; 3] = [Verb::Subscribe, Verb::Unsubscribe, Verb::Publish];
+    pub const TOPICS: [Verb; 4] = [
+        Verb::Subscribe,
+        Verb::Unsubscribe,
+        Verb::Publish,
+        Verb::History,
+    ];
     /// The verbs on resources.
     pub const RESOURCES: [Verb; 5] = [Verb::Watch, Verb::Stop, Verb::Query, Verb::All, Verb::Get];
 }

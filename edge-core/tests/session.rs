@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge_core::dialect::{Other, TABLE, Unreadable};
+use edge_core::history::{Page, Position};
 use edge_core::session::{
-    Action, Body, Close, ConnectHook, EventRoutes, Failure, MonumentModes, RateLimit, RequestId,
-    Resource, ResourceCall, ResourceKind, Rules, Session, To, TokenPolicy,
+    Action, Body, Close, ConnectHook, EventRoutes, Failure, MonumentModes, Published, RateLimit,
+    RequestId, Resource, ResourceCall, ResourceKind, Rules, Session, Subscribed, To, TokenPolicy,
 };
 use edge_core::{Dialect, Verb};
 use proptest::prelude::*;
@@ -81,6 +82,23 @@ struct Conn {
     key: Key,
     /// The dialect's resource field.
     field: &'static str,
+}
+
+/// A subscription's outcome in tests of topics without history.
+fn outcome(ok: bool) -> Subscribed {
+    if ok {
+        Subscribed::Live {
+            position: None,
+            recovered: None,
+        }
+    } else {
+        Subscribed::Failed
+    }
+}
+
+/// A publication's outcome on a topic without history.
+fn taken(ok: bool) -> Option<Published> {
+    ok.then_some(Published { position: None })
 }
 
 impl Conn {
@@ -357,11 +375,17 @@ fn subscribe_is_answered_once_the_shell_has_the_subscription() {
             [Action::Subscribe {
                 filter: "chat/+".to_owned(),
                 id: Some(json!(1)),
+                since: None,
             }],
             "{d}: no answer before the subscription is in place"
         );
         assert!(c.topics().is_empty());
-        c.s.subscribed("chat/+".to_owned(), Some(&json!(1)), true);
+        c.s.subscribed(
+            "chat/+".to_owned(),
+            Some(&json!(1)),
+            outcome(true),
+            origin(),
+        );
         let f = only_frame(c.drain());
         assert_eq!(f, json!({k: "subscribed", "id": 1, "topic": "chat/+"}));
         assert_eq!(c.topics(), BTreeSet::from(["chat/+".to_owned()]));
@@ -396,7 +420,7 @@ fn subscribe_past_max_topics_is_forbidden() {
         for t in ["a", "b"] {
             let actions = c.verb("subscribe", json!({ "topic": t }));
             assert!(matches!(actions.as_slice(), [Action::Subscribe { .. }]));
-            c.s.subscribed(t.to_owned(), None, true);
+            c.s.subscribed(t.to_owned(), None, outcome(true), origin());
             c.drain();
         }
         let actions = c.verb("subscribe", json!({"topic": "c", "id": 3}));
@@ -420,7 +444,7 @@ fn subscribing_twice_answers_without_a_second_subscription() {
         let mut c = Conn::open(rules(d));
         let k = d.key().as_str();
         c.verb("subscribe", json!({"topic": "a/#"}));
-        c.s.subscribed("a/#".to_owned(), None, true);
+        c.s.subscribed("a/#".to_owned(), None, outcome(true), origin());
         c.drain();
         let f = c.answer("subscribe", json!({"topic": "a/#", "id": 2}));
         assert_eq!(f, json!({k: "subscribed", "id": 2, "topic": "a/#"}));
@@ -433,7 +457,7 @@ fn a_failed_subscription_is_unavailable_and_holds_nothing() {
     for d in having(Verb::Subscribe) {
         let mut c = Conn::open(rules(d));
         c.verb("subscribe", json!({"topic": "a", "id": 1}));
-        c.s.subscribed("a".to_owned(), Some(&json!(1)), false);
+        c.s.subscribed("a".to_owned(), Some(&json!(1)), outcome(false), origin());
         error_frame(c.key, c.drain(), "unavailable", Some(json!(1)));
         assert!(c.topics().is_empty());
         // And the client may try again.
@@ -451,7 +475,7 @@ fn unsubscribe_closes_a_held_filter_and_is_answered_either_way() {
         let mut c = Conn::open(rules(d));
         let k = d.key().as_str();
         c.verb("subscribe", json!({"topic": "a/+"}));
-        c.s.subscribed("a/+".to_owned(), None, true);
+        c.s.subscribed("a/+".to_owned(), None, outcome(true), origin());
         c.drain();
         let actions = c.verb("unsubscribe", json!({"topic": "a/+", "id": 5}));
         let answer = json!({k: "unsubscribed", "id": 5, "topic": "a/+"});
@@ -513,10 +537,10 @@ fn publish_hands_the_topic_payload_and_echo_to_the_shell() {
             };
             assert_eq!(actions, [expected], "{d} {echo}");
         }
-        c.s.published("chat/room1", Some(&json!(2)), true);
+        c.s.published("chat/room1", Some(&json!(2)), taken(true));
         let f = only_frame(c.drain());
         assert_eq!(f, json!({k: "published", "id": 2, "topic": "chat/room1"}));
-        c.s.published("chat/room1", Some(&json!("x")), false);
+        c.s.published("chat/room1", Some(&json!("x")), taken(false));
         error_frame(c.key, c.drain(), "unavailable", Some(json!("x")));
     }
 }
@@ -1712,8 +1736,8 @@ fn the_outcomes_of_actions_after_the_close_send_nothing() {
     c.verb("chat", json!({"id": 4}));
     assert_eq!(c.text("{}"), [Action::Close(Close::RateLimited)]);
     // The shell's actions were under way when the session closed; their outcomes come in.
-    c.s.subscribed("a".to_owned(), Some(&json!(1)), true);
-    c.s.published("a", Some(&json!(2)), false);
+    c.s.subscribed("a".to_owned(), Some(&json!(1)), outcome(true), origin());
+    c.s.published("a", Some(&json!(2)), taken(false));
     c.s.token_checked(Some(&json!(3)), Err("nope"), c.at(1), NOW_MS);
     c.s.emit_failed();
     assert_eq!(c.drain(), []);
@@ -2026,6 +2050,8 @@ fn any_rules() -> impl Strategy<Value = Rules> {
                     max_inflight,
                     client_publish,
                     events,
+                    history: Vec::new(),
+                    resume: None,
                     onconnect: connect.map(|required| ConnectHook {
                         subject: "hooks.onconnect".to_owned(),
                         required,
@@ -2161,7 +2187,7 @@ impl Driver {
                 Action::Request { request, .. } => {
                     UnderWay::Request(request, self.request_id.clone())
                 }
-                Action::Subscribe { filter, id } => UnderWay::Subscribe(filter, id),
+                Action::Subscribe { filter, id, .. } => UnderWay::Subscribe(filter, id),
                 Action::Publish { topic, id, .. } => UnderWay::Publish(topic, id),
                 Action::CheckToken { id, .. } => UnderWay::Token(id),
                 Action::Emit { .. } => UnderWay::Emit,
@@ -2169,6 +2195,7 @@ impl Driver {
                 | Action::FlushPong
                 | Action::Unsubscribe { .. }
                 | Action::Resource(_)
+                | Action::History(_)
                 | Action::StopWatch(_)
                 | Action::Ignored => continue,
             };
@@ -2252,11 +2279,11 @@ fn run(rules: Rules, steps: Vec<Step>) -> Result<(), TestCaseError> {
                     _ if d.closed => {}
                     UnderWay::Subscribe(filter, id) => {
                         direct = Some(id.clone());
-                        d.s.subscribed(filter, id.as_ref(), how % 2 == 0);
+                        d.s.subscribed(filter, id.as_ref(), outcome(how % 2 == 0), origin());
                     }
                     UnderWay::Publish(topic, id) => {
                         direct = Some(id.clone());
-                        d.s.published(&topic, id.as_ref(), how % 2 == 0);
+                        d.s.published(&topic, id.as_ref(), taken(how % 2 == 0));
                     }
                     UnderWay::Token(id) => {
                         direct = Some(id.clone());
@@ -2335,9 +2362,9 @@ proptest! {
                     let got = f.get("code").unwrap_or(&f[k]);
                     prop_assert_eq!(got, &json!(expected), "{}", f);
                 } else {
-                    let ask = Action::Subscribe { filter: filter.to_owned(), id: Some(id.clone()) };
+                    let ask = Action::Subscribe { filter: filter.to_owned(), id: Some(id.clone()), since: None };
                     prop_assert_eq!(actions, vec![ask]);
-                    c.s.subscribed(filter.to_owned(), Some(&id), ok);
+                    c.s.subscribed(filter.to_owned(), Some(&id), outcome(ok), origin());
                     let f = only_frame(c.drain());
                     if ok {
                         model.insert(filter.to_owned());
@@ -2532,4 +2559,253 @@ fn shell_answers_keep_their_place_and_stop_after_the_close() {
     assert_eq!(c.drain(), [Action::Close(Close::Idle(idle))]);
     c.s.answer(r#"{"type":"list","items":[]}"#.to_owned());
     assert!(!c.s.has_actions(), "nothing after the close");
+}
+
+/// A native route that keeps the history of `chat/#` (readable) and `news/#` (not), and
+/// makes resume tokens.
+fn history_rules() -> Rules {
+    use edge_core::history::Rule;
+    use edge_core::session::ResumeRules;
+    Rules {
+        history: vec![
+            Rule {
+                pattern: "chat/#".into(),
+                size: 100,
+                read: true,
+            },
+            Rule {
+                pattern: "news/#".into(),
+                size: 10,
+                read: false,
+            },
+        ],
+        resume: Some(ResumeRules {
+            key: proto::resume::key(b"a cluster secret for tests"),
+            ttl: Duration::from_secs(300),
+            route: "/connect".into(),
+            onconnect: Default::default(),
+        }),
+        ..rules(dialect("native"))
+    }
+}
+
+/// A resumable session of `user` in namespace `acme` on [`history_rules`].
+fn resumable(user: &str) -> Conn {
+    let mut c = Conn::open(history_rules());
+    let s = std::mem::replace(
+        &mut c.s,
+        Session::new(
+            Arc::new(Rules::default()),
+            String::new(),
+            c.t0,
+            NOW_MS,
+            None,
+        ),
+    );
+    c.s = s.resumable(user, "acme", c.t0, NOW_MS);
+    c
+}
+
+fn at(offset: u64, epoch: &str) -> Position {
+    Position {
+        offset,
+        epoch: epoch.into(),
+    }
+}
+
+#[test]
+fn subscribe_since_asks_for_recovery_and_says_whether_it_happened() {
+    let mut c = resumable("alice");
+    c.verb("init", json!({}));
+    let actions = c.verb(
+        "subscribe",
+        json!({"topic": "chat/a", "id": 1, "since": {"offset": 41, "epoch": "E"}}),
+    );
+    assert_eq!(
+        actions,
+        [Action::Subscribe {
+            filter: "chat/a".into(),
+            id: Some(json!(1)),
+            since: Some(at(41, "E")),
+        }]
+    );
+    let how = Subscribed::Live {
+        position: Some(at(57, "E")),
+        recovered: Some(true),
+    };
+    c.s.subscribed("chat/a".into(), Some(&json!(1)), how, c.t0);
+    let f = only_frame(c.drain());
+    assert_eq!(
+        (&f["type"], &f["recovered"], &f["epoch"], &f["offset"]),
+        (&json!("subscribed"), &json!(true), &json!("E"), &json!(57))
+    );
+    assert!(f["resume"].as_str().is_some_and(|t| t.starts_with("sbr1.")));
+    for bad in [
+        json!(41),
+        json!({"offset": -1, "epoch": "E"}),
+        json!({"offset": 1}),
+    ] {
+        let f = only_frame(c.verb(
+            "subscribe",
+            json!({"topic": "chat/b", "id": 2, "since": bad}),
+        ));
+        assert_eq!(f["code"], "invalid_frame", "{f}");
+    }
+}
+
+#[test]
+fn a_resume_token_restores_the_subscriptions_at_the_positions_given() {
+    let mut first = resumable("alice");
+    let mut plain = resumable("alice");
+    plain.verb("subscribe", json!({"topic": "chat/a"}));
+    plain
+        .s
+        .subscribed("chat/a".into(), None, outcome(true), plain.t0);
+    let f = only_frame(plain.drain());
+    assert!(f.get("resume").is_none(), "no session, no token: {f}");
+    first.verb("init", json!({}));
+    for (topic, pos) in [("chat/a", Some(at(57, "E"))), ("news/#", None)] {
+        first.verb("subscribe", json!({"topic": topic}));
+        let how = Subscribed::Live {
+            position: pos,
+            recovered: None,
+        };
+        first.s.subscribed(topic.into(), None, how, first.t0);
+    }
+    let token = frames(&first.drain())
+        .last()
+        .and_then(|f| f["resume"].as_str().map(str::to_owned))
+        .expect("the last subscribed frame carries a token");
+    assert!(!token.contains("alice"), "no plain identity in the token");
+
+    // Another edge: the client's own position for chat/a wins over the token's.
+    let mut again = resumable("alice");
+    let actions = again.verb(
+        "init",
+        json!({"resume": token, "positions": {"chat/a": {"offset": 60, "epoch": "E"}}}),
+    );
+    let f = &frames(&actions)[0];
+    assert_eq!(
+        (&f["type"], &f["resumed"]),
+        (&json!("session"), &json!(true))
+    );
+    let subs: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Subscribe { filter, since, .. } => Some((filter.clone(), since.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        subs,
+        [
+            ("chat/a".to_owned(), Some(at(60, "E"))),
+            ("news/#".to_owned(), None)
+        ]
+    );
+
+    // Another user, or a token from elsewhere, restores nothing.
+    let mut mallory = resumable("mallory");
+    let actions = mallory.verb("init", json!({"resume": token}));
+    let f = only_frame(actions);
+    assert_eq!(f["resumed"], false);
+    assert!(f["reason"].as_str().is_some());
+    let mut later = resumable("alice");
+    let actions = later.verb("init", json!({"resume": format!("{token}x")}));
+    assert_eq!(only_frame(actions)["resumed"], false);
+}
+
+#[test]
+fn a_token_expires_after_its_ttl() {
+    let mut first = resumable("alice");
+    let token = only_frame(first.verb("init", json!({})))["resume"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut late = resumable("alice");
+    let text = json!({"type": "init", "resume": token}).to_string();
+    late.s.on_text(&text, late.at(301_000));
+    let f = only_frame(late.drain());
+    assert_eq!(
+        (&f["resumed"], &f["reason"]),
+        (&json!(false), &json!("resume token expired"))
+    );
+}
+
+#[test]
+fn history_is_read_where_a_rule_allows_it() {
+    let mut c = resumable("alice");
+    let f = only_frame(c.verb("history", json!({"topic": "other/x", "id": 1})));
+    assert_eq!(f["code"], "not_supported");
+    let f = only_frame(c.verb("history", json!({"topic": "news/x", "id": 2})));
+    assert_eq!(f["code"], "forbidden");
+    for bad in [json!(0), json!(101), json!("5")] {
+        let f = only_frame(c.verb("history", json!({"topic": "chat/x", "id": 3, "limit": bad})));
+        assert_eq!(f["code"], "invalid_frame", "{f}");
+    }
+    let f = only_frame(c.verb("history", json!({"topic": "chat/+", "id": 3})));
+    assert_eq!(f["code"], "invalid_topic");
+    let actions = c.verb(
+        "history",
+        json!({"topic": "chat/x", "id": 4, "limit": 2, "since": {"offset": 5, "epoch": "E"}}),
+    );
+    let [Action::History(call)] = actions.as_slice() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!((call.after(), call.limit), (5, 2));
+    let page = Page {
+        epoch: "E".into(),
+        last: 9,
+        complete: true,
+        more: true,
+        messages: vec![(6, "{\"a\":1}".into()), (8, "\"b\"".into())],
+    };
+    c.s.history_read(call, Some(page));
+    let f = only_frame(c.drain());
+    assert_eq!(
+        f,
+        json!({"type": "history", "id": 4, "topic": "chat/x", "epoch": "E", "offset": 9,
+               "complete": true, "more": true,
+               "messages": [{"offset": 6, "payload": {"a": 1}}, {"offset": 8, "payload": "b"}]})
+    );
+    c.s.history_read(call, None);
+    assert_eq!(only_frame(c.drain())["code"], "unavailable");
+}
+
+#[test]
+fn a_valid_token_on_the_upgrade_skips_the_connect_hook_as_the_route_says() {
+    use edge_core::session::OnResume;
+    let token = only_frame(resumable("alice").verb("init", json!({})))["resume"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let open = |on: OnResume, token: Option<&str>| {
+        let mut r = history_rules();
+        r.onconnect = Some(ConnectHook {
+            subject: "hooks.onconnect".into(),
+            required: true,
+        });
+        r.resume.as_mut().unwrap().onconnect = on;
+        let t0 = origin();
+        let mut s = Session::new(Arc::new(r), CONN.into(), t0, NOW_MS, None)
+            .resumable("alice", "acme", t0, NOW_MS)
+            .resuming(token, t0);
+        std::iter::from_fn(move || s.poll_action()).collect::<Vec<_>>()
+    };
+    let hooked = |a: &[Action]| a.iter().any(|a| matches!(a, Action::Request { .. }));
+    assert!(
+        hooked(&open(OnResume::Skip, None)),
+        "no token: the hook runs"
+    );
+    assert!(
+        hooked(&open(OnResume::Skip, Some("sbr1.forged.x"))),
+        "a bad token changes nothing"
+    );
+    assert!(hooked(&open(OnResume::Run, Some(&token))));
+    assert!(open(OnResume::Skip, Some(&token)).is_empty());
+    let event = open(OnResume::Event, Some(&token));
+    assert!(
+        matches!(event.as_slice(), [Action::Emit { subject, body: Body::Context }] if subject == "sb.event.acme.resumed"),
+        "{event:?}"
+    );
 }

@@ -10,12 +10,14 @@
 //! | [`json`] | JSON ↔ `google.protobuf.Struct` for the gRPC fields that carry free-form JSON |
 //! | [`revoke`] | entries of the revoked-token bucket |
 //! | [`credential`] | the per-node credentials edges and coordinators present to coordinators |
+//! | [`resume`] | resume tokens: a client's subscriptions and positions, signed under the cluster secret |
 //!
 //! **Invariant:** this crate pulls in no tokio runtime and no telemetry.
 
 pub mod credential;
 pub mod frame;
 pub mod json;
+pub mod resume;
 pub mod revoke;
 pub mod subject;
 pub mod topic;
