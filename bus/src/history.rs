@@ -78,6 +78,30 @@ pub struct Read {
     pub complete: bool,
 }
 
+impl Read {
+    /// The page a reader gets of this read, made after its position (`since_epoch`: the
+    /// epoch it holds) or from the start (`None`): after a position, the first `limit`
+    /// publications (the reader pages on from the last one); from the start, the last
+    /// `limit`. `complete` then says the reader has everything from its position (or from
+    /// the topic's first publication) up to the page's last; the flag, that the page was
+    /// cut at `limit` after a position.
+    pub fn page(mut self, since_epoch: Option<&str>, limit: usize) -> (Self, bool) {
+        let n = self.messages.len();
+        let cut = n > limit;
+        match since_epoch {
+            Some(epoch) => {
+                self.complete &= epoch == self.epoch;
+                self.messages.truncate(limit);
+            }
+            None => {
+                self.complete &= !cut;
+                self.messages.drain(..n - limit.min(n));
+            }
+        }
+        (self, cut && since_epoch.is_some())
+    }
+}
+
 /// Per-topic publication history with positions.
 pub trait HistoryStore: Send + Sync + fmt::Debug + 'static {
     /// Makes sure each rule's storage exists with its limits (changing the limits of one
@@ -127,4 +151,45 @@ pub fn rule_for<'r>(rules: &'r [Rule], topic: &str) -> Option<&'r Rule> {
     rules
         .iter()
         .find(|r| proto::topic::matches(&r.pattern, topic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(offsets: &[u64]) -> Read {
+        Read {
+            epoch: "e".into(),
+            last: 99,
+            complete: true,
+            messages: offsets
+                .iter()
+                .map(|o| Stored {
+                    offset: *o,
+                    headers: Headers::default(),
+                    payload: Bytes::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn offsets(r: &Read) -> Vec<u64> {
+        r.messages.iter().map(|m| m.offset).collect()
+    }
+
+    #[test]
+    fn pages_run_forward_after_a_position_and_backward_from_the_start() {
+        let (p, more) = read(&[1, 2, 3]).page(None, 2);
+        assert_eq!(offsets(&p), [2, 3]);
+        assert!(
+            !p.complete && !more,
+            "the last two of three: not from the start"
+        );
+        let (p, more) = read(&[1, 2, 3]).page(None, 5);
+        assert!(p.complete && !more && offsets(&p) == [1, 2, 3]);
+        let (p, more) = read(&[2, 3]).page(Some("e"), 1);
+        assert_eq!(offsets(&p), [2]);
+        assert!(p.complete && more);
+        assert!(!read(&[2]).page(Some("old"), 5).0.complete, "another epoch");
+    }
 }

@@ -35,7 +35,7 @@
 //! Tested against nats-server 2.15.1 only; nothing here needs more than 2.9 (the pattern is
 //! also in the description, as 2.9 keeps no stream metadata), but 2.9 was not run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -61,6 +61,10 @@ const DESCRIPTION_PREFIX: &str = "Switchboard topic history of rule ";
 /// A read's consumer is removed by the server after this long unused, should the delete
 /// after the read be lost.
 const READ_CONSUMER_IDLE: Duration = Duration::from_secs(10);
+/// How long a JetStream call may take (async-nats' default is 5 s): an append waits for
+/// its acknowledgement within a caller's request, and one that times out because no stream
+/// took it (see `append`) should not hold that request long.
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Messages asked for in one fetch of a read.
 const READ_BATCH: usize = 1024;
 
@@ -107,10 +111,15 @@ impl NatsHistory {
     pub fn new(client: async_nats::Client, opts: NatsHistoryOptions) -> Self {
         Self {
             inner: Arc::new(Inner {
-                js: jetstream::new(client.clone()),
+                js: {
+                    let mut js = jetstream::new(client.clone());
+                    js.set_timeout(JETSTREAM_TIMEOUT);
+                    js
+                },
                 client,
                 opts,
                 epochs: Mutex::new(HashMap::new()),
+                known: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -122,6 +131,9 @@ struct Inner {
     opts: NatsHistoryOptions,
     /// Per stream name: what its last info said; never locked across an `.await`.
     epochs: Mutex<HashMap<String, Epoch>>,
+    /// Streams this process has seen exist (made, read or listed): one of them found
+    /// missing was deleted, and is made anew; one never seen is not made by an append.
+    known: Mutex<HashSet<String>>,
 }
 
 /// A stream's epoch and the highest sequence seen since it was read.
@@ -147,6 +159,7 @@ impl Inner {
 
     /// Remembers what `info` says about its stream's epoch; returns the epoch.
     fn remember(&self, info: &stream::Info) -> String {
+        self.seen(&info.config.name);
         let epoch = epoch_of(info);
         self.lock().insert(
             info.config.name.clone(),
@@ -195,13 +208,40 @@ impl Inner {
         Ok(())
     }
 
+    fn seen(&self, name: &str) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if !known.contains(name) {
+            known.insert(name.to_owned());
+        }
+    }
+
+    fn was_seen(&self, name: &str) -> bool {
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known.contains(name)
+    }
+
+    /// Whether JetStream says stream `name` does not exist (not: it could not be asked).
+    async fn is_missing(&self, name: &str) -> bool {
+        match self.js.get_stream(name).await {
+            Err(e) => matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ),
+            Ok(_) => false,
+        }
+    }
+
     async fn rules(&self) -> Result<Vec<Rule>, HistoryError> {
         let infos: Vec<stream::Info> =
             self.js.streams().try_collect().await.map_err(unavailable)?;
         let mut rules: Vec<Rule> = infos
             .iter()
             .filter(|info| info.config.name.starts_with(subject::HISTORY_STREAM_PREFIX))
-            .filter_map(|info| rule_of(&info.config))
+            .filter_map(|info| {
+                self.seen(&info.config.name);
+                rule_of(&info.config)
+            })
             .collect();
         rules.sort_by(|a, b| a.pattern.cmp(&b.pattern));
         Ok(rules)
@@ -228,7 +268,29 @@ impl Inner {
         let map = header_map(&headers)?;
         let name = subject::history_stream(&rule.pattern);
         let to = subject::history(namespace, topic.split('/'));
-        let ack = async { self.js.publish_with_headers(to, map, payload).await?.await }.await;
+        let publish = || async {
+            let (to, map, payload) = (to.clone(), map.clone(), payload.clone());
+            self.js.publish_with_headers(to, map, payload).await?.await
+        };
+        let mut ack = publish().await;
+        // No stream took it: none listens (then the server says so at once, unless another
+        // client subscribed to the subject, a monitoring tap on `>` say, and the publish times
+        // out). When a stream this process saw is gone (an operator deleted it to reset
+        // history), it is made anew, a new epoch readers notice, and the publication goes into
+        // it; when the stream is there, what became of the publication is unknown, and the
+        // caller is told so. A stream never made is not made here: `ensure` makes them.
+        if let Err(e) = &ack
+            && matches!(
+                e.kind(),
+                PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut
+            )
+            && self.was_seen(&name)
+            && self.is_missing(&name).await
+        {
+            debug!(stream = %name, "history stream missing: making it anew");
+            self.ensure(std::slice::from_ref(rule)).await?;
+            ack = publish().await;
+        }
         let ack = match ack {
             Ok(ack) => ack,
             Err(error) => {
