@@ -369,9 +369,19 @@ impl Config {
                 pem,
                 jwks: read("jwks_file", &a.jwks_file)?,
                 jwks_ca: read("jwks_ca_file", &a.jwks_ca_file)?,
+                resume: None,
             });
         }
         let cluster_secret = resolve_cluster(mode, &config, &env)?;
+        // Every edge of a cluster takes the resume tokens another made; without a cluster
+        // secret (one process) a key of this process's own does, until it restarts.
+        let resume = match &cluster_secret {
+            Some(secret) => proto::resume::key(secret.expose()),
+            None => proto::resume::key(&rand::random::<[u8; 32]>()),
+        };
+        for keys in &mut route_keys {
+            keys.resume = Some(resume.clone());
+        }
         let api_keys = resolve_api_keys(mode, &config, cluster_secret.is_some(), &env)?;
         let tls = crate::tls::Tls::load(mode, &config)?;
         Ok(Resolved {

@@ -142,6 +142,14 @@ fn main() -> ExitCode {
             file.display(),
             resolved.config.to_yaml()
         );
+        // What NATS permissions must name (deploy/nats/permissions.conf).
+        for rule in resolved.config.edge.history_rules() {
+            println!(
+                "# history of {:?} is kept in JetStream stream {}",
+                rule.pattern,
+                proto::subject::history_stream(&rule.pattern)
+            );
+        }
         return ExitCode::SUCCESS;
     }
     let service = match command {

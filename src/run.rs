@@ -9,13 +9,16 @@ use std::collections::BTreeMap;
 
 use bus::local_store::LocalStore;
 use bus::nats_store::{NatsStore, NatsStoreOptions};
-use bus::{LocalBus, NatsBus, SharedBus, SharedStore};
+use bus::{
+    LocalBus, LocalHistory, NatsBus, NatsHistory, NatsHistoryOptions, SharedBus, SharedHistory,
+    SharedStore,
+};
 use coordinator::Coordinator;
 use coordinator::access::Access;
 use coordinator::admin::AdminService;
 use coordinator::resources::{ResourceSpec, ResourcesService};
-use edge::Edge;
 use edge::config::{ResourceKind, RouteConfig};
+use edge::{Edge, Stores};
 use proto::subject;
 use proto::v1::ReportBatch;
 use tokio::net::TcpListener;
@@ -43,14 +46,19 @@ pub async fn edge(resolved: Resolved, shutdown: CancellationToken) -> anyhow::Re
         .unwrap_or_else(|| format!("edge-{}", ulid::Ulid::new()));
     let (bus, client) = connect_nats(&resolved.nats, &node_id, subject::EDGE_INBOX).await?;
     let revocations = revocation_store(&client);
+    let history = NatsHistory::new(client.clone(), NatsHistoryOptions::default());
+    let history = history_store(&cfg, Arc::new(history)).await?;
     let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
     let edge = Edge::new(
         node_id.clone(),
         cfg.edge.clone(),
         &resolved.route_keys,
         Arc::clone(&bus),
-        Some(store),
-        Some(revocations),
+        Stores {
+            resources: Some(store),
+            revocations: Some(revocations),
+            history,
+        },
     )?;
     let ws = TcpListener::bind(cfg.edge.listen)
         .await
@@ -104,6 +112,10 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .unwrap_or_else(|| format!("coordinator-{}", ulid::Ulid::new()));
     let (bus, client) = connect_nats(&resolved.nats, &node_id, subject::COORDINATOR_INBOX).await?;
     let admin = AdminService::new(revocation_store(&client), cc.revocation_bucket.clone());
+    let history: SharedHistory = Arc::new(NatsHistory::new(
+        client.clone(),
+        NatsHistoryOptions::default(),
+    ));
     let store: SharedStore = Arc::new(NatsStore::new(client, NatsStoreOptions::default()));
     let resources = ResourcesService::new(store, resource_specs(&cfg));
     let grpc = TcpListener::bind(cc.grpc_listen).await.with_context(|| {
@@ -123,7 +135,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
         .advertise
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
-    let mut c = Coordinator::new(node_id.clone(), advertise.clone(), bus, cc);
+    let mut c = Coordinator::new(node_id.clone(), advertise.clone(), bus, cc).with_history(history);
     c.cluster().set_dialer(tls.dialer.clone());
     if let Some(secret) = &resolved.cluster_secret {
         c = c.with_cluster_secret(secret.expose());
@@ -137,6 +149,7 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
     // Before any call is answered: the edges already on the bus, which will report to this
     // coordinator only after their reconnect backoff, are joining here, not absent.
     c.census().await;
+    c.refresh_history().await;
     println!(
         "switchboard coordinator {node_id}: grpc {grpc_addr}{} http http://{} (nats {})",
         if tls.grpc.is_some() { " (tls)" } else { "" },
@@ -163,6 +176,10 @@ pub async fn coordinator(resolved: Resolved, shutdown: CancellationToken) -> any
             shutdown.clone(),
         )),
         tokio::spawn(coordinator::report::run_census(c.clone(), shutdown.clone())),
+        tokio::spawn(coordinator::report::run_history_rules(
+            c.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn(coordinator::ingest::run(
             c.clone(),
             cc.send_subject.clone(),
@@ -315,13 +332,17 @@ impl DevNode {
             buses.coordinator_revocations,
             cfg.coordinator.revocation_bucket.clone(),
         );
+        let history = history_store(&cfg, Arc::clone(&buses.history)).await?;
         let edge = Edge::new(
             node_id,
             cfg.edge.clone(),
             &resolved.route_keys,
             Arc::clone(&buses.edge),
-            Some(buses.edge_store),
-            Some(buses.edge_revocations),
+            Stores {
+                resources: Some(buses.edge_store),
+                revocations: Some(buses.edge_revocations),
+                history,
+            },
         )?;
         let ws = TcpListener::bind(cfg.edge.listen)
             .await
@@ -345,7 +366,9 @@ impl DevNode {
             advertise,
             buses.coordinator,
             &cfg.coordinator,
-        );
+        )
+        .with_history(buses.history);
+        coordinator.refresh_history().await;
         // The embedded mode serves gRPC without keys unless some are configured.
         let access = access(
             &cfg,
@@ -482,6 +505,8 @@ struct DevBuses {
     coordinator: SharedBus,
     coordinator_store: SharedStore,
     coordinator_revocations: SharedStore,
+    /// One history for both: the in-process rings, or JetStream.
+    history: SharedHistory,
 }
 
 impl DevBuses {
@@ -489,6 +514,7 @@ impl DevBuses {
         let bus: SharedBus = Arc::new(LocalBus::new(LOCAL_BUS_QUEUE));
         let store: SharedStore = Arc::new(LocalStore::new(LOCAL_WATCH_QUEUE));
         Self {
+            history: Arc::new(LocalHistory::new(Arc::clone(&bus))),
             edge: Arc::clone(&bus),
             edge_store: Arc::clone(&store),
             edge_revocations: Arc::clone(&store),
@@ -504,6 +530,10 @@ impl DevBuses {
             connect_nats(nats, node_id, subject::COORDINATOR_INBOX).await?;
         Ok(Self {
             edge,
+            history: Arc::new(NatsHistory::new(
+                edge_client.clone(),
+                NatsHistoryOptions::default(),
+            )),
             edge_revocations: revocation_store(&edge_client),
             edge_store: Arc::new(NatsStore::new(edge_client, NatsStoreOptions::default())),
             coordinator,
@@ -514,6 +544,22 @@ impl DevBuses {
             )),
         })
     }
+}
+
+/// The history an edge keeps: its routes' rules made in `store` before it serves (a
+/// route that promises history and cannot keep it does not start); none without rules.
+async fn history_store(
+    cfg: &Config,
+    store: SharedHistory,
+) -> anyhow::Result<Option<SharedHistory>> {
+    let rules = cfg.edge.history_rules();
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    store.ensure(&rules).await.with_context(|| {
+        "cannot make the storage of edge.routes[].history (cluster mode needs JetStream: nats-server -js)"
+    })?;
+    Ok(Some(store))
 }
 
 /// The user the banner's URLs connect as.

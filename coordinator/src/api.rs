@@ -23,10 +23,11 @@ use proto::v1::messaging_server::Messaging;
 use proto::v1::placement_client::PlacementClient;
 use proto::v1::placement_server::Placement;
 use proto::v1::{
-    BroadcastRequest, Connection, DeliveryReport, DisconnectRequest, ListConnectionsRequest,
-    ListConnectionsResponse, ListNodesRequest, ListNodesResponse, LocateRequest, LocateResponse,
-    Node, PlacementEvent, PlacementEvents, PresenceRequest, PresenceResponse, PublishRequest,
-    SendRequest, StatsRequest, StatsResponse, Target, WatchRequest,
+    BroadcastRequest, Connection, DeliveryReport, DisconnectRequest, HistoryRequest,
+    HistoryResponse, ListConnectionsRequest, ListConnectionsResponse, ListNodesRequest,
+    ListNodesResponse, LocateRequest, LocateResponse, Node, PlacementEvent, PlacementEvents,
+    PresenceRequest, PresenceResponse, PublishRequest, SendRequest, StatsRequest, StatsResponse,
+    Target, WatchRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -59,6 +60,7 @@ impl From<DeliveryError> for Status {
             DeliveryError::InvalidArgument(m) => Status::invalid_argument(m),
             DeliveryError::Bus(e) => Status::unavailable(format!("bus unavailable: {e}")),
             DeliveryError::Disconnected => Status::unavailable("bus disconnected; try again"),
+            DeliveryError::History(m) => Status::unavailable(format!("{m}; try again")),
         }
     }
 }
@@ -347,6 +349,53 @@ impl Messaging for MessagingService {
                 .await?;
             self.0.metrics().record("publish", &report);
             Ok(Response::new(report))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let span = call_span("Messaging.History", &request);
+        async move {
+            let r = request.into_inner();
+            if r.namespace.is_empty() {
+                return Err(Status::invalid_argument("namespace is required"));
+            }
+            proto::topic::validate_topic(&r.topic)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let Some(history) = self.0.history() else {
+                return Err(Status::failed_precondition(
+                    "this cluster keeps no topic history",
+                ));
+            };
+            let Some(rule) = history.rule_for(&r.topic) else {
+                return Err(Status::not_found(format!(
+                    "topic {:?} keeps no history (no edge route declares a rule for it)",
+                    r.topic
+                )));
+            };
+            let size = usize::try_from(rule.size).unwrap_or(usize::MAX);
+            let limit = match usize::try_from(r.limit).unwrap_or(usize::MAX) {
+                0 => size,
+                n if n <= size => n,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "limit must be at most the rule's size, {size}"
+                    )));
+                }
+            };
+            let since = (!r.since_epoch.is_empty()).then_some(r.since_epoch.as_str());
+            let after = if since.is_some() { r.since_offset } else { 0 };
+            let read = history
+                .store
+                .read(&rule, &r.namespace, &r.topic, after)
+                .await
+                .map_err(|e| Status::unavailable(format!("{e}; try again")))?;
+            self.0.metrics().calls.inc("history");
+            Ok(Response::new(crate::history::page(read, since, limit)))
         }
         .instrument(span)
         .await

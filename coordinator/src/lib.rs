@@ -24,6 +24,7 @@ pub mod cluster;
 
 pub mod config;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod messaging;

@@ -23,8 +23,11 @@ use proto::v1::{
     Target, edge_command,
 };
 
+use bus::history::Rule;
+
 use crate::cluster::Cluster;
 use crate::config::CoordinatorConfig;
+use crate::history::TopicHistory;
 use crate::placement::{Change, Directory, Node};
 
 /// Upper bounds (seconds) of the delivery latency histogram.
@@ -80,6 +83,9 @@ pub enum DeliveryError {
     Bus(#[from] BusError),
     #[error("bus disconnected")]
     Disconnected,
+    /// Storing a publication on a history topic failed (the text is safe to show).
+    #[error("history unavailable: {0}")]
+    History(String),
 }
 
 /// The coordinator's state and its way to reach edges. Cheap to clone.
@@ -94,6 +100,20 @@ pub struct Coordinator {
     epoch: tokio::time::Instant,
     /// `Bearer <this coordinator's node credential>`, sent on calls to peers.
     peer_authorization: Option<tonic::metadata::AsciiMetadataValue>,
+    /// Topic history, when this coordinator publishes into it.
+    history: Option<Arc<TopicHistory>>,
+}
+
+/// How a publication reaches the edges: on its topic subject, or through history (stored
+/// first, then republished on that subject with its position).
+enum Via<'a> {
+    Bus,
+    History {
+        history: &'a TopicHistory,
+        rule: Rule,
+        namespace: &'a str,
+        topic: &'a str,
+    },
 }
 
 impl Coordinator {
@@ -108,7 +128,26 @@ impl Coordinator {
             timeout: cfg.request_timeout,
             epoch: tokio::time::Instant::now(),
             peer_authorization: None,
+            history: None,
         }
+    }
+
+    /// Publications on topics that keep history go through `store` (whose rules are
+    /// learned from it: [`Coordinator::refresh_history`]).
+    pub fn with_history(mut self, store: bus::SharedHistory) -> Self {
+        self.history = Some(Arc::new(TopicHistory::new(store)));
+        self
+    }
+
+    /// Learns again which topics keep history.
+    pub async fn refresh_history(&self) {
+        if let Some(h) = &self.history {
+            h.refresh().await;
+        }
+    }
+
+    pub(crate) fn history(&self) -> Option<&TopicHistory> {
+        self.history.as_deref()
     }
 
     /// Peers are called with this coordinator's credential under the cluster `secret`.
@@ -307,7 +346,19 @@ impl Coordinator {
         if !message_id.is_empty() {
             out.headers.insert(subject::HEADER_MESSAGE_ID, message_id);
         }
-        self.scatter(out, expected).await
+        let via = match self.history.as_deref() {
+            Some(history) => match history.rule_for(topic) {
+                Some(rule) => Via::History {
+                    history,
+                    rule,
+                    namespace,
+                    topic,
+                },
+                None => Via::Bus,
+            },
+            None => Via::Bus,
+        };
+        self.scatter_via(out, expected, via).await
     }
 
     /// Asks every edge on the bus to name itself, and records those unknown here as joining:
@@ -470,7 +521,18 @@ impl Coordinator {
     async fn scatter(
         &self,
         out: Outgoing,
+        expected: BTreeMap<String, usize>,
+    ) -> Result<DeliveryReport, DeliveryError> {
+        self.scatter_via(out, expected, Via::Bus).await
+    }
+
+    /// [`Coordinator::scatter`], sending `out` the way `via` says; through history the
+    /// report says where the publication was stored.
+    async fn scatter_via(
+        &self,
+        out: Outgoing,
         mut expected: BTreeMap<String, usize>,
+        via: Via<'_>,
     ) -> Result<DeliveryReport, DeliveryError> {
         let mut total = DeliveryReport::default();
         let suspect: Vec<String> = expected
@@ -480,23 +542,29 @@ impl Coordinator {
             .collect();
         expected.retain(|_, n| *n > 0);
         if expected.is_empty() {
-            self.bus.publish(out).await?;
+            if let Some(stored) = self.send_via(out, None, &via).await? {
+                (total.offset, total.epoch) = (stored.offset, stored.epoch);
+            }
             add_unconfirmed(&mut total, suspect);
             return Ok(total);
         }
-        self.replies(out, self.edge_timeout(), |r| {
-            for id in &r.node_ids {
-                if let Some(left) = expected.get_mut(id) {
-                    *left -= 1;
-                    if *left == 0 {
-                        expected.remove(id);
+        let stored = self
+            .replies_via(out, self.edge_timeout(), &via, |r| {
+                for id in &r.node_ids {
+                    if let Some(left) = expected.get_mut(id) {
+                        *left -= 1;
+                        if *left == 0 {
+                            expected.remove(id);
+                        }
                     }
                 }
-            }
-            merge(&mut total, &r);
-            expected.is_empty()
-        })
-        .await?;
+                merge(&mut total, &r);
+                expected.is_empty()
+            })
+            .await?;
+        if let Some(stored) = stored {
+            (total.offset, total.epoch) = (stored.offset, stored.epoch);
+        }
         if !expected.is_empty() {
             tracing::warn!(silent = ?expected.keys().collect::<Vec<_>>(), "not every edge answered in time");
         }
@@ -510,25 +578,76 @@ impl Coordinator {
         &self,
         out: Outgoing,
         wait: Duration,
-        mut take: impl FnMut(DeliveryReport) -> bool,
+        take: impl FnMut(DeliveryReport) -> bool,
     ) -> Result<(), BusError> {
+        self.replies_via(out, wait, &Via::Bus, take)
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                DeliveryError::Bus(e) => e,
+                other => BusError::Io(other.to_string().into()),
+            })
+    }
+
+    /// Sends `out` (its replies to `reply`) the way `via` says: where it was stored, when
+    /// through history. JetStream's republish drops the reply subject, so through history
+    /// it travels in a header.
+    async fn send_via(
+        &self,
+        mut out: Outgoing,
+        reply: Option<String>,
+        via: &Via<'_>,
+    ) -> Result<Option<bus::history::Appended>, DeliveryError> {
+        match via {
+            Via::Bus => {
+                out.reply = reply;
+                self.bus.publish(out).await?;
+                Ok(None)
+            }
+            Via::History {
+                history,
+                rule,
+                namespace,
+                topic,
+            } => {
+                if let Some(reply) = reply {
+                    out.headers.insert(subject::HEADER_REPORT_TO, reply);
+                }
+                let stored = history
+                    .store
+                    .append(rule, namespace, topic, out.headers, out.payload)
+                    .await
+                    .map_err(|e| DeliveryError::History(e.to_string()))?;
+                Ok(Some(stored))
+            }
+        }
+    }
+
+    /// [`Coordinator::replies`], sending the way `via` says.
+    async fn replies_via(
+        &self,
+        out: Outgoing,
+        wait: Duration,
+        via: &Via<'_>,
+        mut take: impl FnMut(DeliveryReport) -> bool,
+    ) -> Result<Option<bus::history::Appended>, DeliveryError> {
         let inbox = self.bus.new_inbox();
         let mut replies = self.bus.subscribe(inbox.clone(), None).await?;
-        self.bus.publish(out.with_reply(inbox)).await?;
+        let stored = self.send_via(out, Some(inbox), via).await?;
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                () = &mut deadline => return Ok(()),
+                () = &mut deadline => return Ok(stored),
                 m = replies.next() => match m {
                     Some(m) => {
                         if let Some(r) = decode_report(&m.payload)
                             && take(r)
                         {
-                            return Ok(());
+                            return Ok(stored);
                         }
                     }
-                    None => return Ok(()),
+                    None => return Ok(stored),
                 },
             }
         }

@@ -178,6 +178,22 @@ pub async fn run_census(c: Coordinator, shutdown: CancellationToken) {
     }
 }
 
+/// How often a coordinator learns again which topics keep history: a rule an edge made
+/// applies to `Messaging.Publish` within this long.
+pub const HISTORY_RULES_EVERY: Duration = Duration::from_secs(1);
+
+/// Learns the history rules from storage every [`HISTORY_RULES_EVERY`] (edges make them).
+pub async fn run_history_rules(c: Coordinator, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HISTORY_RULES_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => c.refresh_history().await,
+        }
+    }
+}
+
 /// How often liveness is checked: a silent edge is suspect at most this long after
 /// [`proto::REPORT_SILENCE`].
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);

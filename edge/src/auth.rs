@@ -22,6 +22,9 @@ pub struct RouteKeys {
     pub jwks: Option<Vec<u8>>,
     /// The content of `jwks_ca_file`.
     pub jwks_ca: Option<Vec<u8>>,
+    /// The key resume tokens are made and checked with (the cluster's, so that any edge
+    /// takes a token another made); `None`: no resume tokens.
+    pub resume: Option<proto::resume::Key>,
 }
 
 /// The admitted identity of a connection.

@@ -123,7 +123,66 @@ pub struct RouteConfig {
     /// Whether clients may `publish` to topics. Default false.
     pub publish: bool,
     pub hooks: HooksConfig,
+    /// Topics whose publications are kept, so clients recover what they missed
+    /// (docs/PROTOCOL.md §4.5). Default none.
+    pub history: Vec<HistoryRule>,
+    /// Resume tokens: what a client presents to restore its subscriptions on any edge.
+    pub resume: ResumeConfig,
 }
+
+/// One history rule: the topics it covers, in every namespace, and how much is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// An MQTT topic filter, e.g. `chat/#`.
+    pub topics: String,
+    /// Publications kept per topic (1 to 10 000).
+    pub size: u64,
+    /// How long a publication is kept (more than 0).
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// Whether clients may read it with the `history` verb. Default false.
+    #[serde(default)]
+    pub read: bool,
+}
+
+/// The largest `history[].size`.
+pub const MAX_HISTORY_SIZE: u64 = 10_000;
+
+impl HistoryRule {
+    /// What storage keeps of it.
+    pub fn storage(&self) -> bus::history::Rule {
+        bus::history::Rule {
+            pattern: self.topics.clone(),
+            size: self.size,
+            ttl: self.ttl,
+        }
+    }
+}
+
+/// What a resume token does on a route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResumeConfig {
+    /// How long a resume token is good for; 0: no resume tokens. Default 5 min.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// What a valid `?resume=` token on the upgrade does to the onconnect hook: `skip` it
+    /// (the token proves it accepted this user here before), `run` it, or send the backend
+    /// a `resumed` event instead (`event`). Default `skip`.
+    pub onconnect: OnResume,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(300),
+            onconnect: OnResume::default(),
+        }
+    }
+}
+
+pub use edge_core::session::OnResume;
 
 impl Default for RouteConfig {
     fn default() -> Self {
@@ -150,6 +209,8 @@ impl Default for RouteConfig {
             max_inflight: 32,
             publish: false,
             hooks: HooksConfig::default(),
+            history: Vec::new(),
+            resume: ResumeConfig::default(),
         }
     }
 }
@@ -439,6 +500,39 @@ impl RouteConfig {
 
     /// Refuses namespace sources the precedence cannot explain: (key under the route,
     /// message).
+    /// Each history rule is a valid filter, bounded by count and age, and overlaps no
+    /// other rule of the route (a topic belongs to one history).
+    fn validate_history(&self) -> Result<(), (String, String)> {
+        for (j, h) in self.history.iter().enumerate() {
+            let k = |f: &str| format!("history[{j}].{f}");
+            if let Err(e) = proto::topic::validate_filter(&h.topics) {
+                return Err((k("topics"), e.to_string()));
+            }
+            if h.size == 0 || h.size > MAX_HISTORY_SIZE {
+                return Err((k("size"), format!("must be 1 to {MAX_HISTORY_SIZE}")));
+            }
+            if h.ttl.is_zero() {
+                return Err((
+                    k("ttl"),
+                    "must be more than 0 (history is bounded by age)".into(),
+                ));
+            }
+            if let Some(o) = self.history[..j]
+                .iter()
+                .position(|o| proto::topic::overlaps(&o.topics, &h.topics))
+            {
+                return Err((
+                    k("topics"),
+                    format!("overlaps history[{o}]: a topic belongs to one rule"),
+                ));
+            }
+        }
+        if self.resume.ttl > Duration::from_secs(86_400) {
+            return Err(("resume.ttl".into(), "must be at most 24h".into()));
+        }
+        Ok(())
+    }
+
     fn validate_namespace(&self) -> Result<(), (&'static str, &'static str)> {
         let ns = &self.namespace;
         if ns.claim.is_some() && self.anonymous {
@@ -780,6 +874,7 @@ impl EdgeConfig {
                     "entries are scheme://host[:port], e.g. https://ws.example.com",
                 ));
             }
+            r.validate_history().map_err(|(k, m)| err(key(&k), &m))?;
             let subjects = r.hooks.subjects();
             for (k, subject) in subjects {
                 if !bus::is_valid_publish_subject(subject) {
@@ -787,6 +882,53 @@ impl EdgeConfig {
                         key(k),
                         "is not a valid subject (no spaces, wildcards or empty tokens)",
                     ));
+                }
+            }
+        }
+        self.validate_history_across_routes()
+    }
+
+    /// The history rules of every route, each once: storage keeps one history per pattern,
+    /// shared by the routes that declare it.
+    pub fn history_rules(&self) -> Vec<bus::history::Rule> {
+        let mut rules: Vec<bus::history::Rule> = Vec::new();
+        for r in self.routes.iter().flat_map(|r| &r.history) {
+            if !rules.iter().any(|k| k.pattern == r.topics) {
+                rules.push(r.storage());
+            }
+        }
+        rules
+    }
+
+    /// A pattern declared on several routes is declared alike, and patterns of different
+    /// routes do not overlap: a topic's history is one thing, whichever route reads it.
+    fn validate_history_across_routes(&self) -> Result<(), ConfigError> {
+        let all: Vec<(usize, usize, &HistoryRule)> = self
+            .routes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.history.iter().enumerate().map(move |(j, h)| (i, j, h)))
+            .collect();
+        for (n, (i, j, a)) in all.iter().enumerate() {
+            for (k, l, b) in &all[..n] {
+                if k == i {
+                    continue;
+                }
+                let clash = if a.topics == b.topics {
+                    (a.size, a.ttl) != (b.size, b.ttl)
+                } else {
+                    proto::topic::overlaps(&a.topics, &b.topics)
+                };
+                if clash {
+                    return Err(ConfigError {
+                        key: format!("edge.routes[{i}].history[{j}].topics"),
+                        message: format!(
+                            "{:?} clashes with edge.routes[{k}].history[{l}] ({:?}): a pattern \
+                             declared on several routes must have the same size and ttl, and \
+                             patterns must not overlap",
+                            a.topics, b.topics
+                        ),
+                    });
                 }
             }
         }

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use edge_core::session::{Action, Close, Failure, RequestId, Session};
+use edge_core::session::{Action, Close, Failure, RequestId, Session, Subscribed};
 
 use crate::env::Env;
 use crate::handle::{CloseRequest, ConnHandle, TOKEN_EXPIRED, unix_ms};
@@ -115,16 +115,26 @@ pub(crate) struct Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
-    pub(crate) fn new(ws: WebSocketStream<S>, handle: ConnHandle, env: Arc<Env>) -> Self {
+    /// `resume`: the token the client sent on the upgrade, if any.
+    pub(crate) fn new(
+        ws: WebSocketStream<S>,
+        handle: ConnHandle,
+        env: Arc<Env>,
+        resume: Option<&str>,
+    ) -> Self {
         let route = &handle.info().route;
-        let exp = crate::auth::expiry(&handle.info().claims);
+        let info = handle.info();
+        let exp = crate::auth::expiry(&info.claims);
+        let (now, now_ms) = (Instant::now().into_std(), unix_ms());
         let session = Session::new(
             Arc::clone(&route.rules),
             handle.id().to_string(),
-            Instant::now().into_std(),
-            unix_ms(),
+            now,
+            now_ms,
             exp,
-        );
+        )
+        .resumable(&info.user, &info.namespace, now, now_ms)
+        .resuming(resume, now);
         Self {
             ws,
             handle,
@@ -318,12 +328,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn perform(&mut self, action: Action) {
         let env = Arc::clone(&self.env);
         match action {
-            Action::Subscribe { filter, id } => {
-                let result = env.registry.subscribe(&self.handle, &filter).await;
-                if let Err(error) = &result {
+            Action::Subscribe { filter, id, since } => {
+                let result = env.registry.subscribe(&self.handle, &filter, since).await;
+                let how = result.unwrap_or_else(|error| {
                     tracing::warn!(conn = %self.handle.id(), %error, "subscribe failed");
-                }
-                self.session.subscribed(filter, id.as_ref(), result.is_ok());
+                    Subscribed::Failed
+                });
+                let now = Instant::now().into_std();
+                self.session.subscribed(filter, id.as_ref(), how, now);
+            }
+            Action::History(call) => {
+                let page = protocol::history(&env, &self.handle, &call).await;
+                self.session.history_read(&call, page);
             }
             Action::Unsubscribe { filter } => env.registry.unsubscribe(&self.handle, &filter),
             Action::Publish {
@@ -332,8 +348,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 echo,
                 id,
             } => {
-                let ok = protocol::publish(&env.bus, &self.handle, &topic, payload, echo).await;
-                self.session.published(&topic, id.as_ref(), ok);
+                let published = protocol::publish(&env, &self.handle, &topic, payload, echo).await;
+                self.session.published(&topic, id.as_ref(), published);
             }
             Action::Request { request, to, body } => {
                 let fut = protocol::request(&env, &self.handle, to, body);

@@ -30,6 +30,12 @@ pub struct Metrics {
     pub messages_dropped: Counter,
     /// Messages not sent to a connection that had their message id already.
     pub messages_duplicate: Counter,
+    /// History publications read from storage to fill a hole in a live feed.
+    pub history_gaps_filled: Counter,
+    /// Holes in a live feed storage could not fill (subscribers were sent `gap`).
+    pub history_gaps_unfilled: Counter,
+    /// Publications sent to clients that recovered them on subscribing.
+    pub history_recovered: Counter,
     pub fanout: Histogram,
     pub closes: LabeledCounter,
     pub slow_consumer_closes: Counter,
@@ -48,6 +54,9 @@ impl Default for Metrics {
             messages_delivered: Counter::default(),
             messages_dropped: Counter::default(),
             messages_duplicate: Counter::default(),
+            history_gaps_filled: Counter::default(),
+            history_gaps_unfilled: Counter::default(),
+            history_recovered: Counter::default(),
             fanout: Histogram::new(&FANOUT_BOUNDS),
             closes: LabeledCounter::default(),
             slow_consumer_closes: Counter::default(),
@@ -181,6 +190,21 @@ impl Metrics {
             "edge_messages_duplicate_total",
             "Messages not sent again to a connection that had their message_id already.",
             self.messages_duplicate.get(),
+        )
+        .counter(
+            "edge_history_gap_filled_total",
+            "History publications read from storage to fill a hole in a live feed.",
+            self.history_gaps_filled.get(),
+        )
+        .counter(
+            "edge_history_gap_unfilled_total",
+            "Holes in a live history feed storage could not fill (subscribers were sent gap).",
+            self.history_gaps_unfilled.get(),
+        )
+        .counter(
+            "edge_history_recovered_total",
+            "Stored publications sent to clients that recovered them on subscribing.",
+            self.history_recovered.get(),
         )
         .histogram(
             "edge_fanout_size",

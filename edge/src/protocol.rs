@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use bus::{BusError, Message, Outgoing, SharedBus};
-use edge_core::session::{Body, To};
+use edge_core::history::{HistoryCall, Page, Position};
+use edge_core::session::{Body, Published, To};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use proto::subject;
@@ -18,25 +19,81 @@ use crate::env::Env;
 use crate::handle::{CloseRequest, ConnHandle, TOKEN_REVOKED, TokenIds};
 use crate::revoke::Revocations;
 
-/// Publishes a client's topic message; whether the bus took it.
+/// Publishes a client's topic message: into history when its topic keeps any (the
+/// answer is its position), else on the bus. `None` when it was not taken.
 pub(crate) async fn publish(
-    bus: &SharedBus,
+    env: &Env,
     handle: &ConnHandle,
     topic: &str,
     payload: String,
     echo: bool,
-) -> bool {
+) -> Option<Published> {
     let info = handle.info();
-    let mut msg = Outgoing::new(subject::topic(&info.namespace, topic.split('/')), payload)
-        .with_header(subject::HEADER_ORIGIN, info.id.to_string());
+    let mut headers = bus::Headers::default();
+    headers.insert(subject::HEADER_ORIGIN, info.id.to_string());
     if echo {
-        msg = msg.with_header(subject::HEADER_ECHO, "1");
+        headers.insert(subject::HEADER_ECHO, "1");
     }
-    match bus.publish(msg).await {
-        Ok(()) => true,
+    let history = env.registry.history();
+    if let Some((h, rule)) = history.and_then(|h| Some((h, h.rule_for(topic)?))) {
+        return match h
+            .store
+            .append(rule, &info.namespace, topic, headers, payload.into())
+            .await
+        {
+            Ok(a) => Some(Published {
+                position: Some(Position {
+                    offset: a.offset,
+                    epoch: a.epoch,
+                }),
+            }),
+            Err(error) => {
+                tracing::warn!(conn = %info.id, %error, "history publish failed");
+                None
+            }
+        };
+    }
+    let msg = Outgoing {
+        subject: subject::topic(&info.namespace, topic.split('/')),
+        reply: None,
+        headers,
+        payload: payload.into(),
+    };
+    match env.bus.publish(msg).await {
+        Ok(()) => Some(Published { position: None }),
         Err(error) => {
             tracing::warn!(conn = %info.id, %error, "publish failed");
-            false
+            None
+        }
+    }
+}
+
+/// A `history` verb's read: the page, or `None` when storage failed (the session's topic
+/// has a rule: it checked).
+pub(crate) async fn history(env: &Env, handle: &ConnHandle, call: &HistoryCall) -> Option<Page> {
+    let h = env.registry.history()?;
+    let rule = h.rule_for(&call.topic)?;
+    let read = h
+        .store
+        .read(rule, &handle.info().namespace, &call.topic, call.after())
+        .await;
+    let limit = usize::try_from(call.limit).unwrap_or(usize::MAX);
+    let since_epoch = call.since.as_ref().map(|p| p.epoch.as_str());
+    match read.map(|r| r.page(since_epoch, limit)) {
+        Ok((read, more)) => Some(Page {
+            epoch: read.epoch,
+            last: read.last,
+            complete: read.complete,
+            more,
+            messages: read
+                .messages
+                .into_iter()
+                .map(|m| (m.offset, proto::frame::json_or_string(&m.payload)))
+                .collect(),
+        }),
+        Err(error) => {
+            tracing::warn!(conn = %handle.id(), %error, "history read failed");
+            None
         }
     }
 }

@@ -23,14 +23,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bus::{Message, Outgoing, SharedBus, Subscription};
+use edge_core::history::{Feed, Live, Position};
 use edge_core::index::{Handle, Index, JoinError, Subscribers};
 use edge_core::recent::MessageKey;
+use edge_core::session::Subscribed;
 use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 use proto::frame::{FrameBuilder, Key, json_or_string};
 use proto::subject;
 use proto::v1::{Connection, DeliveryReport, ReportBatch, Target};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use ulid::Ulid;
 
 use crate::handle::{CloseRequest, ConnHandle, Delivery};
+use crate::history::{History, Join, Joining};
 use crate::metrics::Metrics;
 use crate::transport::{Batch, Direct, Outlet};
 
@@ -58,6 +61,8 @@ pub(crate) struct Registry {
     /// The key of message id hashes, random per process: ids a backend chooses cannot be
     /// made to collide.
     ids: RandomState,
+    /// Topic history, when this edge keeps any.
+    history: Option<History>,
 }
 
 /// A backend's message id, checked and hashed once per message.
@@ -73,6 +78,8 @@ pub(crate) struct Topic {
     subscribers: Subscribers<ConnHandle>,
     ready: watch::Sender<Ready>,
     stop: CancellationToken,
+    /// On a concrete history topic: the subscribers joining its feed.
+    joining: Option<Joining>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +100,8 @@ pub(crate) enum SubscribeError {
     Refused(#[from] JoinError),
     #[error("subscription ended before it was confirmed")]
     Ended,
+    #[error("history unavailable")]
+    History(#[from] bus::HistoryError),
 }
 
 impl Handle for ConnHandle {
@@ -221,6 +230,7 @@ impl Registry {
         bus: SharedBus,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
+        history: Option<History>,
     ) -> Self {
         Self {
             index: Mutex::new(Index::new(node_id.clone())),
@@ -230,7 +240,13 @@ impl Registry {
             tracker,
             reports: Notify::new(),
             ids: RandomState::new(),
+            history,
         }
+    }
+
+    /// Topic history, when this edge keeps any.
+    pub(crate) fn history(&self) -> Option<&History> {
+        self.history.as_ref()
     }
 
     /// A backend's message id, once per message: `None` when it is empty, or invalid (then
@@ -293,32 +309,68 @@ impl Registry {
     }
 
     /// Adds `handle` to the subscribers of `filter`, creating the bus subscription if this
-    /// edge had no subscriber of it; returns once publications are flowing.
+    /// edge had no subscriber of it; returns once publications are flowing. On a concrete
+    /// history topic the topic's pump serves the join (crate::history): the outcome says
+    /// the client's position and whether it recovered from `since`.
     pub(crate) async fn subscribe(
         self: &Arc<Self>,
         handle: &ConnHandle,
         filter: &str,
-    ) -> Result<(), SubscribeError> {
+        since: Option<Position>,
+    ) -> Result<Subscribed, SubscribeError> {
         let id = handle.id();
+        let ns = &handle.info().namespace;
+        let rule = self
+            .history
+            .as_ref()
+            .filter(|_| !filter.contains(['+', '#']))
+            .and_then(|h| h.rule_for(filter))
+            .cloned();
+        let (done, outcome) = oneshot::channel();
         let (topic, life, created) = {
             let mut index = self.lock();
+            // Held before it enters the list: see crate::history.
+            let joining = index.state(ns, filter).and_then(|t| t.joining.as_ref());
+            if let Some(j) = joining {
+                j.hold(id);
+            }
             let joined = index.subscribe(id, filter, |subscribers| {
+                let joining = rule.clone().map(|r| Joining::new(r, ns, filter));
+                if let Some(j) = &joining {
+                    j.hold(id);
+                }
                 Arc::new(Topic {
                     subscribers: subscribers.clone(),
                     ready: watch::channel(Ready::Pending).0,
                     stop: CancellationToken::new(),
+                    joining,
                 })
-            })?;
+            });
+            let joined = match joined {
+                Ok(j) => j,
+                Err(e) => {
+                    if let Some(j) = index.state(ns, filter).and_then(|t| t.joining.as_ref()) {
+                        j.release(id);
+                    }
+                    return Err(e.into());
+                }
+            };
+            if let Some(j) = &joined.state.joining {
+                j.push(Join {
+                    conn: handle.clone(),
+                    since: since.clone(),
+                    done,
+                });
+            }
             (Arc::clone(joined.state), joined.topic, joined.created)
         };
-        let ns = &handle.info().namespace;
         if created {
             self.wake_reports();
-            match self.open_subscriptions(ns, filter).await {
-                Ok(subs) => {
+            match self.open_topic(ns, filter, &topic).await {
+                Ok((subs, feed)) => {
                     topic.ready.send_replace(Ready::Yes);
                     self.tracker
-                        .spawn(pump(Arc::clone(self), Arc::clone(&topic), subs));
+                        .spawn(pump(Arc::clone(self), Arc::clone(&topic), subs, feed));
                 }
                 Err(e) => {
                     topic.ready.send_replace(Ready::Failed);
@@ -344,11 +396,27 @@ impl Registry {
                 return Err(SubscribeError::Timeout);
             }
         }
+        let how = if topic.joining.is_some() {
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, outcome).await {
+                Ok(Ok(how)) => how,
+                Ok(Err(_)) => return Err(SubscribeError::Ended),
+                Err(_) => {
+                    self.unsubscribe(handle, filter);
+                    return Err(SubscribeError::Timeout);
+                }
+            }
+        } else {
+            Subscribed::Live {
+                position: None,
+                // Only a concrete history topic recovers.
+                recovered: since.map(|_| false),
+            }
+        };
         if !self.lock().confirm(id, filter) {
             return Err(SubscribeError::Ended);
         }
         self.wake_reports();
-        Ok(())
+        Ok(how)
     }
 
     /// Removes `handle` from the subscribers of `filter`; the connection's younger
@@ -458,6 +526,27 @@ pub(crate) fn disconnect(handles: &[ConnHandle], code: u16, reason: &str, hard: 
 }
 
 impl Registry {
+    /// Opens a new topic's bus subscriptions and, on a history topic, its feed: storage's
+    /// position once the subscriptions are up (whatever is stored later arrives live).
+    async fn open_topic(
+        &self,
+        ns: &str,
+        filter: &str,
+        topic: &Topic,
+    ) -> Result<(Vec<Subscription>, Option<Feed>), SubscribeError> {
+        let subs = self.open_subscriptions(ns, filter).await?;
+        let feed = match (&topic.joining, &self.history) {
+            (Some(j), Some(h)) => {
+                let state = tokio::time::timeout(SUBSCRIBE_TIMEOUT, h.store.state(&j.rule))
+                    .await
+                    .map_err(|_| SubscribeError::Timeout)??;
+                Some(Feed::new(state.epoch, state.last))
+            }
+            _ => None,
+        };
+        Ok((subs, feed))
+    }
+
     async fn open_subscriptions(
         &self,
         ns: &str,
@@ -481,12 +570,24 @@ const PUMP_BATCH: usize = 256;
 /// thread for long.
 const WRITES_PER_YIELD: usize = 256;
 
-async fn pump(registry: Arc<Registry>, topic: Arc<Topic>, subs: Vec<Subscription>) {
+async fn pump(
+    registry: Arc<Registry>,
+    topic: Arc<Topic>,
+    subs: Vec<Subscription>,
+    mut feed: Option<Feed>,
+) {
     let mut messages = futures::stream::select_all(subs);
     let mut batch = Vec::new();
+    let joining = topic.joining.as_ref();
     loop {
         let first = tokio::select! {
             () = topic.stop.cancelled() => break,
+            () = async { joining.expect("guarded").wake.notified().await }, if joining.is_some() => {
+                if let (Some(j), Some(f)) = (joining, feed.as_ref()) {
+                    serve_joins(&registry, &topic, j, f).await;
+                }
+                continue;
+            }
             m = messages.next() => match m {
                 Some(msg) => msg,
                 None => break,
@@ -500,7 +601,128 @@ async fn pump(registry: Arc<Registry>, topic: Arc<Topic>, subs: Vec<Subscription
                 _ => break,
             }
         }
-        publish_local(&registry, &topic, &mut batch).await;
+        let pubs: Vec<Publication> = batch
+            .drain(..)
+            .filter_map(|m| Publication::new(&registry, m))
+            .collect();
+        let pubs = match (&mut feed, joining) {
+            (Some(f), Some(j)) => follow_feed(&registry, &topic, j, f, pubs).await,
+            _ => pubs,
+        };
+        publish_local(&registry, &topic, pubs).await;
+    }
+}
+
+/// Serves a history topic's waiting joins (crate::history).
+async fn serve_joins(registry: &Registry, topic: &Topic, joining: &Joining, feed: &Feed) {
+    let Some(history) = &registry.history else {
+        return;
+    };
+    crate::history::serve_joins(
+        &history.store,
+        joining,
+        feed,
+        &topic.stop,
+        |conn, stored| {
+            let p = Publication::stored(registry, joining.topic.clone(), stored);
+            let form = Form::of(conn, p.id.is_some());
+            registry.metrics.history_recovered.inc();
+            let _ = Outlet::deliver(conn, &p.message(form));
+        },
+    )
+    .await;
+}
+
+/// A history topic's live publications checked against its feed: repeats dropped, and
+/// before a publication whose predecessor never arrived, the missed ones read from storage
+/// (subscribers are told of a hole storage cannot fill).
+async fn follow_feed(
+    registry: &Registry,
+    topic: &Topic,
+    joining: &Joining,
+    feed: &mut Feed,
+    pubs: Vec<Publication>,
+) -> Vec<Publication> {
+    let Some(history) = &registry.history else {
+        return pubs;
+    };
+    let mut out = Vec::with_capacity(pubs.len());
+    for p in pubs {
+        let Some(offset) = p.offset else {
+            // Published on the live subject directly, not stored: delivered as it is.
+            out.push(p);
+            continue;
+        };
+        match feed.classify(offset, p.previous) {
+            Live::Next => {}
+            Live::Repeat => {
+                // Within one epoch a live offset never goes back: storage was made anew.
+                let state = history.store.state(&joining.rule).await;
+                match state {
+                    Ok(state) if state.epoch != feed.epoch => {
+                        feed.restart(state.epoch, offset.saturating_sub(1));
+                        tell_gap(registry, topic, &p.concrete, feed, offset);
+                    }
+                    _ => continue,
+                }
+            }
+            Live::Gap { after } => {
+                let read = history
+                    .store
+                    .read(&joining.rule, &joining.namespace, &joining.topic, after)
+                    .await;
+                let mut whole = false;
+                if let Ok(read) = read
+                    && read.epoch == feed.epoch
+                {
+                    let missed: Vec<_> = read
+                        .messages
+                        .into_iter()
+                        .filter(|m| m.offset > after && m.offset < offset)
+                        .collect();
+                    whole = read.complete && missed.iter().any(|m| m.offset == p.previous);
+                    registry
+                        .metrics
+                        .history_gaps_filled
+                        .add(missed.len() as u64);
+                    out.extend(
+                        missed
+                            .iter()
+                            .map(|m| Publication::stored(registry, p.concrete.clone(), m)),
+                    );
+                }
+                if !whole {
+                    tell_gap(registry, topic, &p.concrete, feed, offset);
+                }
+            }
+        }
+        feed.advance(offset);
+        out.push(p);
+    }
+    out
+}
+
+/// Tells a history topic's subscribers that publications before `offset` may be missing
+/// (`{"type":"gap",…}`): their copy of the topic must be fetched anew.
+fn tell_gap(registry: &Registry, topic: &Topic, concrete: &str, feed: &Feed, offset: u64) {
+    registry.metrics.history_gaps_unfilled.inc();
+    let build = |form: Form| {
+        FrameBuilder::new(form.key, "gap")
+            .str("topic", concrete)
+            .str("epoch", &feed.epoch)
+            .value("offset", &serde_json::Value::from(offset))
+            .finish()
+    };
+    let mut frames = Frames::new(&build);
+    let held = topic
+        .joining
+        .as_ref()
+        .map(Joining::held_now)
+        .unwrap_or_default();
+    for s in topic.subscribers.snapshot().iter() {
+        if !held.contains(&s.conn.id()) {
+            let _ = Outlet::deliver(&s.conn, frames.get(Form::of(&s.conn, false)));
+        }
     }
 }
 
@@ -510,6 +732,10 @@ struct Publication {
     payload: String,
     /// The backend's message id (`Sb-Message-Id`) and its key.
     id: Option<(String, MessageKey)>,
+    /// Its position, when it was stored in history, and the position of the topic's
+    /// publication before it (0: none).
+    offset: Option<u64>,
+    previous: u64,
     /// The publishing connection, when it does not want its own message back.
     skip: Option<Ulid>,
     reply: Option<String>,
@@ -520,16 +746,19 @@ struct Publication {
 impl Publication {
     fn new(registry: &Registry, msg: Message) -> Option<Self> {
         let (_, concrete) = subject::parse_topic(&msg.subject)?;
-        let id = msg
-            .headers
-            .get(subject::HEADER_MESSAGE_ID)
-            .and_then(|id| registry.message_id(id))
-            .map(|id| (id.text.to_owned(), id.key));
-        let origin = msg
-            .headers
-            .get(subject::HEADER_ORIGIN)
-            .and_then(|o| Ulid::from_string(o).ok());
-        let echo = msg.headers.get(subject::HEADER_ECHO).is_some();
+        let header_u64 = |name| msg.headers.get(name).and_then(|v| v.parse::<u64>().ok());
+        let offset = header_u64(subject::HEADER_OFFSET);
+        let previous = header_u64(subject::HEADER_PREVIOUS).unwrap_or(0);
+        // JetStream's republish carries no reply subject: a history publication names
+        // where its report goes in a header.
+        let reply = match msg.reply {
+            Some(r) => Some(r),
+            None if offset.is_some() => msg
+                .headers
+                .get(subject::HEADER_REPORT_TO)
+                .map(str::to_owned),
+            None => None,
+        };
         let span = if bus::trace::is_traced(&msg.headers) {
             let span = tracing::info_span!("edge.publish", topic = %concrete, delivered = tracing::field::Empty);
             bus::trace::follow(&span, &msg.headers);
@@ -537,20 +766,50 @@ impl Publication {
         } else {
             tracing::Span::none()
         };
-        Some(Self {
-            payload: json_or_string(&msg.payload),
+        let mut p = Self::of(registry, concrete, &msg.headers, &msg.payload);
+        p.offset = offset;
+        p.previous = previous;
+        p.reply = reply;
+        p.span = span;
+        Some(p)
+    }
+
+    /// A publication read from history (a recovered or gap-filled one): delivered like the
+    /// live one was, without a report.
+    fn stored(registry: &Registry, concrete: String, stored: &bus::history::Stored) -> Self {
+        let mut p = Self::of(registry, concrete, &stored.headers, &stored.payload);
+        p.offset = Some(stored.offset);
+        p
+    }
+
+    fn of(registry: &Registry, concrete: String, headers: &bus::Headers, payload: &[u8]) -> Self {
+        let id = headers
+            .get(subject::HEADER_MESSAGE_ID)
+            .and_then(|id| registry.message_id(id))
+            .map(|id| (id.text.to_owned(), id.key));
+        let origin = headers
+            .get(subject::HEADER_ORIGIN)
+            .and_then(|o| Ulid::from_string(o).ok());
+        let echo = headers.get(subject::HEADER_ECHO).is_some();
+        Self {
+            payload: json_or_string(payload),
             concrete,
             id,
+            offset: None,
+            previous: 0,
             skip: if echo { None } else { origin },
-            reply: msg.reply,
-            span,
+            reply: None,
+            span: tracing::Span::none(),
             tally: Tally::default(),
-        })
+        }
     }
 
     /// The message in one form (built once per batch, by its [`Batch`]).
     fn message(&self, form: Form) -> Utf8Bytes {
-        let frame = FrameBuilder::new(form.key, "message").str("topic", &self.concrete);
+        let mut frame = FrameBuilder::new(form.key, "message").str("topic", &self.concrete);
+        if let Some(offset) = self.offset {
+            frame = frame.value("offset", &serde_json::Value::from(offset));
+        }
         let frame = match &self.id {
             Some((id, _)) if form.message_id => frame.str("message_id", id),
             _ => frame,
@@ -563,14 +822,16 @@ impl Publication {
 /// are built once, and framed once per transport kind into one buffer; a subscriber whose
 /// connection can take it now gets that buffer in one write, the others get the messages
 /// queued.
-async fn publish_local(registry: &Registry, topic: &Topic, batch: &mut Vec<Message>) {
-    let mut pubs: Vec<Publication> = batch
-        .drain(..)
-        .filter_map(|m| Publication::new(registry, m))
-        .collect();
+async fn publish_local(registry: &Registry, topic: &Topic, mut pubs: Vec<Publication>) {
     if pubs.is_empty() {
         return;
     }
+    // Subscribers of a history topic whose join the pump has not served yet.
+    let held = topic
+        .joining
+        .as_ref()
+        .map(Joining::held_now)
+        .unwrap_or_default();
     // Only a batch with message ids reads the clock and keeps, per subscriber, which
     // publications it had already.
     let has_ids = pubs.iter().any(|p| p.id.is_some());
@@ -588,6 +849,9 @@ async fn publish_local(registry: &Registry, topic: &Topic, batch: &mut Vec<Messa
         let h = &s.conn;
         let form = Form::of(h, has_ids);
         let conn = h.id();
+        if !held.is_empty() && held.contains(&conn) {
+            continue;
+        }
         // Not the publisher's own (unless it asked), and not one an older overlapping filter
         // of the same connection delivers.
         let wanted = |p: &Publication| p.skip != Some(conn) && !s.shadowed(&p.concrete);

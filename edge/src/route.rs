@@ -26,7 +26,12 @@ pub struct Route {
 }
 
 /// The session's view of a route's config.
-fn session_rules(cfg: &RouteConfig, anonymous: bool) -> edge_core::session::Rules {
+fn session_rules(
+    cfg: &RouteConfig,
+    anonymous: bool,
+    history: &[bus::history::Rule],
+    resume: Option<&proto::resume::Key>,
+) -> edge_core::session::Rules {
     use edge_core::session as s;
     let onmessage = cfg.hooks.onmessage.as_ref();
     s::Rules {
@@ -76,13 +81,36 @@ fn session_rules(cfg: &RouteConfig, anonymous: bool) -> edge_core::session::Rule
             leeway: cfg.auth.leeway,
             refresh_lead: cfg.auth.refresh_lead,
         }),
+        // Every rule of the edge applies here (storage is shared); clients read with the
+        // `history` verb only what this route's own rules allow.
+        history: history
+            .iter()
+            .map(|r| edge_core::history::Rule {
+                pattern: r.pattern.clone(),
+                size: r.size,
+                read: cfg.history.iter().any(|h| h.topics == r.pattern && h.read),
+            })
+            .collect(),
+        resume: resume
+            .filter(|_| !cfg.resume.ttl.is_zero())
+            .map(|key| s::ResumeRules {
+                key: key.clone(),
+                ttl: cfg.resume.ttl,
+                route: cfg.path.clone(),
+                onconnect: cfg.resume.onconnect,
+            }),
     }
 }
 
 impl Route {
     /// Compiles route `cfg` with its key material (read by the binary); the error says
     /// what is wrong with the keys.
-    pub(crate) fn new(cfg: &RouteConfig, keys: &RouteKeys) -> Result<Self, String> {
+    /// `history`: every history rule of the edge.
+    pub(crate) fn new(
+        cfg: &RouteConfig,
+        keys: &RouteKeys,
+        history: &[bus::history::Rule],
+    ) -> Result<Self, String> {
         let verifier = Verifier::new(cfg, keys)?;
         let ws = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
@@ -92,7 +120,12 @@ impl Route {
             .max_frame_size(Some(cfg.max_payload));
         Ok(Self {
             key: cfg.key(),
-            rules: Arc::new(session_rules(cfg, verifier.anonymous())),
+            rules: Arc::new(session_rules(
+                cfg,
+                verifier.anonymous(),
+                history,
+                keys.resume.as_ref(),
+            )),
             cfg: cfg.clone(),
             verifier,
             ws,

@@ -66,6 +66,17 @@ pub enum EdgeError {
     Bus(#[from] bus::BusError),
 }
 
+/// The stores an edge uses, each optional.
+#[derive(Debug, Default)]
+pub struct Stores {
+    /// Where key-value resources live (none: kv resources answer `unavailable`).
+    pub resources: Option<SharedStore>,
+    /// The store holding `revocation_bucket`.
+    pub revocations: Option<SharedStore>,
+    /// Topic history (none: history rules are not kept, and history topics are plain).
+    pub history: Option<bus::SharedHistory>,
+}
+
 /// An edge node: build with [`Edge::new`], run with [`Edge::serve`].
 #[derive(Debug, Clone)]
 pub struct Edge {
@@ -74,22 +85,28 @@ pub struct Edge {
 
 impl Edge {
     /// `keys[i]` is the key material of route `i` (read by the binary); `revocations` is
-    /// the store holding `revocation_bucket`.
+    /// the store holding `revocation_bucket`; `history` keeps the routes' history rules
+    /// (which it must have made already: [`bus::HistoryStore::ensure`]).
     pub fn new(
         node_id: String,
         cfg: EdgeConfig,
         keys: &[RouteKeys],
         bus: SharedBus,
-        store: Option<SharedStore>,
-        revocations: Option<SharedStore>,
+        stores: Stores,
     ) -> Result<Self, EdgeError> {
+        let Stores {
+            resources: store,
+            revocations,
+            history,
+        } = stores;
+        let rules = cfg.history_rules();
         let none = RouteKeys::default();
         let routes = cfg
             .routes
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                Route::new(r, keys.get(i).unwrap_or(&none))
+                Route::new(r, keys.get(i).unwrap_or(&none), &rules)
                     .map(Arc::new)
                     .map_err(|message| EdgeError::Route {
                         path: r.path.clone(),
@@ -104,6 +121,7 @@ impl Edge {
             Arc::clone(&bus),
             Arc::clone(&metrics),
             tracker.clone(),
+            history.map(|store| crate::history::History { store, rules }),
         ));
         let env = Env {
             registry,
@@ -592,7 +610,13 @@ struct Upgraded<Io> {
     ws: WebSocketStream<Io>,
     handle: ConnHandle,
     permit: tokio::sync::OwnedSemaphorePermit,
+    /// The `?resume=` token, if the client sent one.
+    resume: Option<String>,
 }
+
+/// The query parameter a client passes its resume token in on the upgrade, so that the
+/// route's onconnect hook can be skipped (docs/PROTOCOL.md §4.6).
+const RESUME_QUERY: &str = "resume";
 
 async fn upgrade<W: Wire>(
     node: &Arc<Node>,
@@ -612,6 +636,9 @@ async fn upgrade<W: Wire>(
         permit,
     } = admitted;
     let ws_config = route.ws;
+    // A resume token is the session's to check, and goes nowhere else (not to backends'
+    // context, not into placement).
+    let resume = head.query.remove(RESUME_QUERY);
     let mut params: Vec<(String, String)> = head.query.into_iter().collect();
     params.extend(path_params);
     params.sort();
@@ -635,7 +662,12 @@ async fn upgrade<W: Wire>(
     let (handle, socket) = tcp.attach(info, stall_limit);
     let ws =
         WebSocketStream::from_partially_read(socket, rest, Role::Server, Some(ws_config)).await;
-    Some(Upgraded { ws, handle, permit })
+    Some(Upgraded {
+        ws,
+        handle,
+        permit,
+        resume,
+    })
 }
 
 /// The upgrade hook (HyperExpress's upgrade interception): a backend sees the request before
@@ -689,9 +721,14 @@ async fn intercept(
 }
 
 async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, up: Upgraded<Io>) {
-    let Upgraded { ws, handle, permit } = up;
+    let Upgraded {
+        ws,
+        handle,
+        permit,
+        resume,
+    } = up;
     let info = handle.info();
-    let mut conn = Conn::new(ws, handle.clone(), Arc::clone(&node.env));
+    let mut conn = Conn::new(ws, handle.clone(), Arc::clone(&node.env), resume.as_deref());
     node.env.metrics.upgrades.inc();
     let attached = node.env.registry.attach(&handle);
     // A drain snapshots the registry after setting the flag: a connection attached after the

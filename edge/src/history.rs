@@ -1,0 +1,179 @@
+//! The shell of topic history on an edge: the store and its rules, and, for a topic pump on
+//! a concrete history topic, the subscribers joining it. What the offsets mean (next,
+//! repeat, gap; whether a client recovers) is decided in [`edge_core::history`]; this file
+//! reads storage and queues frames.
+//!
+//! **Joining without a gap or a duplicate.** A subscriber of a history topic is *held*
+//! (skipped by the pump) from the moment it enters the topic's list until the pump, between
+//! two batches, serves its join: everything up to the pump's position went out before it
+//! was served, everything after goes out after. Serving it queues the stored publications
+//! between the client's position and the pump's, so the client gets the missed ones, then
+//! the live ones, each once. The pump is the only writer of the topic, so nothing can pass
+//! in between. The frames are queued behind the socket the connection's task holds while
+//! it subscribes, so the `subscribed` answer it then writes comes first.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+
+use bus::history::{Read, Rule, SharedHistory};
+use edge_core::history::{Feed, Position, recovery};
+use edge_core::session::Subscribed;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use ulid::Ulid;
+
+use crate::handle::ConnHandle;
+
+/// The history store and the rules it keeps (every route's: storage is shared).
+#[derive(Debug, Clone)]
+pub(crate) struct History {
+    pub(crate) store: SharedHistory,
+    pub(crate) rules: Vec<Rule>,
+}
+
+impl History {
+    /// The rule of a concrete topic, if it keeps history.
+    pub(crate) fn rule_for(&self, topic: &str) -> Option<&Rule> {
+        bus::history::rule_for(&self.rules, topic)
+    }
+}
+
+/// A concrete history topic's pump state that subscribers share: who is held, who waits to
+/// be served.
+#[derive(Debug)]
+pub(crate) struct Joining {
+    pub(crate) rule: Rule,
+    pub(crate) namespace: String,
+    /// The concrete topic.
+    pub(crate) topic: String,
+    held: Mutex<HashSet<Ulid>>,
+    waiting: Mutex<Vec<Join>>,
+    pub(crate) wake: Notify,
+}
+
+/// A subscriber waiting to join: where it stands, and where its outcome goes.
+#[derive(Debug)]
+pub(crate) struct Join {
+    pub(crate) conn: ConnHandle,
+    pub(crate) since: Option<Position>,
+    pub(crate) done: oneshot::Sender<Subscribed>,
+}
+
+impl Joining {
+    pub(crate) fn new(rule: Rule, namespace: &str, topic: &str) -> Self {
+        Self {
+            rule,
+            namespace: namespace.to_owned(),
+            topic: topic.to_owned(),
+            held: Mutex::new(HashSet::new()),
+            waiting: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashSet<Ulid>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds `conn` before it enters the topic's list (so the pump, which reads the list
+    /// first and this set after, never sees it unheld before its join is served).
+    pub(crate) fn hold(&self, conn: Ulid) {
+        self.held().insert(conn);
+    }
+
+    pub(crate) fn release(&self, conn: Ulid) {
+        self.held().remove(&conn);
+    }
+
+    /// The held subscribers now (empty almost always: no allocation then).
+    pub(crate) fn held_now(&self) -> HashSet<Ulid> {
+        let held = self.held();
+        if held.is_empty() {
+            HashSet::new()
+        } else {
+            held.clone()
+        }
+    }
+
+    /// Queues a join for the pump and wakes it.
+    pub(crate) fn push(&self, join: Join) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(join);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<Join> {
+        std::mem::take(
+            &mut *self
+                .waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// Serves every waiting join of a topic whose feed stands at `feed`: one read of storage
+/// from the earliest position asked for, then each subscriber its part. `queue` queues one
+/// stored publication's frame for one subscriber.
+pub(crate) async fn serve_joins(
+    store: &SharedHistory,
+    joining: &Joining,
+    feed: &Feed,
+    stop: &CancellationToken,
+    queue: impl Fn(&ConnHandle, &bus::history::Stored),
+) {
+    let joins = joining.take();
+    if joins.is_empty() {
+        return;
+    }
+    let delivered = feed.delivered();
+    let behind = |p: &Position| p.epoch == feed.epoch && p.offset < delivered;
+    let from = joins
+        .iter()
+        .filter_map(|j| j.since.as_ref().filter(|p| behind(p)).map(|p| p.offset))
+        .min();
+    let read: Option<Read> = match from {
+        Some(after) => tokio::select! {
+            r = store.read(&joining.rule, &joining.namespace, &joining.topic, after) => match r {
+                Ok(read) => Some(read),
+                Err(error) => {
+                    tracing::warn!(%error, topic = %joining.topic, "history read for recovery failed");
+                    None
+                }
+            },
+            () = stop.cancelled() => return,
+        },
+        None => None,
+    };
+    let position = Position {
+        offset: delivered,
+        epoch: feed.epoch.clone(),
+    };
+    for join in joins {
+        let recovered = join.since.as_ref().map(|since| {
+            if !behind(since) {
+                return since.epoch == feed.epoch && since.offset == delivered;
+            }
+            let Some(read) = read.as_ref().filter(|r| r.epoch == feed.epoch) else {
+                return false;
+            };
+            if !recovery(since, &read.epoch, read.complete, delivered) {
+                return false;
+            }
+            read.messages
+                .iter()
+                .filter(|m| m.offset > since.offset && m.offset <= delivered)
+                .for_each(|m| queue(&join.conn, m));
+            true
+        });
+        joining.release(join.conn.id());
+        let _ = join.done.send(Subscribed::Live {
+            position: Some(position.clone()),
+            recovered,
+        });
+    }
+}
