@@ -10,7 +10,7 @@
 //! | [`nats`] | the NATS protocol inside nats-server's WebSocket frames |
 //! | [`publish`] | publishers (WebSocket, gRPC, NATS) and the paced loop |
 //! | [`procstat`] | server CPU and RSS from `/proc` |
-//! | [`idle`], [`fanout`], [`send`], [`connect`] | the scenarios |
+//! | [`idle`], [`fanout`], [`send`], [`connect`], [`recover`] | the scenarios |
 //! | [`report`] | the README table from the JSON lines |
 //!
 //! Everything runs on one current-thread runtime: the script pins the process to the load
@@ -26,6 +26,7 @@ mod idle;
 mod nats;
 mod procstat;
 mod publish;
+mod recover;
 mod recv;
 mod report;
 mod send;
@@ -52,6 +53,8 @@ enum Scenario {
     Send(send::Args),
     /// JWT handshakes per second and time to `session`.
     Connect(connect::Args),
+    /// N clients of a history topic come back at once, each M behind: time to recover.
+    Recover(recover::Args),
     /// Turns the JSON lines of a run into the README's tables.
     Report(report::Args),
 }
@@ -72,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::ClusterFanout(a) => fanout::run("cluster-fanout", a).await,
             Scenario::Send(a) => send::run(a).await,
             Scenario::Connect(a) => connect::run(a).await,
+            Scenario::Recover(a) => recover::run(a).await,
             Scenario::Report(_) => unreachable!("handled above"),
         }
     })

@@ -273,19 +273,19 @@ pub(crate) fn client_url(url: &WsUrl, flavor: Flavor, name: &str) -> WsUrl {
     }
 }
 
-/// Opens `n` connections with at most `parallel` handshakes at once; `make(i)` names
-/// connection `i`'s URL.
-pub(crate) async fn open_many<F, Fut>(
+/// Opens `n` connections with at most `parallel` handshakes at once; `make(i)` opens
+/// connection `i` (and says what it gives back: the connection, or what it learnt).
+pub(crate) async fn open_many<T, F, Fut>(
     n: usize,
     parallel: usize,
     make: F,
-) -> anyhow::Result<Vec<Conn>>
+) -> anyhow::Result<Vec<T>>
 where
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Conn>>,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     use futures::StreamExt as _;
-    let results: Vec<anyhow::Result<Conn>> = futures::stream::iter(0..n)
+    let results: Vec<anyhow::Result<T>> = futures::stream::iter(0..n)
         .map(make)
         .buffer_unordered(parallel)
         .collect()

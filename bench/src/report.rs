@@ -114,6 +114,16 @@ fn row(l: &Value) -> String {
             int(&l["handshakes_per_s"]),
             l["errors"]
         ),
+        "recover" => format!(
+            "{} clients back at once, {} behind: all recovered in {} ms (p50 {}, p99 {}, max {} ms; {} failed)",
+            l["clients"],
+            l["behind"],
+            l["all_recovered_ms"],
+            l["recover_ms"]["p50"],
+            l["recover_ms"]["p99"],
+            l["recover_ms"]["max"],
+            l["failed"]
+        ),
         "send" => format!(
             "{} sends/s to {} users on {} edges via {}",
             l["offered_per_s"],

@@ -104,7 +104,7 @@ const RECONNECT_ATTEMPTS: u32 = 30;
 /// One fault test at a time.
 static SERIAL: Semaphore = Semaphore::const_new(1);
 
-async fn serial() -> SemaphorePermit<'static> {
+pub(crate) async fn serial() -> SemaphorePermit<'static> {
     SERIAL.acquire().await.expect("never closed")
 }
 

@@ -9,10 +9,12 @@
 //! | [`binary`] | the binary as a user runs it: banner, grpcurl, SIGTERM, check-config | process |
 //! | [`cluster`] | delivery, placement and failures across edges and coordinators | cluster |
 //! | [`faults`] | what a backend is told, and what arrives, while a process fails under load | cluster, haproxy |
+//! | [`history`] | topic history, recovery on subscribe, resume tokens, live gaps repaired, epochs | in-process node, cluster |
 //! | [`dev_nats`] | the embedded mode over a real NATS server: hooks and sends from a plain NATS backend | process |
 //! | [`limits`] | frame limits, timeouts, rate limits, slow consumers, drain | in-process node |
 //! | [`observe`] | metrics (promtool) and logs | cluster |
 //! | [`protocol`] | the native client protocol and the gRPC services | in-process node |
+//! | [`resume`] | 300 clients resume elsewhere with their tokens after an edge is killed, then drained; nothing lost | cluster, haproxy |
 //! | [`retry`] | safe retries: a backend's `message_id` reaches each connection at most once | cluster |
 //! | [`seeds`] | each seed system's documented gateway, on its example config | cluster |
 //! | [`security`] | the trust boundary as an attacker tries it (edge, gRPC, NATS, TLS, tokens) | cluster |
@@ -38,10 +40,12 @@ mod binary;
 mod cluster;
 mod dev_nats;
 mod faults;
+mod history;
 mod limits;
 mod liveness;
 mod observe;
 mod protocol;
+mod resume;
 mod retry;
 mod security;
 mod seeds;

@@ -60,7 +60,14 @@ async fn init_answers_a_session_and_resumes_a_given_one() {
 
     let mut c = node.connect("/connect?user=sess").await;
     c.send(json!({"type": "init", "session": ida})).await;
-    assert_eq!(c.recv().await, json!({"type": "session", "id": ida}));
+    let sc = c.recv_type("session").await;
+    assert_eq!(sc["id"], ida, "{sc}");
+    assert!(
+        sc["resume"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("sbr1.")),
+        "a session carries a resume token: {sc}"
+    );
 }
 
 #[tokio::test]

@@ -235,6 +235,8 @@ pub struct Cluster {
     tap: Option<(NatsBus, Subscription)>,
     /// The environment coordinators were started with, for [`Cluster::add_coordinator`].
     coordinator_env: Vec<(String, String)>,
+    /// The environment edges were started with, for [`Cluster::add_edge`].
+    edge_env: Vec<(String, String)>,
 }
 
 impl Drop for Cluster {
@@ -286,6 +288,7 @@ impl Cluster {
             config,
             tap: None,
             coordinator_env: env.iter().chain(&spec.role_env[0]).cloned().collect(),
+            edge_env: env.iter().chain(&spec.role_env[1]).cloned().collect(),
         };
         if spec.tap && spec.nats_config.is_none() {
             let tap = cluster.observer().await;
@@ -333,6 +336,24 @@ impl Cluster {
             proc,
         });
         self.coords.len() - 1
+    }
+
+    /// Starts one more edge `id`, as the others were started but reaching NATS at
+    /// `nats_url` (through a [`super::TcpProxy`], say); returns its index once it is ready
+    /// and reports to every coordinator.
+    pub async fn add_edge(&mut self, id: &str, nats_url: &str) -> usize {
+        let seeds: Vec<String> = self.coords.iter().map(|c| c.grpc.to_string()).collect();
+        let mut cmd = node_command("edge", &self.config, nats_url, id);
+        cmd.args(["--coordinator", &seeds.join(",")])
+            .envs(self.edge_env.iter().map(|(k, v)| (k, v)));
+        let (proc, ws) = Proc::start(id, cmd, |line| edge_banner(line, "ws")).await;
+        self.edges.push(EdgeNode {
+            id: id.to_owned(),
+            ws,
+            proc,
+        });
+        self.wait_ready().await;
+        self.edges.len() - 1
     }
 
     /// Every coordinator ready, in a ring of all coordinators, with a report stream from every

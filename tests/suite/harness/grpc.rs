@@ -242,3 +242,21 @@ pub async fn grpcurl_json(args: &[&str]) -> Value {
     serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("grpcurl {args:?} printed {text:?}, not JSON: {e}"))
 }
+
+/// Waits until the coordinator at `addr` knows that `topic` keeps history (it learns the
+/// rules from storage, which edges make when they start): `Messaging.History` answers.
+pub async fn wait_history_rule(addr: SocketAddr, namespace: &str, topic: &str) {
+    super::poll::eventually(
+        &format!("{addr} to learn that {topic:?} keeps history"),
+        super::poll::WAIT,
+        async || {
+            let req = proto::v1::HistoryRequest {
+                namespace: namespace.into(),
+                topic: topic.into(),
+                ..Default::default()
+            };
+            messaging(addr).await.history(req).await.ok()
+        },
+    )
+    .await;
+}

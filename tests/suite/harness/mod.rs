@@ -10,6 +10,7 @@
 //! | [`ws`] | `Client`: the WebSocket client of every test |
 //! | [`http`] | plain HTTP/1: readiness, metrics, raw upgrade requests |
 //! | [`grpc`] | tonic clients with the test API key, the calls tests make, `grpcurl` |
+//! | [`proxy`] | `TcpProxy`: a TCP forwarder a test cuts and restores (a network fault) |
 //! | [`haproxy`] | haproxy on `deploy/local`'s config in front of a cluster's edges |
 //! | [`nats`] | `Backend`: a NATS client playing a backend; `/connz` helpers |
 //! | [`tokens`] | JWTs and `Authorization: Bearer` |
@@ -29,6 +30,7 @@ mod nats;
 mod node;
 mod poll;
 mod process;
+mod proxy;
 mod tokens;
 mod ws;
 
@@ -42,5 +44,6 @@ pub use nats::*;
 pub use node::*;
 pub use poll::*;
 pub use process::*;
+pub use proxy::*;
 pub use tokens::*;
 pub use ws::*;

@@ -49,6 +49,7 @@ impl TestNode {
                 pem: r.auth.rs256_public_key_file.as_ref().map(|p| {
                     std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
                 }),
+                resume: Some(proto::resume::key(b"the test node's resume secret")),
                 ..edge::RouteKeys::default()
             })
             .collect();

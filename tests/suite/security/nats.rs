@@ -16,8 +16,8 @@ use proto::v1::{
 use serde_json::json;
 
 use crate::harness::{
-    Backend, Cluster, Proc, Spec, TestCa, authed, bounded, broadcast, channel, http_get, next_json,
-    node_command, placement, publish, resources, scratch_dir, send,
+    Backend, Cluster, Proc, Spec, TestCa, authed, bounded, broadcast, channel, http_get, messaging,
+    next_json, node_command, placement, publish, resources, scratch_dir, send, wait_history_rule,
 };
 
 /// The documented permissions, as the docs page shows them.
@@ -95,7 +95,8 @@ fn server_config_with(dir: &Path, pki: &Pki, least: bool, more: &[String]) -> Pa
 fn switchboard_yaml(pki: &Pki) -> String {
     format!(
         "edge:\n  routes:\n    - path: /connect\n      anonymous: true\n      publish: true\n      \
-         allowed_origins: [\"*\"]\n      resources:\n        profiles: {{ kind: kv }}\n        feed: {{ kind: topic }}\n\
+         allowed_origins: [\"*\"]\n      resources:\n        profiles: {{ kind: kv }}\n        feed: {{ kind: topic }}\n      \
+         history:\n        - {{ topics: \"chat/#\", size: 10, ttl: 1m, read: true }}\n\
          nats:\n  password_env: NATS_PASSWORD\n  tls:\n    ca_file: {}\n",
         pki.ca.display()
     )
@@ -243,6 +244,44 @@ async fn processes_connect_with_a_password_or_an_nkey_over_tls() {
 /// The documented least permissions are enough for everything Switchboard does (gRPC Send
 /// and Publish, a backend's send subject, a client event and its reply, a resource put and
 /// get), and no more: a backend cannot command an edge or read the replies meant for one.
+/// Topic history under the documented permissions: the edge made the rule's stream at start;
+/// a client's publication and a gRPC Publish are stored (the coordinator learnt the rule
+/// from the streams), a client recovers one, `Messaging.History` reads them.
+async fn history_flow(c: &Cluster) {
+    let grpc = c.grpc(0);
+    wait_history_rule(grpc, "default", "chat/x").await;
+    let mut carol = c.client(0, "carol", "default").await;
+    carol
+        .send(json!({"type": "subscribe", "topic": "chat/x", "id": 1}))
+        .await;
+    let s = carol.recv_type("subscribed").await;
+    let r = publish(grpc, "default", "chat/x", r#""stored""#).await;
+    assert!(r.offset > 0 && r.epoch == s["epoch"], "{r:?} {s}");
+    assert_eq!(carol.recv_type("message").await["offset"], r.offset);
+    carol
+        .send(json!({"type": "publish", "topic": "chat/x", "payload": 2, "id": 2}))
+        .await;
+    let p = carol.recv_type("published").await;
+    assert!(p["offset"].as_u64() > Some(r.offset), "{p}");
+    let mut dave = c.client(0, "dave", "default").await;
+    let since = json!({"offset": s["offset"], "epoch": s["epoch"]});
+    dave.send(json!({"type": "subscribe", "topic": "chat/x", "since": since}))
+        .await;
+    assert_eq!(dave.recv_type("subscribed").await["recovered"], true);
+    assert_eq!(dave.recv_type("message").await["payload"], "stored");
+    let mut m = messaging(grpc).await;
+    let page = m
+        .history(proto::v1::HistoryRequest {
+            namespace: "default".into(),
+            topic: "chat/x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.messages.len(), 2, "{page:?}");
+}
+
 #[tokio::test]
 async fn documented_least_permissions_carry_a_full_flow() {
     let start = "<!-- deploy/nats/permissions.conf -->\n```\n";
@@ -275,6 +314,7 @@ async fn documented_least_permissions_carry_a_full_flow() {
     let topic = |v: &serde_json::Value| (v["topic"].clone(), v["payload"].clone());
     let v = alice.recv().await;
     assert_eq!(topic(&v), (json!("news/today"), json!("hello")), "{v}");
+    history_flow(&c).await;
     let mut news = be.subscribe("sb.topic.default.news.>").await;
     // Placement.Watch: the coordinator hears its own placement events.
     let mut pc = placement(c.grpc(0)).await.unwrap();
