@@ -364,6 +364,9 @@ edge:
         cookie: ID_TOKEN
       publish: true
       allowed_origins: ["*"]
+      # Clients that come back (to any edge) recover what they missed on chat/ topics.
+      history:
+        - { topics: "chat/#", size: 100, ttl: 10m, read: true }
 EOF
 }
 

@@ -108,11 +108,35 @@ impl Feed {
         self.delivered = self.delivered.max(offset);
     }
 
+    /// Where a client joining at `since` stands against this feed.
+    pub fn join(&self, since: &Position) -> Standing {
+        if since.epoch != self.epoch {
+            Standing::OtherEpoch
+        } else if since.offset >= self.delivered {
+            // Nothing of the topic lies between: what comes after the feed arrives live.
+            // Another edge's feed may have started later, so a client can be ahead of this one.
+            Standing::Current
+        } else {
+            Standing::Behind
+        }
+    }
+
     /// Storage was made anew (its epoch changed): positions start over.
     pub fn restart(&mut self, epoch: String, last: u64) {
         self.epoch = epoch;
         self.delivered = last;
     }
+}
+
+/// Where a joining client stands against a feed ([`Feed::join`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It has everything the feed delivered: recovered, nothing to send.
+    Current,
+    /// It missed what the feed delivered after its position: read storage from there.
+    Behind,
+    /// Its position is in another epoch: not recovered.
+    OtherEpoch,
 }
 
 /// Whether a client at `since` recovers from a read of storage made after it (`epoch` and
@@ -194,6 +218,23 @@ mod tests {
         assert_eq!(f.classify(14, 12), Live::Repeat);
         f.restart("e2".into(), 0);
         assert_eq!(f.classify(1, 0), Live::Next);
+    }
+
+    #[test]
+    fn a_joiner_is_current_behind_or_in_another_epoch() {
+        let f = Feed::new("e".into(), 10);
+        let at = |o, e: &str| Position {
+            offset: o,
+            epoch: e.into(),
+        };
+        assert_eq!(f.join(&at(10, "e")), Standing::Current);
+        assert_eq!(
+            f.join(&at(12, "e")),
+            Standing::Current,
+            "ahead of a younger feed"
+        );
+        assert_eq!(f.join(&at(3, "e")), Standing::Behind);
+        assert_eq!(f.join(&at(10, "f")), Standing::OtherEpoch);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard};
 
 use bus::history::{Read, Rule, SharedHistory};
-use edge_core::history::{Feed, Position, recovery};
+use edge_core::history::{Feed, Position, Standing, recovery};
 use edge_core::session::Subscribed;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -131,7 +131,7 @@ pub(crate) async fn serve_joins(
         return;
     }
     let delivered = feed.delivered();
-    let behind = |p: &Position| p.epoch == feed.epoch && p.offset < delivered;
+    let behind = |p: &Position| feed.join(p) == Standing::Behind;
     let from = joins
         .iter()
         .filter_map(|j| j.since.as_ref().filter(|p| behind(p)).map(|p| p.offset))
@@ -155,8 +155,10 @@ pub(crate) async fn serve_joins(
     };
     for join in joins {
         let recovered = join.since.as_ref().map(|since| {
-            if !behind(since) {
-                return since.epoch == feed.epoch && since.offset == delivered;
+            match feed.join(since) {
+                Standing::Current => return true,
+                Standing::OtherEpoch => return false,
+                Standing::Behind => {}
             }
             let Some(read) = read.as_ref().filter(|r| r.epoch == feed.epoch) else {
                 return false;

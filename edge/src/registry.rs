@@ -714,12 +714,13 @@ fn tell_gap(registry: &Registry, topic: &Topic, concrete: &str, feed: &Feed, off
             .finish()
     };
     let mut frames = Frames::new(&build);
+    let subs = topic.subscribers.snapshot();
     let held = topic
         .joining
         .as_ref()
         .map(Joining::held_now)
         .unwrap_or_default();
-    for s in topic.subscribers.snapshot().iter() {
+    for s in subs.iter() {
         if !held.contains(&s.conn.id()) {
             let _ = Outlet::deliver(&s.conn, frames.get(Form::of(&s.conn, false)));
         }
@@ -826,12 +827,6 @@ async fn publish_local(registry: &Registry, topic: &Topic, mut pubs: Vec<Publica
     if pubs.is_empty() {
         return;
     }
-    // Subscribers of a history topic whose join the pump has not served yet.
-    let held = topic
-        .joining
-        .as_ref()
-        .map(Joining::held_now)
-        .unwrap_or_default();
     // Only a batch with message ids reads the clock and keeps, per subscriber, which
     // publications it had already.
     let has_ids = pubs.iter().any(|p| p.id.is_some());
@@ -843,6 +838,13 @@ async fn publish_local(registry: &Registry, topic: &Topic, mut pubs: Vec<Publica
     };
     // A snapshot: the loop yields, and the lock is never held across an await.
     let subs = topic.subscribers.snapshot();
+    // Subscribers of a history topic whose join the pump has not served yet: read after the
+    // snapshot, since a joiner is held before it enters the list (crate::history).
+    let held = topic
+        .joining
+        .as_ref()
+        .map(Joining::held_now)
+        .unwrap_or_default();
     let mut batches: [Option<Batch>; FORMS] = Default::default();
     let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
     for s in subs.iter() {
