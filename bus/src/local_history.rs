@@ -8,7 +8,7 @@
 //! random per instance: a new process (or a new `LocalHistory`) has lost the history.
 //!
 //! `append` also delivers the publication live, as JetStream's republish does for
-//! `NatsHistory`: on the [`SharedBus`] it was given, on [`subject::topic`] with the appended
+//! `NatsHistory`: on the [`SharedBus`] it was given, on [`subject::live`] with the appended
 //! headers, [`subject::HEADER_OFFSET`] and [`subject::HEADER_PREVIOUS`] (the offset of the
 //! topic's last publication still stored, 0 for none: what JetStream's `Nats-Last-Sequence`
 //! says, too), so that edges cannot tell the two apart. Appends to one instance
@@ -167,7 +167,7 @@ impl Inner {
         ring.prune(&storage.rule, now);
 
         let mut live = Outgoing {
-            subject: subject::topic(namespace, topic.split('/')),
+            subject: subject::live(namespace, topic.split('/')),
             reply: None,
             headers,
             payload,

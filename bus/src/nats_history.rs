@@ -9,7 +9,7 @@
 //! streams alone. [`HistoryStore::ensure`] creates or updates the streams, with no call that
 //! needs the account info (async-nats 0.51 cannot parse it from servers before 2.10).
 //!
-//! **Live delivery.** Each stream republishes what it stores from `sb.hist.>` to `sb.topic.>`
+//! **Live delivery.** Each stream republishes what it stores from `sb.hist.>` to `sb.live.>`
 //! (every rule's stream has the same republish mapping; each republishes only its own
 //! subjects): the server itself sends every stored publication on its topic subject with
 //! `Nats-Sequence` ([`subject::HEADER_OFFSET`]) and `Nats-Last-Sequence`
@@ -265,7 +265,15 @@ impl Inner {
         if size > max {
             return Err(HistoryError::TooLarge { size, max });
         }
-        let map = header_map(&headers)?;
+        let mut map = header_map(&headers)?;
+        // A backend's retry (the same message id) is stored once: JetStream drops a second
+        // publication with the same `Nats-Msg-Id` within its duplicate window (2 min) and
+        // acknowledges the first's offset. Scoped to the topic, as ids are the backend's.
+        if let Some(id) = headers.get(subject::HEADER_MESSAGE_ID)
+            && let Ok(value) = format!("{namespace}/{topic}/{id}").parse::<HeaderValue>()
+        {
+            map.insert("Nats-Msg-Id", value);
+        }
         let name = subject::history_stream(&rule.pattern);
         let to = subject::history(namespace, topic.split('/'));
         let publish = || async {
@@ -468,7 +476,7 @@ fn stream_config(rule: &Rule, replicas: usize) -> stream::Config {
         num_replicas: replicas.max(1),
         republish: Some(Republish {
             source: format!("{}.>", subject::HISTORY_PREFIX),
-            destination: format!("{}.>", subject::TOPIC_PREFIX),
+            destination: format!("{}.>", subject::LIVE_PREFIX),
             headers_only: false,
         }),
         metadata: HashMap::from([(PATTERN_METADATA.to_owned(), rule.pattern.clone())]),

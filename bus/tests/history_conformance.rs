@@ -285,7 +285,7 @@ async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
 async fn offsets_increase_and_arrive_live(fx: Fixture) {
     let chat = chat(10);
     ensure(&fx, std::slice::from_ref(&chat)).await;
-    let mut live = fx.live("sb.topic.>").await;
+    let mut live = fx.live("sb.live.>").await;
     let mut last = 0;
     for (i, topic) in ["chat/a", "chat/b", "chat/a", "chat", "chat/a/deep"]
         .into_iter()
@@ -295,7 +295,7 @@ async fn offsets_increase_and_arrive_live(fx: Fixture) {
         assert!(offset > last, "offset {offset} after {last}");
         last = offset;
         let m = next(&mut live).await;
-        assert_eq!(m.subject, subject::topic("ns", topic.split('/')));
+        assert_eq!(m.subject, subject::live("ns", topic.split('/')));
         assert_eq!(position(&m).0, offset);
         assert_eq!(m.payload, format!("m{i}"));
     }
@@ -306,7 +306,7 @@ async fn offsets_increase_and_arrive_live(fx: Fixture) {
 async fn previous_chains_per_topic(fx: Fixture) {
     let chat = chat(10);
     ensure(&fx, std::slice::from_ref(&chat)).await;
-    let mut live = fx.live("sb.topic.>").await;
+    let mut live = fx.live("sb.live.>").await;
     let a1 = fx.append(&chat, "ns", "chat/a", "a1").await;
     let b1 = fx.append(&chat, "ns", "chat/b", "b1").await;
     let a2 = fx.append(&chat, "ns", "chat/a", "a2").await;
@@ -408,7 +408,7 @@ async fn age_limit(fx: Fixture) {
     );
     let read = fx.read(&short, "ns", "short/a", first).await;
     assert!(read.messages.is_empty() && read.complete);
-    let mut live = fx.live("sb.topic.>").await;
+    let mut live = fx.live("sb.live.>").await;
     let later = fx.append(&short, "ns", "short/a", "new").await;
     assert_eq!(
         position(&next(&mut live).await),
@@ -423,7 +423,7 @@ async fn age_limit(fx: Fixture) {
 async fn headers_kept(fx: Fixture) {
     let chat = chat(10);
     ensure(&fx, std::slice::from_ref(&chat)).await;
-    let mut live = fx.live(&subject::topic("ns", ["chat", "h"])).await;
+    let mut live = fx.live(&subject::live("ns", ["chat", "h"])).await;
     let mut headers = Headers::default();
     headers.insert(subject::HEADER_MESSAGE_ID, "id-1");
     headers.insert(subject::HEADER_ORIGIN, "conn-7");
@@ -488,11 +488,11 @@ async fn rules_round_trip(fx: Fixture) {
         [rules[0].clone(), changed, rules[2].clone()]
     );
     // Every rule's storage works side by side (one republish mapping per stream).
-    let mut live = fx.live("sb.topic.>").await;
+    let mut live = fx.live("sb.live.>").await;
     for (rule, topic) in rules.iter().zip(["a/x/b", "chat/1", "scores/x"]) {
         let offset = fx.append(rule, "ns", topic, topic).await;
         let m = next(&mut live).await;
-        assert_eq!(m.subject, subject::topic("ns", topic.split('/')));
+        assert_eq!(m.subject, subject::live("ns", topic.split('/')));
         assert_eq!(position(&m), (offset, 0));
     }
 }
@@ -500,8 +500,8 @@ async fn rules_round_trip(fx: Fixture) {
 async fn namespaces_apart(fx: Fixture) {
     let chat = chat(10);
     ensure(&fx, std::slice::from_ref(&chat)).await;
-    let mut live_a = fx.live(&subject::topic("a", ["chat", "t"])).await;
-    let mut live_b = fx.live(&subject::topic("b", ["chat", "t"])).await;
+    let mut live_a = fx.live(&subject::live("a", ["chat", "t"])).await;
+    let mut live_b = fx.live(&subject::live("b", ["chat", "t"])).await;
     let a1 = fx.append(&chat, "a", "chat/t", "a1").await;
     let b1 = fx.append(&chat, "b", "chat/t", "b1").await;
     let a2 = fx.append(&chat, "a", "chat/t", "a2").await;
@@ -530,7 +530,7 @@ async fn odd_levels_round_trip(fx: Fixture) {
         "chat/é/🦀",
         "chat/~2E",
     ];
-    let mut live = fx.live("sb.topic.>").await;
+    let mut live = fx.live("sb.live.>").await;
     let mut written = Vec::new();
     for topic in topics {
         written.push(fx.append(&chat, "n s.*", topic, topic).await);
@@ -597,7 +597,7 @@ mod nats_only {
         let fx = nats().await;
         let chat = chat(3);
         ensure(&fx, std::slice::from_ref(&chat)).await;
-        let mut live = fx.live(&subject::topic("ns", ["chat", "a"])).await;
+        let mut live = fx.live(&subject::live("ns", ["chat", "a"])).await;
         let ack = fx
             .js()
             .publish(
@@ -638,7 +638,7 @@ mod nats_only {
         let republish = c.republish.expect("republish");
         assert_eq!(
             (republish.source.as_str(), republish.destination.as_str()),
-            ("sb.hist.>", "sb.topic.>")
+            ("sb.hist.>", "sb.live.>")
         );
         assert!(c.description.unwrap().ends_with(CHAT));
     }

@@ -60,7 +60,7 @@ impl From<DeliveryError> for Status {
             DeliveryError::InvalidArgument(m) => Status::invalid_argument(m),
             DeliveryError::Bus(e) => Status::unavailable(format!("bus unavailable: {e}")),
             DeliveryError::Disconnected => Status::unavailable("bus disconnected; try again"),
-            DeliveryError::History(m) => Status::unavailable(format!("{m}; try again")),
+            DeliveryError::History(m) => Status::unavailable(m),
         }
     }
 }

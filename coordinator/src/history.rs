@@ -22,11 +22,17 @@ impl TopicHistory {
         }
     }
 
-    /// Learns the rules again from storage (a rule an edge made since then applies from
-    /// now on); keeps the old ones when storage does not answer.
+    /// Learns the rules again from storage: a rule an edge made since then applies from now
+    /// on. A rule learnt before stays (until this process restarts) when its storage is
+    /// gone: an operator deleted the stream to reset that history, and the next publication
+    /// makes it anew rather than going out unstored.
     pub async fn refresh(&self) {
         match self.store.rules().await {
-            Ok(rules) => *self.rules.lock().unwrap_or_else(PoisonError::into_inner) = rules,
+            Ok(listed) => {
+                let mut rules = self.rules.lock().unwrap_or_else(PoisonError::into_inner);
+                rules.retain(|r| !listed.iter().any(|l| l.pattern == r.pattern));
+                rules.extend(listed);
+            }
             Err(error) => tracing::debug!(%error, "history rules not refreshed"),
         }
     }

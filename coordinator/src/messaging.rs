@@ -617,7 +617,16 @@ impl Coordinator {
                     .store
                     .append(rule, namespace, topic, out.headers, out.payload)
                     .await
-                    .map_err(|e| DeliveryError::History(e.to_string()))?;
+                    .map_err(|e| match e {
+                        bus::HistoryError::TooLarge { .. } => {
+                            DeliveryError::InvalidArgument(e.to_string())
+                        }
+                        // It may have been stored: a retry with the same message_id is
+                        // stored once.
+                        bus::HistoryError::Unavailable(_) => DeliveryError::History(format!(
+                            "{e}: the publication may or may not be stored; retry with the same message_id"
+                        )),
+                    })?;
                 Ok(Some(stored))
             }
         }

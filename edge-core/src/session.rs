@@ -87,6 +87,9 @@ struct Owner {
     namespace: String,
     born: Instant,
     born_ms: i64,
+    /// Unix seconds when the connect hook last accepted this user on this route: this
+    /// connection's start, or, when a resume skipped the hook, the token's.
+    accepted: i64,
 }
 
 impl Owner {
@@ -414,6 +417,7 @@ impl Session {
                 namespace: namespace.to_owned(),
                 born: now,
                 born_ms: now_ms,
+                accepted: now_ms / 1000,
             }));
         }
         self
@@ -422,17 +426,35 @@ impl Session {
     /// The client presented resume `token` on the upgrade: when it is valid, the connect
     /// hook does as the route's `onconnect` says ([`OnResume`]). The subscriptions come
     /// back with the `init` that carries the token, as without it.
+    ///
+    /// Never on an anonymous route (anyone may claim any user there, so a token proves
+    /// nothing of the hook), and not when the hook's last acceptance the token carries is
+    /// older than one `resume.ttl`: the hook is asked again at least that often.
     pub fn resuming(mut self, token: Option<&str>, now: Instant) -> Self {
         let Some(token) = token else { return self };
-        let on = self.rules.resume.as_ref().map(|r| r.onconnect);
-        if !self.connecting || on == Some(OnResume::Run) || self.check_resume(token, now).is_err() {
+        let Some(rules) = self.rules.resume.as_ref() else {
+            return self;
+        };
+        let (on, ttl) = (rules.onconnect, rules.ttl);
+        if !self.connecting || on == OnResume::Run || self.rules.token.is_none() {
             return self;
         }
+        let Ok(resume) = self.check_resume(token, now) else {
+            return self;
+        };
+        let Some(owner) = self.owner.as_mut() else {
+            return self;
+        };
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        if owner.unix_s(now).saturating_sub(resume.accepted) > ttl {
+            return self;
+        }
+        owner.accepted = resume.accepted;
         // The hook's request is the only thing queued at this point.
         self.connecting = false;
         self.pending.clear();
         self.out.clear();
-        if on == Some(OnResume::Event)
+        if on == OnResume::Event
             && let Some(owner) = &self.owner
         {
             self.out.push_back(Action::Emit {
@@ -905,9 +927,9 @@ impl Session {
         let mut restore = Vec::new();
         if let Some(token) = f.str("resume") {
             match self.check_resume(token, now) {
-                Ok(held) => {
+                Ok(resume) => {
                     a = a.value("resumed", &Value::Bool(true));
-                    restore = held;
+                    restore = resume.subscriptions;
                 }
                 Err(why) => {
                     a = a
@@ -935,7 +957,10 @@ impl Session {
                 (h.topic, given.or(held))
             })
             .collect();
-        if let Some(token) = self.mint(now, restore.iter().map(|(t, p)| (t.as_str(), p.as_ref()))) {
+        // The token names what the connection holds and what it is restoring.
+        let held = self.topics.iter().map(|(t, p)| (t.as_str(), p.as_deref()));
+        let restoring = restore.iter().map(|(t, p)| (t.as_str(), p.as_ref()));
+        if let Some(token) = self.mint(now, held.chain(restoring)) {
             a = a.str("resume", &token);
         }
         self.out.push_back(Action::Send(a.finish()));
@@ -954,7 +979,7 @@ impl Session {
         &self,
         token: &str,
         now: Instant,
-    ) -> Result<Vec<proto::resume::Held>, proto::resume::Refused> {
+    ) -> Result<proto::resume::Resume, proto::resume::Refused> {
         use proto::resume::{Refused, verify};
         let (Some(rules), Some(owner)) = (&self.rules.resume, &self.owner) else {
             return Err(Refused::Malformed);
@@ -966,7 +991,7 @@ impl Session {
         {
             return Err(Refused::Forged);
         }
-        Ok(resume.subscriptions)
+        Ok(resume)
     }
 
     /// A resume token for the subscriptions held now, once the client opened a session.
@@ -992,6 +1017,7 @@ impl Session {
             namespace: owner.namespace.clone(),
             route: rules.route.clone(),
             exp: owner.unix_s(now).saturating_add(ttl),
+            accepted: owner.accepted,
             subscriptions: held
                 .map(|(topic, p)| proto::resume::Held {
                     topic: topic.to_owned(),

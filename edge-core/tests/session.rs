@@ -2786,6 +2786,7 @@ fn a_valid_token_on_the_upgrade_skips_the_connect_hook_as_the_route_says() {
             required: true,
         });
         r.resume.as_mut().unwrap().onconnect = on;
+        r.token = Some(TokenPolicy::default());
         let t0 = origin();
         let mut s = Session::new(Arc::new(r), CONN.into(), t0, NOW_MS, None)
             .resumable("alice", "acme", t0, NOW_MS)
@@ -2803,6 +2804,50 @@ fn a_valid_token_on_the_upgrade_skips_the_connect_hook_as_the_route_says() {
     );
     assert!(hooked(&open(OnResume::Run, Some(&token))));
     assert!(open(OnResume::Skip, Some(&token)).is_empty());
+    // Not on an anonymous route: anyone may claim any user there.
+    let mut anonymous = history_rules();
+    anonymous.onconnect = Some(ConnectHook {
+        subject: "hooks.onconnect".into(),
+        required: true,
+    });
+    let t0 = origin();
+    let mut s = Session::new(Arc::new(anonymous), CONN.into(), t0, NOW_MS, None)
+        .resumable("alice", "acme", t0, NOW_MS)
+        .resuming(Some(&token), t0);
+    assert!(hooked(
+        &std::iter::from_fn(|| s.poll_action()).collect::<Vec<_>>()
+    ));
+    // Not when the hook last accepted the user more than one resume.ttl ago, however often
+    // the token was made anew since.
+    let later = NOW_MS + 301_000;
+    let mut r = history_rules();
+    r.onconnect = Some(ConnectHook {
+        subject: "hooks.onconnect".into(),
+        required: true,
+    });
+    r.token = Some(TokenPolicy::default());
+    let mut fresh = Session::new(Arc::new(r.clone()), CONN.into(), t0, later, None)
+        .resumable("alice", "acme", t0, later);
+    // A token made at `later` from a session whose acceptance is `NOW_MS` is not enough.
+    let mut old = Session::new(Arc::new(r), CONN.into(), t0, NOW_MS, None)
+        .resumable("alice", "acme", t0, NOW_MS);
+    while old.poll_action().is_some() {}
+    old.on_text(
+        &json!({"type": "init"}).to_string(),
+        t0 + Duration::from_secs(299),
+    );
+    let renewed = std::iter::from_fn(|| old.poll_action())
+        .find_map(|a| match a {
+            Action::Send(f) => serde_json::from_str::<Value>(&f).ok()?["resume"]
+                .as_str()
+                .map(str::to_owned),
+            _ => None,
+        })
+        .unwrap();
+    fresh = fresh.resuming(Some(&renewed), t0);
+    assert!(hooked(
+        &std::iter::from_fn(|| fresh.poll_action()).collect::<Vec<_>>()
+    ));
     let event = open(OnResume::Event, Some(&token));
     assert!(
         matches!(event.as_slice(), [Action::Emit { subject, body: Body::Context }] if subject == "sb.event.acme.resumed"),

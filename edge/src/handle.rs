@@ -138,6 +138,11 @@ impl ConnHandle {
         &self.0.line
     }
 
+    /// Whether `frames` more frames of `bytes` in all fit in the outbound queue now.
+    pub(crate) fn has_room(&self, frames: usize, bytes: usize) -> bool {
+        self.0.outbox.has_room(frames, bytes)
+    }
+
     /// Asks the task to close; the first request wins.
     pub fn close(&self, req: CloseRequest) {
         let mut slot = self.0.close.lock().expect("close slot poisoned");

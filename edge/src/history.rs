@@ -12,8 +12,9 @@
 //! in between. The frames are queued behind the socket the connection's task holds while
 //! it subscribes, so the `subscribed` answer it then writes comes first.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use bus::history::{Read, Rule, SharedHistory};
 use edge_core::history::{Feed, Position, Standing, recovery};
@@ -46,7 +47,9 @@ pub(crate) struct Joining {
     pub(crate) namespace: String,
     /// The concrete topic.
     pub(crate) topic: String,
-    held: Mutex<HashSet<Ulid>>,
+    /// Held connections, each with how many of its joins are unserved (a subscribe that
+    /// timed out and its retry may both be).
+    held: Mutex<HashMap<Ulid, u32>>,
     waiting: Mutex<Vec<Join>>,
     pub(crate) wake: Notify,
 }
@@ -65,13 +68,13 @@ impl Joining {
             rule,
             namespace: namespace.to_owned(),
             topic: topic.to_owned(),
-            held: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashMap::new()),
             waiting: Mutex::new(Vec::new()),
             wake: Notify::new(),
         }
     }
 
-    fn held(&self) -> MutexGuard<'_, HashSet<Ulid>> {
+    fn held(&self) -> MutexGuard<'_, HashMap<Ulid, u32>> {
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -80,11 +83,18 @@ impl Joining {
     /// Holds `conn` before it enters the topic's list (so the pump, which reads the list
     /// first and this set after, never sees it unheld before its join is served).
     pub(crate) fn hold(&self, conn: Ulid) {
-        self.held().insert(conn);
+        *self.held().entry(conn).or_insert(0) += 1;
     }
 
+    /// One join of `conn` was served (or never queued).
     pub(crate) fn release(&self, conn: Ulid) {
-        self.held().remove(&conn);
+        let mut held = self.held();
+        if let Some(n) = held.get_mut(&conn) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&conn);
+            }
+        }
     }
 
     /// The held subscribers now (empty almost always: no allocation then).
@@ -93,7 +103,7 @@ impl Joining {
         if held.is_empty() {
             HashSet::new()
         } else {
-            held.clone()
+            held.keys().copied().collect()
         }
     }
 
@@ -116,39 +126,82 @@ impl Joining {
     }
 }
 
+/// The longest storage read a topic's pump waits for (its subscribers wait with it): below
+/// the subscribe timeout, so that a join is answered before its subscriber gives up.
+pub(crate) const READ_LIMIT: Duration = Duration::from_secs(3);
+
+/// What serving the joins found of storage.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Served {
+    /// Storage was made anew: the feed now follows this epoch, and subscribers must be told.
+    pub(crate) new_epoch: bool,
+}
+
 /// Serves every waiting join of a topic whose feed stands at `feed`: one read of storage
-/// from the earliest position asked for, then each subscriber its part. `queue` queues one
-/// stored publication's frame for one subscriber.
+/// from the earliest position asked for, then each subscriber its part. `queue` queues the
+/// stored publications for one subscriber, all or none (false: they did not fit in its
+/// outbound queue, and it is told it did not recover). A join whose subscriber gave up
+/// (its subscribe timed out) is dropped.
 pub(crate) async fn serve_joins(
     store: &SharedHistory,
     joining: &Joining,
-    feed: &Feed,
+    feed: &mut Feed,
     stop: &CancellationToken,
-    queue: impl Fn(&ConnHandle, &bus::history::Stored),
-) {
-    let joins = joining.take();
+    queue: impl Fn(&ConnHandle, &[&bus::history::Stored]) -> bool,
+) -> Served {
+    let mut served = Served::default();
+    let joins: Vec<Join> = joining
+        .take()
+        .into_iter()
+        .filter(|j| {
+            let live = !j.done.is_closed();
+            if !live {
+                joining.release(j.conn.id());
+            }
+            live
+        })
+        .collect();
     if joins.is_empty() {
-        return;
+        return served;
     }
-    let delivered = feed.delivered();
-    let behind = |p: &Position| feed.join(p) == Standing::Behind;
+    let behind = |p: &Position, feed: &Feed| feed.join(p) == Standing::Behind;
     let from = joins
         .iter()
-        .filter_map(|j| j.since.as_ref().filter(|p| behind(p)).map(|p| p.offset))
+        .filter_map(|j| {
+            j.since
+                .as_ref()
+                .filter(|p| behind(p, feed))
+                .map(|p| p.offset)
+        })
         .min();
     let read: Option<Read> = match from {
-        Some(after) => tokio::select! {
-            r = store.read(&joining.rule, &joining.namespace, &joining.topic, after) => match r {
-                Ok(read) => Some(read),
-                Err(error) => {
-                    tracing::warn!(%error, topic = %joining.topic, "history read for recovery failed");
-                    None
-                }
-            },
-            () = stop.cancelled() => return,
-        },
+        Some(after) => {
+            let read = store.read(&joining.rule, &joining.namespace, &joining.topic, after);
+            tokio::select! {
+                r = tokio::time::timeout(READ_LIMIT, read) => match r {
+                    Ok(Ok(read)) => Some(read),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, topic = %joining.topic, "history read for recovery failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(topic = %joining.topic, "history read for recovery took over {READ_LIMIT:?}");
+                        None
+                    }
+                },
+                () = stop.cancelled() => return served,
+            }
+        }
         None => None,
     };
+    if let Some(read) = &read
+        && read.epoch != feed.epoch
+    {
+        // Storage was made anew: the feed follows it from its present position.
+        feed.restart(read.epoch.clone(), read.last);
+        served.new_epoch = true;
+    }
+    let delivered = feed.delivered();
     let position = Position {
         offset: delivered,
         epoch: feed.epoch.clone(),
@@ -166,11 +219,12 @@ pub(crate) async fn serve_joins(
             if !recovery(since, &read.epoch, read.complete, delivered) {
                 return false;
             }
-            read.messages
+            let missed: Vec<&bus::history::Stored> = read
+                .messages
                 .iter()
                 .filter(|m| m.offset > since.offset && m.offset <= delivered)
-                .for_each(|m| queue(&join.conn, m));
-            true
+                .collect();
+            queue(&join.conn, &missed)
         });
         joining.release(join.conn.id());
         let _ = join.done.send(Subscribed::Live {
@@ -178,4 +232,5 @@ pub(crate) async fn serve_joins(
             recovered,
         });
     }
+    served
 }

@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use ulid::Ulid;
 
 use crate::handle::{CloseRequest, ConnHandle, Delivery};
-use crate::history::{History, Join, Joining};
+use crate::history::{History, Join, Joining, READ_LIMIT};
 use crate::metrics::Metrics;
 use crate::transport::{Batch, Direct, Outlet};
 
@@ -552,8 +552,18 @@ impl Registry {
         ns: &str,
         filter: &str,
     ) -> Result<Vec<Subscription>, SubscribeError> {
+        let mut subjects = subject::topic_filter(ns, filter);
+        // Stored history publications come on their own subjects, where only JetStream
+        // sends: a filter that some rule's topics can match hears those too.
+        if let Some(h) = &self.history
+            && h.rules
+                .iter()
+                .any(|r| proto::topic::overlaps(&r.pattern, filter))
+        {
+            subjects.extend(subject::live_filter(ns, filter));
+        }
         let mut subs = Vec::new();
-        for s in subject::topic_filter(ns, filter) {
+        for s in subjects {
             subs.push(self.bus.subscribe(s, None).await?);
         }
         // Make sure the server has the subscriptions before the client hears "subscribed".
@@ -583,7 +593,7 @@ async fn pump(
         let first = tokio::select! {
             () = topic.stop.cancelled() => break,
             () = async { joining.expect("guarded").wake.notified().await }, if joining.is_some() => {
-                if let (Some(j), Some(f)) = (joining, feed.as_ref()) {
+                if let (Some(j), Some(f)) = (joining, feed.as_mut()) {
                     serve_joins(&registry, &topic, j, f).await;
                 }
                 continue;
@@ -614,23 +624,35 @@ async fn pump(
 }
 
 /// Serves a history topic's waiting joins (crate::history).
-async fn serve_joins(registry: &Registry, topic: &Topic, joining: &Joining, feed: &Feed) {
+async fn serve_joins(registry: &Registry, topic: &Topic, joining: &Joining, feed: &mut Feed) {
     let Some(history) = &registry.history else {
         return;
     };
-    crate::history::serve_joins(
-        &history.store,
-        joining,
-        feed,
-        &topic.stop,
-        |conn, stored| {
-            let p = Publication::stored(registry, joining.topic.clone(), stored);
-            let form = Form::of(conn, p.id.is_some());
-            registry.metrics.history_recovered.inc();
-            let _ = Outlet::deliver(conn, &p.message(form));
-        },
-    )
-    .await;
+    // All of a joiner's missed publications, or none: a recovery that does not fit in its
+    // outbound queue is answered `recovered: false` rather than cut short.
+    let queue = |conn: &ConnHandle, stored: &[&bus::history::Stored]| {
+        let frames: Vec<Utf8Bytes> = stored
+            .iter()
+            .map(|m| {
+                let p = Publication::stored(registry, joining.topic.clone(), m);
+                p.message(Form::of(conn, p.id.is_some()))
+            })
+            .collect();
+        let bytes = frames.iter().map(|f| f.len()).sum();
+        if !conn.has_room(frames.len(), bytes) {
+            return false;
+        }
+        for f in &frames {
+            let _ = Outlet::deliver(conn, f);
+        }
+        registry.metrics.history_recovered.add(frames.len() as u64);
+        true
+    };
+    let served =
+        crate::history::serve_joins(&history.store, joining, feed, &topic.stop, queue).await;
+    if served.new_epoch {
+        tell_gap(registry, topic, &joining.topic, feed, feed.delivered() + 1);
+    }
 }
 
 /// A history topic's live publications checked against its feed: repeats dropped, and
@@ -657,9 +679,9 @@ async fn follow_feed(
             Live::Next => {}
             Live::Repeat => {
                 // Within one epoch a live offset never goes back: storage was made anew.
-                let state = history.store.state(&joining.rule).await;
-                match state {
-                    Ok(state) if state.epoch != feed.epoch => {
+                let state = tokio::time::timeout(READ_LIMIT, history.store.state(&joining.rule));
+                match state.await {
+                    Ok(Ok(state)) if state.epoch != feed.epoch => {
                         feed.restart(state.epoch, offset.saturating_sub(1));
                         tell_gap(registry, topic, &p.concrete, feed, offset);
                     }
@@ -667,14 +689,21 @@ async fn follow_feed(
                 }
             }
             Live::Gap { after } => {
-                let read = history
-                    .store
-                    .read(&joining.rule, &joining.namespace, &joining.topic, after)
-                    .await;
+                let read =
+                    history
+                        .store
+                        .read(&joining.rule, &joining.namespace, &joining.topic, after);
+                let read = match tokio::time::timeout(READ_LIMIT, read).await {
+                    Ok(Ok(read)) => Some(read),
+                    _ => None,
+                };
                 let mut whole = false;
-                if let Ok(read) = read
-                    && read.epoch == feed.epoch
+                if let Some(read) = &read
+                    && read.epoch != feed.epoch
                 {
+                    // Storage was made anew: this publication starts the new epoch's feed.
+                    feed.restart(read.epoch.clone(), offset.saturating_sub(1));
+                } else if let Some(read) = read {
                     let missed: Vec<_> = read
                         .messages
                         .into_iter()
@@ -747,16 +776,23 @@ struct Publication {
 impl Publication {
     fn new(registry: &Registry, msg: Message) -> Option<Self> {
         let (_, concrete) = subject::parse_topic(&msg.subject)?;
-        let header_u64 = |name| msg.headers.get(name).and_then(|v| v.parse::<u64>().ok());
+        // Positions are trusted only from JetStream's republish, on subjects nobody else
+        // may publish to; a plain publication is delivered without one.
+        let stored = msg.subject.starts_with(subject::LIVE_PREFIX);
+        let header_u64 = |name| {
+            let v = msg.headers.get(name).filter(|_| stored)?;
+            v.parse::<u64>().ok()
+        };
         let offset = header_u64(subject::HEADER_OFFSET);
         let previous = header_u64(subject::HEADER_PREVIOUS).unwrap_or(0);
-        // JetStream's republish carries no reply subject: a history publication names
-        // where its report goes in a header.
+        // The republish carries no reply subject: a coordinator that stored it names its
+        // inbox in a header (and only a coordinator's inbox is answered).
         let reply = match msg.reply {
             Some(r) => Some(r),
             None if offset.is_some() => msg
                 .headers
                 .get(subject::HEADER_REPORT_TO)
+                .filter(|r| r.starts_with(&format!("{}.", subject::COORDINATOR_INBOX)))
                 .map(str::to_owned),
             None => None,
         };

@@ -626,6 +626,9 @@ async fn upgrade<W: Wire>(
     rest: Vec<u8>,
 ) -> Option<Upgraded<W::Io>> {
     let span = tracing::info_span!("edge.upgrade", path = %head.path, %peer);
+    // A resume token is the session's to check, and goes nowhere else: not to the upgrade
+    // hook, not to backends' context, not into placement.
+    let resume = head.query.remove(RESUME_QUERY);
     let admitted = admit(node, &mut tcp, peer, &mut head)
         .instrument(span)
         .await?;
@@ -636,9 +639,6 @@ async fn upgrade<W: Wire>(
         permit,
     } = admitted;
     let ws_config = route.ws;
-    // A resume token is the session's to check, and goes nowhere else (not to backends'
-    // context, not into placement).
-    let resume = head.query.remove(RESUME_QUERY);
     let mut params: Vec<(String, String)> = head.query.into_iter().collect();
     params.extend(path_params);
     params.sort();

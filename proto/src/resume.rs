@@ -47,6 +47,10 @@ pub struct Resume {
     /// Unix seconds after which the token is refused.
     #[serde(rename = "x")]
     pub exp: i64,
+    /// Unix seconds when the route's connect hook last accepted this user here: a token
+    /// made anew keeps it, so that skipping the hook on a resume does not last forever.
+    #[serde(rename = "a", default)]
+    pub accepted: i64,
     #[serde(rename = "s", default)]
     pub subscriptions: Vec<Held>,
 }
@@ -119,6 +123,7 @@ mod tests {
             namespace: "acme".into(),
             route: "/connect".into(),
             exp: 1_000,
+            accepted: 900,
             subscriptions: vec![
                 Held {
                     topic: "chat/room1".into(),

@@ -4,8 +4,9 @@
 //! | --- | --- | --- |
 //! | `sb.node.<node>` | coordinators: [`EdgeCommand`](crate::v1::EdgeCommand) for one edge | that edge |
 //! | `sb.edges` | coordinators: commands for every edge (broadcast, inspect) | every edge |
-//! | `sb.topic.<ns>.<levels…>` | anyone: a topic publication; JetStream republishes stored history publications here | edges with a local watcher |
+//! | `sb.topic.<ns>.<levels…>` | anyone: a topic publication | edges with a local watcher |
 //! | `sb.hist.<ns>.<levels…>` | publishers of history topics (JetStream publish) | the rule's stream ([`history_stream`]) |
+//! | `sb.live.<ns>.<levels…>` | JetStream only: stored history publications, republished with their offsets | edges with a local watcher of a history topic |
 //! | `sb.event.<ns>.<type>` | edges: client events no route hook maps elsewhere | backends |
 //! | `sb.coord.announce` | coordinators, every second and when leaving | edges, coordinators |
 //! | `sb.coord.hello` | a starting process | coordinators (they announce at once) |
@@ -24,6 +25,10 @@ pub const TOPIC_PREFIX: &str = "sb.topic";
 /// Prefix of history topic publications on their way into storage (republished, with their
 /// position, under [`TOPIC_PREFIX`]).
 pub const HISTORY_PREFIX: &str = "sb.hist";
+/// Prefix of stored history publications delivered live, with their offsets in headers.
+/// Only JetStream's republish sends here (no role's permissions allow publishing), so the
+/// offsets and report address of a message on it can be trusted.
+pub const LIVE_PREFIX: &str = "sb.live";
 /// Prefix of the JetStream streams that keep topic history, one per rule.
 pub const HISTORY_STREAM_PREFIX: &str = "SB_HISTORY_";
 /// Every edge subscribes here for cluster-wide commands.
@@ -87,7 +92,16 @@ pub fn event(namespace: &str, event_type: &str) -> String {
 
 /// The subject a publication to `levels` (already validated) in `namespace` travels on.
 pub fn topic<'a>(namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> String {
-    let mut s = format!("{TOPIC_PREFIX}.{}", token(namespace));
+    under(TOPIC_PREFIX, namespace, levels)
+}
+
+/// The subject a stored history publication to `levels` in `namespace` is delivered on.
+pub fn live<'a>(namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> String {
+    under(LIVE_PREFIX, namespace, levels)
+}
+
+fn under<'a>(prefix: &str, namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> String {
+    let mut s = format!("{prefix}.{}", token(namespace));
     for level in levels {
         s.push('.');
         push_token(&mut s, level);
@@ -98,12 +112,7 @@ pub fn topic<'a>(namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> 
 /// The subject a publication to `levels` (already validated) of a history topic in
 /// `namespace` is stored under.
 pub fn history<'a>(namespace: &str, levels: impl IntoIterator<Item = &'a str>) -> String {
-    let mut s = format!("{HISTORY_PREFIX}.{}", token(namespace));
-    for level in levels {
-        s.push('.');
-        push_token(&mut s, level);
-    }
-    s
+    under(HISTORY_PREFIX, namespace, levels)
 }
 
 /// The subjects of a history rule's stream: its MQTT `pattern` (already validated) in every
@@ -136,11 +145,21 @@ pub fn history_stream(pattern: &str) -> String {
 /// validated) in `namespace`. A trailing `#` also matches its parent level, so it needs two
 /// subjects.
 pub fn topic_filter(namespace: &str, filter: &str) -> Vec<String> {
+    filter_under(TOPIC_PREFIX, namespace, filter)
+}
+
+/// The subjects that deliver every stored history publication matching `filter` in
+/// `namespace` (as [`topic_filter`], under [`LIVE_PREFIX`]).
+pub fn live_filter(namespace: &str, filter: &str) -> Vec<String> {
+    filter_under(LIVE_PREFIX, namespace, filter)
+}
+
+fn filter_under(prefix: &str, namespace: &str, filter: &str) -> Vec<String> {
     let (head, multi) = match filter.strip_suffix("#") {
         Some(head) => (head.strip_suffix('/').unwrap_or(head), true),
         None => (filter, false),
     };
-    let mut base = format!("{TOPIC_PREFIX}.{}", token(namespace));
+    let mut base = format!("{prefix}.{}", token(namespace));
     if !(multi && head.is_empty()) {
         for level in head.split('/') {
             base.push('.');
@@ -158,9 +177,13 @@ pub fn topic_filter(namespace: &str, filter: &str) -> Vec<String> {
     }
 }
 
-/// Splits a topic publication subject back into its namespace and MQTT topic.
+/// Splits a topic publication subject (under [`TOPIC_PREFIX`] or [`LIVE_PREFIX`]) back into
+/// its namespace and MQTT topic.
 pub fn parse_topic(subject: &str) -> Option<(String, String)> {
-    let rest = subject.strip_prefix(TOPIC_PREFIX)?.strip_prefix('.')?;
+    let rest = subject
+        .strip_prefix(TOPIC_PREFIX)
+        .or_else(|| subject.strip_prefix(LIVE_PREFIX))?
+        .strip_prefix('.')?;
     let mut tokens = rest.split('.');
     let namespace = untoken(tokens.next()?)?;
     let mut topic = String::new();
@@ -274,6 +297,12 @@ mod tests {
             vec!["sb.topic.ns.scores.>", "sb.topic.ns.scores"]
         );
         assert_eq!(topic_filter("ns", "#"), vec!["sb.topic.ns.>"]);
+        assert_eq!(
+            live_filter("ns", "a/#"),
+            vec!["sb.live.ns.a.>", "sb.live.ns.a"]
+        );
+        let l = live("ns", ["a", "b"]);
+        assert_eq!(parse_topic(&l), Some(("ns".into(), "a/b".into())));
     }
 
     #[test]

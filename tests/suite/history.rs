@@ -501,3 +501,58 @@ async fn storage_made_anew_is_a_new_epoch_and_subscribers_are_told() {
         "{s}"
     );
 }
+
+#[tokio::test]
+async fn positions_on_a_plain_topic_publication_are_ignored() {
+    // A backend publishes on the topic subject with JetStream's headers forged: delivered
+    // as a plain message, and the feed is not moved (the next stored one arrives).
+    let node = TestNode::start(config_with(vec![history_route()])).await;
+    let mut a = node.connect("/connect?user=alice").await;
+    a.send(json!({"type": "subscribe", "topic": "chat/f"}))
+        .await;
+    a.recv_type("subscribed").await;
+    let forged = bus::Outgoing::new(
+        proto::subject::topic("default", ["chat", "f"]),
+        r#"{"n":0}"#,
+    )
+    .with_header(proto::subject::HEADER_OFFSET, "999999999")
+    .with_header(proto::subject::HEADER_PREVIOUS, "0")
+    .with_header(proto::subject::HEADER_REPORT_TO, "sb.event.default.x");
+    node.bus.publish(forged).await.unwrap();
+    let m = a.recv_type("message").await;
+    assert!(
+        m.get("offset").is_none(),
+        "no position on a plain publication: {m}"
+    );
+    let mut p = node.connect("/connect?user=pub").await;
+    let stored = publish_numbered(&mut p, "chat/f", 1, 1).await;
+    assert_eq!(numbered(&mut a, "chat/f", 1).await, [(1, stored[0])]);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_recovery_larger_than_the_outbound_queue_says_it_did_not_recover() {
+    let mut route = history_route();
+    route.outbound.queue = 4;
+    let node = TestNode::start(config_with(vec![route])).await;
+    let mut p = node.connect("/connect?user=pub").await;
+    let mut a = node.connect("/connect?user=alice").await;
+    a.send(json!({"type": "subscribe", "topic": "chat/big"}))
+        .await;
+    let s = a.recv_type("subscribed").await;
+    a.close().await;
+    publish_numbered(&mut p, "chat/big", 1, 5).await;
+    let mut a = node.connect("/connect?user=alice").await;
+    let pos = since(s["offset"].as_u64().unwrap(), &s["epoch"]);
+    a.send(json!({"type": "subscribe", "topic": "chat/big", "since": pos}))
+        .await;
+    let s = a.recv_type("subscribed").await;
+    assert_eq!(s["recovered"], false, "five missed do not fit in four: {s}");
+    let live = publish_numbered(&mut p, "chat/big", 6, 1).await;
+    assert_eq!(
+        numbered(&mut a, "chat/big", 1).await,
+        [(6, live[0])],
+        "live only"
+    );
+    node.stop().await;
+}

@@ -88,6 +88,18 @@ impl Outbox {
     pub(crate) fn buffered(&self) -> usize {
         self.buffered.load(Ordering::Acquire)
     }
+
+    /// Whether `frames` more frames of `bytes` in all would be taken now (others may push
+    /// meanwhile: a promise only while nobody else does).
+    pub(crate) fn has_room(&self, frames: usize, bytes: usize) -> bool {
+        let (len, buffered) = (
+            self.len.load(Ordering::Acquire),
+            self.buffered.load(Ordering::Acquire),
+        );
+        frames == 0
+            || (len + frames <= self.max_frames
+                && (buffered == 0 || buffered + bytes <= self.max_bytes))
+    }
 }
 
 #[cfg(test)]
