@@ -216,7 +216,15 @@ pub(crate) async fn serve_joins(
             let Some(read) = read.as_ref().filter(|r| r.epoch == feed.epoch) else {
                 return false;
             };
-            if !recovery(since, &read.epoch, read.complete, delivered) {
+            // The read was made from the earliest joiner's position; a later position is
+            // whole also when the topic's oldest stored publication is at most one past it
+            // (storage removes a topic's publications oldest first).
+            let complete = read.complete
+                || read
+                    .messages
+                    .first()
+                    .is_some_and(|m| m.offset <= since.offset.saturating_add(1));
+            if !recovery(since, &read.epoch, complete, delivered) {
                 return false;
             }
             let missed: Vec<&bus::history::Stored> = read
