@@ -739,10 +739,18 @@ impl EdgeConfig {
     /// The embedded mode's defaults: one anonymous `/connect` route where the user comes from
     /// `?user=` and clients may publish.
     pub fn dev() -> Self {
+        // `notes`: a key-value resource type for the demo page's watch (src/demo.rs).
+        let notes = ResourceConfig {
+            kind: ResourceKind::Kv,
+            bucket: None,
+            subject: None,
+            id_field: default_id_field(),
+        };
         let route = RouteConfig {
             anonymous: true,
             publish: true,
             allowed_origins: vec!["*".into()],
+            resources: [("notes".to_owned(), notes)].into_iter().collect(),
             ..RouteConfig::default()
         };
         Self {
