@@ -54,7 +54,8 @@ test("the demo page: Send, publish, watch, restart with backoff, recovery of mis
 
   const browser = await chromium();
   t.after(() => browser.close());
-  const page = await browser.newPage({ viewport: { width: 1200, height: 760 } });
+  const context = await browser.newContext({ viewport: { width: 1200, height: 760 } });
+  const page = await context.newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
   await page.goto(`${dev.http}/?user=alice&minDelay=250&maxDelay=2000`);
@@ -75,6 +76,13 @@ test("the demo page: Send, publish, watch, restart with backoff, recovery of mis
   const before = await demo(() => window.demo.messages.map((m) => m.offset));
   assert.ok(before.every((o) => typeof o === "number"), `history offsets on every message: ${before}`);
 
+  // The browser going offline: the page drops its socket at once and waits for `online`.
+  await context.setOffline(true);
+  await page.waitForFunction(() => window.demo.sb.state !== "connected");
+  assert.match(await page.textContent("#log"), /browser offline/);
+  await context.setOffline(false);
+  await page.waitForFunction(() => window.demo.sb.state === "connected" && window.demo.reconnects === 1, null, { timeout: 10000 });
+
   // Restart: SIGTERM drains (1001); while nothing listens the page retries with backoff.
   const { ws, grpc: grpcPort } = dev;
   await dev.stop();
@@ -84,7 +92,7 @@ test("the demo page: Send, publish, watch, restart with backoff, recovery of mis
   for (const text of ["missed one", "missed two", "missed three"])
     await natsPublish(nats.url, "sb.hist.default.chat.lobby", { from: "while-away", text });
   dev = await startDev({ nats: nats.url, config, ws, grpc: grpcPort });
-  await page.waitForFunction(() => window.demo.sb.state === "connected" && window.demo.reconnects === 1, null, { timeout: 20000 });
+  await page.waitForFunction(() => window.demo.sb.state === "connected" && window.demo.reconnects === 2, null, { timeout: 20000 });
   await page.waitForSelector("#messages li:has-text('missed three')", { timeout: 15000 });
   const after = await demo(() => window.demo.messages.map((m) => [m.offset, m.payload.text]));
   assert.deepEqual(after.slice(-3).map(([, text]) => text), ["missed one", "missed two", "missed three"]);

@@ -3,10 +3,11 @@
 // but playwright-core (for `chromium()` only), so clients/js's integration tests share it.
 //
 // Every process started here is stopped by `stop()` (its pid, never by name); ports are
-// 127.0.0.1 and found free by binding port 0. Waits are bounded polls (`until`).
+// 127.0.0.1, below 32768, and found free by binding them. Waits are bounded polls (`until`).
 import { spawn, execFile } from "node:child_process";
 import { createServer } from "node:net";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createHmac } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -35,13 +36,27 @@ export async function until(cond, what = "condition", ms = 10000, every = 20) {
   }
 }
 
-/** A free 127.0.0.1 port (bound, then released). */
+const handedOut = new Set();
+
+/**
+ * A free 127.0.0.1 port below 32768 (outside the ephemeral range, so no outgoing connection
+ * takes it meanwhile), bound to check, then released; never the same one twice per process.
+ */
 export async function freePort() {
-  const s = createServer();
-  await new Promise((r) => s.listen(0, "127.0.0.1", r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
+  for (let i = 0; i < 200; i++) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    if (handedOut.has(port)) continue;
+    const s = createServer();
+    const ok = await new Promise((r) => {
+      s.once("error", () => r(false));
+      s.listen(port, "127.0.0.1", () => r(true));
+    });
+    if (!ok) continue;
+    await new Promise((r) => s.close(r));
+    handedOut.add(port);
+    return port;
+  }
+  throw new Error("no free port below 32768");
 }
 
 /** A child process whose output is kept (for `waitFor`) and which is stopped by pid. */
@@ -108,9 +123,10 @@ export async function startDev({ nats, config, ws, grpc, env = {} } = {}) {
 }
 
 /** Calls a gRPC method with grpcurl (plaintext); resolves with the parsed JSON answer. */
-export function grpcurl(addr, method, body) {
+export function grpcurl(addr, method, body, { key } = {}) {
+  const auth = key ? ["-H", `authorization: Bearer ${key}`] : [];
   return new Promise((resolve, reject) => {
-    execFile("grpcurl", ["-plaintext", "-d", JSON.stringify(body), addr, method], { timeout: 15000 }, (err, stdout, stderr) => {
+    execFile("grpcurl", [...auth, "-plaintext", "-d", JSON.stringify(body), addr, method], { timeout: 15000 }, (err, stdout, stderr) => {
       if (err) return reject(new Error(`grpcurl ${method}: ${err.message}\n${stderr}`));
       try {
         resolve(stdout.trim() ? JSON.parse(stdout) : {});
@@ -119,6 +135,68 @@ export function grpcurl(addr, method, body) {
       }
     });
   });
+}
+
+/** An HS256 JWT (what `switchboard token` mints): `claims` plus `exp` in `ttl` seconds. */
+export function hs256(secret, claims, ttl = 300) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ exp: Math.floor(Date.now() / 1000) + ttl, ...claims })}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
+/**
+ * deploy/local/cluster.sh on free ports in a temporary CLUSTER_DIR: nats-server, two
+ * coordinators, three edges, haproxy. `down()` stops exactly what it started.
+ */
+export async function startCluster({ edgeConfig, secret = "js-test-secret" } = {}) {
+  const dir = mkdtempSync(join(tmpdir(), "sb-cluster-"));
+  const ports = [];
+  for (let i = 0; i < 10; i++) ports.push(await freePort());
+  const env = {
+    ...process.env,
+    CLUSTER_DIR: dir,
+    NATS_PORT: String(ports[0]),
+    NATS_MONITOR_PORT: String(ports[1]),
+    COORDINATOR_PORTS: `${ports[2]} ${ports[3]}`,
+    COORDINATOR_HTTP_PORTS: `${ports[4]} ${ports[5]}`,
+    EDGE_PORTS: `${ports[6]} ${ports[7]} ${ports[8]}`,
+    LB_PORT: String(ports[9]),
+    SWITCHBOARD_BIN: binary(),
+    SWITCHBOARD_JWT_SECRET: secret,
+    RUST_LOG: "warn",
+  };
+  if (edgeConfig) {
+    env.EDGE_CONFIG = join(dir, "edge-given.yaml");
+    writeFileSync(env.EDGE_CONFIG, edgeConfig);
+  }
+  const script = join(ROOT, "deploy/local/cluster.sh");
+  const run = (cmd) =>
+    new Promise((resolve, reject) =>
+      execFile(script, [cmd], { env, timeout: 120000 }, (err, stdout, stderr) =>
+        err ? reject(new Error(`cluster.sh ${cmd}: ${err.message}\n${stdout}\n${stderr}`)) : resolve(stdout),
+      ),
+    );
+  try {
+    await run("up");
+  } catch (e) {
+    await run("down").catch(() => {});
+    throw e;
+  }
+  return {
+    dir,
+    secret,
+    lb: `ws://127.0.0.1:${ports[9]}/connect`,
+    grpc: `127.0.0.1:${ports[2]}`,
+    edges: [ports[6], ports[7], ports[8]],
+    key: readFileSync(join(dir, "api-key"), "utf8").trim(),
+    natsUrl: `nats://127.0.0.1:${ports[0]}`,
+    /** The pid cluster.sh recorded for a process (`edge-1`…). */
+    pid: (name) => Number(readFileSync(join(dir, "run", `${name}.pid`), "utf8").trim()),
+    down: async () => {
+      await run("down");
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }
 
 /** Headless Debian Chromium through playwright-core (never a downloaded browser). */
