@@ -72,8 +72,10 @@ export class Subscription extends Emitter {
   private floor: number | undefined;
   /** @internal: the server holds this subscription in our latest resume token. */
   _inToken = false;
-  /** @internal: the `since` sent with the pending subscribe. */
+  /** @internal: the `since` sent with the pending subscribe (or the resume's positions). */
   _since: Position | undefined;
+  /** @internal: a subscribe of ours awaits its answer. */
+  _pending = false;
 
   constructor(
     readonly topic: string,
@@ -132,6 +134,7 @@ export class Subscription extends Emitter {
     }
     this.recovered = recovered;
     this._since = undefined;
+    this._pending = false;
     this._inToken = true;
     this.setState("subscribed");
     const ctx: SubscribedContext = { recovered, recovering, resumed, epoch, offset };

@@ -223,6 +223,7 @@ export class Switchboard extends Emitter {
       const positions: Record<string, Position> = {};
       for (const s of this.subs.values()) {
         const p = s.position();
+        s._since = p;
         if (p) positions[s.topic] = p;
       }
       init.positions = positions;
@@ -278,7 +279,7 @@ export class Switchboard extends Emitter {
       for (const s of this.subs.values()) if (!s._inToken) this.sendSubscribe(s);
       if (this.restoreTimer) clearTimeout(this.restoreTimer);
       this.restoreTimer = setTimeout(() => {
-        for (const s of this.subs.values()) if (s.state === "subscribing" && s._since === undefined) this.sendSubscribe(s);
+        for (const s of this.subs.values()) if (s.state === "subscribing" && !s._pending) this.sendSubscribe(s);
       }, this.options.timeout ?? 10000);
     } else {
       for (const s of this.subs.values()) this.sendSubscribe(s);
@@ -323,9 +324,11 @@ export class Switchboard extends Emitter {
     const since = s.position();
     if (since && !isWildcard(s.topic)) frame.since = since;
     s._since = frame.since as Position | undefined;
+    s._pending = true;
     this.call(frame, {}, s).then(
       () => {},
       (e: SwitchboardError) => {
+        s._pending = false;
         if (this.subs.get(s.topic) !== s || e.code === "disconnected") return;
         s.emit("error", e);
         if (FINAL_SUBSCRIBE_ERRORS.includes(e.code)) return s.unsubscribe();
@@ -362,6 +365,7 @@ export class Switchboard extends Emitter {
         if (this.isSubscribe(p)) {
           clearTimeout(p.timer);
           this.pending.delete(id);
+          if (p.sub) p.sub._pending = false;
         }
         continue;
       }
