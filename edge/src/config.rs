@@ -737,7 +737,8 @@ impl HooksConfig {
 
 impl EdgeConfig {
     /// The embedded mode's defaults: one anonymous `/connect` route where the user comes from
-    /// `?user=` and clients may publish.
+    /// `?user=` and clients may publish, with a `notes` key-value resource type (the demo page
+    /// watches it).
     pub fn dev() -> Self {
         // `notes`: a key-value resource type for the demo page's watch (src/demo.rs).
         let notes = ResourceConfig {
