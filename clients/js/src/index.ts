@@ -1,4 +1,4 @@
-export { Switchboard, SwitchboardError, type SwitchboardOptions } from "./switchboard.js";
+export { Switchboard, SwitchboardError, type SwitchboardOptions, type Watch, type WatchHandlers } from "./switchboard.js";
 export {
   Subscription,
   topicMatches,

@@ -51,6 +51,25 @@ interface Pending {
   sub?: Subscription;
 }
 
+/** What a `watch` calls: the full list (again after every reconnect), then changes. */
+export interface WatchHandlers {
+  onList?: (items: Record<string, unknown>[]) => void;
+  onItem?: (data: Record<string, unknown>) => void;
+  onRemove?: (params: Record<string, unknown>) => void;
+  onError?: (e: SwitchboardError) => void;
+}
+
+/** A running watch of a resource type (docs/PROTOCOL.md §4.3); `stop()` ends it. */
+export interface Watch {
+  readonly resource: string;
+  readonly params: Record<string, unknown>;
+  stop(): Promise<void>;
+}
+
+interface WatchEntry extends Watch {
+  h: WatchHandlers;
+}
+
 /** Codes after which a subscribe is not tried again by itself. */
 const FINAL_SUBSCRIBE_ERRORS = ["invalid_topic", "invalid_frame", "forbidden"];
 
@@ -68,6 +87,7 @@ export class Switchboard extends Emitter {
   private readonly subs = new Map<string, Subscription>();
   private readonly pending = new Map<number, Pending>();
   private readonly handlers = new Map<string, Set<(payload: unknown, frame: Frame) => void>>();
+  private readonly watches = new Set<WatchEntry>();
   private nextId = 1;
   private token: string | undefined;
   private awaitingSession = false;
@@ -174,6 +194,26 @@ export class Switchboard extends Emitter {
     });
   }
 
+  /**
+   * Watches `resource` items matching `params`: `onList` with the matching items, then
+   * `onItem`/`onRemove` as they change. The watch is sent again after every reconnect (its
+   * `onList` then starts over).
+   */
+  watch(resource: string, params: Record<string, unknown> = {}, h: WatchHandlers = {}): Watch {
+    const w: WatchEntry = {
+      resource,
+      params,
+      h,
+      stop: async () => {
+        if (!this.watches.delete(w)) return;
+        if (this.state === "connected") await this.call({ type: "stop", resource, params });
+      },
+    };
+    this.watches.add(w);
+    if (this.state === "connected") this.sendWatch(w);
+    return w;
+  }
+
   /** Calls `fn(payload, frame)` for every pushed frame of `type` (sends, broadcasts, watches). */
   handle(type: string, fn: (payload: unknown, frame: Frame) => void): () => void {
     let set = this.handlers.get(type);
@@ -257,6 +297,7 @@ export class Switchboard extends Emitter {
       else this.emit("error", new SwitchboardError("refresh_required", "token expires soon and no getToken is set"));
       return;
     }
+    if (typeof f.resource === "string" && ["item", "remove", "list", "error"].includes(String(type))) this.onWatchFrame(f);
     if (type === "error") this.emit("error", new SwitchboardError(String(f.code ?? "error"), String(f.message ?? ""), f.payload, f));
     const hs = typeof type === "string" ? this.handlers.get(type) : undefined;
     if (hs) for (const h of [...hs]) h(f.payload, f);
@@ -285,6 +326,7 @@ export class Switchboard extends Emitter {
       for (const s of this.subs.values()) this.sendSubscribe(s);
     }
     for (const p of this.pending.values()) if (!p.sent && !this.isSubscribe(p)) p.sent = this.conn.send(p.frame);
+    for (const w of this.watches) this.sendWatch(w);
   }
 
   private onSubscribed(f: Frame, p: Pending | undefined): void {
@@ -317,6 +359,26 @@ export class Switchboard extends Emitter {
       const message = typeof f.message === "string" ? f.message : "the backend answered an error";
       p.reject(new SwitchboardError(code, message, f.payload, f));
     } else p.resolve(f);
+  }
+
+  private sendWatch(w: WatchEntry): void {
+    this.call({ type: "watch", resource: w.resource, params: w.params }).then(
+      (f) => this.watches.has(w) && w.h.onList?.((f.items as Record<string, unknown>[]) ?? []),
+      (e: SwitchboardError) => e.code !== "disconnected" && this.watches.has(w) && w.h.onError?.(e),
+    );
+  }
+
+  /** A pushed `item`/`remove`/`list`/`error` of a running watch: to every watch it may concern. */
+  private onWatchFrame(f: Frame): void {
+    for (const w of this.watches) {
+      if (w.resource !== f.resource) continue;
+      const data = f.data as Record<string, unknown> | undefined;
+      if (f.type === "item" && data && Object.entries(w.params).every(([k, v]) => data[k] === v)) w.h.onItem?.(data);
+      else if (f.type === "remove") w.h.onRemove?.((f.params as Record<string, unknown>) ?? {});
+      else if (f.type === "list" && JSON.stringify(f.params ?? w.params) === JSON.stringify(w.params))
+        w.h.onList?.((f.items as Record<string, unknown>[]) ?? []);
+      else if (f.type === "error") w.h.onError?.(new SwitchboardError(String(f.code), String(f.message), f.payload, f));
+    }
   }
 
   private sendSubscribe(s: Subscription): void {

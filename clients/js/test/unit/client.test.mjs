@@ -329,3 +329,36 @@ test("requests in flight when the connection drops are rejected; unsent ones wai
   const later = sb.request("q"); // while reconnecting
   assert.equal(await later, 1);
 });
+
+test("watch: list, item, remove; sent again after a reconnect; stop ends it", async (t) => {
+  const server = await new FakeServer((c, f) => {
+    if (f.type === "watch") return c.send({ type: "list", id: f.id, resource: f.resource, items: [{ id: `a${c.n}`, rack: "r1" }] });
+    if (f.type === "stop") return c.send({ type: "stopped", id: f.id, resource: f.resource, params: f.params });
+    defaultAnswers(c, f);
+  }).start();
+  t.after(() => server.stop());
+  const sb = new Switchboard(server.url, FAST);
+  t.after(() => sb.disconnect());
+  const seen = [];
+  const w = sb.watch("nodes", { rack: "r1" }, {
+    onList: (items) => seen.push(["list", items.map((i) => i.id)]),
+    onItem: (d) => seen.push(["item", d.id]),
+    onRemove: (p) => seen.push(["remove", p.id]),
+  });
+  await sb.connect();
+  await until(() => seen.length === 1, "list");
+  server.last.send({ type: "item", resource: "nodes", data: { id: "b", rack: "r1" } });
+  server.last.send({ type: "item", resource: "nodes", data: { id: "c", rack: "r2" } }); // another watch's
+  server.last.send({ type: "item", resource: "other", data: { id: "d", rack: "r1" } });
+  server.last.send({ type: "remove", resource: "nodes", params: { id: "b" } });
+  await until(() => seen.length === 3, "item and remove");
+  server.last.ws.terminate();
+  await until(() => seen.length === 4, "list again after the reconnect");
+  assert.deepEqual(seen, [["list", ["a0"]], ["item", "b"], ["remove", "b"], ["list", ["a1"]]]);
+  await w.stop();
+  assert.equal(server.last.frames("stop").length, 1);
+  server.last.ws.terminate();
+  await until(() => server.conns.length === 3 && sb.state === "connected", "third connection");
+  await sb.call({ type: "ping" });
+  assert.equal(server.last.frames("watch").length, 0, "a stopped watch is not sent again");
+});
