@@ -46,3 +46,64 @@ test("cluster: token per attempt, the drain of the client's edge, another edge t
   await until(() => got.length === 2, "message on the new edge");
   assert.deepEqual(got, [{ n: 1 }, { n: 2 }]);
 });
+
+/** cluster.sh's edge config plus history on room/#. */
+const HISTORY_EDGE_CONFIG = `
+edge:
+  routes:
+    - path: /connect
+      namespace: { query: namespace, default: default }
+      auth:
+        hs256_secret_env: SWITCHBOARD_JWT_SECRET
+        user_claim: sub
+        namespaces_claim: namespaces
+        header: true
+        query: token
+        cookie: ID_TOKEN
+      publish: true
+      allowed_origins: ["*"]
+      history:
+        - topics: "room/#"
+          size: 100
+          ttl: 5m
+`;
+
+test("cluster with history: SIGKILL of the client's edge, resume on another edge, every message once and in order", async (t) => {
+  const cluster = await startCluster({ edgeConfig: HISTORY_EDGE_CONFIG });
+  t.after(() => cluster.down());
+  const g = (method, body) => grpcurl(cluster.grpc, `switchboard.v1.${method}`, body, { key: cluster.key });
+  const sb = new Switchboard(cluster.lb, {
+    getToken: async () => hs256(cluster.secret, { sub: "erin" }),
+    minReconnectDelay: 1500,
+    maxReconnectDelay: 3000,
+    random: () => 0.99, // the first retry waits ~1.5 s: time to publish while away
+  });
+  t.after(() => sb.disconnect());
+  const got = [];
+  const sub = sb.subscribe("room/2", { onMessage: (p) => got.push(p.n) });
+  const sessions = [];
+  sb.on("connected", (c) => sessions.push(c));
+  const ctxs = [];
+  sub.on("subscribed", (c) => ctxs.push(c));
+  await sb.connect();
+  await until(() => sub.state === "subscribed", "subscribed");
+  let n = 0;
+  const publish = () => g("Messaging/Publish", { namespace: "default", topic: "room/2", payload: { n: ++n } });
+  await publish();
+  await publish();
+  await until(() => got.length === 2, "live messages");
+  const where = await g("Placement/Locate", { namespace: "default", user: "erin" });
+  const node = JSON.stringify(where).match(/edge-\d/)[0];
+  const closes = [];
+  sb.on("disconnected", (i) => closes.push(i));
+  process.kill(cluster.pid(node), "SIGKILL");
+  await until(() => closes.length === 1, "connection lost", 20000);
+  for (let i = 0; i < 3; i++) await publish(); // while the client is away
+  await until(() => sb.state === "connected" && sub.state === "subscribed", "back on another edge", 30000);
+  for (let i = 0; i < 2; i++) await publish();
+  await until(() => got.length === n, `all ${n} messages`, 15000);
+  assert.deepEqual(got, Array.from({ length: n }, (_, i) => i + 1), "every message once, in order");
+  assert.equal(sessions.at(-1).resumed, true, "resumed with the token on another edge");
+  assert.equal(ctxs.at(-1).recovered, true);
+  assert.equal(sub.duplicates, 0);
+});

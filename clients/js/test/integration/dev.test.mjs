@@ -131,3 +131,52 @@ test("MonoRail client on a monorail route (deploy/examples/monorail.yaml): the s
   await until(() => seen.item.length === before + 1, "get n4");
   assert.equal(seen.item.length, before + 1, "no watch item after stop, only the get's");
 });
+
+test("dev with history: a backend's hard Disconnect, publications while away, resume and recovery", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "sb-hist-"));
+  const config = join(dir, "dev.yaml");
+  writeFileSync(
+    config,
+    `edge:
+  routes:
+    - path: /connect
+      anonymous: true
+      publish: true
+      history:
+        - { topics: "chat/#", size: 100, ttl: 5m }
+`,
+  );
+  const dev = await startDev({ config });
+  t.after(() => dev.stop());
+  const g = `127.0.0.1:${dev.grpc}`;
+  // The first retry waits ~1.5 s (random fixed): the window the publications below fall in.
+  const sb = new Switchboard(dev.wsUrl, { params: { user: "frank" }, minReconnectDelay: 1500, random: () => 0.99 });
+  t.after(() => sb.disconnect());
+  const got = [];
+  const sub = sb.subscribe("chat/ops", { onMessage: (p, m) => got.push([p, m.offset]) });
+  const connected = [];
+  sb.on("connected", (c) => connected.push(c));
+  const ctxs = [];
+  sub.on("subscribed", (c) => ctxs.push(c));
+  await sb.connect();
+  await until(() => sub.state === "subscribed", "subscribed");
+  assert.ok(ctxs[0].epoch, "a history topic's subscribed has an epoch");
+  const pub = (n) => grpcurl(g, "switchboard.v1.Messaging/Publish", { namespace: "default", topic: "chat/ops", payload: n });
+  await pub(1);
+  await until(() => got.length === 1, "live");
+  const closes = [];
+  sb.on("disconnected", (i) => closes.push(i));
+  await grpcurl(g, "switchboard.v1.Messaging/Disconnect", { namespace: "default", user: "frank", hard: true });
+  await until(() => closes.length === 1, "dropped");
+  for (const n of [2, 3, 4]) await pub(n);
+  await until(() => sb.state === "connected" && got.length === 4, "resumed and recovered", 15000);
+  await pub(5);
+  await until(() => got.length === 5, "live again");
+  assert.deepEqual(got.map(([p]) => p), [1, 2, 3, 4, 5]);
+  const offsets = got.map(([, o]) => o);
+  assert.deepEqual(offsets, [...offsets].sort((a, b) => a - b));
+  assert.equal(connected.at(-1).resumed, true, "the same process accepts its resume token");
+  assert.equal(ctxs.at(-1).recovered, true);
+  assert.equal(ctxs.at(-1).resumed, true, "restored by the token, not resubscribed");
+  assert.equal(sub.duplicates, 0);
+});
