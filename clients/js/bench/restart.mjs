@@ -4,7 +4,11 @@
 // process being ready until every client is connected, resubscribed with `recovered: true`,
 // and has every message exactly once.
 //
-//   node clients/js/bench/restart.mjs [N] [--no-history]
+//   node clients/js/bench/restart.mjs [N] [--no-history] [--max-delay=MS]
+//
+// --max-delay is the clients' maxReconnectDelay (default the client's, 20000 ms): the time
+// to all recovered is mostly the full-jitter backoff the clients built up while no server
+// answered (during the drain the old process refuses upgrades, 503).
 //
 // Needs nats-server and the binary (target/debug/switchboard, or $SWITCHBOARD_BIN).
 import { writeFileSync, mkdtempSync } from "node:fs";
@@ -18,6 +22,7 @@ const N = Number(process.argv.find((a) => /^\d+$/.test(a)) ?? 1000);
 const TOPICS = 10;
 const MISSED = 5;
 const history = !process.argv.includes("--no-history");
+const maxDelay = Number(process.argv.find((a) => a.startsWith("--max-delay="))?.split("=")[1] ?? 20000);
 
 const config = join(mkdtempSync(join(tmpdir(), "sb-bench-")), "dev.yaml");
 writeFileSync(
@@ -57,7 +62,7 @@ const clients = [];
 try {
   const t0 = performance.now();
   for (let i = 0; i < N; i++) {
-    const sb = new Switchboard(dev.wsUrl, { params: { user: `u${i}` } });
+    const sb = new Switchboard(dev.wsUrl, { params: { user: `u${i}` }, maxReconnectDelay: maxDelay });
     const c = { sb, got: [], recovered: undefined };
     c.sub = sb.subscribe(`bench/${i % TOPICS}`, { onMessage: (p) => c.got.push(p.n) });
     c.sub.on("subscribed", (ctx) => (c.recovered = ctx.recovered));
@@ -65,6 +70,7 @@ try {
     clients.push(c);
   }
   await until(() => clients.every((c) => c.sb.state === "connected" && c.sub.state === "subscribed"), "all connected", 120000);
+  console.log(`maxReconnectDelay ${maxDelay} ms, history ${history}`);
   console.log(`${N} clients connected and subscribed in ${((performance.now() - t0) / 1000).toFixed(2)} s`);
   // One live message per topic, so every position is known.
   const { ws, grpc } = dev;
