@@ -110,5 +110,5 @@ test("the demo page: Send, publish, watch, restart with backoff, recovery of mis
   mkdirSync(dir, { recursive: true });
   const shot = join(dir, "demo-page.png");
   await page.screenshot({ path: shot, fullPage: true });
-  console.log(`# screenshot: ${shot}`);
+  console.log(`screenshot: ${shot}`);
 });

@@ -15,6 +15,6 @@ test("the committed dist/switchboard.min.js is in sync with src/", async () => {
 test("the browser bundle is at most 8 KiB minified and gzipped", async () => {
   const js = await browserBundle();
   const gz = gzipSync(js, { level: 9 }).length;
-  console.log(`# bundle: ${js.length} bytes minified, ${gz} bytes gzipped`);
+  console.log(`bundle: ${js.length} bytes minified, ${gz} bytes gzipped`);
   assert.ok(gz <= 8192, `${gz} bytes gzipped`);
 });
