@@ -236,6 +236,11 @@ export class Connection {
       this.unlisten?.();
       return this.closed(code, reason, false);
     }
+    if (typeof navigator !== "undefined" && navigator.onLine === false) {
+      // Offline: wait for the `online` event rather than burn attempts.
+      this.waitingOnline = true;
+      return this.closed(code, reason, true);
+    }
     const { minReconnectDelay: base, maxReconnectDelay: max, random } = this.o;
     let delay: number;
     if (verdict === "drain") {
@@ -247,11 +252,6 @@ export class Connection {
       delay = fullJitter(this.attempt++, base, max, random);
       // Told to slow down: at least half the cap.
       if (verdict === "pause") delay = Math.max(delay, max / 2 + Math.floor((random() * max) / 2));
-    }
-    if (typeof navigator !== "undefined" && navigator.onLine === false) {
-      // Offline: wait for the `online` event rather than burn attempts.
-      this.waitingOnline = true;
-      return this.closed(code, reason, true);
     }
     this.closed(code, reason, true, delay);
     this.timer = setTimeout(() => void this.open(), delay);
