@@ -70,6 +70,9 @@ interface WatchEntry extends Watch {
   h: WatchHandlers;
 }
 
+/** The longest resume token also put on the upgrade URL (`?resume=`). */
+const RESUME_IN_URL_MAX = 2048;
+
 /** Codes after which a subscribe is not tried again by itself. */
 const FINAL_SUBSCRIBE_ERRORS = ["invalid_topic", "invalid_frame", "forbidden"];
 
@@ -252,7 +255,10 @@ export class Switchboard extends Emitter {
     if (u.protocol === "https:") u.protocol = "wss:";
     for (const [k, v] of Object.entries(this.options.params ?? {})) u.searchParams.set(k, v);
     if (this.token) u.searchParams.set(this.options.tokenParam ?? "token", this.token);
-    if (this.resumeToken && this.options.resume !== false) u.searchParams.set("resume", this.resumeToken);
+    // On the URL only while short (it grows with the subscriptions and the edge reads at most
+    // 8 KiB of request head): there it only spares the onconnect hook; `init` always carries it.
+    if (this.resumeToken && this.options.resume !== false && this.resumeToken.length <= RESUME_IN_URL_MAX)
+      u.searchParams.set("resume", this.resumeToken);
     return u.toString();
   }
 

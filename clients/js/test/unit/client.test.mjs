@@ -362,3 +362,19 @@ test("watch: list, item, remove; sent again after a reconnect; stop ends it", as
   await sb.call({ type: "ping" });
   assert.equal(server.last.frames("watch").length, 0, "a stopped watch is not sent again");
 });
+
+test("a long resume token stays off the URL (the edge reads 8 KiB of request head) but goes in init", async (t) => {
+  const long = "sbr1." + "x".repeat(5000);
+  const server = await new FakeServer((c, f) => {
+    if (f.type === "init") return c.send({ type: "session", id: `s${c.n}`, resume: long, resumed: f.resume ? true : undefined });
+    defaultAnswers(c, f);
+  }).start();
+  t.after(() => server.stop());
+  const sb = new Switchboard(server.url, FAST);
+  t.after(() => sb.disconnect());
+  await sb.connect();
+  server.last.ws.terminate();
+  await until(() => server.conns.length === 2 && server.last.received.length > 0, "init on the second connection");
+  assert.ok(!server.last.url.includes("resume="));
+  assert.equal(server.last.received[0].resume, long);
+});
