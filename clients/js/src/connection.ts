@@ -70,6 +70,8 @@ export interface ConnectionHooks {
   /** Emits a state change or an error to the user. */
   state(s: ConnState, detail?: unknown): void;
   error(e: Error): void;
+  /** The WebSocket's own `error` event (a close event follows). */
+  socketError?(ev: unknown): void;
 }
 
 const OPEN = 1;
@@ -213,9 +215,8 @@ export class Connection {
       }
       if (f && typeof f === "object" && !Array.isArray(f)) this.hooks.frame(f as Record<string, unknown>);
     };
-    ws.onerror = () => {
-      /* the close event follows and says what to do */
-    };
+    // The close event follows and says what to do.
+    ws.onerror = (ev) => this.hooks.socketError?.(ev);
     ws.onclose = (ev) => {
       this.detach(ws);
       this.after(ev.code ?? 1006, ev.reason ?? "");

@@ -47,6 +47,7 @@ export class MonoRail {
       canRefresh: () => false,
       state: () => {},
       error: (e) => this.events.emit("error", e),
+      socketError: (ev) => this.events.emit("error", ev),
     });
     if (options.autoConnect !== false) this.connect();
   }

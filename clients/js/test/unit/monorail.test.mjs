@@ -76,6 +76,19 @@ test("the seed's flow: init → session, all, query, get, watch → list/item/re
   assert.equal(server.last.frames("watch").length, 0, "a stopped watch is not re-sent");
 });
 
+test("a connection error is an `error` event, then `close`, then the client retries", async (t) => {
+  const server = await new FakeServer(monorailEdge).start();
+  const url = server.url;
+  await server.stop(); // nothing listens
+  const client = new MonoRail(url, FAST);
+  t.after(() => client.disconnect());
+  const seen = [];
+  client.events.on("error", () => seen.push("error"));
+  client.events.on("close", (i) => seen.push(`close:${i.reconnect}`));
+  await until(() => seen.length >= 4, "two failed attempts");
+  assert.deepEqual(seen.slice(0, 4), ["error", "close:true", "error", "close:true"]);
+});
+
 test("disconnect() stops reconnecting; connect() reconnects", async (t) => {
   const server = await new FakeServer(monorailEdge).start();
   t.after(() => server.stop());
