@@ -4,6 +4,7 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`config`] | defaults < file < environment < flags; errors name the key |
+//! | [`demo`] | the demo page `switchboard dev` serves at `/` (the JavaScript client's bundle) |
 //! | [`nats`] | the `nats:` block: credentials and TLS, resolved at load |
 //! | [`run`] | each mode wired (`edge`, `coordinator`, `dev`), signal handling |
 //! | [`telemetry`] | logs and OpenTelemetry traces |
@@ -11,6 +12,7 @@
 //! | [`token`] | `switchboard token` and `switchboard api-key`: a test JWT, a fresh API key |
 
 pub mod config;
+pub mod demo;
 pub mod nats;
 pub mod run;
 pub mod telemetry;

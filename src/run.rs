@@ -344,6 +344,7 @@ impl DevNode {
                 history,
             },
         )?;
+        edge.set_pages(crate::demo::PAGES);
         let ws = TcpListener::bind(cfg.edge.listen)
             .await
             .with_context(|| format!("cannot listen on {} (edge.listen)", cfg.edge.listen))?;
@@ -432,7 +433,8 @@ impl DevNode {
         }
         out.push_str(&format!(
             "  grpc       {grpc}   (grpcurl {grpcurl} {grpc} list)\n\
-             \x20 health     {http_scheme}://{ws}/readyz   metrics: {http_scheme}://{ws}/metrics\n"
+             \x20 health     {http_scheme}://{ws}/readyz   metrics: {http_scheme}://{ws}/metrics\n\
+             \x20 demo       {http_scheme}://{ws}/   (a chat and a watch in the browser, with clients/js)\n"
         ));
         if let Some(hint) = first {
             // `$TOKEN` must expand: double quotes then.

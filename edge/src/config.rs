@@ -737,12 +737,21 @@ impl HooksConfig {
 
 impl EdgeConfig {
     /// The embedded mode's defaults: one anonymous `/connect` route where the user comes from
-    /// `?user=` and clients may publish.
+    /// `?user=` and clients may publish, with a `notes` key-value resource type (the demo page
+    /// watches it).
     pub fn dev() -> Self {
+        // `notes`: a key-value resource type for the demo page's watch (src/demo.rs).
+        let notes = ResourceConfig {
+            kind: ResourceKind::Kv,
+            bucket: None,
+            subject: None,
+            id_field: default_id_field(),
+        };
         let route = RouteConfig {
             anonymous: true,
             publish: true,
             allowed_origins: vec!["*".into()],
+            resources: [("notes".to_owned(), notes)].into_iter().collect(),
             ..RouteConfig::default()
         };
         Self {

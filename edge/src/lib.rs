@@ -52,4 +52,4 @@ pub use config::EdgeConfig;
 pub use conn::ConnError;
 pub use handle::{CloseRequest, ConnHandle, ConnInfo, Delivery, TOKEN_EXPIRED, TOKEN_REVOKED};
 pub use route::Route;
-pub use server::{Edge, EdgeError, Stores};
+pub use server::{Edge, EdgeError, StaticPage, Stores};

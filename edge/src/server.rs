@@ -55,6 +55,17 @@ struct Node {
     limit: Arc<Semaphore>,
     /// Whether the listener is TLS (`https`/`wss`): the same-origin check compares schemes.
     secure: bool,
+    /// Fixed documents answered to plain GETs (the embedded mode's demo page); set once.
+    pages: std::sync::OnceLock<&'static [StaticPage]>,
+}
+
+/// A fixed document the edge answers to a plain `GET` of `path` (not an upgrade), e.g. the
+/// demo page `switchboard dev` serves at `/`.
+#[derive(Debug, Clone, Copy)]
+pub struct StaticPage {
+    pub path: &'static str,
+    pub content_type: &'static str,
+    pub body: &'static str,
 }
 
 /// Why an edge could not start or serve.
@@ -141,11 +152,17 @@ impl Edge {
             upstream_ready: AtomicBool::new(true),
             // The binary serves TLS exactly when `edge.tls` is set.
             secure: cfg.tls.is_some(),
+            pages: std::sync::OnceLock::new(),
             cfg,
         };
         Ok(Self {
             node: Arc::new(node),
         })
+    }
+
+    /// Answers plain `GET`s of these paths with fixed documents (before serving; once).
+    pub fn set_pages(&self, pages: &'static [StaticPage]) {
+        let _ = self.node.pages.set(pages);
     }
 
     pub fn node_id(&self) -> &str {
@@ -436,6 +453,13 @@ async fn answer_request<W: Wire>(
         "/metrics" => {
             let body = node.metrics_text();
             http::respond(&mut tcp, 200, "text/plain; version=0.0.4", &body).await
+        }
+        path if head.method == "GET" && !head.is_upgrade() => {
+            let pages = node.pages.get().copied().unwrap_or_default();
+            match pages.iter().find(|p| p.path == path) {
+                Some(page) => http::respond(&mut tcp, 200, page.content_type, page.body).await,
+                None => return upgrade(node, tcp, peer, head, rest).await,
+            }
         }
         _ => return upgrade(node, tcp, peer, head, rest).await,
     };

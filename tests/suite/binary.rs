@@ -252,6 +252,26 @@ async fn grpcurl_lists_describes_checks_locates_and_sends() {
     );
 }
 
+/// The banner's demo URL serves the page and the JavaScript client it loads (the browser test
+/// in tests/browser/ drives them in Chromium); other paths are answered as before.
+#[tokio::test]
+async fn dev_serves_the_demo_page_and_the_client_bundle() {
+    let node = Node::dev(&[]).await;
+    let (status, page) = http_get(node.ws, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>Switchboard demo</title>"), "{page}");
+    assert!(page.contains(r#"<script src="/switchboard.js">"#), "{page}");
+    let (status, js) = http_get(node.ws, "/switchboard.js").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        js.starts_with("/* @switchboard/client"),
+        "{}",
+        &js[..80.min(js.len())]
+    );
+    let (status, _) = http_get(node.ws, "/nothing-here").await.unwrap();
+    assert_eq!(status, 404, "other paths: no route, as before");
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. SIGTERM drain.
 
