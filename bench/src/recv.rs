@@ -34,8 +34,8 @@ pub(crate) const NATS_SUBJECT: &str = "bench.t";
 thread_local! {
     static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUF]);
     /// Compressed deliveries are inflated here, one at a time (no context takeover).
-    static INFLATE: RefCell<(flate2::Decompress, Vec<u8>)> =
-        RefCell::new((flate2::Decompress::new(false), Vec::with_capacity(INFLATE_HEAD)));
+    static INFLATE: RefCell<(flate2::Decompress, std::collections::HashMap<u64, Vec<u8>>)> =
+        RefCell::new((flate2::Decompress::new(false), std::collections::HashMap::new()));
 }
 
 /// Bytes inflated of each compressed delivery: its envelope and the stamp.
@@ -415,11 +415,24 @@ fn read_once(
             }
             // Only the head of a compressed delivery is inflated: the stamp is in its first
             // bytes, and the load core must not be the limit (the tests check the content).
-            (OP_TEXT | OP_BINARY, _) if h.rsv1 => INFLATE.with_borrow_mut(|(d, out)| {
-                d.reset(false);
-                out.clear();
-                let _ = d.decompress_vec(payload, out, flate2::FlushDecompress::None);
-                sink.on_payload(out, now);
+            // Every subscriber gets the same compressed bytes: each distinct message is
+            // inflated once, the others find its head by the bytes' hash.
+            (OP_TEXT | OP_BINARY, _) if h.rsv1 => INFLATE.with_borrow_mut(|(d, heads)| {
+                let key = {
+                    use std::hash::{BuildHasher as _, BuildHasherDefault};
+                    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                        .hash_one(payload)
+                };
+                if heads.len() > 4096 {
+                    heads.clear();
+                }
+                let head = heads.entry(key).or_insert_with(|| {
+                    let mut out = Vec::with_capacity(INFLATE_HEAD);
+                    d.reset(false);
+                    let _ = d.decompress_vec(payload, &mut out, flate2::FlushDecompress::None);
+                    out
+                });
+                sink.on_payload(head, now);
             }),
             (OP_TEXT | OP_BINARY | OP_CONTINUATION, _) => sink.on_payload(payload, now),
             (OP_PING, _) => {

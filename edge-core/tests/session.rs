@@ -2853,6 +2853,8 @@ fn a_valid_token_on_the_upgrade_skips_the_connect_hook_as_the_route_says() {
         matches!(event.as_slice(), [Action::Emit { subject, body: Body::Context }] if subject == "sb.event.acme.resumed"),
         "{event:?}"
     );
+}
+
 /// A binary frame (routes with `binary: true`) takes a token like a text frame: passed on
 /// while the limit allows, answered `rate_limited` when refused, closed after `close_after`.
 #[test]

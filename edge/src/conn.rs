@@ -487,7 +487,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Some(min) if out.len() >= min => out.deflated(),
                 _ => out,
             };
-            if let Err(e) = self.ws.send(ws::frame(out)).await {
+            if let Err(e) = self.ws.send(ws::frame(&out)).await {
                 return ConnError::Transport(e);
             }
         }

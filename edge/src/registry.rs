@@ -917,8 +917,7 @@ impl Publication {
             }
             Some(bytes) => Out::binary(bytes.clone()),
             None => {
-                let mut frame =
-                    FrameBuilder::new(form.key, "message").str("topic", &self.concrete);
+                let mut frame = FrameBuilder::new(form.key, "message").str("topic", &self.concrete);
                 if let Some(offset) = self.offset {
                     frame = frame.value("offset", &serde_json::Value::from(offset));
                 }

@@ -108,8 +108,9 @@ pub(crate) fn compress(message: &[u8]) -> Vec<u8> {
                 .compress_vec(input, &mut out, FlushCompress::Sync)
                 .expect("deflate of a complete buffer cannot fail");
             input = &input[(c.total_in() - before) as usize..];
-            // Done when all input is taken and the flush left room to spare.
-            if input.is_empty() && out.capacity() - out.len() >= 64 {
+            // Done when all input is taken and the flush left room to spare (a full buffer
+            // may hold back the rest of the flush).
+            if input.is_empty() && out.len() < out.capacity() {
                 debug_assert!(matches!(status, Status::Ok | Status::BufError));
                 break;
             }
@@ -372,7 +373,7 @@ impl Filter {
                         at: (at + n) % 4,
                         fin,
                     };
-                    if !self.inflate(&chunk[..n]) {
+                    if !self.inflate(&chunk[..n], false) {
                         return;
                     }
                     if left == 0 {
@@ -472,8 +473,14 @@ impl Filter {
         };
     }
 
-    /// Inflates `input` into the message; false when the connection failed.
-    fn inflate(&mut self, mut input: &[u8]) -> bool {
+    /// Inflates `input` into the message; `last` flushes everything the inflater holds (the
+    /// message's end). False when the connection failed.
+    fn inflate(&mut self, mut input: &[u8], last: bool) -> bool {
+        let flush = if last {
+            FlushDecompress::Sync
+        } else {
+            FlushDecompress::None
+        };
         let max = self.max;
         let Some(m) = self.inflating.as_mut() else {
             self.poison();
@@ -493,9 +500,7 @@ impl Filter {
             }
             let room = m.inflated.capacity() - m.inflated.len();
             let before = (m.inflater.total_in(), m.inflater.total_out());
-            let status = m
-                .inflater
-                .decompress_vec(input, &mut m.inflated, FlushDecompress::None);
+            let status = m.inflater.decompress_vec(input, &mut m.inflated, flush);
             let taken = (m.inflater.total_in() - before.0) as usize;
             let produced = (m.inflater.total_out() - before.1) as usize;
             input = &input[taken..];
@@ -527,7 +532,7 @@ impl Filter {
         let Message::Deflated(opcode) = self.message else {
             return;
         };
-        if !self.inflate(&[0, 0, 0xff, 0xff]) {
+        if !self.inflate(&[0, 0, 0xff, 0xff], true) {
             return;
         }
         self.message = Message::None;
@@ -737,6 +742,34 @@ mod tests {
         let (b0, payload, used) = parse(&out[ping.len()..]);
         assert_eq!((b0, used), (0x82, out.len() - ping.len()));
         assert_eq!(payload, data);
+    }
+
+    #[test]
+    fn incompressible_messages_round_trip_whole_in_any_chunks() {
+        // Stored blocks: the inflater holds output back until the message's end.
+        let mut x: u32 = 12345;
+        let data: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let c = compress(&data);
+        assert_eq!(inflate_all(&c), data);
+        for chunk in [1usize, 256, 4096, 100_000] {
+            let (mut f, _) = filter(1 << 20);
+            let input = client_frame(0xc2, &c, [9, 8, 7, 6]);
+            for part in input.chunks(chunk) {
+                f.feed(part);
+            }
+            let out = f.drain();
+            let (b0, payload, _) = parse(&out);
+            assert_eq!(b0, 0x82);
+            assert_eq!(payload.len(), data.len(), "chunks of {chunk}");
+            assert_eq!(payload, data);
+        }
     }
 
     #[test]

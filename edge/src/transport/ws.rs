@@ -472,14 +472,14 @@ pub(crate) async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
         frames: 1,
         bytes: first.len(),
     };
-    ws.feed(frame(first)).await?;
+    ws.feed(frame(&first)).await?;
     while wrote.frames < WRITE_BATCH as u64 {
         let Some(next) = outbox.pop() else {
             break;
         };
         wrote.bytes += next.len();
         wrote.frames += 1;
-        ws.feed(frame(next)).await?;
+        ws.feed(frame(&next)).await?;
     }
     ws.flush().await?;
     outbox.written(wrote.bytes);
@@ -491,12 +491,12 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     message: Out,
 ) -> Result<(), tungstenite::Error> {
-    ws.send(frame(message)).await
+    ws.send(frame(&message)).await
 }
 
 /// A message as tungstenite writes it: a frame we build (tungstenite knows no RSV1, and a
 /// text payload built here needs no second UTF-8 check).
-pub(crate) fn frame(message: Out) -> Message {
+pub(crate) fn frame(message: &Out) -> Message {
     let opcode = if message.is_binary() {
         OpCode::Data(Data::Binary)
     } else {
