@@ -373,7 +373,7 @@ impl Filter {
                         at: (at + n) % 4,
                         fin,
                     };
-                    if !self.inflate(&chunk[..n], false) {
+                    if !self.inflate(&chunk[..n]) {
                         return;
                     }
                     if left == 0 {
@@ -473,14 +473,11 @@ impl Filter {
         };
     }
 
-    /// Inflates `input` into the message; `last` flushes everything the inflater holds (the
-    /// message's end). False when the connection failed.
-    fn inflate(&mut self, mut input: &[u8], last: bool) -> bool {
-        let flush = if last {
-            FlushDecompress::Sync
-        } else {
-            FlushDecompress::None
-        };
+    /// Inflates `input` into the message; false when the connection failed.
+    fn inflate(&mut self, mut input: &[u8]) -> bool {
+        // Sync: everything the inflater can give goes out now (none kept back inside it),
+        // so "it produced less than there was room for" means it is done with this input.
+        let flush = FlushDecompress::Sync;
         let max = self.max;
         let Some(m) = self.inflating.as_mut() else {
             self.poison();
@@ -515,7 +512,12 @@ impl Filter {
                 }
                 Ok(Status::StreamEnd) => break,
                 Ok(_) if input.is_empty() && produced < room => break,
-                Ok(_) if taken == 0 && produced == 0 && room > 0 => break,
+                // No progress with input left and room to spare: not a stream we can read.
+                Ok(_) if taken == 0 && produced == 0 && room > 0 && !input.is_empty() => {
+                    self.poison();
+                    return false;
+                }
+                Ok(_) if taken == 0 && produced == 0 => break,
                 Ok(_) => {}
             }
         }
@@ -532,7 +534,7 @@ impl Filter {
         let Message::Deflated(opcode) = self.message else {
             return;
         };
-        if !self.inflate(&[0, 0, 0xff, 0xff], true) {
+        if !self.inflate(&[0, 0, 0xff, 0xff]) {
             return;
         }
         self.message = Message::None;
