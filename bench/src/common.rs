@@ -65,9 +65,26 @@ pub(crate) struct Common {
     /// Payload bytes of each message.
     #[arg(long, default_value_t = 100)]
     pub(crate) payload: usize,
+    /// Payloads are realistic JSON (an array of records: field names repeat, values vary)
+    /// rather than a timestamp and padding.
+    #[arg(long)]
+    pub(crate) json_body: bool,
+    /// Offer permessage-deflate on upgrade and inflate compressed deliveries.
+    #[arg(long)]
+    pub(crate) compress: bool,
+    /// Publish payloads as bytes (gRPC `payload_binary`): deliveries are binary frames.
+    #[arg(long)]
+    pub(crate) binary: bool,
 }
 
 impl Common {
+    /// Makes the process-wide choices of these flags (the load runtime is one thread).
+    pub(crate) fn apply(&self) {
+        crate::ws::COMPRESS.store(self.compress, std::sync::atomic::Ordering::Relaxed);
+        crate::recv::JSON_BODY.store(self.json_body, std::sync::atomic::Ordering::Relaxed);
+        crate::publish::BINARY.store(self.binary, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(crate) fn target(&self) -> String {
         self.label
             .clone()

@@ -48,6 +48,7 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(scenario: &str, a: Args) -> anyhow::Result<()> {
     let c = &a.common;
+    c.apply();
     let clock = recv::Clock::new();
     let sink = Rc::new(Sink::new(clock));
     let urls: Vec<WsUrl> = a
@@ -89,6 +90,7 @@ pub(crate) async fn run(scenario: &str, a: Args) -> anyhow::Result<()> {
         let delivered_s = w.rate(&t);
         let p99_ms = t.hist.value_at_quantile(0.99) as f64 / 1000.0;
         let closed: u64 = t.closes.values().sum();
+        let wire_per_delivery = t.wire_bytes as f64 / t.received.max(1) as f64;
         let sustained = lost == 0
             && closed == 0
             && publisher.errors() == 0
@@ -101,6 +103,10 @@ pub(crate) async fn run(scenario: &str, a: Args) -> anyhow::Result<()> {
             "subscribers": a.subscribers,
             "endpoints": urls.len(),
             "payload_bytes": c.payload,
+            "json_body": c.json_body,
+            "compress": c.compress,
+            "binary": c.binary,
+            "wire_bytes_per_delivery": wire_per_delivery.round(),
             "offered_per_s": rate,
             "publish_via": publisher.via(),
             "published": published.measured,

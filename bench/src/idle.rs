@@ -29,6 +29,7 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let c = &a.common;
+    c.apply();
     let url = WsUrl::parse(&a.url)?;
     let rss = |pids: &[String]| -> u64 { pids.iter().filter_map(|p| procstat::rss_kib(p)).sum() };
     let before = rss(&c.server_pid);

@@ -33,6 +33,8 @@ const TICK: Duration = Duration::from_millis(1);
 pub(crate) const NAMESPACE: &str = "default";
 /// The frame `type` of targeted sends.
 const SEND_TYPE: &str = "bench";
+/// Publish payloads as bytes (`--binary`).
+pub(crate) static BINARY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What a message is addressed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +206,11 @@ impl Publisher {
     }
 
     async fn send(&mut self, batch: &[(u64, String)]) -> anyhow::Result<()> {
+        if BINARY.load(std::sync::atomic::Ordering::Relaxed)
+            && !matches!(self.kind, Kind::Grpc { .. })
+        {
+            anyhow::bail!("--binary publishes through gRPC only (--publish grpc://…)");
+        }
         let size = self.size;
         match &mut self.kind {
             Kind::Ws { w, sb } => {
@@ -235,6 +242,7 @@ impl Publisher {
                     let errors = Rc::clone(&self.errors);
                     let mode = self.mode;
                     let user = user.clone();
+                    let binary = BINARY.load(std::sync::atomic::Ordering::Relaxed);
                     tokio::task::spawn_local(async move {
                         let r = match mode {
                             Mode::Topic => client
@@ -242,8 +250,10 @@ impl Publisher {
                                     namespace: NAMESPACE.into(),
                                     topic: TOPIC.into(),
                                     payload: None,
-                                    payload_json: json,
+                                    payload_binary: binary.then(|| json.as_bytes().to_vec()),
+                                    payload_json: if binary { String::new() } else { json },
                                     message_id: String::new(),
+                                    uncompressed: false,
                                 })
                                 .await
                                 .map(drop),
@@ -254,8 +264,10 @@ impl Publisher {
                                     conn_id: String::new(),
                                     r#type: SEND_TYPE.into(),
                                     payload: None,
-                                    payload_json: json,
+                                    payload_binary: binary.then(|| json.as_bytes().to_vec()),
+                                    payload_json: if binary { String::new() } else { json },
                                     message_id: String::new(),
+                                    uncompressed: false,
                                 })
                                 .await
                                 .map(drop),

@@ -33,7 +33,17 @@ pub(crate) const NATS_SUBJECT: &str = "bench.t";
 
 thread_local! {
     static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUF]);
+    /// Compressed deliveries are inflated here, one at a time (no context takeover).
+    static INFLATE: RefCell<(flate2::Decompress, std::collections::HashMap<u64, Vec<u8>>)> =
+        RefCell::new((flate2::Decompress::new(false), std::collections::HashMap::new()));
 }
+
+/// Bytes inflated of each compressed delivery: its envelope and the stamp.
+const INFLATE_HEAD: usize = 160;
+
+/// Payloads are realistic JSON (`--json-body`).
+pub(crate) static JSON_BODY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Which server the clients talk to, and so how deliveries are framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,6 +102,8 @@ pub(crate) struct Sink {
     first_ns: Cell<u64>,
     last_ns: Cell<u64>,
     closes: RefCell<BTreeMap<u16, u64>>,
+    /// Bytes read from the sockets since the window started.
+    wire_bytes: Cell<u64>,
 }
 
 /// A snapshot of one measuring window.
@@ -105,6 +117,7 @@ pub(crate) struct Tally {
     pub(crate) last_ns: u64,
     pub(crate) hist: Histogram<u64>,
     pub(crate) closes: BTreeMap<u16, u64>,
+    pub(crate) wire_bytes: u64,
 }
 
 impl Sink {
@@ -121,6 +134,7 @@ impl Sink {
             first_ns: Cell::new(0),
             last_ns: Cell::new(0),
             closes: RefCell::new(BTreeMap::new()),
+            wire_bytes: Cell::new(0),
         }
     }
 
@@ -134,6 +148,7 @@ impl Sink {
         self.other.set(0);
         self.first_ns.set(0);
         self.last_ns.set(0);
+        self.wire_bytes.set(0);
     }
 
     pub(crate) fn received(&self) -> u64 {
@@ -149,6 +164,7 @@ impl Sink {
             last_ns: self.last_ns.get(),
             hist: self.hist.borrow().clone(),
             closes: self.closes.borrow().clone(),
+            wire_bytes: self.wire_bytes.get(),
         }
     }
 
@@ -377,6 +393,7 @@ fn read_once(
         }
     };
     let drained = n < space;
+    sink.wire_bytes.set(sink.wire_bytes.get() + n as u64);
     let data = &buf[..kept + n];
     let now = sink.clock.now_ns();
     let mut pos = 0;
@@ -396,6 +413,27 @@ fn read_once(
                         .extend_from_slice(&ws::text("PONG\r\n"));
                 }
             }
+            // Only the head of a compressed delivery is inflated: the stamp is in its first
+            // bytes, and the load core must not be the limit (the tests check the content).
+            // Every subscriber gets the same compressed bytes: each distinct message is
+            // inflated once, the others find its head by the bytes' hash.
+            (OP_TEXT | OP_BINARY, _) if h.rsv1 => INFLATE.with_borrow_mut(|(d, heads)| {
+                let key = {
+                    use std::hash::{BuildHasher as _, BuildHasherDefault};
+                    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                        .hash_one(payload)
+                };
+                if heads.len() > 4096 {
+                    heads.clear();
+                }
+                let head = heads.entry(key).or_insert_with(|| {
+                    let mut out = Vec::with_capacity(INFLATE_HEAD);
+                    d.reset(false);
+                    let _ = d.decompress_vec(payload, &mut out, flate2::FlushDecompress::None);
+                    out
+                });
+                sink.on_payload(head, now);
+            }),
             (OP_TEXT | OP_BINARY | OP_CONTINUATION, _) => sink.on_payload(payload, now),
             (OP_PING, _) => {
                 ws::client_frame(0xA, payload, pong.get_or_insert_with(Vec::new));
@@ -421,11 +459,34 @@ fn read_once(
     }
 }
 
-/// A payload of exactly `size` bytes (at least 32): `{"t":<ns>,"pad":"xx…"}`.
+/// A payload of exactly `size` bytes (at least 32): `{"t":<ns>,"pad":"xx…"}`, or with
+/// `--json-body` `{"t":<ns>,"items":[{records…}],"pad":"xx…"}`.
 pub(crate) fn payload(t: u64, size: usize, out: &mut Vec<u8>) {
     use std::io::Write as _;
     let start = out.len();
-    let _ = write!(out, "{{\"t\":{t},\"pad\":\"");
+    let _ = write!(out, "{{\"t\":{t},");
+    if JSON_BODY.load(std::sync::atomic::Ordering::Relaxed) {
+        const STATUS: [&str; 4] = ["active", "pending", "shipped", "returned"];
+        let _ = write!(out, "\"items\":[");
+        let mut i = 0u64;
+        // Records until about 120 bytes are left for the last one and the padding.
+        while out.len() - start + 120 < size {
+            let v = t.wrapping_mul(2_654_435_761).wrapping_add(i * 97) % 100_000;
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(
+                out,
+                "{sep}{{\"id\":{},\"sku\":\"SKU-{v:05}\",\"status\":\"{}\",\"price\":{}.{:02},\"qty\":{}}}",
+                v + i,
+                STATUS[(v % 4) as usize],
+                v % 500,
+                v % 100,
+                v % 7 + 1
+            );
+            i += 1;
+        }
+        let _ = write!(out, "],");
+    }
+    let _ = write!(out, "\"pad\":\"");
     let used = out.len() - start + 2;
     out.extend(std::iter::repeat_n(b'x', size.saturating_sub(used)));
     out.extend_from_slice(b"\"}");

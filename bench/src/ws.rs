@@ -15,6 +15,10 @@ pub(crate) const OP_BINARY: u8 = 0x2;
 pub(crate) const OP_CLOSE: u8 = 0x8;
 pub(crate) const OP_PING: u8 = 0x9;
 
+/// Offer permessage-deflate on upgrade (`--compress`).
+pub(crate) static COMPRESS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Largest response head accepted on upgrade.
 const MAX_HEAD: usize = 16 * 1024;
 /// The masking key of every frame this client sends; the RFC wants it unpredictable, which
@@ -82,9 +86,14 @@ async fn connect_inner(url: &WsUrl) -> anyhow::Result<Upgraded> {
         .await
         .with_context(|| format!("cannot connect to {}", url.authority))?;
     stream.set_nodelay(true)?;
+    let extension = if COMPRESS.load(std::sync::atomic::Ordering::Relaxed) {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extension}\r\n",
         url.target, url.authority
     );
     stream.write_all(request.as_bytes()).await?;
@@ -129,6 +138,8 @@ pub(crate) struct Header {
     pub(crate) len: usize,
     pub(crate) payload: usize,
     pub(crate) masked: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub(crate) rsv1: bool,
 }
 
 impl Header {
@@ -165,6 +176,7 @@ pub(crate) fn header(buf: &[u8]) -> Option<Header> {
         len,
         payload,
         masked,
+        rsv1: buf[0] & 0x40 != 0,
     })
 }
 

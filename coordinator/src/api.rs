@@ -275,7 +275,10 @@ impl Messaging for MessagingService {
             if r.r#type.is_empty() {
                 return Err(Status::invalid_argument("type is required"));
             }
-            let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            let (body, binary) = match &r.payload_binary {
+                Some(bytes) => (bytes.clone(), true),
+                None => (payload(r.payload.as_ref(), &r.payload_json)?, false),
+            };
             message_id(&r.message_id)?;
             let t = target(&r.namespace, &r.user, &r.conn_id)?;
             let frame = proto::v1::Deliver {
@@ -283,6 +286,8 @@ impl Messaging for MessagingService {
                 r#type: r.r#type.clone(),
                 payload: body,
                 message_id: r.message_id.clone(),
+                binary,
+                uncompressed: r.uncompressed,
             };
             let here = || self.0.send(t.clone(), &frame);
             if is_local {
@@ -313,7 +318,10 @@ impl Messaging for MessagingService {
             if r.r#type.is_empty() {
                 return Err(Status::invalid_argument("type is required"));
             }
-            let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            let (body, binary) = match r.payload_binary {
+                Some(bytes) => (bytes, true),
+                None => (payload(r.payload.as_ref(), &r.payload_json)?, false),
+            };
             message_id(&r.message_id)?;
             let b = proto::v1::Broadcast {
                 namespace: r.namespace,
@@ -322,6 +330,8 @@ impl Messaging for MessagingService {
                 skip_conn_ids: r.skip_conn_ids,
                 skip_users: r.skip_users,
                 message_id: r.message_id,
+                binary,
+                uncompressed: r.uncompressed,
             };
             let report = self.0.broadcast(b).await?;
             self.0.metrics().record("broadcast", &report);
@@ -341,11 +351,18 @@ impl Messaging for MessagingService {
             if r.namespace.is_empty() {
                 return Err(Status::invalid_argument("namespace is required"));
             }
-            let body = payload(r.payload.as_ref(), &r.payload_json)?;
+            let (body, binary) = match r.payload_binary {
+                Some(bytes) => (bytes, true),
+                None => (payload(r.payload.as_ref(), &r.payload_json)?, false),
+            };
             message_id(&r.message_id)?;
+            let form = crate::messaging::PayloadForm {
+                binary,
+                uncompressed: r.uncompressed,
+            };
             let report = self
                 .0
-                .publish(&r.namespace, &r.topic, body, &r.message_id)
+                .publish(&r.namespace, &r.topic, body, &r.message_id, form)
                 .await?;
             self.0.metrics().record("publish", &report);
             Ok(Response::new(report))

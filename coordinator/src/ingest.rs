@@ -93,6 +93,11 @@ fn text(m: &serde_json::Map<String, Value>, key: &str) -> String {
         .to_owned()
 }
 
+/// `"compress": false` keeps the message uncompressed for every client.
+fn uncompressed(m: &serde_json::Map<String, Value>) -> bool {
+    m.get("compress") == Some(&Value::Bool(false))
+}
+
 fn payload_json(m: &serde_json::Map<String, Value>) -> String {
     m.get("payload").unwrap_or(&Value::Null).to_string()
 }
@@ -108,6 +113,8 @@ async fn send(svc: &MessagingService, msg: &Message) -> Result<DeliveryReport, S
         payload: None,
         payload_json: payload_json(&m),
         message_id: text(&m, "message_id"),
+        payload_binary: None,
+        uncompressed: uncompressed(&m),
     };
     Ok(svc.send(Request::new(req)).await?.into_inner())
 }
@@ -132,6 +139,8 @@ async fn broadcast(svc: &MessagingService, msg: &Message) -> Result<DeliveryRepo
         skip_conn_ids: skip.clone(),
         skip_users: skip,
         message_id: text(&m, "message_id"),
+        payload_binary: None,
+        uncompressed: uncompressed(&m),
     };
     Ok(svc.broadcast(Request::new(req)).await?.into_inner())
 }

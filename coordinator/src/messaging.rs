@@ -320,6 +320,7 @@ impl Coordinator {
         topic: &str,
         payload: Vec<u8>,
         message_id: &str,
+        form: PayloadForm,
     ) -> Result<DeliveryReport, DeliveryError> {
         proto::topic::validate_topic(topic)
             .map_err(|e| DeliveryError::InvalidArgument(e.to_string()))?;
@@ -345,6 +346,12 @@ impl Coordinator {
         ));
         if !message_id.is_empty() {
             out.headers.insert(subject::HEADER_MESSAGE_ID, message_id);
+        }
+        if form.binary {
+            out.headers.insert(subject::HEADER_BINARY, "1");
+        }
+        if form.uncompressed {
+            out.headers.insert(subject::HEADER_COMPRESS, "0");
         }
         let via = match self.history.as_deref() {
             Some(history) => match history.rule_for(topic) {
@@ -762,4 +769,12 @@ pub(crate) fn merge(total: &mut DeliveryReport, r: &DeliveryReport) {
     total.node_ids.sort();
     total.nodes = u32::try_from(total.node_ids.len()).unwrap_or(u32::MAX);
     add_unconfirmed(total, r.unconfirmed.iter().cloned());
+}
+
+/// How a publication's payload reaches clients: as bytes (a binary frame) rather than JSON,
+/// and never compressed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PayloadForm {
+    pub binary: bool,
+    pub uncompressed: bool,
 }

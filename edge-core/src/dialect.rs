@@ -55,6 +55,9 @@ pub struct Row {
     /// Whether `session`, `subscribed` and `unsubscribed` carry resume tokens (docs/PROTOCOL.md
     /// §4.6) once the client opened a session with `init`. Native only, like `message_id`.
     pub resume: bool,
+    /// Conformance only (`echo`): the transport echoes every frame back and the session
+    /// sees none; no verbs, no events, no hooks.
+    pub echo: bool,
 }
 
 /// The native protocol: every verb, `type`-keyed; other frames are events.
@@ -69,6 +72,7 @@ const NATIVE: Row = Row {
     monument_modes: false,
     message_id: true,
     resume: true,
+    echo: false,
 };
 
 /// Every dialect. The first row is the default.
@@ -85,6 +89,7 @@ pub static TABLE: &[Row] = &[
         monument_modes: true,
         message_id: false,
         resume: false,
+        echo: false,
     },
     // The native protocol under HyperExpress's names for limits.
     Row {
@@ -111,6 +116,7 @@ pub static TABLE: &[Row] = &[
         monument_modes: false,
         message_id: false,
         resume: false,
+        echo: false,
     },
     // Hooks, sends and broadcasts only.
     Row {
@@ -118,6 +124,15 @@ pub static TABLE: &[Row] = &[
         verbs: &[],
         message_id: false,
         resume: false,
+        ..NATIVE
+    },
+    // Conformance testing (Autobahn|Testsuite): every frame comes back as it was sent.
+    Row {
+        name: "echo",
+        verbs: &[],
+        message_id: false,
+        resume: false,
+        echo: true,
         ..NATIVE
     },
 ];

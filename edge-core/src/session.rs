@@ -569,6 +569,29 @@ impl Session {
         }
     }
 
+    /// A binary frame from the client, on a route that takes them: it counts against the
+    /// rate limit like a text frame. Whether the shell may pass it on to backends; a refusal
+    /// is answered as for a text frame.
+    pub fn on_binary(&mut self, now: Instant) -> bool {
+        if self.closed {
+            return false;
+        }
+        self.active_at = now;
+        if self.take_rate(now) {
+            return true;
+        }
+        if !self.closed {
+            let f = frame::error(
+                self.rules.key,
+                None,
+                ErrorCode::RateLimited,
+                "too many frames; slow down",
+            );
+            self.out.push_back(Action::Send(f));
+        }
+        false
+    }
+
     /// A text frame from the client.
     pub fn on_text(&mut self, text: &str, now: Instant) {
         if self.closed {

@@ -2854,3 +2854,24 @@ fn a_valid_token_on_the_upgrade_skips_the_connect_hook_as_the_route_says() {
         "{event:?}"
     );
 }
+
+/// A binary frame (routes with `binary: true`) takes a token like a text frame: passed on
+/// while the limit allows, answered `rate_limited` when refused, closed after `close_after`.
+#[test]
+fn binary_frames_count_against_the_rate_limit() {
+    let mut c = Conn::open(with_rate(rules(dialect("native")), 1, 2, 2));
+    assert!(c.s.on_binary(c.at(0)));
+    assert!(c.s.on_binary(c.at(1)));
+    assert!(c.drain().is_empty(), "passed on: nothing to answer");
+    assert!(!c.s.on_binary(c.at(2)));
+    match c.drain().as_slice() {
+        [Action::Send(f)] => assert_eq!(parse(f)["code"], "rate_limited"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!c.s.on_binary(c.at(3)));
+    assert!(matches!(
+        c.drain().as_slice(),
+        [Action::Close(Close::RateLimited)]
+    ));
+    assert!(!c.s.on_binary(c.at(5000)), "closed: nothing more");
+}

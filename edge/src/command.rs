@@ -20,7 +20,12 @@ pub(crate) fn run(reg: &Registry, cmd: EdgeCommand) -> Vec<u8> {
             let target = d.target.unwrap_or_default();
             let handles = reg.select(&target);
             let id = reg.message_id(&d.message_id);
-            registry::deliver_typed(reg.metrics(), handles.iter(), &d.r#type, &d.payload, id)
+            let payload = registry::Payload {
+                bytes: &d.payload,
+                binary: d.binary,
+                compress: !d.uncompressed,
+            };
+            registry::deliver_typed(reg.metrics(), handles.iter(), &d.r#type, payload, id)
         }
         Some(Kind::Broadcast(b)) => {
             let skip_conns: HashSet<&str> = b.skip_conn_ids.iter().map(String::as_str).collect();
@@ -33,7 +38,12 @@ pub(crate) fn run(reg: &Registry, cmd: EdgeCommand) -> Vec<u8> {
                     && !skip_conns.contains(info.id.to_string().as_str())
             });
             let id = reg.message_id(&b.message_id);
-            registry::deliver_typed(reg.metrics(), targets, &b.r#type, &b.payload, id)
+            let payload = registry::Payload {
+                bytes: &b.payload,
+                binary: b.binary,
+                compress: !b.uncompressed,
+            };
+            registry::deliver_typed(reg.metrics(), targets, &b.r#type, payload, id)
         }
         Some(Kind::Disconnect(d)) => {
             let handles = reg.select(&d.target.unwrap_or_default());

@@ -128,6 +128,42 @@ pub struct RouteConfig {
     pub history: Vec<HistoryRule>,
     /// Resume tokens: what a client presents to restore its subscriptions on any edge.
     pub resume: ResumeConfig,
+    /// Whether clients may send binary frames, and receive binary payloads (docs/PROTOCOL.md
+    /// §3.1). Off: a binary frame closes the connection with 1003. Default false.
+    pub binary: bool,
+    /// The event a client's binary frame is published as, on `sb.event.<namespace>.<event>`
+    /// (raw bytes, header `Sb-Binary: 1`). Default `binary`.
+    pub binary_event: String,
+    /// permessage-deflate on this route (docs/PROTOCOL.md §3.2). Default off.
+    pub compression: CompressionConfig,
+}
+
+/// permessage-deflate (RFC 7692) on a route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Offer the extension to clients that ask for it. Default false.
+    pub enabled: bool,
+    /// Messages shorter than this many bytes go uncompressed. Default 256.
+    pub min_size: usize,
+    /// Must be true (the default): every message is compressed without the previous ones'
+    /// window, once for all its recipients, and no connection keeps a compressor.
+    pub server_no_context_takeover: bool,
+    /// Bytes of compression state (inflaters and messages being inflated) the route's
+    /// connections may hold; past it, new connections are not offered compression.
+    /// Default 64 MiB.
+    pub memory_budget: usize,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            min_size: 256,
+            server_no_context_takeover: true,
+            memory_budget: 64 << 20,
+        }
+    }
 }
 
 /// One history rule: the topics it covers, in every namespace, and how much is kept.
@@ -211,6 +247,9 @@ impl Default for RouteConfig {
             hooks: HooksConfig::default(),
             history: Vec::new(),
             resume: ResumeConfig::default(),
+            binary: false,
+            binary_event: "binary".into(),
+            compression: CompressionConfig::default(),
         }
     }
 }
@@ -866,6 +905,15 @@ impl EdgeConfig {
                 ));
             }
             r.validate_namespace().map_err(|(k, m)| err(key(k), m))?;
+            if !r.compression.server_no_context_takeover {
+                return Err(err(
+                    key("compression.server_no_context_takeover"),
+                    "must be true: a message is compressed once for all its recipients",
+                ));
+            }
+            if r.binary_event.is_empty() || r.binary_event.len() > 256 {
+                return Err(err(key("binary_event"), "must be 1 to 256 bytes"));
+            }
             for (k, list) in [
                 ("public_origins", &r.public_origins),
                 ("allowed_hosts", &r.allowed_hosts),

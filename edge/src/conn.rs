@@ -17,7 +17,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
 use edge_core::session::{Action, Close, Failure, RequestId, Session, Subscribed};
@@ -25,7 +25,7 @@ use edge_core::session::{Action, Close, Failure, RequestId, Session, Subscribed}
 use crate::env::Env;
 use crate::handle::{CloseRequest, ConnHandle, TOKEN_EXPIRED, unix_ms};
 use crate::route::Route;
-use crate::transport::ws;
+use crate::transport::{Out, msgpack, ws};
 use crate::{protocol, resources};
 
 /// How long a closing handshake may take before the TCP connection is dropped.
@@ -50,6 +50,8 @@ pub enum ConnError {
     InvalidUtf8,
     #[error("client sent a binary frame on a text route")]
     Binary,
+    #[error("client sent a frame that is not MessagePack")]
+    NotMessagePack,
     #[error("no frame from the client for {0:?}")]
     Idle(Duration),
     #[error("no pong within {0:?}")]
@@ -74,6 +76,7 @@ impl ConnError {
             Self::TooBig(_) => (1009, "message too big"),
             Self::InvalidUtf8 => (1007, "invalid utf-8"),
             Self::Binary => (1003, "binary frames not accepted"),
+            Self::NotMessagePack => (1007, "invalid messagepack"),
             Self::Idle(_) => (1000, "idle timeout"),
             Self::RateLimited => (1008, "rate limit exceeded"),
             Self::Refused => (1008, "connection refused"),
@@ -195,6 +198,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     async fn serve(&mut self) -> ConnError {
+        if self.route().cfg.dialect.row().echo {
+            return Box::pin(self.echo()).await;
+        }
         let handle = self.handle.clone();
         let max_payload = self.route().cfg.max_payload;
         // The cancellation future and one timer live across iterations: a wake-up registers
@@ -268,6 +274,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                             // Nothing a pump writes may overtake this frame's answer.
                             handle.line().hold().await;
                             self.session.on_text(&text, Instant::now().into_std());
+                        }
+                        Message::Binary(bytes) if handle.agreed().msgpack => {
+                            let Some(text) = msgpack::to_json(&bytes) else {
+                                return ConnError::NotMessagePack;
+                            };
+                            self.env.metrics.frames_in.inc();
+                            self.env.metrics.bytes_in.add(bytes.len() as u64);
+                            handle.line().hold().await;
+                            self.session.on_text(&text, Instant::now().into_std());
+                        }
+                        Message::Binary(bytes) if self.route().cfg.binary => {
+                            self.env.metrics.frames_in.inc();
+                            self.env.metrics.bytes_in.add(bytes.len() as u64);
+                            if self.session.on_binary(Instant::now().into_std()) {
+                                crate::protocol::binary_event(&self.env, &handle, bytes).await;
+                            }
                         }
                         Message::Binary(_) => return ConnError::Binary,
                         // tungstenite queued the pong; the session says whether it goes now.
@@ -399,7 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
-    async fn write_batch(&mut self, first: Utf8Bytes) -> Result<(), ConnError> {
+    async fn write_batch(&mut self, first: Out) -> Result<(), ConnError> {
         let wrote = ws::write_queued(&mut self.ws, self.handle.outbox(), first)
             .await
             .map_err(ConnError::Transport)?;
@@ -411,9 +433,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Sends one frame built by this connection (a reply or an error), bypassing the queue.
     pub(crate) async fn push(&mut self, frame: String) -> Result<(), ConnError> {
         self.env.metrics.frames_out.inc();
-        ws::send(&mut self.ws, frame.into())
+        let out = Out::from(frame).encoded(self.handle.wire(), true);
+        ws::send(&mut self.ws, out)
             .await
             .map_err(ConnError::Transport)
+    }
+
+    /// `dialect: echo` (conformance testing): every data frame goes back as it came, the
+    /// session sees none. Pings are answered by tungstenite; the socket is the task's alone.
+    async fn echo(&mut self) -> ConnError {
+        let handle = self.handle.clone();
+        let killed = handle.killed();
+        tokio::pin!(killed);
+        handle.line().hold().await;
+        let max_payload = self.route().cfg.max_payload;
+        let wire = self.handle.wire();
+        let mut client_close = None;
+        loop {
+            let msg = tokio::select! {
+                biased;
+                () = &mut killed => {
+                    let req = handle.take_close();
+                    return ConnError::Requested(req.unwrap_or_else(|| CloseRequest::new(1000, "")));
+                }
+                msg = self.ws.next() => msg,
+            };
+            let out = match msg {
+                None => return ConnError::ClientClosed(client_close),
+                Some(Err(e)) => {
+                    return match read_error(e, max_payload) {
+                        ConnError::ClientClosed(None) => ConnError::ClientClosed(client_close),
+                        other => other,
+                    };
+                }
+                Some(Ok(Message::Text(text))) => Out::text(text),
+                Some(Ok(Message::Binary(bytes))) => Out::binary(bytes),
+                Some(Ok(Message::Close(frame))) => {
+                    client_close = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                    if let Err(e) = self.ws.flush().await {
+                        return ConnError::Transport(e);
+                    }
+                    continue;
+                }
+                Some(Ok(_)) => {
+                    // A ping: tungstenite queued its pong.
+                    if let Err(e) = self.ws.flush().await {
+                        return read_error(e, max_payload);
+                    }
+                    continue;
+                }
+            };
+            let out = match wire.deflate_from {
+                Some(min) if out.len() >= min => out.deflated(),
+                _ => out,
+            };
+            if let Err(e) = self.ws.send(ws::frame(&out)).await {
+                return ConnError::Transport(e);
+            }
+        }
     }
 }
 

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use edge_core::recent::{MessageKey, Recent};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use ulid::Ulid;
 
@@ -22,7 +21,7 @@ use crate::route::Route;
 use crate::transport::outbox::Outbox;
 use crate::transport::ws::Line;
 use crate::transport::{Batch, Direct, Outlet};
-pub use crate::transport::{CloseRequest, Delivery};
+pub use crate::transport::{CloseRequest, Delivery, Out, Wire};
 
 /// What is known about a connection, fixed at admission.
 #[derive(Debug)]
@@ -38,6 +37,15 @@ pub struct ConnInfo {
     pub route: Arc<Route>,
 }
 
+/// What the upgrade agreed on with the client, besides the protocol itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Agreed {
+    /// permessage-deflate: messages of the route's `min_size` and more go compressed.
+    pub deflate: bool,
+    /// The `switchboard.v1.msgpack` subprotocol: frames are MessagePack.
+    pub msgpack: bool,
+}
+
 /// The clonable front door of a connection.
 #[derive(Debug, Clone)]
 pub struct ConnHandle(Arc<HandleInner>);
@@ -47,6 +55,7 @@ struct HandleInner {
     info: ConnInfo,
     outbox: Outbox,
     on_full: OnFull,
+    agreed: Agreed,
     kill: CancellationToken,
     close: Mutex<Option<CloseRequest>>,
     line: Line,
@@ -89,11 +98,12 @@ impl TokenIds {
 }
 
 impl ConnHandle {
-    pub(crate) fn new(info: ConnInfo, line: Line) -> Self {
+    pub(crate) fn new(info: ConnInfo, line: Line, agreed: Agreed) -> Self {
         let out = &info.route.cfg.outbound;
         let inner = HandleInner {
             outbox: Outbox::new(out.queue, out.max_bytes),
             on_full: out.on_full,
+            agreed,
             kill: CancellationToken::new(),
             close: Mutex::new(None),
             line,
@@ -118,13 +128,34 @@ impl ConnHandle {
         self.0.info.id
     }
 
+    /// How this connection takes its messages (subprotocol, compression).
+    pub fn wire(&self) -> Wire {
+        let agreed = self.0.agreed;
+        Wire {
+            msgpack: agreed.msgpack,
+            deflate_from: agreed
+                .deflate
+                .then_some(self.0.info.route.cfg.compression.min_size),
+        }
+    }
+
+    /// What the upgrade agreed on.
+    pub fn agreed(&self) -> Agreed {
+        self.0.agreed
+    }
+
+    /// Queues a frame this connection built (a watch's item): in its wire form.
+    pub(crate) fn push(&self, frame: String) -> Delivery {
+        self.deliver(&Out::from(frame).encoded(self.wire(), true))
+    }
+
     /// Bytes queued and not yet written to the socket.
     pub fn buffered(&self) -> usize {
         self.0.outbox.buffered()
     }
 
     /// Queues a frame. Never awaits: one slow client must not slow anyone else.
-    pub fn deliver(&self, frame: &Utf8Bytes) -> Delivery {
+    pub fn deliver(&self, frame: &Out) -> Delivery {
         if self.0.line.is_closed() {
             return Delivery::Gone;
         }
@@ -222,7 +253,7 @@ impl Outlet for ConnHandle {
             .try_write(batch, || self.0.outbox.buffered() != 0)
     }
 
-    fn deliver(&self, message: &Utf8Bytes) -> Delivery {
+    fn deliver(&self, message: &Out) -> Delivery {
         ConnHandle::deliver(self, message)
     }
 

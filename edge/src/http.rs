@@ -196,12 +196,24 @@ pub(crate) fn is_valid_key(key: &str) -> bool {
             .is_ok_and(|b| b.len() == 16)
 }
 
-/// The 101 answer to a valid upgrade request.
-pub(crate) fn switching_protocols(key: &str) -> String {
+/// The 101 answer to a valid upgrade request, with the extension and subprotocol agreed on.
+pub(crate) fn switching_protocols(
+    key: &str,
+    extensions: Option<&str>,
+    protocol: Option<&str>,
+) -> String {
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
-    )
+    let mut head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n"
+    );
+    if let Some(e) = extensions {
+        head.push_str(&format!("sec-websocket-extensions: {e}\r\n"));
+    }
+    if let Some(p) = protocol {
+        head.push_str(&format!("sec-websocket-protocol: {p}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
 }
 
 /// Matches `path` against a route pattern such as `/{channel}`; returns the captured

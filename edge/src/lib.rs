@@ -50,6 +50,8 @@ pub mod uplink;
 pub use auth::{AuthError, Identity, RouteKeys};
 pub use config::EdgeConfig;
 pub use conn::ConnError;
-pub use handle::{CloseRequest, ConnHandle, ConnInfo, Delivery, TOKEN_EXPIRED, TOKEN_REVOKED};
+pub use handle::{
+    Agreed, CloseRequest, ConnHandle, ConnInfo, Delivery, Out, TOKEN_EXPIRED, TOKEN_REVOKED, Wire,
+};
 pub use route::Route;
 pub use server::{Edge, EdgeError, StaticPage, Stores};

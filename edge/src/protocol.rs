@@ -131,6 +131,24 @@ pub(crate) fn request(
         .boxed()
 }
 
+/// A client's binary frame (routes with `binary: true`): published as it is on the route's
+/// binary event subject, with the connection in the headers and `Sb-Binary: 1`; backends
+/// answer, if they like, with a send to `Sb-Conn-Id`. Whether the bus took it.
+pub(crate) async fn binary_event(env: &Env, handle: &ConnHandle, bytes: bytes::Bytes) -> bool {
+    let info = handle.info();
+    let subject = subject::event(&info.namespace, &info.route.cfg.binary_event);
+    let mut msg = event_message(handle, subject, String::new());
+    msg.payload = bytes;
+    let msg = msg.with_header(subject::HEADER_BINARY, "1");
+    match env.bus.publish(msg).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(conn = %handle.id(), %error, "binary event not published");
+            false
+        }
+    }
+}
+
 /// A message to backends that nobody answers (monument passthrough); whether the bus took it.
 pub(crate) async fn emit(env: &Env, handle: &ConnHandle, subject: String, body: Body) -> bool {
     let node_id = env.registry.node_id();

@@ -34,7 +34,6 @@ use proto::subject;
 use proto::v1::{Connection, DeliveryReport, ReportBatch, Target};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use ulid::Ulid;
@@ -42,7 +41,7 @@ use ulid::Ulid;
 use crate::handle::{CloseRequest, ConnHandle, Delivery};
 use crate::history::{History, Join, Joining, READ_LIMIT};
 use crate::metrics::Metrics;
-use crate::transport::{Batch, Direct, Outlet};
+use crate::transport::{Batch, Direct, Out, Outlet, Wire, msgpack};
 
 /// How long a subscriber waits for the bus subscription of a new topic.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -140,16 +139,19 @@ impl Handle for ConnHandle {
     }
 }
 
-/// How a connection's pushed frames look: its routing field, and whether they carry the
-/// message's `message_id` (its dialect has a place for it and the message has one).
-#[derive(Debug, Clone, Copy)]
+/// How a connection's pushed frames look: its routing field, whether they carry the
+/// message's `message_id` (its dialect has a place for it and the message has one), and its
+/// wire form (MessagePack, permessage-deflate from a size on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Form {
     key: Key,
     message_id: bool,
+    wire: Wire,
 }
 
-/// Forms there are: each routing field, with and without `message_id`.
-const FORMS: usize = 2 * Key::ALL.len();
+/// Forms without compression: each routing field, with and without `message_id`, in JSON
+/// or MessagePack.
+const FORMS: usize = 4 * Key::ALL.len();
 
 impl Form {
     fn of(h: &ConnHandle, has_id: bool) -> Self {
@@ -157,31 +159,68 @@ impl Form {
         Self {
             key: cfg.key(),
             message_id: has_id && cfg.dialect.row().message_id,
+            wire: h.wire(),
         }
     }
 
-    fn index(self) -> usize {
-        self.key.index() + if self.message_id { Key::ALL.len() } else { 0 }
+    /// Its slot among the uncompressed forms; compressed forms (rare, and keyed by their
+    /// route's `min_size` too) are looked up in a short list.
+    fn index(self) -> Option<usize> {
+        if self.wire.deflate_from.is_some() {
+            return None;
+        }
+        let mut i = self.key.index();
+        if self.message_id {
+            i += Key::ALL.len();
+        }
+        if self.wire.msgpack {
+            i += 2 * Key::ALL.len();
+        }
+        Some(i)
     }
 }
 
-/// Frames of one message, built lazily once per form (dialect).
-struct Frames<'a> {
-    build: &'a (dyn Fn(Form) -> String + Sync),
-    cache: [Option<Utf8Bytes>; FORMS],
+/// Something built once per form of a fan-out.
+struct PerForm<T> {
+    plain: [Option<T>; FORMS],
+    deflated: Vec<(Form, T)>,
 }
 
-impl<'a> Frames<'a> {
-    fn new(build: &'a (dyn Fn(Form) -> String + Sync)) -> Self {
+impl<T> PerForm<T> {
+    fn new() -> Self {
         Self {
-            build,
-            cache: Default::default(),
+            plain: std::array::from_fn(|_| None),
+            deflated: Vec::new(),
         }
     }
 
-    fn get(&mut self, form: Form) -> &Utf8Bytes {
-        self.cache[form.index()].get_or_insert_with(|| (self.build)(form).into())
+    fn get_or_insert_with(&mut self, form: Form, make: impl FnOnce() -> T) -> &mut T {
+        if let Some(i) = form.index() {
+            return self.plain[i].get_or_insert_with(make);
+        }
+        let at = match self.deflated.iter().position(|(f, _)| *f == form) {
+            Some(at) => at,
+            None => {
+                self.deflated.push((form, make()));
+                self.deflated.len() - 1
+            }
+        };
+        &mut self.deflated[at].1
     }
+}
+
+/// A payload for clients: JSON text, or bytes for a binary frame.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Payload<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) binary: bool,
+    /// May be compressed (false: HyperExpress's `compress = false`).
+    pub(crate) compress: bool,
+}
+
+/// Whether a connection takes binary payloads (its route has `binary: true`).
+fn takes_binary(h: &ConnHandle) -> bool {
+    h.info().route.cfg.binary
 }
 
 /// Delivered/refused counts of one fan-out.
@@ -468,34 +507,49 @@ impl Registry {
 }
 
 /// Delivers `{"<key>": msg_type, "message_id"?: id, "payload": payload}` to `handles`,
-/// except to those that had message `id` already.
+/// except to those that had message `id` already. A binary payload goes as a binary frame of
+/// its bytes alone, and only to connections of routes that take binary frames.
 pub(crate) fn deliver_typed<'h>(
     metrics: &Metrics,
     handles: impl Iterator<Item = &'h ConnHandle>,
     msg_type: &str,
-    payload: &[u8],
+    payload: Payload<'_>,
     id: Option<MessageId<'_>>,
 ) -> Tally {
-    let payload = json_or_string(payload);
+    let json = (!payload.binary).then(|| json_or_string(payload.bytes));
     let build = |form: Form| {
-        let frame = FrameBuilder::new(form.key, msg_type);
-        let frame = match id {
-            Some(id) if form.message_id => frame.str("message_id", id.text),
-            _ => frame,
+        let out = match &json {
+            None if form.wire.msgpack => {
+                let key = form.key.as_str();
+                Out::binary(msgpack::envelope(key, msg_type, None, payload.bytes).into())
+            }
+            None => Out::binary(bytes::Bytes::copy_from_slice(payload.bytes)),
+            Some(json) => {
+                let frame = FrameBuilder::new(form.key, msg_type);
+                let frame = match id {
+                    Some(id) if form.message_id => frame.str("message_id", id.text),
+                    _ => frame,
+                };
+                Out::from(frame.raw("payload", json).finish())
+            }
         };
-        frame.raw("payload", &payload).finish()
+        out.encoded(form.wire, payload.compress)
     };
-    let mut frames = Frames::new(&build);
+    let mut frames: PerForm<Out> = PerForm::new();
     let mut tally = Tally::default();
     let now = id.map(|_| Instant::now());
     for h in handles {
+        if payload.binary && !takes_binary(h) {
+            continue;
+        }
         if let (Some(id), Some(now)) = (id, now)
             && !h.first(id.key, now)
         {
             tally.duplicates += 1;
             continue;
         }
-        let delivery = Outlet::deliver(h, frames.get(Form::of(h, id.is_some())));
+        let form = Form::of(h, id.is_some());
+        let delivery = Outlet::deliver(h, frames.get_or_insert_with(form, || build(form)));
         if let (Delivery::Refused, Some(id)) = (delivery, id) {
             h.forget(id.key);
         }
@@ -631,12 +685,12 @@ async fn serve_joins(registry: &Registry, topic: &Topic, joining: &Joining, feed
     // All of a joiner's missed publications, or none: a recovery that does not fit in its
     // outbound queue is answered `recovered: false` rather than cut short.
     let queue = |conn: &ConnHandle, stored: &[&bus::history::Stored]| {
-        let frames: Vec<Utf8Bytes> = stored
+        let binary = takes_binary(conn);
+        let frames: Vec<Out> = stored
             .iter()
-            .map(|m| {
-                let p = Publication::stored(registry, joining.topic.clone(), m);
-                p.message(Form::of(conn, p.id.is_some()))
-            })
+            .map(|m| Publication::stored(registry, joining.topic.clone(), m))
+            .filter(|p| binary || p.bytes.is_none())
+            .map(|p| p.message(Form::of(conn, p.id.is_some())))
             .collect();
         let bytes = frames.iter().map(|f| f.len()).sum();
         if !conn.has_room(frames.len(), bytes) {
@@ -736,13 +790,14 @@ async fn follow_feed(
 fn tell_gap(registry: &Registry, topic: &Topic, concrete: &str, feed: &Feed, offset: u64) {
     registry.metrics.history_gaps_unfilled.inc();
     let build = |form: Form| {
-        FrameBuilder::new(form.key, "gap")
+        let frame = FrameBuilder::new(form.key, "gap")
             .str("topic", concrete)
             .str("epoch", &feed.epoch)
             .value("offset", &serde_json::Value::from(offset))
-            .finish()
+            .finish();
+        Out::from(frame).encoded(form.wire, true)
     };
-    let mut frames = Frames::new(&build);
+    let mut frames: PerForm<Out> = PerForm::new();
     let subs = topic.subscribers.snapshot();
     let held = topic
         .joining
@@ -751,7 +806,8 @@ fn tell_gap(registry: &Registry, topic: &Topic, concrete: &str, feed: &Feed, off
         .unwrap_or_default();
     for s in subs.iter() {
         if !held.contains(&s.conn.id()) {
-            let _ = Outlet::deliver(&s.conn, frames.get(Form::of(&s.conn, false)));
+            let form = Form::of(&s.conn, false);
+            let _ = Outlet::deliver(&s.conn, frames.get_or_insert_with(form, || build(form)));
         }
     }
 }
@@ -759,7 +815,10 @@ fn tell_gap(registry: &Registry, topic: &Topic, concrete: &str, feed: &Feed, off
 /// One topic publication on its way to this edge's subscribers of one filter.
 struct Publication {
     concrete: String,
+    /// JSON text, or the bytes of a binary publication.
     payload: String,
+    bytes: Option<bytes::Bytes>,
+    compress: bool,
     /// The backend's message id (`Sb-Message-Id`) and its key.
     id: Option<(String, MessageKey)>,
     /// Its position, when it was stored in history, and the position of the topic's
@@ -828,8 +887,15 @@ impl Publication {
             .get(subject::HEADER_ORIGIN)
             .and_then(|o| Ulid::from_string(o).ok());
         let echo = headers.get(subject::HEADER_ECHO).is_some();
+        let binary = headers.get(subject::HEADER_BINARY).is_some();
         Self {
-            payload: json_or_string(payload),
+            payload: if binary {
+                String::new()
+            } else {
+                json_or_string(payload)
+            },
+            bytes: binary.then(|| bytes::Bytes::copy_from_slice(payload)),
+            compress: headers.get(subject::HEADER_COMPRESS) != Some("0"),
             concrete,
             id,
             offset: None,
@@ -842,16 +908,27 @@ impl Publication {
     }
 
     /// The message in one form (built once per batch, by its [`Batch`]).
-    fn message(&self, form: Form) -> Utf8Bytes {
-        let mut frame = FrameBuilder::new(form.key, "message").str("topic", &self.concrete);
-        if let Some(offset) = self.offset {
-            frame = frame.value("offset", &serde_json::Value::from(offset));
-        }
-        let frame = match &self.id {
-            Some((id, _)) if form.message_id => frame.str("message_id", id),
-            _ => frame,
+    fn message(&self, form: Form) -> Out {
+        let out = match &self.bytes {
+            Some(bytes) if form.wire.msgpack => {
+                let key = form.key.as_str();
+                let topic = Some(self.concrete.as_str());
+                Out::binary(msgpack::envelope(key, "message", topic, bytes).into())
+            }
+            Some(bytes) => Out::binary(bytes.clone()),
+            None => {
+                let mut frame = FrameBuilder::new(form.key, "message").str("topic", &self.concrete);
+                if let Some(offset) = self.offset {
+                    frame = frame.value("offset", &serde_json::Value::from(offset));
+                }
+                let frame = match &self.id {
+                    Some((id, _)) if form.message_id => frame.str("message_id", id),
+                    _ => frame,
+                };
+                Out::from(frame.raw("payload", &self.payload).finish())
+            }
         };
-        frame.raw("payload", &self.payload).finish().into()
+        out.encoded(form.wire, self.compress)
     }
 }
 
@@ -881,7 +958,7 @@ async fn publish_local(registry: &Registry, topic: &Topic, mut pubs: Vec<Publica
         .as_ref()
         .map(Joining::held_now)
         .unwrap_or_default();
-    let mut batches: [Option<Batch>; FORMS] = Default::default();
+    let mut batches: PerForm<Batch> = PerForm::new();
     let (mut writes, mut direct_frames, mut direct_bytes) = (0usize, 0u64, 0u64);
     for s in subs.iter() {
         let h = &s.conn;
@@ -892,15 +969,19 @@ async fn publish_local(registry: &Registry, topic: &Topic, mut pubs: Vec<Publica
         }
         // Not the publisher's own (unless it asked), and not one an older overlapping filter
         // of the same connection delivers.
-        let wanted = |p: &Publication| p.skip != Some(conn) && !s.shadowed(&p.concrete);
+        let binary = takes_binary(h);
+        let wanted = |p: &Publication| {
+            p.skip != Some(conn) && !s.shadowed(&p.concrete) && (binary || p.bytes.is_none())
+        };
         if let Some(now) = now {
             mark_had(h, &pubs, wanted, now, &mut had);
         }
         let had = |i: usize| had.get(i).copied().unwrap_or(false);
         // The publications from this index on are queued; those before it were written.
         let mut queue_from = 0;
-        let batch = batches[form.index()]
-            .get_or_insert_with(|| Batch::new(pubs.iter().map(|p| p.message(form)).collect()));
+        let batch = batches.get_or_insert_with(form, || {
+            Batch::new(pubs.iter().map(|p| p.message(form)).collect())
+        });
         if pubs.iter().enumerate().all(|(i, p)| wanted(p) && !had(i)) {
             queue_from = match Outlet::try_write(h, batch) {
                 Direct::Written => pubs.len(),

@@ -16,7 +16,6 @@ use edge_core::session::ResourceCall;
 use futures::StreamExt;
 use proto::frame::{ErrorCode, FrameBuilder, Key};
 use serde_json::{Map, Value};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ResourceConfig, ResourceKind};
@@ -127,7 +126,7 @@ impl Watch {
     }
 
     fn push(&self, frame: String) {
-        self.handle.deliver(&Utf8Bytes::from(frame));
+        self.handle.push(frame);
     }
 
     fn fail(&self, message: &str) {

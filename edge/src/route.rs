@@ -23,6 +23,8 @@ pub struct Route {
     /// What each connection's session needs of the route.
     pub(crate) rules: Arc<edge_core::session::Rules>,
     pub(crate) ws: WebSocketConfig,
+    /// What the route's connections hold of compression state, against its budget.
+    pub(crate) deflate_budget: Arc<crate::transport::deflate::Budget>,
 }
 
 /// The session's view of a route's config.
@@ -129,6 +131,9 @@ impl Route {
             cfg: cfg.clone(),
             verifier,
             ws,
+            deflate_budget: Arc::new(crate::transport::deflate::Budget::new(
+                cfg.compression.memory_budget,
+            )),
         })
     }
 }

@@ -32,6 +32,8 @@ use crate::protocol;
 use crate::registry::Registry;
 use crate::route::Route;
 use crate::tls::Wire;
+use crate::transport::deflate::{self, Inflate};
+use crate::transport::msgpack;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -606,8 +608,17 @@ async fn admit<W: Wire>(
             }
         }
     }
+    // permessage-deflate when the route has it, the client offers it and the route's
+    // compression state is within its budget; the MessagePack subprotocol when asked for.
+    let echo = route.cfg.dialect.row().echo;
+    let compression = &route.cfg.compression;
+    let deflate = (compression.enabled && route.deflate_budget.admits())
+        .then(|| deflate::negotiate(head.header("sec-websocket-extensions")))
+        .flatten();
+    let msgpack = !echo && msgpack::requested(head.header("sec-websocket-protocol"));
+    let protocol = msgpack.then_some(msgpack::SUBPROTOCOL);
     if tcp
-        .write_all(http::switching_protocols(&key).as_bytes())
+        .write_all(http::switching_protocols(&key, deflate, protocol).as_bytes())
         .await
         .is_err()
     {
@@ -618,6 +629,8 @@ async fn admit<W: Wire>(
         path_params,
         identity,
         permit,
+        deflate: deflate.is_some(),
+        msgpack,
     })
 }
 
@@ -627,11 +640,13 @@ struct Admitted {
     path_params: Vec<(String, String)>,
     identity: crate::auth::Identity,
     permit: tokio::sync::OwnedSemaphorePermit,
+    deflate: bool,
+    msgpack: bool,
 }
 
 /// An admitted connection after the handshake, ready to run.
 struct Upgraded<Io> {
-    ws: WebSocketStream<Io>,
+    ws: WebSocketStream<Inflate<Io>>,
     handle: ConnHandle,
     permit: tokio::sync::OwnedSemaphorePermit,
     /// The `?resume=` token, if the client sent one.
@@ -661,6 +676,8 @@ async fn upgrade<W: Wire>(
         path_params,
         identity,
         permit,
+        deflate,
+        msgpack,
     } = admitted;
     let ws_config = route.ws;
     let mut params: Vec<(String, String)> = head.query.into_iter().collect();
@@ -683,7 +700,19 @@ async fn upgrade<W: Wire>(
     let heartbeat = &info.route.cfg.heartbeat;
     let stall_limit =
         (!heartbeat.interval.is_zero()).then(|| heartbeat.interval + heartbeat.timeout);
-    let (handle, socket) = tcp.attach(info, stall_limit);
+    let budget = Arc::clone(&info.route.deflate_budget);
+    let max_payload = info.route.cfg.max_payload;
+    let agreed = crate::handle::Agreed { deflate, msgpack };
+    let (handle, socket) = tcp.attach(info, agreed, stall_limit);
+    // What the client sent after the head goes through the inflating filter too.
+    let (socket, rest) = if deflate {
+        (
+            Inflate::deflate(socket, max_payload, budget, &rest),
+            Vec::new(),
+        )
+    } else {
+        (Inflate::plain(socket), rest)
+    };
     let ws =
         WebSocketStream::from_partially_read(socket, rest, Role::Server, Some(ws_config)).await;
     Some(Upgraded {

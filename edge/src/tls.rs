@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::handle::{ConnHandle, ConnInfo};
+use crate::handle::{Agreed, ConnHandle, ConnInfo};
 use crate::transport::ws::{Line, Socket};
 
 /// What an accepted connection arrives on; the request head is read and answered through
@@ -31,15 +31,25 @@ pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
     /// Gives the socket to a new handle for `info`; returns the handle and the task's side.
-    fn attach(self, info: ConnInfo, stall_limit: Option<Duration>) -> (ConnHandle, Self::Io);
+    fn attach(
+        self,
+        info: ConnInfo,
+        agreed: Agreed,
+        stall_limit: Option<Duration>,
+    ) -> (ConnHandle, Self::Io);
 }
 
 /// Plain: pumps may write to the socket directly.
 impl Wire for TcpStream {
     type Io = Socket<ConnHandle>;
 
-    fn attach(self, info: ConnInfo, stall_limit: Option<Duration>) -> (ConnHandle, Self::Io) {
-        let handle = ConnHandle::new(info, Line::new(self));
+    fn attach(
+        self,
+        info: ConnInfo,
+        agreed: Agreed,
+        stall_limit: Option<Duration>,
+    ) -> (ConnHandle, Self::Io) {
+        let handle = ConnHandle::new(info, Line::new(self), agreed);
         let socket = Socket::new(handle.clone(), stall_limit);
         (handle, socket)
     }
@@ -75,13 +85,18 @@ pub(crate) enum TlsIo {
 impl Wire for TlsStream<TlsIo> {
     type Io = Self;
 
-    fn attach(mut self, info: ConnInfo, stall_limit: Option<Duration>) -> (ConnHandle, Self) {
+    fn attach(
+        mut self,
+        info: ConnInfo,
+        agreed: Agreed,
+        stall_limit: Option<Duration>,
+    ) -> (ConnHandle, Self) {
         let (io, _) = self.get_mut();
         let tcp = match std::mem::replace(io, TlsIo::Moving) {
             TlsIo::Tcp(tcp) => tcp,
             TlsIo::Line(_) | TlsIo::Moving => unreachable!("a connection is attached once"),
         };
-        let handle = ConnHandle::new(info, Line::sealed(tcp));
+        let handle = ConnHandle::new(info, Line::sealed(tcp), agreed);
         *io = TlsIo::Line(Socket::new(handle.clone(), stall_limit));
         (handle, self)
     }

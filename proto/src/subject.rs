@@ -64,6 +64,12 @@ pub const HEADER_NAMESPACE: &str = "Sb-Namespace";
 pub const HEADER_USER: &str = "Sb-User";
 /// Header: the backend's message id of a topic publication (deduplicated per connection).
 pub const HEADER_MESSAGE_ID: &str = "Sb-Message-Id";
+/// Header: the payload is bytes, not JSON (a topic publication reaches clients as a binary
+/// frame; a client's binary frame reaches backends with it). Any value.
+pub const HEADER_BINARY: &str = "Sb-Binary";
+/// Header: `0` keeps a topic publication uncompressed for every client (the `compress`
+/// flag of HyperExpress's `publish`).
+pub const HEADER_COMPRESS: &str = "Sb-Compress";
 /// Header: a stored publication's offset (set by JetStream when it republishes it).
 pub const HEADER_OFFSET: &str = "Nats-Sequence";
 /// Header: the offset of the same topic's publication before it, 0 for none (set by

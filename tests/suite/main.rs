@@ -8,6 +8,7 @@
 //! | [`auth`] | upgrade-time admission: JWTs, user claim, namespaces, origins | in-process node |
 //! | [`binary`] | the binary as a user runs it: banner, grpcurl, SIGTERM, check-config | process |
 //! | [`cluster`] | delivery, placement and failures across edges and coordinators | cluster |
+//! | [`frames`] | binary frames, permessage-deflate, the MessagePack subprotocol, the echo route | in-process node |
 //! | [`faults`] | what a backend is told, and what arrives, while a process fails under load | cluster, haproxy |
 //! | [`history`] | topic history, recovery on subscribe, resume tokens, live gaps repaired, epochs | in-process node, cluster |
 //! | [`dev_nats`] | the embedded mode over a real NATS server: hooks and sends from a plain NATS backend | process |
@@ -40,6 +41,7 @@ mod binary;
 mod cluster;
 mod dev_nats;
 mod faults;
+mod frames;
 mod history;
 mod limits;
 mod liveness;

@@ -11,6 +11,8 @@
 //! | --- | --- |
 //! | [`outbox`] | a connection's bounded, lock-free queue of messages (any transport's task drains it) |
 //! | [`ws`] | the WebSocket: the `Line` state machine, its framing, the task's write side |
+//! | [`msgpack`] | the `switchboard.v1.msgpack` subprotocol: the same frames in MessagePack |
+//! | [`deflate`] | permessage-deflate: negotiation, compression once per message, the inflating read filter |
 //!
 //! **Invariant:** the boundary costs the fan-out nothing per recipient: calls are statically
 //! dispatched, a batch is framed once per transport kind (never per recipient), and no
@@ -22,10 +24,119 @@
 
 use std::any::TypeId;
 
+use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+pub(crate) mod deflate;
+pub(crate) mod msgpack;
 pub(crate) mod outbox;
 pub(crate) mod ws;
+
+/// One message for a client as it goes on the wire: text or binary, its payload compressed
+/// or not (permessage-deflate). Cloning it is a reference count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Out {
+    bytes: Bytes,
+    flags: u8,
+}
+
+const BINARY: u8 = 1;
+const DEFLATED: u8 = 2;
+
+impl Out {
+    pub fn text(text: Utf8Bytes) -> Self {
+        Self {
+            bytes: text.into(),
+            flags: 0,
+        }
+    }
+
+    pub fn binary(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            flags: BINARY,
+        }
+    }
+
+    /// The same message, compressed (for connections with permessage-deflate).
+    pub(crate) fn deflated(&self) -> Self {
+        Self {
+            bytes: deflate::compress(&self.bytes).into(),
+            flags: self.flags | DEFLATED,
+        }
+    }
+
+    /// The payload's length on the wire.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn is_binary(&self) -> bool {
+        self.flags & BINARY != 0
+    }
+
+    pub fn is_deflated(&self) -> bool {
+        self.flags & DEFLATED != 0
+    }
+
+    /// The payload as it goes on the wire.
+    pub fn payload(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The first byte of its frame: FIN, RSV1 when compressed, text or binary.
+    pub(crate) fn first_byte(&self) -> u8 {
+        let opcode = if self.is_binary() { 0x02 } else { 0x01 };
+        let rsv1 = if self.is_deflated() { 0x40 } else { 0 };
+        0x80 | rsv1 | opcode
+    }
+}
+
+/// How a connection takes its messages: MessagePack or JSON, compressed from a size on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Wire {
+    pub msgpack: bool,
+    /// permessage-deflate: messages of this many bytes and more are compressed.
+    pub deflate_from: Option<usize>,
+}
+
+impl Out {
+    /// This message as a connection with `wire` takes it: JSON text transcoded for a
+    /// MessagePack client, compressed for a deflate client (unless `compress` is false or
+    /// it is short).
+    pub(crate) fn encoded(self, wire: Wire, compress: bool) -> Self {
+        let m = match wire.msgpack && !self.is_binary() {
+            true => msgpack::from_json(&self.bytes).map_or(self, |b| Self::binary(b.into())),
+            false => self,
+        };
+        match wire.deflate_from {
+            Some(min) if compress && m.len() >= min => m.deflated(),
+            _ => m,
+        }
+    }
+}
+
+impl From<Utf8Bytes> for Out {
+    fn from(text: Utf8Bytes) -> Self {
+        Self::text(text)
+    }
+}
+
+impl From<String> for Out {
+    fn from(text: String) -> Self {
+        Self::text(text.into())
+    }
+}
+
+impl From<&str> for Out {
+    fn from(text: &str) -> Self {
+        Self::text(text.into())
+    }
+}
 
 /// What the fan-out needs of one connection.
 pub(crate) trait Outlet {
@@ -35,7 +146,7 @@ pub(crate) trait Outlet {
 
     /// Queues one message for the connection's task, which frames it. Never awaits: one
     /// slow client must not slow anyone else.
-    fn deliver(&self, message: &Utf8Bytes) -> Delivery;
+    fn deliver(&self, message: &Out) -> Delivery;
 
     /// Asks the connection to close; the first request wins.
     fn close(&self, req: CloseRequest);
@@ -87,14 +198,14 @@ impl CloseRequest {
 /// How a transport puts one message on its wire (a WebSocket frame, an SSE event).
 pub(crate) trait Framer: 'static {
     /// Appends `message`, framed, to `out`.
-    fn frame(message: &[u8], out: &mut Vec<u8>);
+    fn frame(message: &Out, out: &mut Vec<u8>);
 }
 
 /// A batch of messages handed whole to every recipient. Each transport kind frames it once,
 /// at its first recipient that can take it now; the others of that kind get the same bytes.
 #[derive(Debug)]
 pub(crate) struct Batch {
-    messages: Vec<Utf8Bytes>,
+    messages: Vec<Out>,
     /// Framed by the first transport kind (almost always the only one).
     first: Option<(TypeId, Framed)>,
     /// Framed by any other kinds.
@@ -110,7 +221,7 @@ pub(crate) struct Framed {
 }
 
 impl Batch {
-    pub(crate) fn new(messages: Vec<Utf8Bytes>) -> Self {
+    pub(crate) fn new(messages: Vec<Out>) -> Self {
         Self {
             messages,
             first: None,
@@ -119,7 +230,7 @@ impl Batch {
     }
 
     /// The messages, unframed, for those who queue them.
-    pub(crate) fn messages(&self) -> &[Utf8Bytes] {
+    pub(crate) fn messages(&self) -> &[Out] {
         &self.messages
     }
 
@@ -148,7 +259,7 @@ impl Batch {
         let mut bytes = Vec::new();
         let mut ends = Vec::with_capacity(self.messages.len());
         for m in &self.messages {
-            F::frame(m.as_bytes(), &mut bytes);
+            F::frame(m, &mut bytes);
             ends.push(bytes.len());
         }
         Framed { bytes, ends }
@@ -162,9 +273,9 @@ mod tests {
     struct Brackets;
 
     impl Framer for Brackets {
-        fn frame(message: &[u8], out: &mut Vec<u8>) {
+        fn frame(message: &Out, out: &mut Vec<u8>) {
             out.push(b'[');
-            out.extend_from_slice(message);
+            out.extend_from_slice(message.payload());
             out.push(b']');
         }
     }
@@ -172,15 +283,15 @@ mod tests {
     struct Lines;
 
     impl Framer for Lines {
-        fn frame(message: &[u8], out: &mut Vec<u8>) {
-            out.extend_from_slice(message);
+        fn frame(message: &Out, out: &mut Vec<u8>) {
+            out.extend_from_slice(message.payload());
             out.push(b'\n');
         }
     }
 
     #[test]
     fn a_batch_is_framed_once_per_kind() {
-        let mut batch = Batch::new(vec!["ab".into(), "c".into()]);
+        let mut batch = Batch::new(vec![Out::from("ab"), Out::from("c")]);
         let first = batch.framed::<Brackets>();
         assert_eq!(first.bytes, b"[ab][c]");
         assert_eq!(first.ends, [4, 7]);

@@ -10,11 +10,12 @@ use std::task::{Context, Poll};
 
 use crossbeam_queue::SegQueue;
 use futures::task::AtomicWaker;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::Out;
 
 #[derive(Debug)]
 pub(crate) struct Outbox {
-    frames: SegQueue<Utf8Bytes>,
+    frames: SegQueue<Out>,
     /// Frames in `frames`.
     len: AtomicUsize,
     /// Bytes queued and not yet written to the socket (popped frames count until written).
@@ -42,7 +43,7 @@ impl Outbox {
 
     /// Queues a frame and wakes the task. One frame is always accepted into an empty
     /// queue, however large.
-    pub(crate) fn push(&self, frame: &Utf8Bytes) -> Result<(), Full> {
+    pub(crate) fn push(&self, frame: &Out) -> Result<(), Full> {
         let bytes = frame.len();
         let before = self.buffered.fetch_add(bytes, Ordering::AcqRel);
         if before > 0 && before + bytes > self.max_bytes {
@@ -60,14 +61,14 @@ impl Outbox {
     }
 
     /// The next frame, for the task.
-    pub(crate) fn pop(&self) -> Option<Utf8Bytes> {
+    pub(crate) fn pop(&self) -> Option<Out> {
         let frame = self.frames.pop()?;
         self.len.fetch_sub(1, Ordering::AcqRel);
         Some(frame)
     }
 
     /// The next frame, or the task is woken when one is pushed.
-    pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Utf8Bytes> {
+    pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Out> {
         if let Some(f) = self.pop() {
             return Poll::Ready(f);
         }
@@ -75,7 +76,7 @@ impl Outbox {
         self.pop().map_or(Poll::Pending, Poll::Ready)
     }
 
-    pub(crate) async fn recv(&self) -> Utf8Bytes {
+    pub(crate) async fn recv(&self) -> Out {
         std::future::poll_fn(|cx| self.poll_pop(cx)).await
     }
 
@@ -106,8 +107,8 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn frame(n: usize) -> Utf8Bytes {
-        "x".repeat(n).into()
+    fn frame(n: usize) -> Out {
+        Out::from("x".repeat(n))
     }
 
     #[test]

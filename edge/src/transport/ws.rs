@@ -58,10 +58,12 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::outbox::Outbox;
-use super::{Batch, Direct, Framed, Framer};
+use super::{Batch, Direct, Framed, Framer, Out};
 
 const FREE: u8 = 0;
 const PUMP: u8 = 1;
@@ -74,13 +76,15 @@ const CLOSED: u8 = 6;
 /// Messages written to the socket per flush at most, so that reading is not starved.
 const WRITE_BATCH: usize = 256;
 
-/// WebSocket framing: one unmasked server text frame per message.
+/// WebSocket framing: one unmasked server frame per message (text or binary, RSV1 when its
+/// payload is compressed).
 #[derive(Debug)]
 pub(crate) struct Text;
 
 impl Framer for Text {
-    fn frame(message: &[u8], out: &mut Vec<u8>) {
-        out.push(0x81);
+    fn frame(message: &Out, out: &mut Vec<u8>) {
+        out.push(message.first_byte());
+        let message = message.payload();
         let n = message.len();
         if n < 126 {
             out.push(n as u8);
@@ -462,20 +466,20 @@ pub(crate) struct Wrote {
 pub(crate) async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     outbox: &Outbox,
-    first: Utf8Bytes,
+    first: Out,
 ) -> Result<Wrote, tungstenite::Error> {
     let mut wrote = Wrote {
         frames: 1,
         bytes: first.len(),
     };
-    ws.feed(Message::Text(first)).await?;
+    ws.feed(frame(&first)).await?;
     while wrote.frames < WRITE_BATCH as u64 {
         let Some(next) = outbox.pop() else {
             break;
         };
         wrote.bytes += next.len();
         wrote.frames += 1;
-        ws.feed(Message::Text(next)).await?;
+        ws.feed(frame(&next)).await?;
     }
     ws.flush().await?;
     outbox.written(wrote.bytes);
@@ -485,9 +489,23 @@ pub(crate) async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
 /// The task sends one message of its own (a reply, an error, a notice), bypassing the queue.
 pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
-    message: Utf8Bytes,
+    message: Out,
 ) -> Result<(), tungstenite::Error> {
-    ws.send(Message::Text(message)).await
+    ws.send(frame(&message)).await
+}
+
+/// A message as tungstenite writes it: a frame we build (tungstenite knows no RSV1, and a
+/// text payload built here needs no second UTF-8 check).
+pub(crate) fn frame(message: &Out) -> Message {
+    let opcode = if message.is_binary() {
+        OpCode::Data(Data::Binary)
+    } else {
+        OpCode::Data(Data::Text)
+    };
+    let deflated = message.is_deflated();
+    let mut frame = Frame::message(message.payload().clone(), opcode, true);
+    frame.header_mut().rsv1 = deflated;
+    Message::Frame(frame)
 }
 
 /// If the task holds the socket, flushes tungstenite's buffer (and a pump's rest) and, unless
@@ -512,11 +530,8 @@ pub(crate) async fn settle<S: AsyncRead + AsyncWrite + Unpin>(
 mod tests {
     use std::sync::Arc;
 
-    use tokio::io::AsyncReadExt as _;
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-
     use super::*;
+    use tokio::io::AsyncReadExt as _;
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -535,12 +550,15 @@ mod tests {
     }
 
     fn batch(messages: &[&str]) -> Batch {
-        Batch::new(messages.iter().map(|&m| Utf8Bytes::from(m)).collect())
+        Batch::new(messages.iter().map(|&m| Out::from(m)).collect())
     }
 
     fn framed(message: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        Text::frame(message, &mut out);
+        Text::frame(
+            &Out::text(message.to_vec().try_into().expect("utf-8")),
+            &mut out,
+        );
         out
     }
 

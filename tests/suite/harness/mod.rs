@@ -8,6 +8,7 @@
 //! | [`process`] | `Proc`: the real `switchboard` binary (or haproxy) as a child process; signals |
 //! | [`cluster`] | `Cluster`/`Spec`: nats-server, coordinators and edges as real processes |
 //! | [`ws`] | `Client`: the WebSocket client of every test |
+//! | [`deflate`] | `DeflateClient`: a frame-by-frame client with permessage-deflate |
 //! | [`http`] | plain HTTP/1: readiness, metrics, raw upgrade requests |
 //! | [`grpc`] | tonic clients with the test API key, the calls tests make, `grpcurl` |
 //! | [`proxy`] | `TcpProxy`: a TCP forwarder a test cuts and restores (a network fault) |
@@ -22,6 +23,7 @@
 
 mod certs;
 mod cluster;
+mod deflate;
 mod files;
 mod grpc;
 mod haproxy;
@@ -36,6 +38,7 @@ mod ws;
 
 pub use certs::*;
 pub use cluster::*;
+pub use deflate::*;
 pub use files::*;
 pub use grpc::*;
 pub use haproxy::*;

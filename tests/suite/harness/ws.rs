@@ -193,6 +193,23 @@ impl Client {
             .unwrap_or_else(|_| panic!("{}: no frame within {limit:?}", self.name))
     }
 
+    /// The next binary frame's bytes (control frames skipped).
+    pub async fn recv_binary(&mut self) -> Vec<u8> {
+        let (name, limit) = (self.name.clone(), self.wait);
+        let next = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(WsMessage::Binary(b))) => return b.to_vec(),
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    other => panic!("{name}: expected a binary frame, got {other:?}"),
+                }
+            }
+        };
+        timeout(limit, next)
+            .await
+            .unwrap_or_else(|_| panic!("{}: no binary frame within {limit:?}", self.name))
+    }
+
     /// The next frame, which must have `"type": ty`.
     pub async fn recv_type(&mut self, ty: &str) -> Value {
         let v = self.recv().await;

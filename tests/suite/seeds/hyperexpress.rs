@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::harness::*;
 use futures::StreamExt as _;
-use proto::v1::{DisconnectRequest, ListConnectionsRequest, SendRequest};
+use proto::v1::{DisconnectRequest, ListConnectionsRequest, PublishRequest, SendRequest};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -164,6 +164,83 @@ async fn upgrade_interception_admits_with_a_context_or_refuses() {
     ben.roundtrip().await;
     ann.roundtrip().await;
     handler.abort();
+}
+
+/// `ws.send(message, is_binary = true)` and the `message` event's `is_binary`, unchanged on
+/// the example route (`binary: true`): a client's Buffer reaches the backend as the same
+/// bytes (NATS header `Sb-Binary`, the connection in `Sb-Conn-Id`); the backend's answer with
+/// `payload_binary` and a binary publication (gRPC, or NATS with the header) reach clients on
+/// either edge as binary frames of exactly those bytes; text still works beside them.
+#[tokio::test]
+async fn binary_messages_both_ways() {
+    let c = example_cluster().await;
+    let backend = c.backend().await;
+    let mut events = backend.subscribe("sb.event.default.binary").await;
+    let mut ann = client(&c, 0, "ann").await;
+    let mut ben = client(&c, 1, "ben").await;
+    ben.send(json!({"type": "subscribe", "topic": "blobs"}))
+        .await;
+    assert_eq!(
+        ben.recv().await,
+        json!({"type": "subscribed", "topic": "blobs"})
+    );
+
+    let buffer: Vec<u8> = (0..=255u8).rev().chain([0, 0, 0]).collect();
+    ann.send_binary(buffer.clone()).await;
+    let (msg, _) = bounded("the binary event", async {
+        let m = events.next().await.expect("the event");
+        (m, ())
+    })
+    .await;
+    assert_eq!(&msg.payload[..], &buffer[..], "the same bytes");
+    assert_eq!(msg.headers.get(proto::subject::HEADER_BINARY), Some("1"));
+    assert_eq!(msg.headers.get(proto::subject::HEADER_USER), Some("ann"));
+    let conn_id = msg
+        .headers
+        .get(proto::subject::HEADER_CONN_ID)
+        .expect("Sb-Conn-Id")
+        .to_owned();
+
+    // ws.send(buffer, true): the backend answers that socket with bytes.
+    let answer = vec![0xde, 0xad, 0xbe, 0xef, 0];
+    let r = send_request(
+        c.grpc(0),
+        SendRequest {
+            conn_id,
+            r#type: "unused".into(),
+            payload_binary: Some(answer.clone()),
+            ..SendRequest::default()
+        },
+    )
+    .await;
+    assert_eq!(r.delivered, 1, "{r:?}");
+    assert_eq!(ann.recv_binary().await, answer);
+
+    // ws.publish('blobs', buffer, true) from a backend: over gRPC, and over NATS.
+    let mut messaging = messaging(c.grpc(0)).await;
+    let r = bounded(
+        "Publish",
+        messaging.publish(PublishRequest {
+            namespace: "default".into(),
+            topic: "blobs".into(),
+            payload_binary: Some(buffer.clone()),
+            ..PublishRequest::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(r.delivered, 1, "{r:?}");
+    assert_eq!(ben.recv_binary().await, buffer);
+    let mut out = bus::Outgoing::new(proto::subject::topic("default", ["blobs"]), vec![1u8, 2]);
+    out.headers.insert(proto::subject::HEADER_BINARY, "1");
+    bounded("NATS publish", bus::Bus::publish(&backend.bus, out))
+        .await
+        .unwrap();
+    assert_eq!(ben.recv_binary().await, vec![1u8, 2]);
+    // Text beside it.
+    ann.roundtrip().await;
+    ben.roundtrip().await;
 }
 
 /// `max_payload_length: 32 * 1024`: a message of exactly that size is served, a larger one
