@@ -77,13 +77,6 @@ impl Verb {
         }
     }
 
-    /// The verbs on topics.
-    pub const TOPICS: [Verb; 4] = [
-        Verb::Subscribe,
-        Verb::Unsubscribe,
-        Verb::Publish,
-        Verb::History,
-    ];
     /// The verbs on resources.
     pub const RESOURCES: [Verb; 5] = [Verb::Watch, Verb::Stop, Verb::Query, Verb::All, Verb::Get];
 }
