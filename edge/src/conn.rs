@@ -484,7 +484,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             };
             let out = match wire.deflate_from {
-                Some(min) if out.len() >= min => out.deflated(),
+                Some(min) if out.len() >= min => out.deflated(wire.deflate_window),
                 _ => out,
             };
             if let Err(e) = self.ws.send(ws::frame(&out)).await {

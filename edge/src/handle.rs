@@ -18,6 +18,7 @@ use ulid::Ulid;
 
 use crate::config::OnFull;
 use crate::route::Route;
+use crate::transport::deflate::Window;
 use crate::transport::outbox::Outbox;
 use crate::transport::ws::Line;
 use crate::transport::{Batch, Direct, Outlet};
@@ -40,8 +41,9 @@ pub struct ConnInfo {
 /// What the upgrade agreed on with the client, besides the protocol itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Agreed {
-    /// permessage-deflate: messages of the route's `min_size` and more go compressed.
-    pub deflate: bool,
+    /// permessage-deflate, within this window: messages of the route's `min_size` and more
+    /// go compressed.
+    pub deflate: Option<Window>,
     /// The `switchboard.v1.msgpack` subprotocol: frames are MessagePack.
     pub msgpack: bool,
 }
@@ -135,7 +137,8 @@ impl ConnHandle {
             msgpack: agreed.msgpack,
             deflate_from: agreed
                 .deflate
-                .then_some(self.0.info.route.cfg.compression.min_size),
+                .map(|_| self.0.info.route.cfg.compression.min_size),
+            deflate_window: agreed.deflate.unwrap_or_default(),
         }
     }
 

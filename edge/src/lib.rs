@@ -55,3 +55,4 @@ pub use handle::{
 };
 pub use route::Route;
 pub use server::{Edge, EdgeError, StaticPage, Stores};
+pub use transport::deflate::Window;

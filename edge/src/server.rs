@@ -32,7 +32,7 @@ use crate::protocol;
 use crate::registry::Registry;
 use crate::route::Route;
 use crate::tls::Wire;
-use crate::transport::deflate::{self, Inflate};
+use crate::transport::deflate::{self, Inflate, Window};
 use crate::transport::msgpack;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
@@ -618,7 +618,10 @@ async fn admit<W: Wire>(
     let msgpack = !echo && msgpack::requested(head.header("sec-websocket-protocol"));
     let protocol = msgpack.then_some(msgpack::SUBPROTOCOL);
     if tcp
-        .write_all(http::switching_protocols(&key, deflate, protocol).as_bytes())
+        .write_all(
+            http::switching_protocols(&key, deflate.map(Window::response).as_deref(), protocol)
+                .as_bytes(),
+        )
         .await
         .is_err()
     {
@@ -629,7 +632,7 @@ async fn admit<W: Wire>(
         path_params,
         identity,
         permit,
-        deflate: deflate.is_some(),
+        deflate,
         msgpack,
     })
 }
@@ -640,7 +643,7 @@ struct Admitted {
     path_params: Vec<(String, String)>,
     identity: crate::auth::Identity,
     permit: tokio::sync::OwnedSemaphorePermit,
-    deflate: bool,
+    deflate: Option<Window>,
     msgpack: bool,
 }
 
@@ -705,7 +708,7 @@ async fn upgrade<W: Wire>(
     let agreed = crate::handle::Agreed { deflate, msgpack };
     let (handle, socket) = tcp.attach(info, agreed, stall_limit);
     // What the client sent after the head goes through the inflating filter too.
-    let (socket, rest) = if deflate {
+    let (socket, rest) = if deflate.is_some() {
         (
             Inflate::deflate(socket, max_payload, budget, &rest),
             Vec::new(),

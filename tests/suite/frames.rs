@@ -63,22 +63,33 @@ async fn fan_out_is_compressed_once_for_clients_that_agreed() {
     let mut plain = DeflateClient::connect(node.ws_addr, "/plain?user=p", offer).await;
     assert_eq!(a.extensions, AGREED);
     assert_eq!(plain.extensions, "", "the route has no compression");
-    let small_window = "permessage-deflate; server_max_window_bits=10";
-    let declined = DeflateClient::connect(node.ws_addr, "/z?user=d", small_window).await;
-    assert_eq!(declined.extensions, "", "a window under 32 KiB is declined");
-    let both = "permessage-deflate; server_max_window_bits=10, permessage-deflate";
+    let small_window = "permessage-deflate; server_max_window_bits=9";
+    let mut small = DeflateClient::connect(node.ws_addr, "/z?user=s", small_window).await;
+    assert_eq!(
+        small.extensions,
+        format!("{AGREED}; server_max_window_bits=9"),
+        "a window limit is accepted and repeated"
+    );
+    let too_small = "permessage-deflate; server_max_window_bits=7";
+    let declined = DeflateClient::connect(node.ws_addr, "/z?user=d", too_small).await;
+    assert_eq!(
+        declined.extensions, "",
+        "RFC 7692 allows no window under 2^8"
+    );
+    let both = "permessage-deflate; server_max_window_bits=7, permessage-deflate";
     let second = DeflateClient::connect(node.ws_addr, "/z?user=e", both).await;
     assert_eq!(second.extensions, AGREED, "the second offer is acceptable");
 
     deflate_subscribe(&mut a, "news", true).await;
     deflate_subscribe(&mut b, "news", false).await;
     deflate_subscribe(&mut plain, "news", false).await;
+    deflate_subscribe(&mut small, "news", true).await;
 
     let payload = kib_payload();
     let json = payload.to_string();
     assert!(json.len() > 1000, "{}", json.len());
     let report = publish(node.grpc_addr, "default", "news", &json).await;
-    assert_eq!(report.delivered, 3, "{report:?}");
+    assert_eq!(report.delivered, 4, "{report:?}");
     let expected = json!({"type": "message", "topic": "news", "payload": payload});
     let (got_a, got_b) = (a.recv().await, b.recv().await);
     for got in [&got_a, &got_b] {
@@ -95,6 +106,17 @@ async fn fan_out_is_compressed_once_for_clients_that_agreed() {
     let text = plain.recv().await;
     assert!(!text.compressed);
     assert_eq!(text.json(), expected);
+    // Its own compressed form, within a 512-byte window: less compact than the others'.
+    let within = small.recv().await;
+    assert!(within.compressed, "{within:?}");
+    assert_eq!(within.json(), expected);
+    assert!(
+        within.wire_len > got_a.wire_len && within.wire_len < within.payload.len(),
+        "{} with a 512-byte window, {} with 32 KiB, of {}",
+        within.wire_len,
+        got_a.wire_len,
+        within.payload.len()
+    );
 
     // Under min_size: as it is.
     publish(node.grpc_addr, "default", "news", r#"{"short":true}"#).await;
@@ -103,6 +125,7 @@ async fn fan_out_is_compressed_once_for_clients_that_agreed() {
     assert_eq!(short.json()["payload"], json!({"short": true}));
     b.recv().await;
     plain.recv().await;
+    small.recv().await;
 
     // `uncompressed` (HyperExpress's compress = false): as it is, however large.
     let r = publish_req(
@@ -116,7 +139,7 @@ async fn fan_out_is_compressed_once_for_clients_that_agreed() {
         },
     )
     .await;
-    assert_eq!(r.delivered, 3);
+    assert_eq!(r.delivered, 4);
     let big = a.recv().await;
     assert!(!big.compressed);
     assert_eq!(big.json(), expected);

@@ -7,11 +7,14 @@
 //!   is answered `permessage-deflate; server_no_context_takeover; client_no_context_takeover`.
 //!   Neither side keeps a sliding window between messages, so a message for N subscribers is
 //!   compressed once and the same bytes go to all N, and an idle connection holds no
-//!   compression state at all. An offer that limits `server_max_window_bits` below 15 is
-//!   declined (the compressor always uses a 32 KiB window); `client_max_window_bits` is
-//!   accepted with any value (the inflater reads every window size).
+//!   compression state at all. An offer that limits `server_max_window_bits` (8 to 15) is
+//!   accepted with that limit, echoed in the answer ([`Window`]); `client_max_window_bits`
+//!   is accepted with any value (the inflater reads every window size).
 //! * **Writing** ([`compress`]): one compressor per thread, reset for each message (no
 //!   context takeover); the trailing `00 00 ff ff` of the sync flush is cut (RFC 7692 §7.2.1).
+//!   Under a window below 32 KiB, each piece of the window's size is compressed after a full
+//!   flush (which forgets the data before it), so no match reaches further back than the
+//!   client's window: miniz_oxide has one window size, and zlib none below 512 bytes.
 //! * **Reading** ([`Inflate`]): a filter between the socket and tungstenite. It parses the
 //!   client's frames; frames without RSV1 pass through unchanged; a compressed message (RSV1
 //!   on its first frame, fragmented or not) is unmasked and inflated as it arrives, bounded by
@@ -35,9 +38,40 @@ use std::task::{Context, Poll, ready};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The extension's answer in the 101 response.
-pub(crate) const RESPONSE: &str =
-    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// The window the edge compresses with for a connection, as `server_max_window_bits`: 15
+/// (32 KiB) unless the client's offer limits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window(u8);
+
+impl Default for Window {
+    fn default() -> Self {
+        Self::LARGEST
+    }
+}
+
+impl Window {
+    const LARGEST: Self = Self(15);
+
+    /// The window for a `server_max_window_bits` value; RFC 7692 allows 8 to 15.
+    fn of_bits(bits: u8) -> Option<Self> {
+        (8..=15).contains(&bits).then_some(Self(bits))
+    }
+
+    fn bytes(self) -> usize {
+        1 << self.0
+    }
+
+    /// The extension's answer in the 101 response.
+    pub(crate) fn response(self) -> String {
+        let mut answer =
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover".to_owned();
+        if self != Self::LARGEST {
+            // RFC 7692 §7.1.2.1: an accepted limit is repeated in the answer.
+            answer.push_str(&format!("; server_max_window_bits={}", self.0));
+        }
+        answer
+    }
+}
 
 /// What an inflater costs while a message is being inflated: miniz_oxide's state with its
 /// 32 KiB window, rounded up.
@@ -46,22 +80,24 @@ const INFLATER_BYTES: usize = 48 * 1024;
 /// Bytes read from the socket per read while a connection is filtered.
 const READ_CHUNK: usize = 4096;
 
-/// The extension's answer for a request's `Sec-WebSocket-Extensions` header values, or
-/// `None` when no offer is acceptable (then the connection runs uncompressed).
-pub(crate) fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
+/// The window agreed on with the first acceptable offer of a request's
+/// `Sec-WebSocket-Extensions` header values, or `None` when no offer is acceptable (then
+/// the connection runs uncompressed).
+pub(crate) fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<Window> {
     headers
         .into_iter()
         .flat_map(|h| h.split(','))
-        .any(acceptable)
-        .then_some(RESPONSE)
+        .find_map(acceptable)
 }
 
-/// Whether one offer (`permessage-deflate; param; param=value`) can be accepted.
-fn acceptable(offer: &str) -> bool {
+/// The window one offer (`permessage-deflate; param; param=value`) allows, if it can be
+/// accepted.
+fn acceptable(offer: &str) -> Option<Window> {
     let mut parts = offer.split(';').map(str::trim);
     if parts.next() != Some("permessage-deflate") {
-        return false;
+        return None;
     }
+    let mut window = Window::LARGEST;
     let mut seen: Vec<&str> = Vec::new();
     for param in parts {
         let (name, value) = match param.split_once('=') {
@@ -69,53 +105,73 @@ fn acceptable(offer: &str) -> bool {
             None => (param, None),
         };
         if seen.contains(&name) {
-            return false; // RFC 7692 §7: a repeated parameter declines the offer
+            return None; // RFC 7692 §7: a repeated parameter declines the offer
         }
         seen.push(name);
         let bits = |v: Option<&str>| v.and_then(|v| v.parse::<u8>().ok());
         let ok = match name {
             "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
-            // The compressor's window is 32 KiB: only a limit of 15 allows it.
-            "server_max_window_bits" => bits(value) == Some(15),
+            "server_max_window_bits" => match bits(value).and_then(Window::of_bits) {
+                Some(w) => {
+                    window = w;
+                    true
+                }
+                None => false,
+            },
             "client_max_window_bits" => {
                 value.is_none() || bits(value).is_some_and(|b| (8..=15).contains(&b))
             }
             _ => false,
         };
         if !ok {
-            return false;
+            return None;
         }
     }
-    true
+    Some(window)
 }
 
 thread_local! {
     static COMPRESSOR: RefCell<Compress> = RefCell::new(Compress::new(Compression::default(), false));
 }
 
-/// `message` compressed as one permessage-deflate message (no context takeover).
+/// `message` compressed as one permessage-deflate message (no context takeover) for a
+/// client whose window is `window`.
 ///
-/// The output buffer is made large enough for the whole message and its flush at once
-/// (deflate's worst case: the input stored, 5 bytes per block of at most 64 KiB, plus the
-/// flush), so one call does it: feeding miniz_oxide an output buffer that filled up in the
-/// middle of a sync flush lost part of a message (Autobahn 12.2.9 and 12.2.14, and the
-/// test `compressed_messages_of_every_size_and_ratio_round_trip`). Another call is made
-/// only if that bound were ever short.
-pub(crate) fn compress(message: &[u8]) -> Vec<u8> {
+/// The output buffer is made large enough for each piece and its flush at once (deflate's
+/// worst case: the input stored, 5 bytes per block of at most 64 KiB, plus the flush), so
+/// one call does it: feeding miniz_oxide an output buffer that filled up in the middle of a
+/// sync flush lost part of a message (Autobahn 12.2.9 and 12.2.14, and the test
+/// `compressed_messages_of_every_size_and_ratio_round_trip`). Another call is made only if
+/// that bound were ever short.
+pub(crate) fn compress(message: &[u8], window: Window) -> Vec<u8> {
+    // The compressor's own window is 32 KiB: a smaller one is kept by compressing each
+    // piece of its size after a full flush, which forgets everything before it.
+    let (piece, flush) = match window {
+        Window::LARGEST => (message.len().max(1), FlushCompress::Sync),
+        _ => (window.bytes(), FlushCompress::Full),
+    };
+    let room = |len: usize| len + 5 * (len / 16_384 + 1) + 64;
     COMPRESSOR.with_borrow_mut(|c| {
         c.reset();
-        let bound = message.len() + 5 * (message.len() / 16_384 + 1) + 64;
-        let mut out = Vec::with_capacity(bound);
-        let mut input = message;
-        loop {
-            let before = c.total_in();
-            c.compress_vec(input, &mut out, FlushCompress::Sync)
-                .expect("deflate of a complete buffer cannot fail");
-            input = &input[(c.total_in() - before) as usize..];
-            if input.is_empty() && out.capacity() - out.len() >= 16 {
-                break;
+        let pieces = message.len().div_ceil(piece).max(1);
+        let mut out = Vec::with_capacity(room(message.len()) + 64 * (pieces - 1));
+        for mut input in message
+            .chunks(piece)
+            .chain(message.is_empty().then_some(message))
+        {
+            loop {
+                if out.capacity() - out.len() < room(input.len()) {
+                    out.reserve(room(input.len()));
+                }
+                let before = c.total_in();
+                c.compress_vec(input, &mut out, flush)
+                    .expect("deflate of a complete buffer cannot fail");
+                input = &input[(c.total_in() - before) as usize..];
+                if input.is_empty() && out.capacity() - out.len() >= 16 {
+                    break;
+                }
+                out.reserve(out.capacity());
             }
-            out.reserve(out.capacity());
         }
         if out.ends_with(&[0, 0, 0xff, 0xff]) {
             out.truncate(out.len() - 4);
@@ -635,7 +691,7 @@ mod tests {
                     m.push(b'a' + (r % 3) as u8);
                 }
             }
-            let c = compress(&m);
+            let c = compress(&m, Window::LARGEST);
             let back = inflate_all(&c);
             assert_eq!(
                 back.len(),
@@ -693,25 +749,29 @@ mod tests {
     #[test]
     fn offers_are_accepted_or_declined_by_their_parameters() {
         let n = |h: &str| negotiate([h]);
-        assert_eq!(n("permessage-deflate"), Some(RESPONSE));
-        assert_eq!(
-            n("permessage-deflate; client_max_window_bits"),
-            Some(RESPONSE)
-        );
+        let largest = Some(Window::LARGEST);
+        assert_eq!(n("permessage-deflate"), largest);
+        assert_eq!(n("permessage-deflate; client_max_window_bits"), largest);
         assert_eq!(
             n("permessage-deflate; client_max_window_bits=10; server_no_context_takeover"),
-            Some(RESPONSE)
+            largest
         );
-        assert_eq!(n("permessage-deflate; server_max_window_bits=10"), None);
         assert_eq!(
-            n("permessage-deflate; server_max_window_bits=10, permessage-deflate"),
-            Some(RESPONSE),
+            n("permessage-deflate; server_max_window_bits=10"),
+            Some(Window(10))
+        );
+        assert_eq!(
+            n("permessage-deflate; server_max_window_bits=7, permessage-deflate"),
+            largest,
             "the second offer is acceptable"
         );
+        assert_eq!(n("permessage-deflate; server_max_window_bits=15"), largest);
         assert_eq!(
-            n("permessage-deflate; server_max_window_bits=15"),
-            Some(RESPONSE)
+            n("permessage-deflate; server_max_window_bits=8"),
+            Some(Window(8))
         );
+        assert_eq!(n("permessage-deflate; server_max_window_bits"), None);
+        assert_eq!(n("permessage-deflate; server_max_window_bits=16"), None);
         assert_eq!(n("permessage-deflate; client_max_window_bits=7"), None);
         assert_eq!(n("permessage-deflate; mystery"), None);
         assert_eq!(
@@ -723,15 +783,64 @@ mod tests {
     }
 
     #[test]
+    fn the_answer_repeats_a_window_limit() {
+        let plain = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+        assert_eq!(Window::LARGEST.response(), plain);
+        assert_eq!(
+            Window(8).response(),
+            format!("{plain}; server_max_window_bits=8")
+        );
+    }
+
+    #[test]
+    fn a_small_window_keeps_every_match_within_it() {
+        // 256 random bytes eight times over: compressible only by reaching 256 bytes back.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let block: Vec<u8> = (0..256)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let message = block.repeat(8);
+        let wide = compress(&message, Window::LARGEST);
+        let w8 = compress(&message, Window(8));
+        let w9 = compress(&message, Window(9));
+        for c in [&wide, &w8, &w9] {
+            assert_eq!(inflate_all(c), message);
+        }
+        assert!(wide.len() < 400, "32 KiB window: {} bytes", wide.len());
+        // 256-byte window: each piece stands alone, nothing to match.
+        assert!(
+            w8.len() > message.len() * 9 / 10,
+            "256-byte window: {} bytes",
+            w8.len()
+        );
+        // 512-byte window: each piece's second half matches its first, 256 bytes back.
+        assert!(
+            w9.len() < message.len() * 2 / 3,
+            "512-byte window: {} bytes",
+            w9.len()
+        );
+        for bits in 8..=15 {
+            for m in [&b""[..], b"x", &vec![b'a'; 100_000]] {
+                assert_eq!(inflate_all(&compress(m, Window(bits))), m, "window {bits}");
+            }
+        }
+    }
+
+    #[test]
     fn compress_round_trips_and_cuts_the_flush_marker() {
         let json =
             br#"{"type":"message","topic":"a/b","payload":{"text":"hello hello hello hello"}}"#;
         for message in [&b""[..], b"x", json, &vec![b'a'; 200_000]] {
-            let c = compress(message);
+            let c = compress(message, Window::LARGEST);
             assert!(!c.ends_with(&[0, 0, 0xff, 0xff]));
             assert_eq!(inflate_all(&c), message);
         }
-        assert!(compress(json).len() < json.len());
+        assert!(compress(json, Window::LARGEST).len() < json.len());
     }
 
     #[test]
@@ -753,7 +862,7 @@ mod tests {
     fn a_compressed_message_is_inflated_into_one_plain_frame() {
         let (mut f, budget) = filter(1 << 20);
         let text = r#"{"type":"ping","pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
-        let c = compress(text.as_bytes());
+        let c = compress(text.as_bytes(), Window::LARGEST);
         f.feed(&client_frame(0xc1, &c, [7, 3, 1, 9]));
         let out = f.drain();
         let (b0, payload, used) = parse(&out);
@@ -766,7 +875,7 @@ mod tests {
     fn a_fragmented_compressed_message_with_a_ping_between() {
         let (mut f, _) = filter(1 << 20);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let c = compress(&data);
+        let c = compress(&data, Window::LARGEST);
         let (a, b) = c.split_at(c.len() / 2);
         let mut input = client_frame(0x42, a, [1, 2, 3, 4]); // binary, RSV1, not final
         let ping = client_frame(0x89, b"p", [0, 0, 0, 1]);
@@ -794,7 +903,7 @@ mod tests {
                 x as u8
             })
             .collect();
-        let c = compress(&data);
+        let c = compress(&data, Window::LARGEST);
         assert_eq!(inflate_all(&c), data);
         for chunk in [1usize, 256, 4096, 100_000] {
             let (mut f, _) = filter(1 << 20);
@@ -813,7 +922,7 @@ mod tests {
     #[test]
     fn a_message_inflating_past_the_bound_is_refused_as_too_big() {
         let (mut f, budget) = filter(64 * 1024);
-        let bomb = compress(&vec![0u8; 10 << 20]);
+        let bomb = compress(&vec![0u8; 10 << 20], Window::LARGEST);
         assert!(bomb.len() < 20 * 1024);
         f.feed(&client_frame(0xc2, &bomb, [1, 2, 3, 4]));
         let out = f.drain();
@@ -835,7 +944,11 @@ mod tests {
         assert_eq!(f.drain(), ping);
         // A new data frame inside a compressed message.
         let (mut f, _) = filter(1024);
-        f.feed(&client_frame(0x41, &compress(b"abc"), [0; 4]));
+        f.feed(&client_frame(
+            0x41,
+            &compress(b"abc", Window::LARGEST),
+            [0; 4],
+        ));
         f.feed(&client_frame(0x81, b"x", [0; 4]));
         assert_eq!(f.drain()[0] & 0x20, 0x20, "a frame with RSV2");
         // Not deflate data.

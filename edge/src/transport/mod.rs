@@ -58,10 +58,11 @@ impl Out {
         }
     }
 
-    /// The same message, compressed (for connections with permessage-deflate).
-    pub(crate) fn deflated(&self) -> Self {
+    /// The same message, compressed (for connections with permessage-deflate) within the
+    /// client's window.
+    pub(crate) fn deflated(&self, window: deflate::Window) -> Self {
         Self {
-            bytes: deflate::compress(&self.bytes).into(),
+            bytes: deflate::compress(&self.bytes, window).into(),
             flags: self.flags | DEFLATED,
         }
     }
@@ -102,6 +103,8 @@ pub struct Wire {
     pub msgpack: bool,
     /// permessage-deflate: messages of this many bytes and more are compressed.
     pub deflate_from: Option<usize>,
+    /// The window compressed messages keep within (the client's `server_max_window_bits`).
+    pub deflate_window: deflate::Window,
 }
 
 impl Out {
@@ -114,7 +117,7 @@ impl Out {
             false => self,
         };
         match wire.deflate_from {
-            Some(min) if compress && m.len() >= min => m.deflated(),
+            Some(min) if compress && m.len() >= min => m.deflated(wire.deflate_window),
             _ => m,
         }
     }
