@@ -32,7 +32,7 @@ use crate::protocol;
 use crate::registry::Registry;
 use crate::route::Route;
 use crate::tls::Wire;
-use crate::transport::deflate::{self, Inflate, Window};
+use crate::transport::deflate::{self, Agreement, Inflate, Window};
 use crate::transport::msgpack;
 
 /// Pause after a failed accept (e.g. out of file descriptors).
@@ -619,7 +619,7 @@ async fn admit<W: Wire>(
     let protocol = msgpack.then_some(msgpack::SUBPROTOCOL);
     if tcp
         .write_all(
-            http::switching_protocols(&key, deflate.map(Window::response).as_deref(), protocol)
+            http::switching_protocols(&key, deflate.map(Agreement::response).as_deref(), protocol)
                 .as_bytes(),
         )
         .await
@@ -632,7 +632,7 @@ async fn admit<W: Wire>(
         path_params,
         identity,
         permit,
-        deflate,
+        deflate: deflate.map(|a| a.window),
         msgpack,
     })
 }

@@ -6,10 +6,11 @@
 //! * **Negotiation** ([`negotiate`]): the first acceptable offer of `Sec-WebSocket-Extensions`
 //!   is answered `permessage-deflate; server_no_context_takeover; client_no_context_takeover`.
 //!   Neither side keeps a sliding window between messages, so a message for N subscribers is
-//!   compressed once and the same bytes go to all N, and an idle connection holds no
-//!   compression state at all. An offer that limits `server_max_window_bits` (8 to 15) is
-//!   accepted with that limit, echoed in the answer ([`Window`]); `client_max_window_bits`
-//!   is accepted with any value (the inflater reads every window size).
+//!   compressed once (once per window size in use) and the same bytes go to all N, and an
+//!   idle connection holds no compression state at all. An offer that names
+//!   `server_max_window_bits` (8 to 15) is accepted with that limit, repeated in the answer
+//!   ([`Agreement`]); `client_max_window_bits` is accepted with any valid value (the inflater
+//!   reads every window size).
 //! * **Writing** ([`compress`]): one compressor per thread, reset for each message (no
 //!   context takeover); the trailing `00 00 ff ff` of the sync flush is cut (RFC 7692 §7.2.1).
 //!   Under a window below 32 KiB, each piece of the window's size is compressed after a full
@@ -52,22 +53,28 @@ impl Default for Window {
 impl Window {
     const LARGEST: Self = Self(15);
 
-    /// The window for a `server_max_window_bits` value; RFC 7692 allows 8 to 15.
-    fn of_bits(bits: u8) -> Option<Self> {
-        (8..=15).contains(&bits).then_some(Self(bits))
-    }
-
     fn bytes(self) -> usize {
         1 << self.0
     }
+}
 
+/// What the edge agreed to with a client's offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Agreement {
+    /// The window compressed messages keep within.
+    pub(crate) window: Window,
+    /// Whether the offer named `server_max_window_bits` (even 15): the answer must repeat
+    /// it then (RFC 7692 §7.1.2.1), and must not otherwise.
+    window_named: bool,
+}
+
+impl Agreement {
     /// The extension's answer in the 101 response.
     pub(crate) fn response(self) -> String {
         let mut answer =
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover".to_owned();
-        if self != Self::LARGEST {
-            // RFC 7692 §7.1.2.1: an accepted limit is repeated in the answer.
-            answer.push_str(&format!("; server_max_window_bits={}", self.0));
+        if self.window_named {
+            answer.push_str(&format!("; server_max_window_bits={}", self.window.0));
         }
         answer
     }
@@ -80,54 +87,69 @@ const INFLATER_BYTES: usize = 48 * 1024;
 /// Bytes read from the socket per read while a connection is filtered.
 const READ_CHUNK: usize = 4096;
 
-/// The window agreed on with the first acceptable offer of a request's
-/// `Sec-WebSocket-Extensions` header values, or `None` when no offer is acceptable (then
-/// the connection runs uncompressed).
-pub(crate) fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<Window> {
+/// The agreement on the first acceptable offer of a request's `Sec-WebSocket-Extensions`
+/// header values, or `None` when no offer is acceptable (then the connection runs
+/// uncompressed).
+pub(crate) fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<Agreement> {
     headers
         .into_iter()
         .flat_map(|h| h.split(','))
         .find_map(acceptable)
 }
 
-/// The window one offer (`permessage-deflate; param; param=value`) allows, if it can be
+/// What one offer (`permessage-deflate; param; param=value`) agrees to, if it can be
 /// accepted.
-fn acceptable(offer: &str) -> Option<Window> {
+fn acceptable(offer: &str) -> Option<Agreement> {
     let mut parts = offer.split(';').map(str::trim);
     if parts.next() != Some("permessage-deflate") {
         return None;
     }
-    let mut window = Window::LARGEST;
+    let mut agreement = Agreement {
+        window: Window::LARGEST,
+        window_named: false,
+    };
     let mut seen: Vec<&str> = Vec::new();
     for param in parts {
         let (name, value) = match param.split_once('=') {
-            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            Some((n, v)) => (n.trim(), Some(v.trim())),
             None => (param, None),
         };
         if seen.contains(&name) {
             return None; // RFC 7692 §7: a repeated parameter declines the offer
         }
         seen.push(name);
-        let bits = |v: Option<&str>| v.and_then(|v| v.parse::<u8>().ok());
-        let ok = match name {
-            "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
-            "server_max_window_bits" => match bits(value).and_then(Window::of_bits) {
-                Some(w) => {
-                    window = w;
+        let ok = match (name, value) {
+            ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
+            ("server_max_window_bits", Some(v)) => match window_bits(v) {
+                Some(bits) => {
+                    agreement.window = Window(bits);
+                    agreement.window_named = true;
                     true
                 }
                 None => false,
             },
-            "client_max_window_bits" => {
-                value.is_none() || bits(value).is_some_and(|b| (8..=15).contains(&b))
-            }
+            ("client_max_window_bits", None) => true,
+            ("client_max_window_bits", Some(v)) => window_bits(v).is_some(),
             _ => false,
         };
         if !ok {
             return None;
         }
     }
-    Some(window)
+    Some(agreement)
+}
+
+/// A window-bits value as RFC 7692 §7.1.2 writes it: 8 to 15 in digits without a leading
+/// zero, quoted or not; anything else declines the offer (§7).
+fn window_bits(value: &str) -> Option<u8> {
+    let digits = match value.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"')?,
+        None => value,
+    };
+    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|bits| (8..=15).contains(bits))
 }
 
 thread_local! {
@@ -658,6 +680,8 @@ impl Drop for Filter {
 
 #[cfg(test)]
 mod tests {
+    use miniz_oxide::inflate::TINFLStatus;
+
     use super::*;
 
     fn inflate_all(compressed: &[u8]) -> Vec<u8> {
@@ -670,6 +694,48 @@ mod tests {
         out
     }
 
+    /// `compressed` inflated with a window of 2^`bits` bytes: the inflater's output buffer is
+    /// the window and wraps, so a match reaching further back fails the stream (or would
+    /// read bytes the window no longer holds, and differ from the message).
+    fn inflate_within(compressed: &[u8], bits: u8) -> Result<Vec<u8>, TINFLStatus> {
+        use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
+        let mut input = compressed.to_vec();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut input = &input[..];
+        let mut window = vec![0u8; 1 << bits];
+        let mut at = 0;
+        let mut out = Vec::new();
+        let mut d = DecompressorOxide::new();
+        loop {
+            let (status, read, written) = decompress(
+                &mut d,
+                input,
+                &mut window,
+                at,
+                inflate_flags::TINFL_FLAG_HAS_MORE_INPUT,
+            );
+            out.extend_from_slice(&window[at..at + written]);
+            at = (at + written) % window.len();
+            input = &input[read..];
+            match status {
+                TINFLStatus::HasMoreOutput => {}
+                TINFLStatus::NeedsMoreInput if input.is_empty() => return Ok(out),
+                other => return Err(other),
+            }
+        }
+    }
+
+    #[test]
+    fn the_window_inflater_sees_a_match_beyond_its_window() {
+        // Proof that `inflate_within` can fail: 32 KiB-window output read with 2^8 bytes.
+        let mut m: Vec<u8> = (0..=255).collect();
+        m.extend((0..=255u8).rev());
+        m.extend(0..=255u8);
+        let c = compress(&m, Window::LARGEST);
+        assert_eq!(inflate_within(&c, 15), Ok(m.clone()));
+        assert_ne!(inflate_within(&c, 8), Ok(m));
+    }
+
     #[test]
     fn compressed_messages_of_every_size_and_ratio_round_trip() {
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -680,6 +746,7 @@ mod tests {
             seed
         };
         for round in 0..600u64 {
+            let window = Window(8 + (round % 8) as u8);
             let size = 1000 + (next() % 70000) as usize;
             let p = 30 + (round % 50); // percent of random bytes
             let mut m = Vec::with_capacity(size);
@@ -691,14 +758,14 @@ mod tests {
                     m.push(b'a' + (r % 3) as u8);
                 }
             }
-            let c = compress(&m, Window::LARGEST);
-            let back = inflate_all(&c);
+            let c = compress(&m, window);
+            let back = inflate_within(&c, window.0).unwrap();
             assert_eq!(
                 back.len(),
                 m.len(),
-                "round {round}, {size} bytes, {p}% random"
+                "round {round}, {size} bytes, {p}% random, {window:?}"
             );
-            assert!(back == m, "round {round}");
+            assert!(back == m, "round {round}, {window:?}");
         }
     }
 
@@ -748,31 +815,47 @@ mod tests {
 
     #[test]
     fn offers_are_accepted_or_declined_by_their_parameters() {
-        let n = |h: &str| negotiate([h]);
-        let largest = Some(Window::LARGEST);
-        assert_eq!(n("permessage-deflate"), largest);
-        assert_eq!(n("permessage-deflate; client_max_window_bits"), largest);
+        let n = |h: &str| negotiate([h]).map(|a| (a.window.0, a.window_named));
+        assert_eq!(n("permessage-deflate"), Some((15, false)));
+        assert_eq!(
+            n("permessage-deflate; client_max_window_bits"),
+            Some((15, false))
+        );
         assert_eq!(
             n("permessage-deflate; client_max_window_bits=10; server_no_context_takeover"),
-            largest
+            Some((15, false))
         );
         assert_eq!(
             n("permessage-deflate; server_max_window_bits=10"),
-            Some(Window(10))
+            Some((10, true))
+        );
+        assert_eq!(
+            n("permessage-deflate; server_max_window_bits=\"9\""),
+            Some((9, true)),
+            "a quoted value"
         );
         assert_eq!(
             n("permessage-deflate; server_max_window_bits=7, permessage-deflate"),
-            largest,
+            Some((15, false)),
             "the second offer is acceptable"
         );
-        assert_eq!(n("permessage-deflate; server_max_window_bits=15"), largest);
+        assert_eq!(
+            n("permessage-deflate; server_max_window_bits=15"),
+            Some((15, true))
+        );
         assert_eq!(
             n("permessage-deflate; server_max_window_bits=8"),
-            Some(Window(8))
+            Some((8, true))
         );
+        for bad in ["", "16", "08", "+8", "\"8", "8\"", "9x", "\"\""] {
+            let offer = format!("permessage-deflate; server_max_window_bits={bad}");
+            assert_eq!(n(&offer), None, "{offer}");
+            let offer = format!("permessage-deflate; client_max_window_bits={bad}");
+            assert_eq!(n(&offer), None, "{offer}");
+        }
         assert_eq!(n("permessage-deflate; server_max_window_bits"), None);
-        assert_eq!(n("permessage-deflate; server_max_window_bits=16"), None);
         assert_eq!(n("permessage-deflate; client_max_window_bits=7"), None);
+        assert_eq!(n("permessage-deflate; server_no_context_takeover=1"), None);
         assert_eq!(n("permessage-deflate; mystery"), None);
         assert_eq!(
             n("permessage-deflate; client_no_context_takeover; client_no_context_takeover"),
@@ -783,12 +866,17 @@ mod tests {
     }
 
     #[test]
-    fn the_answer_repeats_a_window_limit() {
+    fn the_answer_repeats_a_window_limit_the_offer_named() {
         let plain = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
-        assert_eq!(Window::LARGEST.response(), plain);
+        let answer = |offer: &str| negotiate([offer]).unwrap().response();
+        assert_eq!(answer("permessage-deflate"), plain);
         assert_eq!(
-            Window(8).response(),
+            answer("permessage-deflate; server_max_window_bits=8"),
             format!("{plain}; server_max_window_bits=8")
+        );
+        assert_eq!(
+            answer("permessage-deflate; server_max_window_bits=15"),
+            format!("{plain}; server_max_window_bits=15")
         );
     }
 
@@ -808,9 +896,9 @@ mod tests {
         let wide = compress(&message, Window::LARGEST);
         let w8 = compress(&message, Window(8));
         let w9 = compress(&message, Window(9));
-        for c in [&wide, &w8, &w9] {
-            assert_eq!(inflate_all(c), message);
-        }
+        assert_eq!(inflate_all(&wide), message);
+        assert_eq!(inflate_within(&w8, 8).as_ref(), Ok(&message));
+        assert_eq!(inflate_within(&w9, 9).as_ref(), Ok(&message));
         assert!(wide.len() < 400, "32 KiB window: {} bytes", wide.len());
         // 256-byte window: each piece stands alone, nothing to match.
         assert!(
@@ -826,7 +914,8 @@ mod tests {
         );
         for bits in 8..=15 {
             for m in [&b""[..], b"x", &vec![b'a'; 100_000]] {
-                assert_eq!(inflate_all(&compress(m, Window(bits))), m, "window {bits}");
+                let c = compress(m, Window(bits));
+                assert_eq!(inflate_within(&c, bits).as_deref(), Ok(m), "window {bits}");
             }
         }
     }
