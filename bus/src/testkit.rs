@@ -112,6 +112,58 @@ impl TestNats {
         }
     }
 
+    /// Stalls the server (SIGSTOP) with its sockets open: clients still count themselves
+    /// connected and every round trip waits, as in a long pause of the process. Returns
+    /// once every thread of the server is stopped (the signal is delivered asynchronously).
+    pub async fn pause(&self) {
+        self.signal("STOP").await;
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.pid()));
+        let all_stopped = || {
+            std::fs::read_dir(&tasks).ok().is_some_and(|dir| {
+                dir.flatten().all(|task| {
+                    let stat =
+                        std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                    // `pid (comm) S …`: the state follows the command's closing parenthesis.
+                    let state = stat
+                        .rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next());
+                    matches!(state, Some('T' | 't'))
+                })
+            })
+        };
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while !all_stopped() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not stop on SIGSTOP"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (SIGCONT).
+    pub async fn resume(&self) {
+        self.signal("CONT").await;
+    }
+
+    fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("nats-server is running")
+    }
+
+    /// Sends `SIG<name>` through the shell's own `kill` (no procps needed).
+    async fn signal(&self, name: &str) {
+        let pid = self.pid();
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{name} {pid}")])
+            .status()
+            .await
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -{name} nats-server: {status}");
+    }
+
     /// Kills the server if it runs, then starts it again on the same client and monitoring
     /// ports and the same JetStream store, so that clients reconnect to it.
     pub async fn restart(&mut self) {

@@ -61,6 +61,7 @@ impl From<DeliveryError> for Status {
             DeliveryError::Bus(e) => Status::unavailable(format!("bus unavailable: {e}")),
             DeliveryError::Disconnected => Status::unavailable("bus disconnected; try again"),
             DeliveryError::History(m) => Status::unavailable(m),
+            e @ DeliveryError::NotSent(_) => Status::unavailable(e.to_string()),
         }
     }
 }

@@ -86,6 +86,9 @@ pub enum DeliveryError {
     /// Storing a publication on a history topic failed (the text is safe to show).
     #[error("history unavailable: {0}")]
     History(String),
+    /// The bus took nothing within the call's wait (it stalls): nothing was sent.
+    #[error("the bus took nothing within {0:?}: nothing was sent; try again")]
+    NotSent(Duration),
 }
 
 /// The coordinator's state and its way to reach edges. Cheap to clone.
@@ -492,16 +495,29 @@ impl Coordinator {
             };
             traced(Outgoing::new(subject::node(node), cmd.encode_to_vec()))
         };
+        // One deadline from the call on: a stalled bus may hold a send itself, not only
+        // the answer.
+        let wait = self.edge_timeout();
+        let deadline = tokio::time::Instant::now() + wait;
         let requests = plan.ask.iter().map(|(node, target)| {
             let out = message(node, target);
-            self.bus.request(out, self.edge_timeout())
+            let subject = out.subject.clone();
+            async move {
+                tokio::time::timeout_at(deadline, self.bus.request(out, wait))
+                    .await
+                    .unwrap_or(Err(BusError::Timeout {
+                        subject,
+                        timeout: wait,
+                    }))
+            }
         });
         let mut total = DeliveryReport::default();
         let mut unconfirmed = plan.unknown;
         for (node, target) in &plan.suspect {
             // It may come back and deliver: the part is unknown, not lost.
-            if let Err(error) = self.bus.publish(message(node, target)).await {
-                tracing::debug!(node = %node, %error, "command to a suspect edge not sent");
+            let sent = tokio::time::timeout_at(deadline, self.bus.publish(message(node, target)));
+            if !matches!(sent.await, Ok(Ok(()))) {
+                tracing::debug!(node = %node, "command to a suspect edge not sent");
             }
             unconfirmed.push(node.clone());
         }
@@ -549,7 +565,8 @@ impl Coordinator {
             .collect();
         expected.retain(|_, n| *n > 0);
         if expected.is_empty() {
-            if let Some(stored) = self.send_via(out, None, &via).await? {
+            let deadline = tokio::time::Instant::now() + self.edge_timeout();
+            if let Some(stored) = self.send_within(out, None, &via, deadline).await? {
                 (total.offset, total.epoch) = (stored.offset, stored.epoch);
             }
             add_unconfirmed(&mut total, suspect);
@@ -639,7 +656,28 @@ impl Coordinator {
         }
     }
 
-    /// [`Coordinator::replies`], sending the way `via` says.
+    /// [`Coordinator::send_via`], by `deadline` when through the bus: a stalled bus may hold
+    /// the send, and then nothing was sent. Storing in history has its own bound
+    /// (JetStream's), and its failure says the publication may or may not be stored.
+    async fn send_within(
+        &self,
+        out: Outgoing,
+        reply: Option<String>,
+        via: &Via<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<bus::history::Appended>, DeliveryError> {
+        match via {
+            Via::Bus => tokio::time::timeout_at(deadline, self.send_via(out, reply, via))
+                .await
+                .unwrap_or(Err(DeliveryError::NotSent(self.edge_timeout()))),
+            Via::History { .. } => self.send_via(out, reply, via).await,
+        }
+    }
+
+    /// [`Coordinator::replies`], sending the way `via` says. The wait runs from the call on:
+    /// a stalled bus can hold the reply inbox's registration or the send (then nothing was
+    /// sent, and the caller hears so in time). Through history, the edges get their whole
+    /// wait after the publication is stored.
     async fn replies_via(
         &self,
         out: Outgoing,
@@ -647,10 +685,18 @@ impl Coordinator {
         via: &Via<'_>,
         mut take: impl FnMut(DeliveryReport) -> bool,
     ) -> Result<Option<bus::history::Appended>, DeliveryError> {
+        let deadline = tokio::time::Instant::now() + wait;
         let inbox = self.bus.new_inbox();
-        let mut replies = self.bus.subscribe(inbox.clone(), None).await?;
-        let stored = self.send_via(out, Some(inbox), via).await?;
-        let deadline = tokio::time::sleep(wait);
+        let mut replies =
+            tokio::time::timeout_at(deadline, self.bus.subscribe(inbox.clone(), None))
+                .await
+                .map_err(|_| DeliveryError::NotSent(wait))??;
+        let stored = self.send_within(out, Some(inbox), via, deadline).await?;
+        let deadline = match via {
+            Via::Bus => deadline,
+            Via::History { .. } => tokio::time::Instant::now() + wait,
+        };
+        let deadline = tokio::time::sleep_until(deadline);
         tokio::pin!(deadline);
         loop {
             tokio::select! {

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::harness::*;
-use proto::v1::{LocateRequest, LocateResponse};
+use proto::v1::{DeliveryReport, LocateRequest, LocateResponse, PublishRequest};
+use serde_json::json;
 use tokio::time::Instant;
 
 /// How soon a stalled edge must be left out of placement answers.
@@ -102,6 +103,109 @@ async fn a_stalled_edge_is_suspect_within_seconds_and_whole_again_when_it_resume
             _ => panic!("unexpected frame {frame}"),
         }
     }
+}
+
+/// A stalled bus (nats-server SIGSTOPped: every connection stays open, nothing moves) holds
+/// no Publish or Send past the request timeout, and neither answer claims what it could not
+/// confirm. The calls are made at once, before the edge could be thought stalled itself.
+#[tokio::test]
+async fn a_stalled_bus_holds_no_answer_past_the_request_timeout() {
+    let c = Cluster::start(1, 1, Opts::default()).await;
+    let mut alice = c.client(0, "alice", "default").await;
+    alice
+        .send(json!({"type": "subscribe", "topic": "news"}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "subscribed", "topic": "news"})
+    );
+    c.wait_located(0, "default", "alice", 1).await;
+    settle_topic(&c, 0, "news", 1, &mut [&mut alice]).await;
+    let addr = c.grpc(0);
+    let mut messaging = messaging(addr).await;
+    // The coordinator's request timeout in these clusters, and what an answer may add to it.
+    let bound = Duration::from_secs(2) + Duration::from_millis(500);
+
+    // Both at once, before the stalled bus makes the edge look stalled too (its reports
+    // stop): a Send waits for the edge's answer, a Publish first registers its reply inbox.
+    c.nats.pause().await;
+    let asked = Instant::now();
+    let publication = PublishRequest {
+        namespace: "default".into(),
+        topic: "news".into(),
+        payload_json: r#""while-stalled""#.into(),
+        ..PublishRequest::default()
+    };
+    let note = send_req("default", "alice", "note", r#""while-stalled""#);
+    let (mut m1, mut m2) = (messaging.clone(), messaging.clone());
+    let ((published, publish_took), (sent, send_took)) = tokio::join!(
+        async {
+            let answer = tokio::time::timeout(3 * bound, m1.publish(publication)).await;
+            (answer, asked.elapsed())
+        },
+        async {
+            let answer = tokio::time::timeout(3 * bound, m2.send(note)).await;
+            (answer, asked.elapsed())
+        },
+    );
+    // "Nothing was sent" (Unavailable) or "unknown for e1": either is true.
+    let unknown =
+        |answer: Option<Result<tonic::Response<DeliveryReport>, tonic::Status>>, what| match answer
+            .unwrap_or_else(|| panic!("{what} unanswered while the bus stalled"))
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                assert_eq!(
+                    (r.delivered, r.unconfirmed.clone()),
+                    (0, vec!["e1".to_owned()]),
+                    "{what}: {r:?}"
+                );
+                true
+            }
+            Err(status) => {
+                assert_eq!(
+                    status.code(),
+                    tonic::Code::Unavailable,
+                    "{what}: {status:?}"
+                );
+                false
+            }
+        };
+    let publication_may_arrive = unknown(published.ok(), "Publish");
+    unknown(sent.ok(), "Send");
+    eprintln!(
+        "on a stalled bus: Publish answered in {publish_took:?} (may arrive: \
+         {publication_may_arrive}), Send in {send_took:?}"
+    );
+    assert!(
+        publish_took <= bound,
+        "Publish answered after {publish_took:?}"
+    );
+    assert!(send_took <= bound, "Send answered after {send_took:?}");
+
+    // Whole again once the bus moves: a Send reaches alice. Before it, at most the Send that
+    // was unconfirmed, and the publication only if its answer allowed it (the coordinator's
+    // sends reach the edge in order).
+    c.nats.resume().await;
+    let mut attempt = 0;
+    let last = eventually("a Send to reach alice again", STEP, async || {
+        attempt += 1;
+        let payload = format!("after-{attempt}");
+        let note = send_req("default", "alice", "note", &json!(payload).to_string());
+        let r = messaging.send(note).await.ok()?.into_inner();
+        (r.delivered == 1).then_some(payload)
+    })
+    .await;
+    loop {
+        let frame = alice.recv().await;
+        match (frame["type"].as_str(), frame["payload"].as_str()) {
+            (Some("note"), Some(p)) if p == last => break,
+            (Some("note"), Some(p)) if p.starts_with("after-") || p == "while-stalled" => {}
+            (Some("message"), Some("while-stalled")) if publication_may_arrive => {}
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    settle_topic(&c, 0, "news", 1, &mut [&mut alice]).await;
 }
 
 #[tokio::test]
