@@ -191,6 +191,40 @@ async fn client_messages_are_inflated_within_max_payload() {
     assert_eq!(c.close_code().await, 1009);
 }
 
+/// An unmasked client frame on a compressed connection (which only a broken client sends)
+/// fails that connection and nothing else: it leaves placement, and the node serves on.
+#[tokio::test]
+async fn an_unmasked_frame_fails_only_its_connection() {
+    let node = TestNode::start(config_with(vec![compressed_route("/z", 100)])).await;
+    for (user, frame) in [
+        ("a", &[0x81, 0x00][..]),
+        ("b", &[0x89, 0x00][..]),
+        ("c", &[0xc1, 0x03, b'a', b'b', b'c'][..]),
+        ("d", &[0x82, 0x7e, 0x00, 0x01, 0xff][..]),
+    ] {
+        let mut c = DeflateClient::connect(
+            node.ws_addr,
+            &format!("/z?user={user}"),
+            "permessage-deflate",
+        )
+        .await;
+        assert_eq!(c.extensions, AGREED);
+        node.wait_located("default", user, 1).await;
+        c.write_raw(frame).await;
+        // A protocol error: dropped without a close frame (docs/PROTOCOL.md §3.2), or 1002.
+        let ended = c.ended().await;
+        assert!(
+            matches!(ended, None | Some(1002)),
+            "{user}: {frame:02x?}: {ended:?}"
+        );
+        node.wait_located("default", user, 0).await;
+    }
+    let mut e = DeflateClient::connect(node.ws_addr, "/z?user=e", "permessage-deflate").await;
+    e.send_text(&json!({"type": "ping", "id": 1}).to_string(), true)
+        .await;
+    assert_eq!(e.recv().await.json(), json!({"type": "pong", "id": 1}));
+}
+
 /// Past the route's memory budget (a compressed message in progress holds an inflater),
 /// new connections are not offered compression; once it is done they are again.
 #[tokio::test]

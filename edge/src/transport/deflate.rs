@@ -507,9 +507,13 @@ impl Filter {
             127 => u64::from_be_bytes(head[2..10].try_into().expect("8 bytes")),
             n => u64::from(n),
         };
-        let mask: [u8; 4] = head[self.head_len - 4..]
-            .try_into()
-            .expect("four bytes of mask");
+        // An unmasked frame has no mask (tungstenite refuses it once passed on).
+        let mask: [u8; 4] = match masked {
+            true => head[self.head_len - 4..]
+                .try_into()
+                .expect("four bytes of mask"),
+            false => [0; 4],
+        };
         self.head_len = 0;
         let control = opcode & 0x08 != 0;
         let starts = opcode == 1 || opcode == 2;
@@ -945,6 +949,28 @@ mod tests {
             f.feed(std::slice::from_ref(b));
         }
         assert_eq!(f.drain(), input);
+    }
+
+    #[test]
+    fn unmasked_frames_pass_on_for_tungstenite_to_refuse() {
+        let mut frames = vec![
+            vec![0x81, 0x00],
+            vec![0x89, 0x00],
+            vec![0xc1, 0x03, b'a', b'b', b'c'],
+            vec![0x82, 0x7e, 0x00, 0x01, 0xff],
+        ];
+        frames.push(
+            [0x82, 0x7f]
+                .into_iter()
+                .chain((1u64).to_be_bytes())
+                .chain([7])
+                .collect(),
+        );
+        for frame in frames {
+            let (mut f, _) = filter(1024);
+            f.feed(&frame);
+            assert_eq!(f.drain(), frame, "{frame:02x?}");
+        }
     }
 
     #[test]
