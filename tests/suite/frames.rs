@@ -226,7 +226,8 @@ async fn an_unmasked_frame_fails_only_its_connection() {
 }
 
 /// Past the route's memory budget (a compressed message in progress holds an inflater),
-/// new connections are not offered compression; once it is done they are again.
+/// new connections are not offered compression, and a connection that begins a compressed
+/// message is closed with 1013; once the budget is free, compression is offered again.
 #[tokio::test]
 async fn past_the_memory_budget_new_connections_are_not_offered_compression() {
     let mut route = compressed_route("/z", 100);
@@ -235,6 +236,8 @@ async fn past_the_memory_budget_new_connections_are_not_offered_compression() {
     let offer = "permessage-deflate";
     let mut a = DeflateClient::connect(node.ws_addr, "/z?user=a", offer).await;
     assert_eq!(a.extensions, AGREED);
+    let mut early = DeflateClient::connect(node.ws_addr, "/z?user=early", offer).await;
+    assert_eq!(early.extensions, AGREED);
     let data = deflate(json!({"type": "ping", "id": 1}).to_string().as_bytes());
     let (head, tail) = data.split_at(data.len() / 2);
     a.write_frame(0x41, head).await;
@@ -243,6 +246,10 @@ async fn past_the_memory_budget_new_connections_are_not_offered_compression() {
         c.extensions.is_empty().then_some(())
     })
     .await;
+    // One agreed on earlier that begins a compressed message now is told to come back later
+    // (no inflater past the budget); uncompressed, it would have been served.
+    early.write_frame(0xc1, &data).await;
+    assert_eq!(early.ended().await, Some(1013));
     a.write_frame(0x80, tail).await;
     assert_eq!(a.recv().await.json(), json!({"type": "pong", "id": 1}));
     let c = DeflateClient::connect(node.ws_addr, "/z?user=c", offer).await;

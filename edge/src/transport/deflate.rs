@@ -204,6 +204,12 @@ pub(crate) fn compress(message: &[u8], window: Window) -> Vec<u8> {
     })
 }
 
+/// A read's error when a client began a compressed message while its route's compression
+/// budget was spent: the connection ends with 1013 (try again later).
+#[derive(Debug, thiserror::Error)]
+#[error("the route's compression memory budget is spent")]
+pub(crate) struct OverBudget;
+
 /// A route's memory budget for compression state (`compression.memory_budget`).
 #[derive(Debug)]
 pub(crate) struct Budget {
@@ -281,6 +287,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Inflate<S> {
             if filter.take_out(buf) {
                 return Poll::Ready(Ok(()));
             }
+            if filter.over_budget {
+                return Poll::Ready(Err(io::Error::other(OverBudget)));
+            }
             let mut chunk = [0u8; READ_CHUNK];
             let mut read = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
@@ -326,6 +335,8 @@ pub(crate) struct Filter {
     out_at: usize,
     /// While a compressed message arrives.
     inflating: Option<Box<Inflating>>,
+    /// A compressed message began while the budget was spent: the connection ends.
+    over_budget: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,6 +388,7 @@ impl Filter {
             out: Vec::new(),
             out_at: 0,
             inflating: None,
+            over_budget: false,
         }
     }
 
@@ -526,6 +538,11 @@ impl Filter {
             Message::Deflated(_) => {
                 return self.start_inflate(len, mask, fin);
             }
+            // Past the budget no new inflater is made: the connection ends (1013).
+            Message::None if starts && rsv1 && !others && masked && !self.budget.admits() => {
+                self.over_budget = true;
+                return self.die();
+            }
             Message::None if starts && rsv1 && !others && masked => {
                 self.message = Message::Deflated(opcode);
                 self.inflating = Some(self.new_inflating());
@@ -578,8 +595,9 @@ impl Filter {
         loop {
             if m.inflated.capacity() - m.inflated.len() < 1024 {
                 let grow = m.inflated.capacity().clamp(4096, 1 << 20);
+                // Exact: `reserve` may double, past the bound.
                 m.inflated
-                    .reserve(grow.min(max + 1 - m.inflated.len().min(max)));
+                    .reserve_exact(grow.min(max + 1 - m.inflated.len().min(max)));
             }
             let room = m.inflated.capacity() - m.inflated.len();
             let before = (m.inflater.total_in(), m.inflater.total_out());
