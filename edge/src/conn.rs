@@ -25,6 +25,7 @@ use edge_core::session::{Action, Close, Failure, RequestId, Session, Subscribed}
 use crate::env::Env;
 use crate::handle::{CloseRequest, ConnHandle, TOKEN_EXPIRED, unix_ms};
 use crate::route::Route;
+use crate::transport::deflate::OverBudget;
 use crate::transport::{Out, msgpack, ws};
 use crate::{protocol, resources};
 
@@ -52,6 +53,8 @@ pub enum ConnError {
     Binary,
     #[error("client sent a frame that is not MessagePack")]
     NotMessagePack,
+    #[error("compressed message past the route's compression memory budget")]
+    CompressionBusy,
     #[error("no frame from the client for {0:?}")]
     Idle(Duration),
     #[error("no pong within {0:?}")]
@@ -77,6 +80,7 @@ impl ConnError {
             Self::InvalidUtf8 => (1007, "invalid utf-8"),
             Self::Binary => (1003, "binary frames not accepted"),
             Self::NotMessagePack => (1007, "invalid messagepack"),
+            Self::CompressionBusy => (1013, "compression busy, try again later"),
             Self::Idle(_) => (1000, "idle timeout"),
             Self::RateLimited => (1008, "rate limit exceeded"),
             Self::Refused => (1008, "connection refused"),
@@ -98,7 +102,7 @@ impl ConnError {
 
     /// Whether the client is to blame (sets the log level).
     pub fn client_fault(&self) -> bool {
-        !matches!(self, Self::Requested(_))
+        !matches!(self, Self::Requested(_) | Self::CompressionBusy)
     }
 }
 
@@ -528,6 +532,9 @@ fn read_error(e: tungstenite::Error, max: usize) -> ConnError {
         tungstenite::Error::Utf8(_) => ConnError::InvalidUtf8,
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
             ConnError::ClientClosed(None)
+        }
+        tungstenite::Error::Io(e) if e.get_ref().is_some_and(|e| e.is::<OverBudget>()) => {
+            ConnError::CompressionBusy
         }
         other => ConnError::Transport(other),
     }

@@ -637,6 +637,20 @@ async fn admit<W: Wire>(
     })
 }
 
+/// Detaches a connection from the registry however its task ends, a panic included: one
+/// left attached would keep its subscriptions, its place in placement and its slot in the
+/// user's connection limit.
+struct Detach<'a> {
+    registry: &'a crate::registry::Registry,
+    handle: &'a ConnHandle,
+}
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        self.registry.detach(self.handle);
+    }
+}
+
 /// What an admitted upgrade request carries into the connection.
 struct Admitted {
     route: Arc<Route>,
@@ -807,11 +821,15 @@ async fn run_conn<Io: AsyncRead + AsyncWrite + Unpin + Send>(node: Arc<Node>, up
     }
     tracing::info!(ns = %info.namespace, user = %info.user, route = %info.route.cfg.path, "connection open");
     let end = if attached {
+        let detach = Detach {
+            registry: &node.env.registry,
+            handle: &handle,
+        };
         let end = Box::pin(conn.run()).await;
         for watch in std::mem::take(&mut conn.watches).into_values() {
             watch.cancel();
         }
-        node.env.registry.detach(&handle);
+        drop(detach);
         end
     } else {
         Box::pin(conn.close_now(ConnError::TooManyConnections)).await

@@ -191,8 +191,43 @@ async fn client_messages_are_inflated_within_max_payload() {
     assert_eq!(c.close_code().await, 1009);
 }
 
+/// An unmasked client frame on a compressed connection (which only a broken client sends)
+/// fails that connection and nothing else: it leaves placement, and the node serves on.
+#[tokio::test]
+async fn an_unmasked_frame_fails_only_its_connection() {
+    let node = TestNode::start(config_with(vec![compressed_route("/z", 100)])).await;
+    for (user, frame) in [
+        ("a", &[0x81, 0x00][..]),
+        ("b", &[0x89, 0x00][..]),
+        ("c", &[0xc1, 0x03, b'a', b'b', b'c'][..]),
+        ("d", &[0x82, 0x7e, 0x00, 0x01, 0xff][..]),
+    ] {
+        let mut c = DeflateClient::connect(
+            node.ws_addr,
+            &format!("/z?user={user}"),
+            "permessage-deflate",
+        )
+        .await;
+        assert_eq!(c.extensions, AGREED);
+        node.wait_located("default", user, 1).await;
+        c.write_raw(frame).await;
+        // A protocol error: dropped without a close frame (docs/PROTOCOL.md §3.2), or 1002.
+        let ended = c.ended().await;
+        assert!(
+            matches!(ended, None | Some(1002)),
+            "{user}: {frame:02x?}: {ended:?}"
+        );
+        node.wait_located("default", user, 0).await;
+    }
+    let mut e = DeflateClient::connect(node.ws_addr, "/z?user=e", "permessage-deflate").await;
+    e.send_text(&json!({"type": "ping", "id": 1}).to_string(), true)
+        .await;
+    assert_eq!(e.recv().await.json(), json!({"type": "pong", "id": 1}));
+}
+
 /// Past the route's memory budget (a compressed message in progress holds an inflater),
-/// new connections are not offered compression; once it is done they are again.
+/// new connections are not offered compression, and a connection that begins a compressed
+/// message is closed with 1013; once the budget is free, compression is offered again.
 #[tokio::test]
 async fn past_the_memory_budget_new_connections_are_not_offered_compression() {
     let mut route = compressed_route("/z", 100);
@@ -201,6 +236,8 @@ async fn past_the_memory_budget_new_connections_are_not_offered_compression() {
     let offer = "permessage-deflate";
     let mut a = DeflateClient::connect(node.ws_addr, "/z?user=a", offer).await;
     assert_eq!(a.extensions, AGREED);
+    let mut early = DeflateClient::connect(node.ws_addr, "/z?user=early", offer).await;
+    assert_eq!(early.extensions, AGREED);
     let data = deflate(json!({"type": "ping", "id": 1}).to_string().as_bytes());
     let (head, tail) = data.split_at(data.len() / 2);
     a.write_frame(0x41, head).await;
@@ -209,6 +246,10 @@ async fn past_the_memory_budget_new_connections_are_not_offered_compression() {
         c.extensions.is_empty().then_some(())
     })
     .await;
+    // One agreed on earlier that begins a compressed message now is told to come back later
+    // (no inflater past the budget); uncompressed, it would have been served.
+    early.write_frame(0xc1, &data).await;
+    assert_eq!(early.ended().await, Some(1013));
     a.write_frame(0x80, tail).await;
     assert_eq!(a.recv().await.json(), json!({"type": "pong", "id": 1}));
     let c = DeflateClient::connect(node.ws_addr, "/z?user=c", offer).await;

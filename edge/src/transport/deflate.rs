@@ -204,6 +204,12 @@ pub(crate) fn compress(message: &[u8], window: Window) -> Vec<u8> {
     })
 }
 
+/// A read's error when a client began a compressed message while its route's compression
+/// budget was spent: the connection ends with 1013 (try again later).
+#[derive(Debug, thiserror::Error)]
+#[error("the route's compression memory budget is spent")]
+pub(crate) struct OverBudget;
+
 /// A route's memory budget for compression state (`compression.memory_budget`).
 #[derive(Debug)]
 pub(crate) struct Budget {
@@ -281,6 +287,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Inflate<S> {
             if filter.take_out(buf) {
                 return Poll::Ready(Ok(()));
             }
+            if filter.over_budget {
+                return Poll::Ready(Err(io::Error::other(OverBudget)));
+            }
             let mut chunk = [0u8; READ_CHUNK];
             let mut read = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
@@ -326,6 +335,8 @@ pub(crate) struct Filter {
     out_at: usize,
     /// While a compressed message arrives.
     inflating: Option<Box<Inflating>>,
+    /// A compressed message began while the budget was spent: the connection ends.
+    over_budget: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,6 +388,7 @@ impl Filter {
             out: Vec::new(),
             out_at: 0,
             inflating: None,
+            over_budget: false,
         }
     }
 
@@ -507,9 +519,13 @@ impl Filter {
             127 => u64::from_be_bytes(head[2..10].try_into().expect("8 bytes")),
             n => u64::from(n),
         };
-        let mask: [u8; 4] = head[self.head_len - 4..]
-            .try_into()
-            .expect("four bytes of mask");
+        // An unmasked frame has no mask (tungstenite refuses it once passed on).
+        let mask: [u8; 4] = match masked {
+            true => head[self.head_len - 4..]
+                .try_into()
+                .expect("four bytes of mask"),
+            false => [0; 4],
+        };
         self.head_len = 0;
         let control = opcode & 0x08 != 0;
         let starts = opcode == 1 || opcode == 2;
@@ -521,6 +537,11 @@ impl Filter {
             }
             Message::Deflated(_) => {
                 return self.start_inflate(len, mask, fin);
+            }
+            // Past the budget no new inflater is made: the connection ends (1013).
+            Message::None if starts && rsv1 && !others && masked && !self.budget.admits() => {
+                self.over_budget = true;
+                return self.die();
             }
             Message::None if starts && rsv1 && !others && masked => {
                 self.message = Message::Deflated(opcode);
@@ -574,8 +595,9 @@ impl Filter {
         loop {
             if m.inflated.capacity() - m.inflated.len() < 1024 {
                 let grow = m.inflated.capacity().clamp(4096, 1 << 20);
+                // Exact: `reserve` may double, past the bound.
                 m.inflated
-                    .reserve(grow.min(max + 1 - m.inflated.len().min(max)));
+                    .reserve_exact(grow.min(max + 1 - m.inflated.len().min(max)));
             }
             let room = m.inflated.capacity() - m.inflated.len();
             let before = (m.inflater.total_in(), m.inflater.total_out());
@@ -945,6 +967,28 @@ mod tests {
             f.feed(std::slice::from_ref(b));
         }
         assert_eq!(f.drain(), input);
+    }
+
+    #[test]
+    fn unmasked_frames_pass_on_for_tungstenite_to_refuse() {
+        let mut frames = vec![
+            vec![0x81, 0x00],
+            vec![0x89, 0x00],
+            vec![0xc1, 0x03, b'a', b'b', b'c'],
+            vec![0x82, 0x7e, 0x00, 0x01, 0xff],
+        ];
+        frames.push(
+            [0x82, 0x7f]
+                .into_iter()
+                .chain((1u64).to_be_bytes())
+                .chain([7])
+                .collect(),
+        );
+        for frame in frames {
+            let (mut f, _) = filter(1024);
+            f.feed(&frame);
+            assert_eq!(f.drain(), frame, "{frame:02x?}");
+        }
     }
 
     #[test]

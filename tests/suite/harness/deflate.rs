@@ -115,6 +115,13 @@ impl DeflateClient {
         self.send(1, text.as_bytes(), compress, 0).await;
     }
 
+    /// Writes `bytes` as they are (a frame a broken client builds).
+    pub async fn write_raw(&mut self, bytes: &[u8]) {
+        bounded("write bytes", self.tcp.write_all(bytes))
+            .await
+            .expect("write bytes");
+    }
+
     /// Writes one masked frame with this first byte.
     pub async fn write_frame(&mut self, first: u8, payload: &[u8]) {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
@@ -169,6 +176,25 @@ impl DeflateClient {
             let r = self.recv().await;
             if r.opcode == 8 {
                 return u16::from_be_bytes([r.payload[0], r.payload[1]]);
+            }
+        }
+    }
+
+    /// Reads until the edge ends the connection: the close frame's code, or `None` when it
+    /// dropped the connection without one (data frames before are dropped).
+    pub async fn ended(&mut self) -> Option<u16> {
+        loop {
+            if let Some((first, payload, used)) = parse(&self.buf) {
+                self.buf.drain(..used);
+                if first & 0x0f == 8 {
+                    return Some(u16::from_be_bytes([payload[0], payload[1]]));
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match bounded("the edge to end the connection", self.tcp.read(&mut chunk)).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
     }
