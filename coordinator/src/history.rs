@@ -56,14 +56,21 @@ pub(crate) fn page(read: Read, since_epoch: Option<&str>, limit: usize) -> Histo
         messages: read
             .messages
             .into_iter()
-            .map(|m| HistoryEntry {
-                offset: m.offset,
-                message_id: m
-                    .headers
-                    .get(proto::subject::HEADER_MESSAGE_ID)
-                    .unwrap_or_default()
-                    .to_owned(),
-                payload_json: proto::frame::json_or_string(&m.payload),
+            .map(|m| {
+                let binary = m.headers.get(proto::subject::HEADER_BINARY).is_some();
+                HistoryEntry {
+                    offset: m.offset,
+                    message_id: m
+                        .headers
+                        .get(proto::subject::HEADER_MESSAGE_ID)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    payload_json: match binary {
+                        true => String::new(),
+                        false => proto::frame::json_or_string(&m.payload),
+                    },
+                    payload_binary: binary.then(|| m.payload.to_vec()),
+                }
             })
             .collect(),
     }

@@ -156,8 +156,18 @@ pub struct Page {
     pub complete: bool,
     /// The page was cut at the limit: ask again from its last offset.
     pub more: bool,
-    /// `(offset, payload as JSON text)`, oldest first.
-    pub messages: Vec<(u64, String)>,
+    /// Oldest first.
+    pub messages: Vec<Entry>,
+}
+
+/// One stored publication in a [`Page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub offset: u64,
+    /// The payload as JSON text; for a binary publication, a JSON string of its bytes in
+    /// base64 (a page is one JSON frame).
+    pub payload: String,
+    pub binary: bool,
 }
 
 /// A `history` verb to run: read `topic` after `since` (or its last `limit`).

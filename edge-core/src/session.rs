@@ -707,11 +707,15 @@ impl Session {
             );
         };
         let mut messages = String::from("[");
-        for (i, (offset, payload)) in page.messages.iter().enumerate() {
+        for (i, m) in page.messages.iter().enumerate() {
             if i > 0 {
                 messages.push(',');
             }
-            messages.push_str(&format!("{{\"offset\":{offset},\"payload\":{payload}}}"));
+            let binary = if m.binary { ",\"binary\":true" } else { "" };
+            messages.push_str(&format!(
+                "{{\"offset\":{},\"payload\":{}{binary}}}",
+                m.offset, m.payload
+            ));
         }
         messages.push(']');
         let a = FrameBuilder::new(self.rules.key, "history")

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge_core::dialect::{Other, TABLE, Unreadable};
-use edge_core::history::{Page, Position};
+use edge_core::history::{Entry, Page, Position};
 use edge_core::session::{
     Action, Body, Close, ConnectHook, EventRoutes, Failure, MonumentModes, Published, RateLimit,
     RequestId, Resource, ResourceCall, ResourceKind, Rules, Session, Subscribed, To, TokenPolicy,
@@ -2758,7 +2758,23 @@ fn history_is_read_where_a_rule_allows_it() {
         last: 9,
         complete: true,
         more: true,
-        messages: vec![(6, "{\"a\":1}".into()), (8, "\"b\"".into())],
+        messages: vec![
+            Entry {
+                offset: 6,
+                payload: "{\"a\":1}".into(),
+                binary: false,
+            },
+            Entry {
+                offset: 8,
+                payload: "\"b\"".into(),
+                binary: false,
+            },
+            Entry {
+                offset: 9,
+                payload: "\"AAE=\"".into(),
+                binary: true,
+            },
+        ],
     };
     c.s.history_read(call, Some(page));
     let f = only_frame(c.drain());
@@ -2766,7 +2782,8 @@ fn history_is_read_where_a_rule_allows_it() {
         f,
         json!({"type": "history", "id": 4, "topic": "chat/x", "epoch": "E", "offset": 9,
                "complete": true, "more": true,
-               "messages": [{"offset": 6, "payload": {"a": 1}}, {"offset": 8, "payload": "b"}]})
+               "messages": [{"offset": 6, "payload": {"a": 1}}, {"offset": 8, "payload": "b"},
+                            {"offset": 9, "payload": "AAE=", "binary": true}]})
     );
     c.s.history_read(call, None);
     assert_eq!(only_frame(c.drain())["code"], "unavailable");

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bus::{BusError, Message, Outgoing, SharedBus};
-use edge_core::history::{HistoryCall, Page, Position};
+use edge_core::history::{Entry, HistoryCall, Page, Position};
 use edge_core::session::{Body, Published, To};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -79,6 +79,9 @@ pub(crate) async fn history(env: &Env, handle: &ConnHandle, call: &HistoryCall) 
         .await;
     let limit = usize::try_from(call.limit).unwrap_or(usize::MAX);
     let since_epoch = call.since.as_ref().map(|p| p.epoch.as_str());
+    // Binary publications as live: left out where the route takes no binary payloads, in
+    // base64 where it does.
+    let takes_binary = handle.info().route.cfg.binary;
     match read.map(|r| r.page(since_epoch, limit)) {
         Ok((read, more)) => Some(Page {
             epoch: read.epoch,
@@ -88,7 +91,24 @@ pub(crate) async fn history(env: &Env, handle: &ConnHandle, call: &HistoryCall) 
             messages: read
                 .messages
                 .into_iter()
-                .map(|m| (m.offset, proto::frame::json_or_string(&m.payload)))
+                .filter_map(|m| {
+                    let binary = m.headers.get(subject::HEADER_BINARY).is_some();
+                    let payload = match binary {
+                        false => proto::frame::json_or_string(&m.payload),
+                        true if takes_binary => {
+                            use base64::Engine as _;
+                            let bytes =
+                                base64::engine::general_purpose::STANDARD.encode(&m.payload);
+                            Value::String(bytes).to_string()
+                        }
+                        true => return None,
+                    };
+                    Some(Entry {
+                        offset: m.offset,
+                        payload,
+                        binary,
+                    })
+                })
                 .collect(),
         }),
         Err(error) => {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use proto::v1::HistoryRequest;
+use proto::v1::{HistoryRequest, PublishRequest};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -137,6 +137,72 @@ async fn a_client_recovers_what_it_missed_exactly_once_and_in_order() {
         c.roundtrip().await;
     }
     node.stop().await;
+}
+
+/// A binary publication in a `history` page is as it is live: in base64 with `binary: true`
+/// on a route that takes binary payloads, left out on one that does not.
+#[tokio::test]
+async fn history_pages_carry_binary_publications_only_where_the_route_takes_them() {
+    let mut bin = history_route();
+    bin.path = "/bin".into();
+    bin.binary = true;
+    let node = TestNode::start(config_with(vec![history_route(), bin])).await;
+    publish(node.grpc_addr, "default", "chat/b", r#"{"n":1}"#).await;
+    let mut m = node.messaging().await;
+    let stored = m
+        .publish(PublishRequest {
+            namespace: "default".into(),
+            topic: "chat/b".into(),
+            payload_binary: Some(vec![0, 1, 2, 255]),
+            ..PublishRequest::default()
+        })
+        .await
+        .expect("binary Publish")
+        .into_inner();
+    publish(node.grpc_addr, "default", "chat/b", r#"{"n":3}"#).await;
+    let page = async |path: &str| {
+        let mut c = node.connect(path).await;
+        c.send(json!({"type": "history", "topic": "chat/b", "id": 1}))
+            .await;
+        c.recv_type("history").await["messages"].clone()
+    };
+    let on_bin = page("/bin?user=b").await;
+    assert_eq!(on_bin[0]["payload"], json!({"n": 1}), "{on_bin}");
+    assert_eq!(
+        on_bin[1],
+        json!({"offset": stored.offset, "payload": "AAEC/w==", "binary": true}),
+        "{on_bin}"
+    );
+    assert_eq!(on_bin[2]["payload"], json!({"n": 3}), "{on_bin}");
+    let on_text = page("/connect?user=t").await;
+    let payloads: Vec<_> = on_text
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    assert_eq!(payloads, [json!({"n": 1}), json!({"n": 3})], "{on_text}");
+    // Messaging.History gives backends the bytes.
+    let read = m
+        .history(HistoryRequest {
+            namespace: "default".into(),
+            topic: "chat/b".into(),
+            ..HistoryRequest::default()
+        })
+        .await
+        .expect("History")
+        .into_inner();
+    let entry = &read.messages[1];
+    assert_eq!(
+        (
+            entry.offset,
+            entry.payload_json.as_str(),
+            entry.payload_binary.as_deref()
+        ),
+        (stored.offset, "", Some(&[0u8, 1, 2, 255][..])),
+        "{read:?}"
+    );
+    assert_eq!(read.messages[0].payload_binary, None);
 }
 
 #[tokio::test]
