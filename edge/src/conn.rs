@@ -283,6 +283,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                             let Some(text) = msgpack::to_json(&bytes) else {
                                 return ConnError::NotMessagePack;
                             };
+                            // JSON can be longer than its MessagePack (escapes): the bound
+                            // holds for what the session reads.
+                            if text.len() > max_payload {
+                                return ConnError::TooBig(max_payload);
+                            }
                             self.env.metrics.frames_in.inc();
                             self.env.metrics.bytes_in.add(bytes.len() as u64);
                             handle.line().hold().await;

@@ -393,6 +393,28 @@ async fn the_msgpack_subprotocol_speaks_the_same_verbs() {
     // Not MessagePack: 1007.
     m.send_binary(vec![0xc1]).await;
     assert_eq!(m.expect_close().await.0, 1007);
+    // Nested deeper than JSON may be: 1007 too, and the node serves on.
+    let mut deep = node.ws("/connect?user=deep", &proto_header).await;
+    let mut nested = vec![0x91; 10_000];
+    nested.push(0xc0);
+    deep.send_binary(nested).await;
+    assert_eq!(deep.expect_close().await.0, 1007);
+    // Within max_payload as MessagePack, past it as JSON (control characters become
+    // `\u00XX`): 1009, as for a frame past it.
+    let mut big = node.ws("/connect?user=big", &proto_header).await;
+    let max = dev_route("/x").max_payload;
+    let controls = "\u{1}".repeat(max / 2);
+    big.send_binary(pack(json!({"type": "ping", "pad": controls})))
+        .await;
+    assert_eq!(big.expect_close().await.0, 1009);
+    let mut after = node.ws("/connect?user=after", &proto_header).await;
+    after
+        .send_binary(pack(json!({"type": "ping", "id": 6})))
+        .await;
+    assert_eq!(
+        unpack(after.recv_binary().await),
+        json!({"type": "pong", "id": 6})
+    );
 }
 
 /// `dialect: echo`: every frame comes back as it was sent, text and binary, compressed or

@@ -26,9 +26,17 @@ pub(crate) fn from_json(json: &[u8]) -> Option<Vec<u8>> {
 /// A client's MessagePack frame as JSON text for the session (`None`: not MessagePack
 /// with a JSON-compatible value).
 pub(crate) fn to_json(frame: &[u8]) -> Option<String> {
-    let value: Value = rmp_serde::from_slice(frame).ok()?;
+    use serde::Deserialize as _;
+    let mut de = rmp_serde::Deserializer::from_read_ref(frame);
+    // As deep as JSON frames may nest (serde_json's limit): a deeper frame could not be
+    // read as JSON anyway, and the recursion stays within any thread's stack.
+    de.set_max_depth(MAX_DEPTH);
+    let value = Value::deserialize(&mut de).ok()?;
     serde_json::to_string(&value).ok()
 }
+
+/// How deep a MessagePack frame may nest (serde_json's recursion limit).
+const MAX_DEPTH: usize = 128;
 
 /// `{<key>: verb, "topic"?: topic, "payload": <bin>}`: a binary payload pushed to a
 /// MessagePack client.
@@ -51,6 +59,25 @@ pub(crate) fn envelope(key: &str, verb: &str, topic: Option<&str>, payload: &[u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        let nested = |depth: usize| {
+            let mut frame = vec![0x91; depth]; // an array of one element, `depth` times
+            frame.push(0xc0); // nil
+            frame
+        };
+        // On a tokio worker's stack (2 MiB): without the limit, a debug build overflowed it
+        // at rmp_serde's default depth (1024).
+        let (ok, deep) = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || (to_json(&nested(100)), to_json(&nested(100_000))))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(ok.unwrap().len(), 100 * 2 + 4);
+        assert_eq!(deep, None);
+    }
 
     #[test]
     fn frames_round_trip_through_messagepack() {
