@@ -296,8 +296,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         Message::Binary(bytes) if self.route().cfg.binary => {
                             self.env.metrics.frames_in.inc();
                             self.env.metrics.bytes_in.add(bytes.len() as u64);
-                            if self.session.on_binary(Instant::now().into_std()) {
-                                crate::protocol::binary_event(&self.env, &handle, bytes).await;
+                            if self.session.on_binary(Instant::now().into_std())
+                                && !crate::protocol::binary_event(&self.env, &handle, bytes).await
+                            {
+                                // As for a text event the bus refused: the client is told.
+                                self.session.emit_failed();
                             }
                         }
                         Message::Binary(_) => return ConnError::Binary,
