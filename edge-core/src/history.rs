@@ -112,9 +112,12 @@ impl Feed {
     pub fn join(&self, since: &Position) -> Standing {
         if since.epoch != self.epoch {
             Standing::OtherEpoch
-        } else if since.offset >= self.delivered {
+        } else if since.offset > self.delivered {
+            // Another edge's feed delivered more than this one so far: what lies between is
+            // still on its way here, and the client has it.
+            Standing::Ahead
+        } else if since.offset == self.delivered {
             // Nothing of the topic lies between: what comes after the feed arrives live.
-            // Another edge's feed may have started later, so a client can be ahead of this one.
             Standing::Current
         } else {
             Standing::Behind
@@ -133,6 +136,10 @@ impl Feed {
 pub enum Standing {
     /// It has everything the feed delivered: recovered, nothing to send.
     Current,
+    /// It has more than the feed delivered so far (from another edge, whose feed is ahead):
+    /// it must wait until this feed has delivered up to its position, or it would get those
+    /// publications again.
+    Ahead,
     /// It missed what the feed delivered after its position: read storage from there.
     Behind,
     /// Its position is in another epoch: not recovered.
@@ -231,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn a_joiner_is_current_behind_or_in_another_epoch() {
+    fn a_joiner_is_current_ahead_behind_or_in_another_epoch() {
         let f = Feed::new("e".into(), 10);
         let at = |o, e: &str| Position {
             offset: o,
@@ -240,8 +247,8 @@ mod tests {
         assert_eq!(f.join(&at(10, "e")), Standing::Current);
         assert_eq!(
             f.join(&at(12, "e")),
-            Standing::Current,
-            "ahead of a younger feed"
+            Standing::Ahead,
+            "ahead of this edge's feed"
         );
         assert_eq!(f.join(&at(3, "e")), Standing::Behind);
         assert_eq!(f.join(&at(10, "f")), Standing::OtherEpoch);

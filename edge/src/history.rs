@@ -10,7 +10,10 @@
 //! between the client's position and the pump's, so the client gets the missed ones, then
 //! the live ones, each once. The pump is the only writer of the topic, so nothing can pass
 //! in between. The frames are queued behind the socket the connection's task holds while
-//! it subscribes, so the `subscribed` answer it then writes comes first.
+//! it subscribes, so the `subscribed` answer it then writes comes first. A client whose
+//! position is past what this edge's feed delivered (it came from an edge whose feed is
+//! ahead) stays held until the feed catches up with it ([`AHEAD_LIMIT`] at most), or the
+//! publications in flight here would reach it a second time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -60,6 +63,8 @@ pub(crate) struct Join {
     pub(crate) conn: ConnHandle,
     pub(crate) since: Option<Position>,
     pub(crate) done: oneshot::Sender<Subscribed>,
+    /// When it was first found ahead of the feed ([`Standing::Ahead`]).
+    pub(crate) ahead_since: Option<tokio::time::Instant>,
 }
 
 impl Joining {
@@ -107,6 +112,24 @@ impl Joining {
         }
     }
 
+    /// Whether joins wait (the pump serves them again after each batch).
+    pub(crate) fn waits(&self) -> bool {
+        !self
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Puts joins back to wait for the feed, without waking the pump (which serves them
+    /// again after its next batch, or a tick).
+    fn defer(&self, joins: Vec<Join>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(joins);
+    }
+
     /// Queues a join for the pump and wakes it.
     pub(crate) fn push(&self, join: Join) {
         self.waiting
@@ -129,6 +152,13 @@ impl Joining {
 /// The longest storage read a topic's pump waits for (its subscribers wait with it): below
 /// the subscribe timeout, so that a join is answered before its subscriber gives up.
 pub(crate) const READ_LIMIT: Duration = Duration::from_secs(3);
+
+/// How long a joiner ahead of this edge's feed waits for it to catch up (publications in
+/// flight here that another edge delivered already): below the subscribe timeout.
+pub(crate) const AHEAD_LIMIT: Duration = Duration::from_secs(2);
+
+/// How often a pump with deferred joins looks at them when no batch comes.
+pub(crate) const AHEAD_TICK: Duration = Duration::from_millis(50);
 
 /// What serving the joins found of storage.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -161,6 +191,24 @@ pub(crate) async fn serve_joins(
             live
         })
         .collect();
+    // A joiner ahead of this edge's feed waits (held) until the feed catches up with it, for
+    // at most AHEAD_LIMIT: then it is served as current, as if the rest were not coming.
+    let now = tokio::time::Instant::now();
+    let (ahead, joins): (Vec<Join>, Vec<Join>) = joins.into_iter().partition(|j| {
+        j.since
+            .as_ref()
+            .is_some_and(|p| feed.join(p) == Standing::Ahead)
+            && j.ahead_since.is_none_or(|t| now - t < AHEAD_LIMIT)
+    });
+    joining.defer(
+        ahead
+            .into_iter()
+            .map(|j| Join {
+                ahead_since: j.ahead_since.or(Some(now)),
+                ..j
+            })
+            .collect(),
+    );
     if joins.is_empty() {
         return served;
     }
@@ -209,7 +257,8 @@ pub(crate) async fn serve_joins(
     for join in joins {
         let recovered = join.since.as_ref().map(|since| {
             match feed.join(since) {
-                Standing::Current => return true,
+                // Ahead past AHEAD_LIMIT: what lies between never came.
+                Standing::Current | Standing::Ahead => return true,
                 Standing::OtherEpoch => return false,
                 Standing::Behind => {}
             }

@@ -399,6 +399,7 @@ impl Registry {
                     conn: handle.clone(),
                     since: since.clone(),
                     done,
+                    ahead_since: None,
                 });
             }
             (Arc::clone(joined.state), joined.topic, joined.created)
@@ -652,6 +653,14 @@ async fn pump(
                 }
                 continue;
             }
+            // Joins ahead of the feed, when nothing else comes (crate::history).
+            // (An async block: no timer is made unless the branch is on.)
+            () = async { tokio::time::sleep(crate::history::AHEAD_TICK).await }, if joining.is_some_and(Joining::waits) => {
+                if let (Some(j), Some(f)) = (joining, feed.as_mut()) {
+                    serve_joins(&registry, &topic, j, f).await;
+                }
+                continue;
+            }
             m = messages.next() => match m {
                 Some(msg) => msg,
                 None => break,
@@ -674,6 +683,12 @@ async fn pump(
             _ => pubs,
         };
         publish_local(&registry, &topic, pubs).await;
+        // Joins ahead of the feed may now be level with it.
+        if let (Some(j), Some(f)) = (joining, feed.as_mut())
+            && j.waits()
+        {
+            serve_joins(&registry, &topic, j, f).await;
+        }
     }
 }
 
